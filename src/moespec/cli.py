@@ -1,0 +1,237 @@
+"""``moespec validate|plan|submit|run|status``: thin shims over config, launch and artifacts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from moespec import __version__
+from moespec.errors import ConfigError, MoespecError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*map(str, r)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from moespec.config import load_experiment
+    from moespec.launch.plan import make_plan
+
+    status = EXIT_OK
+    for path in args.files:
+        try:
+            plan = make_plan(load_experiment(path, root=args.root))
+        except ConfigError as e:
+            print(f"{path}: INVALID ({len(e.problems)} problem{'s' if len(e.problems) != 1 else ''})", file=sys.stderr)
+            for problem in e.problems:
+                print(f"  {problem}", file=sys.stderr)
+            status = EXIT_FAILED
+            continue
+        n_points = len(plan.experiment.points)
+        print(f"{path}: ok ({n_points} sweep point{'s' if n_points != 1 else ''}, {len(plan.tasks)} tasks: "
+              + ", ".join(f"{s} {len(plan.tasks_for(s))}" for s in plan.stages()) + ")")
+    return status
+
+
+def _task_rows(plan, with_state: bool = True) -> list[list[str]]:
+    from moespec.launch.plan import describe_point
+
+    rows = []
+    for stage in plan.stages():
+        for index, task in enumerate(plan.tasks_for(stage)):
+            shard = f"{task.shard_index + 1}/{task.num_shards}" if task.num_shards > 1 else "-"
+            rows.append([stage, str(index), task.uid, shard, describe_point(plan.experiment, task.points),
+                         task.state() if with_state else ""])
+    return rows
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from moespec.launch.runner import plan_from_file
+
+    plan = plan_from_file(args.file, args.root)
+    rows = _task_rows(plan)
+    print(f"experiment {plan.experiment.name}: {len(plan.experiment.points)} sweep point(s), "
+          f"{len(plan.tasks)} unique tasks, artifacts under {plan.experiment.root / plan.experiment.name}")
+    print(_table(rows, ["stage", "task", "uid", "shard", "sweep point", "state"]))
+    print("\njobs that `moespec submit` would run (one array per stage, each after its upstream stages):")
+    for stage in plan.stages():
+        todo = [r for r in rows if r[0] == stage and r[5] != "done"]
+        upstream = sorted({t.stage for task in plan.tasks_for(stage) for t in plan.upstream_of(task)})
+        after = f" after {', '.join(upstream)}" if upstream else ""
+        indices = ",".join(r[1] for r in todo)
+        print(f"  {stage}: {len(todo)} task(s)" + (f" [indices {indices}]" if todo else " (all done)") + after)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from moespec.launch.runner import plan_from_file
+
+    plan = plan_from_file(args.file, args.root)
+    rows = _task_rows(plan)
+    print(_table(rows, ["stage", "task", "uid", "shard", "sweep point", "state"]))
+    for task in plan.tasks:
+        if task.failed_path.exists():
+            lines = task.failed_path.read_text(encoding="utf-8").splitlines()
+            print(f"\nFAILED {task.label}: {lines[1] if len(lines) > 1 else ''}\n  log: {task.log_path}")
+    return EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from moespec.launch.runner import plan_from_file, run_plan_inline, run_plan_local
+
+    plan = plan_from_file(args.file, args.root)
+    executor = args.executor or plan.experiment.infra.executor
+    mode = args.mode or plan.experiment.infra.mode
+    if executor == "slurm":
+        print("moespec submit: the slurm executor is not available in this version; use --executor local "
+              "(or `moespec run` inside your own sbatch script)", file=sys.stderr)
+        return EXIT_USAGE
+    root = plan.experiment.root / plan.experiment.name
+    print(f"experiment {plan.experiment.name}: {len(plan.tasks)} tasks, executor {executor}, mode {mode}, "
+          f"results under {root}")
+    if executor == "inline":
+        outcomes = run_plan_inline(plan, mode, args.stages)
+    else:
+        outcomes = run_plan_local(plan, mode, args.stages)
+    _print_outcomes(outcomes)
+    summary_path = root / "summary.json"
+    _write_experiment_summary(summary_path, outcomes)
+    print(f"\nresults: {root}\nsummary: {summary_path}")
+    return EXIT_FAILED if any(o.status in ("failed", "skipped") for o in outcomes) else EXIT_OK
+
+
+def _print_outcomes(outcomes) -> None:
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        counts[outcome.status] = counts.get(outcome.status, 0) + 1
+    print("\n" + ", ".join(f"{n} {status}" for status, n in counts.items()))
+    for outcome in outcomes:
+        task = outcome.task
+        if outcome.status in ("failed", "skipped"):
+            print(f"  {outcome.status.upper()} {task.label}: {outcome.error.splitlines()[0] if outcome.error else ''}")
+            continue
+        if task.num_shards > 1 and task.shard_index != task.num_shards - 1:
+            continue
+        headline = ", ".join(f"{k}={_fmt(v)}" for k, v in outcome.summary.items() if not isinstance(v, (dict, list)))
+        print(f"  {task.stage:<7} {task.uid}  {headline}")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _write_experiment_summary(path: Path, outcomes) -> None:
+    from moespec.artifacts import atomic_write_text
+
+    if not path.parent.exists():
+        return
+    data = [{"stage": o.task.stage, "uid": o.task.uid, "shard": o.task.shard_index, "status": o.status,
+             "points": list(o.task.points), "summary": o.summary, "error": o.error,
+             "artifact": str(o.task.dir)} for o in outcomes]
+    atomic_write_text(path, json.dumps({"tasks": data}, indent=2, default=str))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from moespec.launch.runner import execute_task, plan_from_file
+
+    index = args.task
+    if index is None:
+        index = os.environ.get("SLURM_ARRAY_TASK_ID")
+        if index is None:
+            print("moespec run: --task is required (or SLURM_ARRAY_TASK_ID in the environment)", file=sys.stderr)
+            return EXIT_USAGE
+        index = int(index)
+    plan = plan_from_file(args.config, args.root)
+    tasks = plan.tasks_for(args.stage)
+    if not tasks:
+        print(f"moespec run: {args.config} has no {args.stage} stage (stages: {', '.join(plan.stages())})",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if not 0 <= index < len(tasks):
+        print(f"moespec run: --task {index} is out of range: {args.config} has {len(tasks)} {args.stage} "
+              f"task(s), indices 0..{len(tasks) - 1}", file=sys.stderr)
+        return EXIT_USAGE
+    outcome = execute_task(tasks[index], args.mode)
+    print(f"{outcome.status} {outcome.task.label} -> {outcome.task.dir}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moespec", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"moespec {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_root(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--root", help="results root (overrides the file's `root`)")
+        return p
+
+    p = with_root(sub.add_parser("validate", help="check experiment files; report every problem"))
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=cmd_validate)
+
+    p = with_root(sub.add_parser("plan", help="print the task table and the jobs that would be submitted"))
+    p.add_argument("file")
+    p.set_defaults(func=cmd_plan)
+
+    p = with_root(sub.add_parser("status", help="show each task's state from the artifacts"))
+    p.add_argument("file")
+    p.set_defaults(func=cmd_status)
+
+    p = with_root(sub.add_parser("submit", help="run the missing tasks, stage by stage"))
+    p.add_argument("file")
+    p.add_argument("--executor", choices=["local", "slurm", "inline"],
+                   help="local: submitit local jobs (default); inline: this process")
+    p.add_argument("--mode", choices=["cached", "force", "read-only"])
+    p.add_argument("--stages", nargs="+", help="only these stages")
+    p.set_defaults(func=cmd_submit)
+
+    p = with_root(sub.add_parser("run", help="run one task in this process (what an array task calls)"))
+    p.add_argument("stage")
+    p.add_argument("--config", required=True)
+    p.add_argument("--task", type=int, help="task index (default: $SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--mode", choices=["cached", "force", "read-only"], default="cached")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"moespec {args.command}: invalid configuration ({len(e.problems)} problem(s)):", file=sys.stderr)
+        for problem in e.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    except MoespecError as e:
+        print(f"moespec {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("moespec: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,404 @@
+"""Experiment YAML -> typed, validated config; sweep expansion; content-addressed uids.
+
+An experiment file has the keys ``experiment``, ``root``, one section per stage it runs
+(``embed``, ``reduce``, ``fiber``, ...), ``sweep`` and ``infra``. Every problem in a file is
+reported at once, each line naming the file and the dotted key, what was expected and what was
+found (torchtune's ``ConfigError``, OLMo-core's key paths).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+
+from moespec.errors import ConfigError
+from moespec.stages.base import STAGE_ORDER, StageConfig, available_stages, stage_module
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class Resources(BaseModel):
+    """Resources of one stage's jobs, in submitit's generic names (``slurm_*`` extras come with the cluster issue)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timeout_min: int = Field(60, ge=1)
+    cpus_per_task: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0)
+    mem_gb: float = Field(4.0, gt=0)
+
+
+class LocalInfra(BaseModel):
+    """Settings of the local executor (real subprocesses on this machine)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Tasks of one stage run at once; each process gets cpu_count // max_parallel threads.
+    max_parallel: int = Field(1, ge=1)
+
+
+class InfraConfig(BaseModel):
+    """Where and how to run: kept apart from the science, and not part of any uid."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    executor: Literal["local", "slurm"] = "local"
+    cluster: Optional[str] = None
+    mode: Literal["cached", "force", "read-only"] = "cached"
+    local: LocalInfra = LocalInfra()
+    resources: dict[str, Resources] = Field(default_factory=dict)
+
+    @field_validator("resources")
+    @classmethod
+    def _known_stages(cls, value: dict[str, Resources]) -> dict[str, Resources]:
+        unknown = sorted(set(value) - set(STAGE_ORDER))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGE_ORDER)}")
+        return value
+
+    def resources_for(self, stage: str) -> Resources:
+        return self.resources.get(stage, Resources())
+
+
+class SweepConfig(BaseModel):
+    """Sweep axes: ``grid`` is a cartesian product, ``zip`` pairs lists of equal length."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    zip: dict[str, list[Any]] = Field(default_factory=dict)
+
+
+class ExperimentBase(BaseModel):
+    """The fields every experiment has; stage sections are added by :func:`experiment_model`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    experiment: str
+    root: str = "results"
+    sweep: SweepConfig = SweepConfig()
+    infra: InfraConfig = InfraConfig()
+
+    @field_validator("experiment")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError("must be a name of letters, digits, '.', '_' or '-' (it becomes a folder name)")
+        return value
+
+    def stages(self) -> list[str]:
+        """The stages this experiment runs, in pipeline order."""
+        return [name for name in STAGE_ORDER if getattr(self, name, None) is not None]
+
+    def stage_config(self, name: str) -> StageConfig:
+        return getattr(self, name)
+
+
+_MODEL_CACHE: dict[tuple[str, ...], type[ExperimentBase]] = {}
+
+
+def experiment_model() -> type[ExperimentBase]:
+    """The pydantic model of an experiment file, with one optional section per installed stage."""
+    names = tuple(available_stages())
+    if names not in _MODEL_CACHE:
+        sections = {name: (Optional[stage_module(name).Config], None) for name in names}
+        _MODEL_CACHE[names] = create_model("ExperimentConfig", __base__=ExperimentBase, **sections)
+    return _MODEL_CACHE[names]
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Parse a YAML mapping, with syntax errors reported by file, line and column."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read file: {e.strerror or e}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{path}: {where}invalid YAML: {getattr(e, 'problem', None) or e}") from e
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; expected a mapping with at least 'experiment'")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _dotted(loc: tuple, raw: Any, missing: bool) -> str:
+    """Turn a pydantic error location into the user's dotted key.
+
+    pydantic puts union member tags (``'hf'``, ``'int'``) into locations; they are not keys of the
+    user's YAML, so we keep only the parts that exist in the raw input (plus a missing last key).
+    """
+    parts: list[str] = []
+    node = raw
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, dict) and part in node:
+            parts.append(str(part))
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            parts.append(f"[{part}]")
+            node = node[part]
+        elif last and missing and isinstance(part, str):
+            parts.append(part)
+    return ".".join(parts).replace(".[", "[") or "(top level)"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple, raw: Any) -> list[str]:
+    """Field names allowed where an unknown key was found (best effort, for the error message)."""
+    node_model: Any = model
+    node = raw
+    for part in loc[:-1]:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int):
+            node = node[part]
+            continue
+        else:
+            continue
+        field = getattr(node_model, "model_fields", {}).get(part) if isinstance(part, str) else None
+        node_model = _model_of(field.annotation) if field is not None else None
+        if node_model is None and isinstance(node, dict) and "kind" in node:
+            return []
+    return sorted(getattr(node_model, "model_fields", {}) or [])
+
+
+def _model_of(annotation: Any) -> Any:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(error: ValidationError, raw: dict[str, Any], source: str,
+                            model: type[BaseModel]) -> list[str]:
+    """One line per problem: ``FILE: dotted.key: what is wrong, got VALUE``; duplicates merged."""
+    merged: dict[str, list[str]] = {}
+    for item in error.errors():
+        kind = item["type"]
+        key = _dotted(tuple(item["loc"]), raw, missing=kind == "missing")
+        if kind == "extra_forbidden":
+            allowed = _allowed_keys(model, tuple(item["loc"]), raw)
+            message = "unknown key" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+        elif kind == "missing":
+            message = "required key is missing"
+        else:
+            message = item["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+            message += f", got {_short(item.get('input'))}"
+        merged.setdefault(key, [])
+        if message not in merged[key]:
+            merged[key].append(message)
+    return [f"{source}: {key}: {' | '.join(messages)}" for key, messages in merged.items()]
+
+
+# --------------------------------------------------------------------------------------------------
+# sweeps
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise KeyError(part)
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def sweep_points(sweep: SweepConfig) -> list[dict[str, Any]]:
+    """Every sweep point as ``{dotted key: value}``: the grid's product, each combined with each zip row."""
+    grid_keys = list(sweep.grid)
+    grid = [dict(zip(grid_keys, values)) for values in itertools.product(*(sweep.grid[k] for k in grid_keys))]
+    zip_keys = list(sweep.zip)
+    n_zip = len(next(iter(sweep.zip.values()))) if zip_keys else 1
+    zipped = [{k: sweep.zip[k][i] for k in zip_keys} for i in range(n_zip)]
+    return [{**g, **z} for g in grid for z in zipped]
+
+
+def _sweep_problems(sweep: SweepConfig, source: str) -> list[str]:
+    problems: list[str] = []
+    for section, axes in (("grid", sweep.grid), ("zip", sweep.zip)):
+        for key, values in axes.items():
+            head = key.split(".")[0]
+            if head in ("sweep", "infra", "experiment", "root") or head not in STAGE_ORDER:
+                problems.append(f"{source}: sweep.{section}.{key}: a sweep key must start with a stage "
+                                f"section ({', '.join(STAGE_ORDER)}), got {head!r}")
+            if not values:
+                problems.append(f"{source}: sweep.{section}.{key}: must list at least one value, got []")
+    both = sorted(set(sweep.grid) & set(sweep.zip))
+    for key in both:
+        problems.append(f"{source}: sweep: {key!r} is in both grid and zip")
+    lengths = {key: len(values) for key, values in sweep.zip.items()}
+    if len(set(lengths.values())) > 1:
+        detail = ", ".join(f"{k}={n}" for k, n in lengths.items())
+        problems.append(f"{source}: sweep.zip: lists must have equal lengths, got {detail}")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# the experiment
+
+
+class Experiment:
+    """A validated experiment: its base config and one fully validated config per sweep point.
+
+    Attributes
+    ----------
+    source : str
+        The file it came from (or ``"<dict>"``).
+    base : ExperimentBase
+        The config without sweep overrides.
+    points : list of dict
+        The overrides of each sweep point (``[{}]`` without a sweep).
+    configs : list of ExperimentBase
+        The validated config of each sweep point.
+    root : Path
+        Absolute results root.
+    """
+
+    def __init__(self, source: str, base: ExperimentBase, points: list[dict[str, Any]],
+                 configs: list[ExperimentBase], root: Path):
+        self.source = source
+        self.base = base
+        self.points = points
+        self.configs = configs
+        self.root = root
+
+    @property
+    def name(self) -> str:
+        return self.base.experiment
+
+    @property
+    def infra(self) -> InfraConfig:
+        return self.base.infra
+
+
+def load_experiment(source: Path | str | dict[str, Any], *, root: Path | str | None = None) -> Experiment:
+    """Load, validate and expand an experiment; every problem is raised at once as a ConfigError.
+
+    Parameters
+    ----------
+    source : path or dict
+        The YAML file, or its content as a dict.
+    root : path, optional
+        Overrides the file's ``root``. A relative root is taken relative to the current directory
+        at load time and made absolute, so that jobs never depend on their working directory.
+    """
+    if isinstance(source, dict):
+        raw, name = copy.deepcopy(source), "<dict>"
+    else:
+        raw, name = read_yaml(Path(source)), str(source)
+    model = experiment_model()
+    problems: list[str] = []
+    unknown_stages = [k for k in raw if k in STAGE_ORDER and k not in model.model_fields]
+    for key in unknown_stages:
+        problems.append(f"{name}: {key}: the {key} stage is not available in this version of moespec")
+        raw.pop(key)
+    try:
+        base = model.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(problems + format_validation_error(e, raw, name, model)) from None
+    problems += _dependency_problems(base, name)
+    problems += _sweep_problems(base.sweep, name)
+    if problems:
+        raise ConfigError(problems)
+    points = sweep_points(base.sweep)
+    configs = _validate_points(raw, points, name, model)
+    resolved_root = Path(root if root is not None else base.root).expanduser().resolve()
+    return Experiment(name, base, points, configs, resolved_root)
+
+
+def _validate_points(raw: dict[str, Any], points: list[dict[str, Any]], name: str,
+                     model: type[ExperimentBase]) -> list[ExperimentBase]:
+    if points == [{}]:
+        return [model.model_validate(raw)]
+    configs: list[ExperimentBase] = []
+    failures: dict[str, list[int]] = {}
+    for index, point in enumerate(points):
+        data = {k: v for k, v in copy.deepcopy(raw).items() if k != "sweep"}
+        try:
+            for key, value in point.items():
+                _set_dotted(data, key, value)
+            config = model.model_validate(data)
+            configs.append(config)
+            for problem in _dependency_problems(config, name):
+                failures.setdefault(problem, []).append(index)
+        except KeyError as e:
+            failures.setdefault(f"{name}: sweep key {key!r}: {e.args[0]!r} is not a section", []).append(index)
+        except ValidationError as e:
+            for problem in format_validation_error(e, data, name, model):
+                failures.setdefault(problem, []).append(index)
+    if failures:
+        lines = []
+        for problem, indices in failures.items():
+            shown = ", ".join(map(str, indices[:8])) + (", ..." if len(indices) > 8 else "")
+            example = ", ".join(f"{k}={v!r}" for k, v in points[indices[0]].items())
+            lines.append(f"{problem} (sweep point{'s' if len(indices) > 1 else ''} {shown}; e.g. {example})")
+        raise ConfigError(lines)
+    return configs
+
+
+def _dependency_problems(config: ExperimentBase, name: str) -> list[str]:
+    present = set(config.stages())
+    if not present:
+        return [f"{name}: the experiment has no stage section; add at least one of {', '.join(STAGE_ORDER)}"]
+    problems = []
+    for stage in config.stages():
+        module = stage_module(stage)
+        for input_name, upstream in module.inputs(config.stage_config(stage)).items():
+            if upstream not in present:
+                problems.append(f"{name}: {stage}: reads the {upstream} stage ({input_name}) but the "
+                                f"experiment has no {upstream} section")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# uids
+
+
+def config_dict(cfg: BaseModel) -> dict[str, Any]:
+    """A stage config as plain JSON-able data (every default resolved)."""
+    return cfg.model_dump(mode="json")
+
+
+def config_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(config_dict(cfg), sort_keys=True)
+
+
+def compute_uid(stage: str, cfg: BaseModel, input_uids: dict[str, str], schema_version: int) -> str:
+    """Short content hash of a stage task: its resolved config, its inputs' uids, its schema version.
+
+    Two sweep points with the same upstream configuration get the same upstream uid, so they
+    share its artifact; infra (resources, executor) is not hashed, so moving a run between
+    machines does not invalidate its results.
+    """
+    payload = json.dumps({"stage": stage, "schema_version": schema_version, "config": config_dict(cfg),
+                          "inputs": dict(sorted(input_uids.items()))}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:12]
