@@ -402,6 +402,18 @@ class ArtifactWriter:
         return tqdm(iterable, total=total, desc=desc or self.stage, mininterval=0.5 if interactive else 30.0,
                     disable=None if interactive else False, file=sys.stderr)
 
+    @property
+    def work_dir(self) -> Path:
+        """A folder that survives failed and requeued attempts of this task (checkpoints to resume from).
+
+        Unlike side files it is not cleaned up on failure, so a preempted task can resume; it
+        is the stage's job to check that what it finds there belongs to its own config.
+        """
+        suffix = f".shard-{self.shard_index:05d}" if self.num_shards > 1 else ""
+        path = self.dir / f"work{suffix}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def side_file(self, name: str) -> Path:
         """A temporary path for a side file (checkpoint, plot); renamed to ``dir/name`` on success."""
         if "/" in name or name.startswith("."):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -212,7 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", type=int, help="task index (default: $SLURM_ARRAY_TASK_ID)")
     p.add_argument("--mode", choices=["cached", "force", "read-only"], default="cached")
     p.set_defaults(func=cmd_run)
+
+    # Subsystems with their own commands register them here (e.g. `moespec sync`), so that their
+    # parsers live beside their code.
+    for module_name in _COMMAND_MODULES:
+        if importlib.util.find_spec(module_name) is not None:
+            importlib.import_module(module_name).register(sub)
     return parser
+
+
+#: Modules exposing ``register(subparsers)`` that adds their commands.
+_COMMAND_MODULES = ("moespec.sync.cli", "moespec.analysis.cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

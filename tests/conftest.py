@@ -1,0 +1,28 @@
+"""Shared fixtures: a private model cache per test session, tiny experiment configs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Build the built-in models once per session in a private cache (never the user's)."""
+    if "MOESPEC_CACHE" not in os.environ:
+        os.environ["MOESPEC_CACHE"] = str(tmp_path_factory.mktemp("moespec-cache"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    yield
+
+
+def tiny_experiment(name: str = "t", n_per_domain: int = 4, **sections) -> dict:
+    """A small experiment dict on the built-in corpus and model."""
+    config = {
+        "experiment": name,
+        "embed": {"model": {"name": "builtin:tiny-bert"}, "data": [{"kind": "builtin", "n_per_domain": n_per_domain}],
+                  "batch_size": 16, "max_length": 64},
+    }
+    config.update(sections)
+    return config
