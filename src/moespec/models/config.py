@@ -1,0 +1,197 @@
+"""Model configs: pydantic models that validate a model's settings and build it.
+
+This module imports no torch (configs are loaded on laptops without the compute extra); ``build``
+imports the model modules when called.
+
+``ModelConfig`` is a tagged union on ``kind``; a stage config holds one and calls
+``cfg.build(input_dim=..., n_classes=..., seed=...)``. Building draws every initial weight from a
+``torch.Generator`` seeded with ``seed``; the global RNG is neither read nor advanced.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+#: Non-linearity of the FFN experts (SwiGLU as Mixtral, or a plain GELU/ReLU two-matrix FFN).
+Activation = Literal["swiglu", "gelu", "relu"]
+
+#: What makes two samples a positive pair (dictionary MoE) or what the classifier predicts (top-k).
+#: "domain_label" pairs (domain, label): label ids of different datasets are different classes.
+TargetKey = Literal["label", "domain", "domain_label"]
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+
+#: The earlier pipeline's seven sparsity levels (research/moe.md section 1.2).
+DEFAULT_SPARSITY_LEVELS = (8, 12, 16, 20, 24, 28, 32)
+
+
+class _ModelConfigBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Expected input width; None takes it from the data. Set, it must match the data at build time.
+    input_dim: PositiveInt | None = None
+
+    def _input_dim(self, input_dim: int) -> int:
+        if self.input_dim is not None and self.input_dim != input_dim:
+            raise ValueError(f"{self.kind} model expects input dimension {self.input_dim}, the data has {input_dim}")
+        return input_dim
+
+
+def default_sparsity_levels(n_experts: int, code_dim: int) -> list[int]:
+    """``n_experts`` levels evenly spaced from min(8, code_dim) to code_dim (8, 12, ..., 32 for 7 and 32)."""
+    low = min(8, code_dim)
+    if n_experts == 1:
+        return [code_dim]
+    return [round(low + (code_dim - low) * i / (n_experts - 1)) for i in range(n_experts)]
+
+
+class DictionaryMoEConfig(_ModelConfigBase):
+    """The dictionary-expert (LISTA) MoE; see ``moespec.models.dictionary``.
+
+    Defaults follow the earlier pipeline (7 experts, query 128, code 32, 5 layers, sparsity 8..32,
+    projection 32 -> 64, margin 1.0, balance weight 0.01) except where it was degenerate: routing
+    is trainable ("soft"), the reconstruction loss is on, and positives are same (domain, label).
+    """
+
+    kind: Literal["dictionary"] = "dictionary"
+    n_experts: PositiveInt = 7
+    query_dim: PositiveInt = 128
+    code_dim: PositiveInt = 32
+    n_layers: PositiveInt = 5
+    sparsity_levels: list[PositiveInt] | None = Field(
+        default=None, description="k_e per expert; default evenly spaced from 8 to code_dim"
+    )
+    shrinkage: Literal["topk", "soft"] = "topk"
+    soft_threshold_init: Annotated[float, Field(gt=0.0)] = 0.1
+    routing: Literal["soft", "straight_through"] = "soft"
+    projection_hidden: PositiveInt = 32
+    projection_dim: PositiveInt = 64
+    margin: Annotated[float, Field(gt=0.0)] = 1.0
+    positive_pairs: TargetKey = "domain_label"
+    contrastive_weight: NonNegativeFloat = 1.0
+    reconstruction_weight: NonNegativeFloat = 1.0
+    balance_loss_weight: NonNegativeFloat = 0.01
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_sparsity_levels(cls, data: Any) -> Any:
+        # Filled before validation so that the stored (and hashed) config states the levels it uses.
+        if isinstance(data, dict) and data.get("sparsity_levels") is None:
+            n_experts, code_dim = data.get("n_experts", 7), data.get("code_dim", 32)
+            if isinstance(n_experts, int) and isinstance(code_dim, int) and n_experts >= 1 and code_dim >= 1:
+                data = {**data, "sparsity_levels": default_sparsity_levels(n_experts, code_dim)}
+        return data
+
+    @model_validator(mode="after")
+    def _check_sparsity_levels(self) -> DictionaryMoEConfig:
+        levels = self.sparsity_levels or []
+        if len(levels) != self.n_experts:
+            raise ValueError(f"sparsity_levels must have n_experts={self.n_experts} entries, got {len(levels)}")
+        too_large = [k for k in levels if k > self.code_dim]
+        if too_large:
+            raise ValueError(f"sparsity_levels must be <= code_dim={self.code_dim}, got {too_large}")
+        return self
+
+    def build(self, *, input_dim: int, n_classes: int | None = None, seed: int = 0):
+        """Build the ``DictionaryMoE`` (``n_classes`` is unused: the model is trained contrastively)."""
+        import torch
+
+        from moespec.models.dictionary import DictionaryMoE
+
+        model = DictionaryMoE(
+            input_dim=self._input_dim(input_dim),
+            sparsity_levels=list(self.sparsity_levels or []),
+            query_dim=self.query_dim,
+            code_dim=self.code_dim,
+            n_layers=self.n_layers,
+            shrinkage=self.shrinkage,
+            soft_threshold_init=self.soft_threshold_init,
+            routing=self.routing,
+            projection_hidden=self.projection_hidden,
+            projection_dim=self.projection_dim,
+            margin=self.margin,
+            contrastive_weight=self.contrastive_weight,
+            reconstruction_weight=self.reconstruction_weight,
+            balance_loss_weight=self.balance_loss_weight,
+        )
+        model.reset_parameters(torch.Generator().manual_seed(seed))
+        return model
+
+    @property
+    def target(self) -> TargetKey:
+        """The sample key the training objective needs (here: what defines positive pairs)."""
+        return self.positive_pairs
+
+
+class TopKMoEConfig(_ModelConfigBase):
+    """The top-k MoE classifier ("TinyMoE"); see ``moespec.models.topk``.
+
+    ``renormalize`` None picks the convention that lets the router learn: Mixtral renormalisation
+    for top_k >= 2, Switch raw probabilities for top_k = 1.
+    """
+
+    kind: Literal["topk"] = "topk"
+    n_experts: PositiveInt = 4
+    top_k: PositiveInt = 2
+    renormalize: bool | None = None
+    hidden_dim: PositiveInt = 64
+    ffn_dim: PositiveInt = 128
+    n_layers: PositiveInt = 1
+    activation: Activation = "swiglu"
+    shared_expert: bool = False
+    shared_expert_dim: PositiveInt | None = Field(default=None, description="default: ffn_dim")
+    router_init_std: Annotated[float, Field(gt=0.0)] = 0.02
+    balance_loss_weight: NonNegativeFloat = 0.01
+    z_loss_weight: NonNegativeFloat = 0.001
+    target: TargetKey = "label"
+
+    @model_validator(mode="after")
+    def _check_routing(self) -> TopKMoEConfig:
+        if self.top_k > self.n_experts:
+            raise ValueError(f"top_k must be <= n_experts={self.n_experts}, got {self.top_k}")
+        if self.top_k == 1 and self.renormalize:
+            raise ValueError(
+                "renormalize=true with top_k=1 makes every routing weight 1, so the router gets no "
+                "gradient from the task loss; leave renormalize unset (Switch weights) or use top_k >= 2"
+            )
+        if self.shared_expert_dim is not None and not self.shared_expert:
+            raise ValueError("shared_expert_dim is set but shared_expert is false")
+        return self
+
+    @property
+    def renormalizes(self) -> bool:
+        """The routing convention in effect (resolves ``renormalize=None``)."""
+        return self.top_k > 1 if self.renormalize is None else self.renormalize
+
+    def build(self, *, input_dim: int, n_classes: int | None = None, seed: int = 0):
+        """Build the ``TopKMoEClassifier`` for ``n_classes`` classes."""
+        import torch
+
+        from moespec.models.topk import TopKMoEClassifier
+
+        if n_classes is None or n_classes < 2:
+            raise ValueError(f"the top-k classifier needs n_classes >= 2, got {n_classes}")
+        model = TopKMoEClassifier(
+            input_dim=self._input_dim(input_dim),
+            n_classes=n_classes,
+            hidden_dim=self.hidden_dim,
+            ffn_dim=self.ffn_dim,
+            n_layers=self.n_layers,
+            n_experts=self.n_experts,
+            top_k=self.top_k,
+            renormalize=self.renormalizes,
+            activation=self.activation,
+            shared_expert_dim=(self.shared_expert_dim or self.ffn_dim) if self.shared_expert else None,
+            router_init_std=self.router_init_std,
+            balance_loss_weight=self.balance_loss_weight,
+            z_loss_weight=self.z_loss_weight,
+        )
+        model.reset_parameters(torch.Generator().manual_seed(seed))
+        return model
+
+
+#: Either model, chosen by ``kind``.
+ModelConfig = Annotated[Union[DictionaryMoEConfig, TopKMoEConfig], Field(discriminator="kind")]
