@@ -125,3 +125,12 @@ def test_relative_root_is_made_absolute(tmp_path, monkeypatch):
     experiment = load_experiment(BASE)
     assert experiment.root == tmp_path / "results"
     assert experiment.root.is_absolute()
+
+
+def test_unknown_key_in_a_tagged_union_lists_the_keys_of_the_chosen_member(tmp_path):
+    cfg = {**BASE, "embed": {**BASE["embed"], "data": [{"kind": "hf", "name": "x", "zzz": 2}]}}
+    with pytest.raises(ConfigError) as info:
+        load_experiment(cfg)
+    (problem,) = info.value.problems
+    assert "embed.data[0].zzz: unknown key (allowed: " in problem
+    assert "text_field" in problem and "n_per_domain" not in problem

@@ -14,7 +14,7 @@ import itertools
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
@@ -26,7 +26,13 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class Resources(BaseModel):
-    """Resources of one stage's jobs, in submitit's generic names (``slurm_*`` extras come with the cluster issue)."""
+    """Resources of one stage's jobs, in submitit's own parameter names.
+
+    The generic names apply to every executor; the ``slurm_*`` extras only on Slurm. On a
+    cluster a stage gets the profile's ``defaults``, then the profile's ``stages.<stage>``, then
+    ``infra.resources.<stage>`` of the experiment: each layer overrides only the keys it sets
+    (see ``moespec.launch.profiles``).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -34,6 +40,18 @@ class Resources(BaseModel):
     cpus_per_task: int = Field(1, ge=1)
     gpus_per_node: int = Field(0, ge=0)
     mem_gb: float = Field(4.0, gt=0)
+    slurm_partition: Optional[str] = None
+    slurm_account: Optional[str] = None
+    slurm_qos: Optional[str] = None
+    slurm_constraint: Optional[str] = None
+    #: Array tasks of one stage running at once (``--array=...%N``; submitit's default is 256).
+    slurm_array_parallelism: Optional[int] = Field(None, ge=1)
+    #: Seconds before the time limit when the checkpoint signal (USR2) is sent (submitit: 90).
+    slurm_signal_delay_s: Optional[int] = Field(None, ge=1)
+    #: How many times a job that hit its time limit is requeued (submitit: 3; preemptions: always).
+    slurm_max_num_timeout: Optional[int] = Field(None, ge=0)
+    #: Any other sbatch option, e.g. ``{"mail-type": "FAIL"}``.
+    slurm_additional_parameters: dict[str, Union[str, int, float, bool]] = Field(default_factory=dict)
 
 
 class LocalInfra(BaseModel):
@@ -51,6 +69,7 @@ class InfraConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     executor: Literal["local", "slurm"] = "local"
+    #: Cluster profile: a name in ``hpc/clusters/`` (or ``$MOESPEC_CLUSTERS``) or a path to a profile YAML.
     cluster: Optional[str] = None
     mode: Literal["cached", "force", "read-only"] = "cached"
     local: LocalInfra = LocalInfra()
@@ -164,33 +183,58 @@ def _dotted(loc: tuple, raw: Any, missing: bool) -> str:
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple, raw: Any) -> list[str]:
-    """Field names allowed where an unknown key was found (best effort, for the error message)."""
-    node_model: Any = model
+    """Field names allowed where an unknown key was found (best effort, for the error message).
+
+    Walks the annotations along the user's data, so that in a tagged union the member named by
+    the raw ``kind`` is the one whose keys are listed.
+    """
+    annotation: Any = model
     node = raw
     for part in loc[:-1]:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int):
-            node = node[part]
-            continue
-        else:
-            continue
-        field = getattr(node_model, "model_fields", {}).get(part) if isinstance(part, str) else None
-        node_model = _model_of(field.annotation) if field is not None else None
-        if node_model is None and isinstance(node, dict) and "kind" in node:
-            return []
-    return sorted(getattr(node_model, "model_fields", {}) or [])
+        if isinstance(node, dict) and isinstance(part, str) and part in node:
+            current = _pick_model(annotation, node)
+            field = getattr(current, "model_fields", {}).get(part)
+            if field is None:
+                return []
+            annotation, node = field.annotation, node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            annotation, node = _element_type(annotation), node[part]
+    return sorted(getattr(_pick_model(annotation, node), "model_fields", {}) or [])
 
 
-def _model_of(annotation: Any) -> Any:
+def _element_type(annotation: Any) -> Any:
+    """The item type of ``list[X]`` (through Optional/Annotated), else None."""
+    import typing
+
+    if typing.get_origin(annotation) in (list, tuple):
+        return (typing.get_args(annotation) or (None,))[0]
+    for arg in typing.get_args(annotation):
+        found = _element_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """Every model class in a (possibly Optional / Annotated / Union) annotation, not inside containers."""
     import typing
 
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _model_of(arg)
-        if found is not None:
-            return found
+        return [annotation]
+    if typing.get_origin(annotation) in (list, tuple, dict):
+        return []
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _pick_model(annotation: Any, raw: Any) -> type[BaseModel] | None:
+    models = _models_in(annotation)
+    if len(models) <= 1:
+        return models[0] if models else None
+    kind = raw.get("kind") if isinstance(raw, dict) else None
+    for candidate in models:
+        field = candidate.model_fields.get("kind")
+        if field is not None and kind in (field.default, *getattr(field.annotation, "__args__", ())):
+            return candidate
     return None
 
 
@@ -208,7 +252,8 @@ def format_validation_error(error: ValidationError, raw: dict[str, Any], source:
             message = "required key is missing"
         else:
             message = item["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
-            message += f", got {_short(item.get('input'))}"
+            if not isinstance(item.get("input"), dict):  # a whole-section check: the section is the key
+                message += f", got {_short(item.get('input'))}"
         merged.setdefault(key, [])
         if message not in merged[key]:
             merged[key].append(message)
