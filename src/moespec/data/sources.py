@@ -1,0 +1,397 @@
+"""Where texts come from: the built-in corpus, a HF ``datasets`` dataset, or local files.
+
+Each source is a pydantic config (a member of the tagged union :data:`Source`, told apart by
+``kind``) whose ``load(log)`` returns a :class:`~moespec.data.textset.TextSet`. Importing this
+module is cheap: ``datasets`` is imported when a hf or files source is loaded.
+
+A source draws ``n`` texts by a seeded shuffle of its rows (never a head slice: many datasets are
+sorted by label or date), skips empty texts (logged), and keeps the drawn rows in their source
+order. Each source is one domain (the built-in source: one per built-in domain); its labels are
+coded per source, so classes of different datasets never share a code (see ``TextSet``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Sequence, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from moespec.data import corpus
+from moespec.data.textset import TextSet, concat
+from moespec.errors import DataError
+
+_log = logging.getLogger("moespec")
+
+#: Hint appended to loading errors: on a cluster the compute nodes usually have no internet.
+OFFLINE_HINT = ("On a compute node without internet, pre-fetch the dataset on a login node into the same "
+                "HF_HOME and run with HF_DATASETS_OFFLINE=1 (see moespec.embedding.loading).")
+
+_FORMAT_OF_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv",
+                     ".parquet": "parquet", ".pq": "parquet"}
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
+_BUILDER_OF_FORMAT = {"jsonl": "json", "csv": "csv", "parquet": "parquet"}
+
+
+class _SourceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BuiltinSource(_SourceConfig):
+    """The built-in multi-domain corpus (:mod:`moespec.data.corpus`), generated in code.
+
+    Attributes
+    ----------
+    n_per_domain : int
+        Texts per domain.
+    domains : list of str, optional
+        A subset of the built-in domains (default: all six).
+    seed : int
+        Corpus seed.
+    """
+
+    kind: Literal["builtin"] = "builtin"
+    n_per_domain: int = Field(100, ge=1)
+    domains: Optional[list[str]] = None
+    seed: int = 0
+
+    @field_validator("domains")
+    @classmethod
+    def _known_domains(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+        if value is None:
+            return value
+        unknown = [d for d in value if d not in corpus.DOMAIN_NAMES]
+        if unknown:
+            raise ValueError(f"unknown built-in domain(s) {unknown}; choose from {', '.join(corpus.DOMAIN_NAMES)}")
+        if len(set(value)) != len(value) or not value:
+            raise ValueError("must list each built-in domain at most once, and at least one")
+        return value
+
+    def domain_names(self) -> list[str]:
+        return list(self.domains or corpus.DOMAIN_NAMES)
+
+    def load(self, log: logging.Logger = _log) -> TextSet:
+        parts = []
+        for name in self.domain_names():
+            texts, labels = corpus.generate_domain(name, self.n_per_domain, self.seed)
+            provenance = {"kind": "builtin", "domain": name, "n_per_domain": self.n_per_domain, "seed": self.seed,
+                          "corpus_version": corpus.CORPUS_VERSION}
+            parts.append(TextSet.single_domain(name, texts, range(len(texts)), labels,
+                                               list(corpus.domain_by_name(name).classes), provenance))
+        log.info("built-in corpus: %d domains x %d texts (seed %d)", len(parts), self.n_per_domain, self.seed)
+        return concat(parts)
+
+
+class _TableSource(_SourceConfig):
+    """Fields shared by sources read through ``datasets`` tables."""
+
+    text_field: Union[str, list[str]] = "text"
+    #: Joins the fields when ``text_field`` lists several (e.g. premise and hypothesis).
+    separator: str = "\n"
+    label_field: Optional[str] = None
+    domain: Optional[str] = None
+    n: Optional[int] = Field(None, ge=1)
+    seed: int = 0
+
+    @field_validator("text_field")
+    @classmethod
+    def _some_field(cls, value: Union[str, list[str]]) -> Union[str, list[str]]:
+        if isinstance(value, list) and not value:
+            raise ValueError("must name at least one field")
+        return value
+
+    def text_fields(self) -> list[str]:
+        return [self.text_field] if isinstance(self.text_field, str) else list(self.text_field)
+
+    def _texts(self, dataset: Any, where: str, log: logging.Logger, provenance: dict[str, Any]) -> TextSet:
+        return texts_from_dataset(dataset, where=where, domain=self.domain_name(), text_fields=self.text_fields(),
+                                  separator=self.separator, label_field=self.label_field, n=self.n,
+                                  seed=self.seed, provenance=provenance, log=log)
+
+    def domain_name(self) -> str:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class HFSource(_TableSource):
+    """A dataset from the Hugging Face hub (or its local cache), through ``datasets.load_dataset``.
+
+    Attributes
+    ----------
+    name : str
+        Dataset name on the hub (``"stanfordnlp/imdb"``) or a local dataset folder.
+    config : str, optional
+        Dataset configuration (``"sst2"`` of ``"nyu-mll/glue"``).
+    split : str
+        Split, with ``datasets`` slicing syntax if wanted (``"train"``, ``"test[:50%]"``).
+    revision : str, optional
+        Git revision of the dataset repository.
+    text_field : str or list of str
+        Column(s) holding the text; several are joined with ``separator``.
+    label_field : str, optional
+        Column holding the class label (ClassLabel, int, bool or str).
+    domain : str, optional
+        Domain name (default: ``name``).
+    n : int, optional
+        Texts to draw by a seeded shuffle (default: every row).
+    seed : int
+        Seed of the shuffle.
+    """
+
+    kind: Literal["hf"] = "hf"
+    name: str
+    config: Optional[str] = None
+    split: str = "train"
+    revision: Optional[str] = None
+
+    def domain_name(self) -> str:
+        return self.domain or self.name
+
+    def load(self, log: logging.Logger = _log) -> TextSet:
+        import datasets
+
+        where = f"hf:{self.name}" + (f"/{self.config}" if self.config else "") + f" (split {self.split})"
+        try:
+            dataset = datasets.load_dataset(self.name, self.config, split=self.split, revision=self.revision)
+        except (OSError, ValueError, KeyError, datasets.exceptions.DatasetsError) as e:
+            raise DataError(f"source {where}: cannot load dataset {self.name!r} "
+                            f"({type(e).__name__}: {_first_line(e)}). {OFFLINE_HINT}") from e
+        provenance = {"kind": "hf", "name": self.name, "config": self.config, "split": self.split,
+                      "revision": self.revision, "fingerprint": getattr(dataset, "_fingerprint", "")}
+        return self._texts(dataset, where, log, provenance)
+
+
+class FilesSource(_TableSource):
+    """Local jsonl, csv (or tsv) or parquet files, read through ``datasets.load_dataset``.
+
+    Attributes
+    ----------
+    paths : list of str
+        Absolute paths (``~`` and ``$VARS`` are expanded when the files are read, so
+        ``$SCRATCH/texts.jsonl`` works on a cluster); all of one format.
+    format : {"auto", "jsonl", "csv", "parquet"}
+        ``auto`` reads it from the file suffix (``.jsonl``/``.json``, ``.csv``/``.tsv``, ``.parquet``,
+        optionally compressed, ``.jsonl.gz``).
+    text_field, separator, label_field, n, seed
+        As for :class:`HFSource`.
+    domain : str, optional
+        Domain name (default: the first file's name without its suffixes).
+    """
+
+    kind: Literal["files"] = "files"
+    paths: list[str] = Field(min_length=1)
+    format: Literal["auto", "jsonl", "csv", "parquet"] = "auto"
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _one_path(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("paths")
+    @classmethod
+    def _absolute(cls, value: list[str]) -> list[str]:
+        # A relative path would depend on the working directory of the job, which differs
+        # between the laptop that validates and the node that runs.
+        relative = [p for p in value if not (p.startswith(("~", "$")) or os.path.isabs(p))]
+        if relative:
+            raise ValueError(f"paths must be absolute (or start with ~ or $VAR), got {relative}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_format(self) -> "FilesSource":
+        if self.format == "auto":
+            formats = {_format_of(p) for p in self.paths}
+            if len(formats) > 1:
+                raise ValueError(f"paths mix formats {sorted(formats)}; give one format per source")
+        return self
+
+    def resolved_format(self) -> str:
+        return self.format if self.format != "auto" else _format_of(self.paths[0])
+
+    def domain_name(self) -> str:
+        return self.domain or _stem(self.paths[0])
+
+    def load(self, log: logging.Logger = _log) -> TextSet:
+        import datasets
+
+        paths = [os.path.expandvars(os.path.expanduser(p)) for p in self.paths]
+        where = f"files:{paths[0]}" + (f" (+{len(paths) - 1} more)" if len(paths) > 1 else "")
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing:
+            raise DataError(f"source {where}: file(s) not found: {', '.join(missing)}")
+        fmt = self.resolved_format()
+        extra = {"delimiter": "\t"} if fmt == "csv" and _stem_suffix(paths[0]) == ".tsv" else {}
+        try:
+            dataset = datasets.load_dataset(_BUILDER_OF_FORMAT[fmt], data_files=paths, split="train", **extra)
+        except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
+            raise DataError(f"source {where}: cannot read the {fmt} file(s) ({type(e).__name__}: "
+                            f"{_first_line(e)})") from e
+        provenance = {"kind": "files", "paths": list(self.paths), "format": fmt,
+                      "files": [{"path": p, "bytes": os.path.getsize(p), "mtime": int(os.path.getmtime(p))}
+                                for p in paths],
+                      "fingerprint": getattr(dataset, "_fingerprint", "")}
+        return self._texts(dataset, where, log, provenance)
+
+
+#: One entry of ``embed.data``: a tagged union on ``kind``.
+Source = Annotated[Union[BuiltinSource, HFSource, FilesSource], Field(discriminator="kind")]
+
+
+def source_domains(source: BuiltinSource | HFSource | FilesSource) -> list[str]:
+    """The domain names a source contributes (known from its config alone)."""
+    return source.domain_names() if isinstance(source, BuiltinSource) else [source.domain_name()]
+
+
+def load_texts(sources: Sequence[BuiltinSource | HFSource | FilesSource], log: logging.Logger = _log) -> TextSet:
+    """Load every source, in order, into one text set with global domain and label codes.
+
+    Raises
+    ------
+    DataError
+        A source cannot be read, lacks a field, is empty, or two sources share a domain name.
+    """
+    if not sources:
+        raise DataError("no text sources: embed.data is empty")
+    return concat([source.load(log) for source in sources])
+
+
+# --------------------------------------------------------------------------------------------------
+# reading a datasets.Dataset
+
+
+def texts_from_dataset(dataset: Any, *, where: str, domain: str, text_fields: list[str], separator: str,
+                       label_field: Optional[str], n: Optional[int], seed: int, provenance: dict[str, Any],
+                       log: logging.Logger = _log) -> TextSet:
+    """Draw the texts (and labels) of one domain from a ``datasets.Dataset``.
+
+    Parameters
+    ----------
+    dataset : datasets.Dataset
+    where : str
+        Names the source in messages.
+    domain : str
+    text_fields : list of str
+        Columns joined with ``separator`` into the text.
+    label_field : str, optional
+    n : int, optional
+        Texts to draw by a seeded shuffle; None takes every non-empty row.
+    seed : int
+    provenance : dict
+        Updated with the rows available, drawn and skipped.
+
+    Raises
+    ------
+    DataError
+        A field is missing or not text, the dataset is empty, or it has fewer than ``n`` non-empty texts.
+    """
+    _check_fields(dataset, where, text_fields, label_field)
+    if len(dataset) == 0:
+        raise DataError(f"source {where}: the dataset is empty (0 rows)")
+    rows, texts, n_empty = _draw_rows(dataset, text_fields, separator, n, seed)
+    if n_empty:
+        log.warning("source %s: skipped %d empty text(s) in field(s) %s", where, n_empty, text_fields)
+    if not rows.size:
+        raise DataError(f"source {where}: every text in field(s) {text_fields} is empty")
+    if n is not None and rows.size < n:
+        raise DataError(f"source {where}: asks for n={n} texts but the dataset has only {rows.size} non-empty "
+                        f"text(s) in field(s) {text_fields}")
+    labels, class_names = (None, []) if label_field is None else _labels(dataset, rows, label_field, where)
+    provenance = {**provenance, "domain": domain, "rows_available": len(dataset), "rows_drawn": int(rows.size),
+                  "empty_skipped": n_empty, "n": n, "seed": seed, "text_fields": text_fields,
+                  "label_field": label_field}
+    log.info("source %s: %d texts of %d rows (domain %s%s)", where, rows.size, len(dataset), domain,
+             f", {len(class_names)} classes" if label_field else ", unlabelled")
+    return TextSet.single_domain(domain, texts, rows.tolist(), labels, class_names, provenance)
+
+
+def _check_fields(dataset: Any, where: str, text_fields: list[str], label_field: Optional[str]) -> None:
+    import datasets
+
+    columns = list(dataset.column_names)
+    for role, field in [*(("text", f) for f in text_fields), *([("label", label_field)] if label_field else [])]:
+        if field not in columns:
+            raise DataError(f"source {where}: {role} field {field!r} not found; the columns are {columns}")
+    for field in text_fields:
+        feature = dataset.features[field]
+        if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+            raise DataError(f"source {where}: text field {field!r} holds {feature}, not strings")
+
+
+def _draw_rows(dataset: Any, text_fields: list[str], separator: str, n: Optional[int],
+               seed: int) -> tuple[np.ndarray, list[str], int]:
+    """Rows drawn in seeded-shuffle order, skipping empty texts, returned in source order.
+
+    Reads only as many rows as needed (blocks of the permutation), not the whole column.
+    """
+    order = np.arange(len(dataset)) if n is None else np.random.default_rng(seed).permutation(len(dataset))
+    wanted = len(dataset) if n is None else n
+    kept: dict[int, str] = {}
+    n_empty = 0
+    start = 0
+    while len(kept) < wanted and start < len(order):
+        block = order[start:start + max(wanted - len(kept), 256)]
+        start += len(block)
+        texts_of = dict(zip(np.sort(block).tolist(), _read_texts(dataset, np.sort(block), text_fields, separator)))
+        for row in block.tolist():  # permutation order decides which rows make the first n
+            if len(kept) == wanted:
+                break
+            if texts_of[row].strip():
+                kept[row] = texts_of[row]
+            else:
+                n_empty += 1
+    rows = np.array(sorted(kept), dtype=np.int64)
+    return rows, [kept[r] for r in rows.tolist()], n_empty
+
+
+def _read_texts(dataset: Any, rows: np.ndarray, text_fields: list[str], separator: str) -> list[str]:
+    subset = dataset.select(rows.tolist())
+    columns = [list(subset[field]) for field in text_fields]
+    return [separator.join(v for v in values if v) for values in zip(*columns)]
+
+
+def _labels(dataset: Any, rows: np.ndarray, label_field: str, where: str) -> tuple[np.ndarray, list[str]]:
+    """Label codes of the drawn rows (-1 when missing) and the class names they index."""
+    import datasets
+
+    feature = dataset.features[label_field]
+    values = list(dataset.select(rows.tolist())[label_field])
+    if isinstance(feature, datasets.ClassLabel):
+        # ClassLabel uses -1 for "no label" (e.g. GLUE test splits).
+        return np.array([-1 if v is None else v for v in values], dtype=np.int64), list(feature.names)
+    if not isinstance(feature, datasets.Value) or feature.dtype.startswith(("float", "double", "half")):
+        raise DataError(f"source {where}: label field {label_field!r} holds {feature}; expected class labels "
+                        f"(ClassLabel, int, bool or string)")
+    present = sorted({v for v in values if v is not None}, key=lambda v: (str(type(v)), v))
+    code_of = {v: i for i, v in enumerate(present)}
+    return np.array([-1 if v is None else code_of[v] for v in values], dtype=np.int64), [str(v) for v in present]
+
+
+# --------------------------------------------------------------------------------------------------
+# file names
+
+
+def _stem_suffix(path: str) -> str:
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    while suffixes and suffixes[-1] in _COMPRESSION_SUFFIXES:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
+
+
+def _format_of(path: str) -> str:
+    suffix = _stem_suffix(path)
+    if suffix not in _FORMAT_OF_SUFFIX:
+        raise ValueError(f"cannot tell the format of {path!r} from its suffix {suffix!r}; set format: "
+                         f"jsonl, csv or parquet")
+    return _FORMAT_OF_SUFFIX[suffix]
+
+
+def _stem(path: str) -> str:
+    name = Path(path).name
+    return name.split(".")[0] or name
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
