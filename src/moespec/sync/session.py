@@ -1,0 +1,426 @@
+"""One sync run, top to bottom: connect, list both sides, plan, transfer, retry, report.
+
+``run_sync`` is what ``moespec sync`` calls and what the tests and the benchmark call directly.
+A pass that loses the connection or meets a file that changed while being read is retried
+(re-listed and re-planned, so finished files are skipped and kept ``.part`` files resumed), up to
+``retries`` times with a short back-off, as a flaky network deserves (STYLE.md rule 9).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+from moespec.errors import SyncError
+from moespec.sync import engine
+from moespec.sync.engine import EngineSettings, Failure, Outcome, Progress
+from moespec.sync.filters import Filters
+from moespec.sync.listing import Listing, find_command, list_local, parse_find_output, remote_join, walk_sftp
+from moespec.sync.paths import LocalRoot, check_relpath
+from moespec.sync.plan import Action, Plan, Skip, checksum_candidates, plan_sync
+from moespec.sync.transport import ConnectOptions, Transport, TransportKind, connect
+
+log = logging.getLogger("moespec.sync")
+
+Direction = Literal["pull", "push"]
+#: Hashing a large file prints nothing until it is done.
+_CHECKSUM_TIMEOUT = 3600.0
+
+
+@dataclass(frozen=True)
+class SyncRequest:
+    """Everything one sync needs.
+
+    Attributes
+    ----------
+    direction : {"pull", "push"}
+        ``pull``: remote -> local (``--from-hpc``); ``push``: local -> remote (``--to-hpc``).
+    scopes : tuple of str
+        Paths relative to both roots that are synced (experiments, or project folders); ``""``
+        is the whole root.
+    """
+
+    direction: Direction
+    host: str
+    remote_root: str
+    local_root: Path
+    scopes: tuple[str, ...] = ("",)
+    filters: Filters = field(default_factory=Filters.build)
+    transport: TransportKind = "paramiko"
+    dry_run: bool = False
+    checksum: bool = False
+    delete: bool = False
+    force: bool = False
+    ssh_config: Path | None = None
+    known_hosts: tuple[Path, ...] | None = None
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    retries: int = 2
+    connect_timeout: float = 20.0
+    interactive: bool = False
+
+    def connect_options(self) -> ConnectOptions:
+        return ConnectOptions(self.host, self.ssh_config, self.known_hosts, self.connect_timeout, self.interactive)
+
+
+@dataclass
+class SyncReport:
+    """What a sync did (or, with ``dry_run``, would do)."""
+
+    request: SyncRequest
+    plan: Plan | None = None
+    files: int = 0
+    bytes: int = 0
+    links: int = 0
+    touched: int = 0
+    deleted: int = 0
+    failed: list[Failure] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    attempts: int = 0
+    listing_method: str = ""
+    transport: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """No file failed and nothing the user asked for was missing."""
+        return not self.failed and not self.problems
+
+    def summary(self) -> str:
+        """One line: files, bytes, skipped, time."""
+        plan = self.plan or Plan()
+        verb = {"pull": "pulled", "push": "pushed"}[self.request.direction]
+        if self.request.dry_run:
+            verb = f"would have {verb}"
+            files, size = len(plan.copies), plan.bytes
+        else:
+            files, size = self.files, self.bytes
+        rate = f", {_human(size / self.seconds)}/s" if self.seconds > 0 and size and not self.request.dry_run else ""
+        parts = [f"{verb} {files} file{'s' if files != 1 else ''} ({_human(size)}) in {self.seconds:.2f} s{rate}",
+                 f"{plan.unchanged} unchanged", f"{plan.excluded} excluded"]
+        for count, label in ((len(plan.kept), "kept"), (len(plan.refused), "refused"), (self.links, "links"),
+                             (self.touched, "mtimes set"), (self.deleted, "deleted"), (len(self.failed), "failed")):
+            if count:
+                parts.append(f"{count} {label}")
+        return "; ".join(parts)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# --------------------------------------------------------------------------------------------------
+# listings
+
+
+def remote_listing(transport: Transport, root: str, scopes: tuple[str, ...], timeout: float = 120.0) -> Listing:
+    """List the remote scopes in one round trip (``find``), or by an SFTP walk if that fails."""
+    result = transport.run(find_command(root, scopes), timeout=timeout)
+    try:
+        listing = parse_find_output(result.stdout, root, scopes)
+    except ValueError as e:
+        listing, reason = None, str(e)
+    else:
+        errors = [line for line in result.error_text.splitlines() if line.strip()]
+        found_any = len(listing.missing) < len(scopes)
+        only_missing = errors and all("No such file or directory" in line for line in errors)
+        if result.status == 0 or found_any or only_missing:
+            listing.warnings += [line for line in errors if "No such file or directory" not in line]
+            return listing
+        reason = result.error_text or f"status {result.status}"
+    log.warning("remote `find` listing unavailable (%s); walking the tree over SFTP instead (slower)", reason)
+    sftp = transport.open_sftp()
+    try:
+        return walk_sftp(sftp, root, scopes)
+    finally:
+        sftp.close()
+
+
+def parse_sha256sum(output: bytes, root: str) -> dict[str, str]:
+    """``sha256sum`` output -> {path relative to ``root``: hex digest}.
+
+    GNU coreutils escapes names that contain a backslash or a newline and marks the line with a
+    leading backslash.
+    """
+    sums = {}
+    prefix = root.rstrip("/") + "/"
+    for line in output.decode("utf-8", "surrogateescape").split("\n"):
+        escaped = line.startswith("\\")
+        line = line[1:] if escaped else line
+        if len(line) < 67 or line[64:66] not in ("  ", " *"):
+            continue
+        name = line[66:]
+        if escaped:
+            name = name.replace("\\n", "\n").replace("\\\\", "\\")
+        if name.startswith(prefix):
+            sums[name[len(prefix):]] = line[:64]
+    return sums
+
+
+def remote_checksums(transport: Transport, root: str, paths: list[str]) -> dict[str, str]:
+    """SHA-256 of remote files, computed on the remote in one command."""
+    if not paths:
+        return {}
+    names = b"".join(remote_join(root, p).encode("utf-8", "surrogateescape") + b"\0" for p in paths)
+    result = transport.run("xargs -0 sha256sum --", stdin=names, timeout=_CHECKSUM_TIMEOUT)
+    sums = parse_sha256sum(result.stdout, root)
+    if not sums and result.status != 0:
+        raise SyncError(f"--checksum needs `xargs` and `sha256sum` on the remote: {result.error_text}")
+    return sums
+
+
+def local_checksums(root: Path, paths: list[str]) -> dict[str, str]:
+    local = LocalRoot(root)
+    return {p: engine.sha256_file(local.path(p)) for p in paths}
+
+
+# --------------------------------------------------------------------------------------------------
+# applying a plan
+
+
+def _apply_local_actions(plan: Plan, local: LocalRoot, report: SyncReport) -> list[Failure]:
+    """Links and mtimes on the local side (pull); returns the links that could not be made."""
+    failures = []
+    for action in plan.links:
+        final = local.check_parent(action.path)
+        temporary = final.with_name(f".{final.name}.linktmp")
+        try:
+            if os.path.lexists(temporary):
+                os.unlink(temporary)
+            os.symlink(action.source.target, temporary)
+            os.replace(temporary, final)  # atomic, also over an older link
+        except OSError as e:  # e.g. no symlink privilege on Windows
+            failures.append(Failure(action.path, f"cannot create the link: {e}", retryable=False))
+            continue
+        report.links += 1
+    for action in plan.touches:
+        path = local.path(action.path)
+        os.utime(path, (action.source.mtime, action.source.mtime), follow_symlinks=False)
+        report.touched += 1
+    return failures
+
+
+def _remove_stale_parts(plan: Plan, request: SyncRequest, local: LocalRoot, transport: Transport) -> None:
+    """Partial files of versions that will never be resumed (they are ours: no --delete needed)."""
+    if not plan.stale_parts:
+        return
+    if request.direction == "pull":
+        for path in plan.stale_parts:
+            try:
+                os.unlink(local.path(path))
+            except OSError:
+                pass
+        return
+    sftp = transport.open_sftp()
+    try:
+        for path in plan.stale_parts:
+            try:
+                sftp.remove(remote_join(request.remote_root, path))
+            except OSError:
+                pass
+    finally:
+        sftp.close()
+
+
+def _apply_local_deletes(plan: Plan, local: LocalRoot, report: SyncReport) -> None:
+    for action in plan.deletes:
+        path = local.path(action.path)
+        try:
+            if action.dest.kind == "dir":
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+            report.deleted += 1
+        except OSError as e:  # a folder that still holds excluded files stays
+            log.info("not deleted: %s (%s)", path, e.strerror)
+
+
+def _apply_remote_actions(plan: Plan, transport: Transport, root: str, report: SyncReport) -> None:
+    """mtimes and deletions on the remote side (push). Links are not pushed."""
+    if not (plan.touches or plan.deletes):
+        return
+    sftp = transport.open_sftp()
+    try:
+        for action in plan.touches:
+            sftp.utime(remote_join(root, action.path), (action.source.mtime_s, action.source.mtime_s))
+            report.touched += 1
+        for action in plan.deletes:
+            path = remote_join(root, action.path)
+            try:
+                sftp.rmdir(path) if action.dest.kind == "dir" else sftp.remove(path)
+                report.deleted += 1
+            except OSError as e:
+                log.info("not deleted on the remote: %s (%s)", path, e)
+    finally:
+        sftp.close()
+
+
+def _progress_bar(total: int, description: str, enabled: bool, progress: Progress, n_files: int):
+    """A tqdm bar (bytes, rate, ETA) and the tick function that feeds it from ``progress``."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, file=sys.stderr,
+               disable=not enabled, dynamic_ncols=True, leave=False)
+    start_bytes, start_files = progress.bytes, progress.files
+
+    def tick() -> None:
+        bar.update(progress.bytes - start_bytes - bar.n)
+        bar.set_postfix_str(f"{progress.files - start_files}/{n_files} files", refresh=False)
+
+    return bar, tick
+
+
+def _transfer(plan: Plan, request: SyncRequest, transport: Transport, progress: Progress, show_progress: bool,
+              expected_sums: dict[str, str], warm: engine.WarmChannel | None) -> Outcome:
+    local = LocalRoot(request.local_root)
+    if request.direction == "pull":
+        def make_channel(sftp, shared):
+            return engine.PullChannel(sftp, shared, local, request.remote_root, expected_sums)
+    else:
+        folders: set[str] = set()
+        lock = threading.Lock()
+
+        def make_channel(sftp, shared):
+            return engine.PushChannel(sftp, shared, local, request.remote_root, folders, lock)
+    bar, tick = _progress_bar(plan.bytes, f"{request.direction} {request.host}", show_progress, progress,
+                              len(plan.copies))
+    try:
+        return engine.run_channels(transport, plan.copies, request.engine, make_channel, progress, tick, warm)
+    finally:
+        tick()
+        bar.close()
+
+
+def _plan(request: SyncRequest, transport: Transport) -> tuple[Plan, dict[str, str], str]:
+    """List both sides and plan; returns the plan, the source checksums and the listing method."""
+    remote = remote_listing(transport, request.remote_root, request.scopes, request.engine.stall_timeout)
+    local = list_local(request.local_root, request.scopes)
+    source, dest = (remote, local) if request.direction == "pull" else (local, remote)
+    sums = None
+    source_sums: dict[str, str] = {}
+    if request.checksum:
+        candidates = checksum_candidates(source, dest, request.filters)
+        remote_sums = remote_checksums(transport, request.remote_root, candidates)
+        local_sums = local_checksums(request.local_root, candidates)
+        sums = (remote_sums, local_sums) if request.direction == "pull" else (local_sums, remote_sums)
+        source_sums = sums[0]
+    plan = plan_sync(source, dest, request.filters, delete=request.delete, force=request.force, checksums=sums)
+    if request.direction == "push":
+        plan.kept += [Skip(a.path, "links are not pushed") for a in plan.links]
+        plan.links = []
+    return plan, source_sums, remote.method
+
+
+def _missing_problems(request: SyncRequest, plan: Plan) -> list[str]:
+    """What the user asked for that the source side does not have."""
+    if request.direction == "pull":
+        where = f"under {request.remote_root} on {request.host}"
+    else:
+        where = f"under {request.local_root}"
+    return [f"{scope or 'the root'}: not found {where}" for scope in plan.missing]
+
+
+def run_sync(request: SyncRequest, *, show_progress: bool = False,
+             on_plan: Callable[[Plan], None] | None = None) -> SyncReport:
+    """Carry out one sync and report what happened.
+
+    Parameters
+    ----------
+    request : SyncRequest
+    show_progress : bool
+        Draw a progress bar (bytes, rate, ETA) on stderr.
+    on_plan : callable or None
+        Called with the first plan, before anything is transferred (the CLI prints it).
+
+    Raises
+    ------
+    SyncError
+        The host cannot be reached or refused us; files that fail are in the report instead.
+    """
+    for scope in request.scopes:
+        if scope:
+            check_relpath(scope)
+    started = time.monotonic()
+    report = SyncReport(request)
+    progress = Progress()
+    transport = connect(request.transport, request.connect_options())
+    report.transport = transport.description
+    log.debug("connected to %s in %.2f s", transport.description, time.monotonic() - started)
+    try:
+        for attempt in range(request.retries + 1):
+            report.attempts = attempt + 1
+            warm = None if request.dry_run else engine.WarmChannel(transport)
+            try:
+                plan, source_sums, report.listing_method = _plan(request, transport)
+            except BaseException:
+                if warm is not None:
+                    warm.close()
+                raise
+            log.debug("listed and planned at %.2f s: %d copies", time.monotonic() - started, len(plan.copies))
+            if report.plan is None:
+                report.plan = plan
+                report.problems = _missing_problems(request, plan)
+                if on_plan is not None:
+                    on_plan(plan)
+            if request.dry_run:
+                break
+            outcome = _run_pass(plan, request, transport, progress, show_progress, source_sums, report, warm)
+            retryable = [f for f in outcome.failed if f.retryable]
+            if not retryable or attempt == request.retries:
+                report.failed = outcome.failed
+                break
+            log.warning("%d file(s) to retry (%s); attempt %d of %d", len(retryable), retryable[0].reason,
+                        attempt + 2, request.retries + 1)
+            time.sleep(min(2.0 ** attempt, 10.0))
+            if outcome.connection_error is not None:
+                transport.close()
+                transport = connect(request.transport, request.connect_options())
+    finally:
+        log.debug("closing at %.2f s", time.monotonic() - started)
+        transport.close()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _run_pass(plan: Plan, request: SyncRequest, transport: Transport, progress: Progress, show_progress: bool,
+              source_sums: dict[str, str], report: SyncReport, warm: engine.WarmChannel) -> Outcome:
+    """Apply one plan: links and mtimes, the copies, then deletions."""
+    local = LocalRoot(request.local_root)
+    _remove_stale_parts(plan, request, local, transport)
+    link_failures = _apply_local_actions(plan, local, report) if request.direction == "pull" else []
+    expected = {a.path: source_sums[a.path] for a in plan.copies if a.path in source_sums}
+    try:
+        outcome = _transfer(plan, request, transport, progress, show_progress, expected, warm) if plan.copies \
+            else Outcome()
+    finally:
+        warm.close()  # unused when nothing had to be copied (or when the first worker did not need it)
+    outcome.failed += link_failures
+    log.debug("transfer pass done: %d files, %d bytes", len(outcome.done), outcome.bytes)
+    report.files += len(outcome.done)
+    report.bytes += outcome.bytes
+    if outcome.connection_error is None:
+        if request.direction == "pull":
+            _apply_local_deletes(plan, local, report)
+        else:
+            _apply_remote_actions(plan, transport, request.remote_root, report)
+    return outcome
+
+
+def describe_action(action: Action) -> str:
+    """One line of the itemised (dry-run / verbose) plan."""
+    if action.kind == "copy":
+        return f"copy    {action.path}  ({_human(action.size)}, {action.reason})"
+    if action.kind == "link":
+        return f"link    {action.path} -> {action.source.target}  ({action.reason})"
+    if action.kind == "touch":
+        return f"touch   {action.path}  ({action.reason})"
+    return f"delete  {action.path}"

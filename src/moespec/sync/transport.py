@@ -1,0 +1,108 @@
+"""The transport interface: one authenticated connection that runs commands and opens SFTP channels.
+
+Two implementations sit behind it:
+
+- ``transport_paramiko.ParamikoTransport`` speaks SSH in-process: ssh_config (with Include),
+  ProxyJump chains, ProxyCommand, the agent and key files, strict known_hosts checking;
+- ``transport_openssh.OpenSSHTransport`` runs each SFTP session over the system ``ssh -s sftp``
+  through one ControlMaster, so that everything ``ssh`` supports (one 2FA prompt, Include, host
+  certificates, GSSAPI, ...) works unchanged, and paramiko only speaks SFTP.
+
+Both hand out ``paramiko.SFTPClient`` objects, one per channel (an ``SFTPClient`` is not
+thread-safe, paramiko#718), so the transfer engine is the same for both.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+TransportKind = Literal["paramiko", "openssh"]
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """Exit status and output of a remote command."""
+
+    status: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def error_text(self) -> str:
+        return self.stderr.decode("utf-8", "replace").strip()
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    """How to reach a host.
+
+    Attributes
+    ----------
+    host : str
+        Alias resolved through ``ssh_config``.
+    ssh_config : Path or None
+        OpenSSH client config (default ``~/.ssh/config``).
+    known_hosts : tuple of Path or None
+        Replace the config's UserKnownHostsFile.
+    interactive : bool
+        Whether passphrase and keyboard-interactive (2FA) prompts may be shown.
+    """
+
+    host: str
+    ssh_config: Path | None = None
+    known_hosts: tuple[Path, ...] | None = None
+    connect_timeout: float = 20.0
+    interactive: bool = False
+
+
+class Transport(ABC):
+    """One connection to a remote host."""
+
+    #: ``user@host:port`` or similar, for messages.
+    description: str = ""
+
+    @abstractmethod
+    def run(self, command: str, stdin: bytes = b"", timeout: float | None = None) -> CommandResult:
+        """Run ``command`` through the remote user's shell and collect its output.
+
+        ``timeout`` bounds the silence between two pieces of output (the openssh transport,
+        which cannot see inside ``ssh``, bounds the whole command by ten times it).
+        """
+
+    @abstractmethod
+    def open_sftp(self):
+        """A new ``paramiko.SFTPClient`` on its own channel (one per thread)."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Tear the connection down now, from any thread: blocked reads fail at once."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close the connection and everything opened through it."""
+
+    def __enter__(self) -> "Transport":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def connect(kind: TransportKind, options: ConnectOptions) -> Transport:
+    """Open a transport of the given kind.
+
+    Raises
+    ------
+    SyncError
+        The host cannot be reached, its key is unknown or changed, or authentication failed.
+    """
+    if kind == "openssh":
+        from moespec.sync.transport_openssh import OpenSSHTransport
+
+        return OpenSSHTransport.connect(options)
+    from moespec.sync.transport_paramiko import ParamikoTransport
+
+    return ParamikoTransport.connect(options)

@@ -1,0 +1,270 @@
+"""The OpenSSH transport: SFTP sessions over the system ``ssh``, all through one ControlMaster.
+
+``ssh`` owns the connection: its config (Include, Match, ProxyJump, certificates, GSSAPI), the
+agent, host-key checking and the crypto (in C, in another process). paramiko only speaks SFTP
+over the pipes of ``ssh -s HOST sftp`` (``SFTPClient`` accepts any object with
+``send``/``recv``), the escape hatch rclone also added (rclone#7012). Measured on loopback, this
+was the fastest paramiko variant (shared/research/sync.md, B1).
+
+One master connection is opened first (one password or 2FA prompt, read by ``ssh`` from the
+terminal); every channel and command then multiplexes over it. If the user's config already
+sets ``ControlMaster``/``ControlPath``, that socket is used, so an existing master is reused.
+Host keys are checked with ``StrictHostKeyChecking=yes``: nothing is ever added automatically.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+
+import paramiko
+
+from moespec.errors import SyncError
+from moespec.sync.hostkeys import HostKeyError
+from moespec.sync.transport import CommandResult, ConnectOptions, Transport
+
+
+class PipeSocket:
+    """The socket-like object ``paramiko.SFTPClient`` needs, over an ``ssh -s HOST sftp`` process."""
+
+    def __init__(self, argv: list[str]):
+        self._stderr = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self._stderr, bufsize=0)
+        self._read_fd = self.process.stdout.fileno()
+        self._write_fd = self.process.stdin.fileno()
+        self._buffer = b""
+        self._offset = 0
+        self.established = False  # set once the SFTP version exchange went through
+        _widen_pipe(self._read_fd)
+
+    def send(self, data) -> int:
+        try:
+            return os.write(self._write_fd, data)
+        except BrokenPipeError:
+            raise EOFError("ssh exited") from None
+
+    def recv(self, n: int) -> bytes:
+        if self._offset >= len(self._buffer):
+            # nothing buffered: read straight into the answer (b"" at EOF, paramiko raises EOFError);
+            # paramiko asks for whole SFTP packets, so most reads need no copy at all
+            chunk = os.read(self._read_fd, max(n, 1 << 16))
+            if len(chunk) <= n:
+                return chunk
+            self._buffer, self._offset = chunk, 0
+        out = self._buffer[self._offset:self._offset + n]
+        self._offset += len(out)
+        return out
+
+    def recv_ready(self) -> bool:
+        return self._offset < len(self._buffer) or bool(select.select([self._read_fd], [], [], 0)[0])
+
+    def settimeout(self, timeout) -> None:
+        pass
+
+    def gettimeout(self):
+        return None
+
+    def setblocking(self, flag) -> None:
+        pass
+
+    def get_name(self) -> str:
+        return "ssh-subsystem-sftp"
+
+    @property
+    def closed(self) -> bool:
+        return self.process.poll() is not None
+
+    def stderr_text(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read().decode("utf-8", "replace").strip()
+
+    def close(self) -> None:
+        """Send EOF (ssh then ends the session); kill ssh if it lingers; then release the pipes.
+
+        stdout is closed only once ssh is gone: closing a descriptor that another thread is
+        blocked reading would not wake it, and the number could be reused under it.
+        """
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+        try:
+            # a session still starting (remote login shell) would only end after it started
+            self.process.wait(timeout=2 if self.established else 0)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
+        self._stderr.close()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+
+
+def _widen_pipe(fd: int) -> None:
+    """Ask Linux for a 1 MiB pipe (default 64 KiB): fewer, larger reads of 255 KiB SFTP replies."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return
+    setsize = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if setsize is not None:
+        try:
+            fcntl.fcntl(fd, setsize, 1 << 20)
+        except OSError:
+            pass  # above /proc/sys/fs/pipe-max-size: keep the default
+
+
+def _ssh_settings(base: list[str], host: str) -> dict[str, str]:
+    """The effective config for ``host`` as ``ssh -G`` prints it."""
+    result = subprocess.run([*base, "-G", host], capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        raise SyncError(f"ssh cannot read its config for {host}: {result.stderr.decode(errors='replace').strip()}")
+    settings = {}
+    for line in result.stdout.decode(errors="replace").splitlines():
+        key, _, value = line.partition(" ")
+        settings.setdefault(key, value)
+    return settings
+
+
+def _master_error(host: str, status: int, stderr: str) -> SyncError:
+    if "IDENTIFICATION HAS CHANGED" in stderr or "Host key verification failed" in stderr or "host key is known" in stderr:
+        kind = "CHANGED" if "CHANGED" in stderr else "not known"
+        return HostKeyError(
+            f"the host key of {host} is {kind} (ssh: {stderr.splitlines()[-1] if stderr else ''}).\n"
+            f"Connect once with `ssh {host}`, check the fingerprint it shows against the one your centre "
+            f"publishes, and accept it (or, if it changed, ask your centre before removing the old key with "
+            f"ssh-keygen -R). moespec never adds host keys by itself.\nssh said:\n{stderr}")
+    return SyncError(f"ssh to {host} failed (status {status}): {stderr or 'no message'}")
+
+
+class OpenSSHTransport(Transport):
+    """Commands and SFTP channels over ``ssh`` processes sharing one ControlMaster."""
+
+    def __init__(self, options: ConnectOptions, base: list[str]):
+        self.options = options
+        self.host = options.host
+        self._base = base
+        self._mux: list[str] = []
+        self._master: subprocess.Popen | None = None
+        self._private_dir: str | None = None
+        self._pipes: list[PipeSocket] = []
+        self._closed = False
+        self._lock = threading.Lock()
+        self.description = f"{options.host} (system ssh)"
+
+    @classmethod
+    def connect(cls, options: ConnectOptions) -> "OpenSSHTransport":
+        if options.host.startswith("-") or any(c.isspace() for c in options.host):
+            raise SyncError(f"'{options.host}' is not a host alias")  # ssh would read it as an option
+        if shutil.which("ssh") is None:
+            raise SyncError("transport: openssh needs the `ssh` client (apt-get install openssh-client)")
+        base = ["ssh"]
+        if options.ssh_config is not None:
+            base += ["-F", str(options.ssh_config)]
+        if options.known_hosts is not None:
+            base += ["-o", "UserKnownHostsFile=" + " ".join(shlex.quote(str(p)) for p in options.known_hosts)]
+        base += ["-o", "StrictHostKeyChecking=yes", "-o", f"ConnectTimeout={int(options.connect_timeout)}",
+                 "-o", "ClearAllForwardings=yes", "-x", "-a"]
+        if not options.interactive:
+            base += ["-o", "BatchMode=yes"]
+        transport = cls(options, base)
+        try:
+            transport._start_master()
+        except BaseException:
+            transport.close()
+            raise
+        return transport
+
+    def _start_master(self) -> None:
+        settings = _ssh_settings(self._base, self.host)
+        path = settings.get("controlpath", "none")
+        if path == "none" or settings.get("controlmaster", "false") == "false":
+            self._private_dir = tempfile.mkdtemp(prefix="moespec-ssh-")
+            path = os.path.join(self._private_dir, "cm")  # short: unix socket paths max out near 104 bytes
+            self._mux = ["-o", f"ControlPath={path}", "-o", "ControlMaster=no"]
+        else:
+            self._mux = ["-o", f"ControlPath={path}", "-o", "ControlMaster=no"]
+            if self._check_master():
+                return  # the user's own master is already up: no new login, no new 2FA prompt
+        self._master = subprocess.Popen(
+            [*self._base, "-M", "-N", "-n", "-o", f"ControlPath={path}", "-o", "ControlMaster=yes",
+             "-o", "ControlPersist=no", "-o", "ServerAliveInterval=15", self.host],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait = self.options.connect_timeout + (120 if self.options.interactive else 0)  # room for a 2FA prompt
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self._master.poll() is not None:
+                stderr = self._master.stderr.read().decode(errors="replace").strip()
+                raise _master_error(self.host, self._master.returncode, stderr)
+            if os.path.exists(path):  # ssh binds the socket under a temporary name, then renames it
+                return
+            time.sleep(0.02)
+        raise SyncError(f"ssh to {self.host}: no connection after {wait:.0f} s")
+
+    def _check_master(self) -> bool:
+        result = subprocess.run([*self._base, *self._mux, "-O", "check", self.host],
+                                capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+        return result.returncode == 0
+
+    def run(self, command: str, stdin: bytes = b"", timeout: float | None = None) -> CommandResult:
+        total = None if timeout is None else 10 * timeout
+        try:
+            result = subprocess.run([*self._base, *self._mux, "-T", self.host, command], input=stdin,
+                                    capture_output=True, timeout=total)
+        except subprocess.TimeoutExpired as e:
+            raise SyncError(f"remote command on {self.host} timed out after {total:.0f} s") from e
+        if result.returncode == 255:
+            raise _master_error(self.host, 255, result.stderr.decode(errors="replace").strip())
+        return CommandResult(result.returncode, result.stdout, result.stderr)
+
+    def open_sftp(self) -> paramiko.SFTPClient:
+        pipe = PipeSocket([*self._base, *self._mux, "-T", "-s", self.host, "sftp"])
+        with self._lock:
+            self._pipes.append(pipe)
+            closed = self._closed
+        if closed:  # closed meanwhile (a background channel that is no longer wanted)
+            pipe.close()
+            raise SyncError(f"the connection to {self.host} is closed")
+        try:
+            sftp = paramiko.SFTPClient(pipe)
+            pipe.established = True
+            return sftp
+        except (EOFError, paramiko.SSHException, OSError) as e:
+            pipe.kill()
+            raise SyncError(f"cannot start an SFTP session on {self.host}: {pipe.stderr_text() or e}") from e
+
+    def abort(self) -> None:
+        with self._lock:
+            for pipe in self._pipes:
+                pipe.kill()
+        if self._master is not None and self._master.poll() is None:
+            self._master.kill()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pipes, self._pipes = self._pipes, []
+        for pipe in pipes:
+            pipe.close()
+        if self._master is not None:
+            if self._master.poll() is None:
+                self._master.terminate()
+                try:
+                    self._master.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self._master.kill()
+                    self._master.wait()
+            self._master.stderr.close()
+            self._master = None
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+            self._private_dir = None
