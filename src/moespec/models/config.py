@@ -73,7 +73,10 @@ class DictionaryMoEConfig(_ModelConfigBase):
     positive_pairs: TargetKey = "domain_label"
     contrastive_weight: NonNegativeFloat = 1.0
     reconstruction_weight: NonNegativeFloat = 1.0
-    balance_loss_weight: NonNegativeFloat = 0.01
+    # Not the 0.01 of Switch: that value assumes token-level batches of thousands. On the demo
+    # (1,200 texts, batch 64, soft routing) 0.01 left 4 of 7 experts dead (63 % on one); 0.3 kept
+    # all 7 in use (largest 24 %) at the same held-out accuracy (0.41 vs 0.43); 1.0 cost accuracy.
+    balance_loss_weight: NonNegativeFloat = 0.3
 
     @model_validator(mode="before")
     @classmethod

@@ -688,7 +688,11 @@ def _write_outputs(cfg: Config, data: TrainingData, model: Any, state: TrainStat
                        "val_accuracy_kind": "argmax" if cfg.model.kind == "topk" else "nearest_train_centroid"}.items():
         out.attrs[key] = value
     collapsed = any(r["collapsed"] for r in history)
+    last = history[-1]
     out.summary.update(
+        model=cfg.model.kind,
+        final_train_loss={name: round(float(v), 4) for name, v in last["train"].items()},
+        final_val_loss={name: round(float(v), 4) for name, v in last["val"].items()},
         epochs_run=state.epoch, best_epoch=state.best_epoch, best_val_loss=round(state.best_val_loss, 6),
         val_accuracy=round(heldout["accuracy"], 4), stopped_early=state.stopped_early,
         collapse_warning=collapsed, expert_load=np.round(heldout["expert_load"], 4).tolist(),
