@@ -126,8 +126,10 @@ class TopKMoELayer(nn.Module):
         Tensor of shape (..., batch, d_model)
         """
         expert_outputs = self.experts(x)  # (..., B, E, H)
-        weights = routing.combine_weights.to(expert_outputs.dtype).unsqueeze(-2)  # (..., B, 1, E)
-        return torch.matmul(weights, expert_outputs).squeeze(-2)  # (..., B, H), broadcasts ablation axes
+        weights = routing.combine_weights.to(expert_outputs.dtype)  # (..., B, E), maybe ablation axes in front
+        # einsum contracts E without materialising expert_outputs broadcast over the ablation axes,
+        # which a broadcasting matmul copies on every batched ablation pass.
+        return torch.einsum("...be,...beh->...bh", weights, expert_outputs)  # (..., B, H)
 
     @classmethod
     def from_dense(

@@ -1,0 +1,83 @@
+"""Ablation tables built from hand-made routing and outcomes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moespec.analysis import ablation
+from moespec.analysis.ablation import Groups
+
+
+def _routing():
+    # Four inputs, one layer, three experts, top-1; classes 0, 0, 1, 1; domains 0, 1, 0, 1.
+    probs = np.array([[[0.8, 0.1, 0.1]], [[0.7, 0.2, 0.1]], [[0.1, 0.1, 0.8]], [[0.2, 0.2, 0.6]]])
+    index = probs.argmax(-1)[..., None]
+    codes = {"class": np.array([0, 0, 1, 1]), "domain": np.array([0, 1, 0, 1])}
+    groups = Groups(codes, codes, {"class": ["a", "b"], "domain": ["x", "y"]})
+    return probs, index, groups
+
+
+def test_routing_tables_by_hand():
+    probs, index, groups = _routing()
+    tables = ablation.routing_tables(probs, index, groups, entropy_bins=4)
+    np.testing.assert_allclose(tables["experts/load"], [[0.5, 0.0, 0.5]])
+    assert tables["experts/dead"].tolist() == [[False, True, False]]
+    np.testing.assert_allclose(tables["experts/importance"], [[0.45, 0.15, 0.4]])
+    assert np.isnan(tables["experts/entropy"][0, 1])
+    np.testing.assert_array_equal(tables["specialisation/class/counts"], [[[2, 0, 0], [0, 0, 2]]])
+    np.testing.assert_allclose(tables["specialisation/class/nmi"], [1.0])
+    np.testing.assert_allclose(tables["specialisation/class/lift_uniform"][0, 0], [3.0, 0.0, 0.0])
+    np.testing.assert_allclose(tables["specialisation/class/lift_load"][0, 0], [2.0, np.nan, 0.0])
+    np.testing.assert_allclose(tables["specialisation/domain/mutual_information"], [0.0], atol=1e-12)
+    assert tables["layers/entropy_histogram"].sum() == 4 and tables["layers/entropy_histogram"].shape == (1, 4)
+    assert tables["routing/entropy"].shape == (4, 1)
+
+
+def test_plan_puts_single_ablations_first_and_controls_after():
+    load = np.array([[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    plan = ablation.plan_ablations([0, 1], [0, 2], load, 3, np.random.default_rng(0))
+    assert plan.n_single == 4
+    assert plan.layer[:4].tolist() == [0, 0, 1, 1] and plan.expert.tolist() == [0, 2, 0, 2]
+    np.testing.assert_array_equal(plan.masks[:4], np.eye(4, dtype=bool)[[0, 2, 0, 2]])
+    assert len(plan.control_target) == 12 and plan.control_target.tolist() == sorted(plan.control_target.tolist())
+    for target, mask, layer in zip(plan.control_target, plan.masks[4:], plan.layer[4:]):
+        assert not mask[plan.expert[target]] and layer == plan.layer[target]
+    tables = ablation.plan_tables(plan, load)
+    assert tables["controls/random/experts"].shape == (12, 4)
+    np.testing.assert_allclose(tables["controls/random/load"], (plan.masks[4:] * load[plan.layer[4:]]).sum(-1))
+
+
+def test_comparison_tables_give_paired_deltas_per_group():
+    _, _, groups = _routing()
+    baseline = np.array([1.0, 1.0, 0.0, 1.0])
+    values = np.array([[0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 1.0]])
+    tables = ablation.comparison_tables("ablation/mask", "accuracy", baseline, values, groups,
+                                        rng=np.random.default_rng(0), n_resamples=50, confidence=0.9)
+    np.testing.assert_allclose(tables["ablation/mask/accuracy"], [0.5, 0.75])
+    np.testing.assert_allclose(tables["ablation/mask/delta_accuracy"], [-0.25, 0.0])
+    np.testing.assert_allclose(tables["ablation/mask/delta_accuracy_class"], [[-0.5, 0.0], [0.0, 0.0]])
+    np.testing.assert_allclose(tables["ablation/mask/delta_accuracy_class_high"][1], [0.0, 0.0])
+    assert tables["ablation/mask/delta_accuracy_low"][0] <= -0.25 <= tables["ablation/mask/delta_accuracy_high"][0]
+    base = ablation.baseline_tables("accuracy", baseline, groups, rng=np.random.default_rng(0), n_resamples=10,
+                                    confidence=0.9)
+    assert base["baseline/accuracy"] == pytest.approx(0.75)
+    np.testing.assert_allclose(base["baseline/accuracy_domain"], [0.5, 1.0])
+
+
+def test_expert_table_reports_harm_and_the_group_hit_most():
+    probs, index, groups = _routing()
+    routing = ablation.routing_tables(probs, index, groups)
+    plan = ablation.plan_ablations([0], [0, 2], routing["experts/load"], 0, np.random.default_rng(0))
+    baseline = np.array([1.0, 1.0, 1.0, 1.0])
+    values = np.array([[0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])  # expert 0 carries class a
+    tables = {"mask": ablation.comparison_tables("ablation/mask", "accuracy", baseline, values, groups,
+                                                 rng=np.random.default_rng(0), n_resamples=0, confidence=0.9)}
+    table = ablation.expert_table(plan, routing, tables, ["mask"], "accuracy", groups.names, higher_is_better=True)
+    assert table["expert"] == [0, 2] and table["utilisation"] == [0.5, 0.5]
+    assert table["accuracy_drop"] == [0.5, 0.0]
+    assert table["max_class_drop"] == [1.0, 0.0] and table["max_class"] == ["a", None]
+    text = ablation.format_table(table)
+    assert text.splitlines()[0].split()[:3] == ["layer", "expert", "utilisation"] and "-" in text.splitlines()[2]
+    summary = ablation.layer_summary(routing)
+    assert summary["dead_experts"] == 1 and summary["nmi_class"] == [1.0]
