@@ -17,6 +17,9 @@ _HEADLINES: dict[str, list[tuple[str, Any]]] = {
               ("strata", "n_strata"), ("silhouette", "silhouette")],
     "train": [("model", "model"), ("final loss", "final_train_loss"), ("val loss", "final_val_loss"),
               ("val accuracy", "val_accuracy"), ("expert load", "expert_load"), ("collapse", "collapse_warning")],
+    "ablate": [("model", "model"), ("metric", "metric"), ("without ablation", "baseline"),
+               ("routing entropy", "routing_entropy"), ("load CV", "load_cv"), ("dead experts", "dead_experts"),
+               ("NMI expert-class", "nmi_class"), ("NMI expert-domain", "nmi_domain")],
 }
 
 
@@ -34,7 +37,11 @@ def format_value(value: Any) -> str:
 
 
 def headline(stage: str, summary: Mapping[str, Any]) -> str:
-    """The headline of one task: the stage's chosen numbers, or every scalar for other stages."""
+    """The headline of one task: the stage's chosen numbers, or every scalar for other stages.
+
+    For ``ablate`` the per-expert table the stage computed (utilisation, entropy, the largest
+    drop and the class it hits) follows on its own lines.
+    """
     fields = _HEADLINES.get(stage)
     if fields is None:
         return ", ".join(f"{k}={format_value(v)}" for k, v in summary.items() if not isinstance(v, (dict, list)))
@@ -46,4 +53,10 @@ def headline(stage: str, summary: Mapping[str, Any]) -> str:
                 parts.append(f"{label} {format_value(summary[key[0]])}{null}")
         elif key in summary:
             parts.append(f"{label} {format_value(summary[key])}")
-    return ", ".join(parts)
+    text = ", ".join(parts)
+    if stage == "ablate" and isinstance(summary.get("experts"), Mapping) and summary["experts"]:
+        from moespec.analysis.ablation import format_table
+
+        table = format_table(dict(summary["experts"]))
+        text += "\n" + "\n".join("      " + line for line in table.splitlines())
+    return text

@@ -36,6 +36,7 @@ class TaskOutcome:
     seconds: float = 0.0
     summary: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    exception: BaseException | None = None
 
 
 def _device() -> str:
@@ -221,7 +222,7 @@ def run_plan_inline(plan: Plan, mode: Mode = "cached", stages: list[str] | None 
             outcomes.append(execute_task(task, mode))
         except StageError as e:
             failed.add((task.stage, task.uid))
-            outcomes.append(TaskOutcome(task, "failed", error=str(e)))
+            outcomes.append(TaskOutcome(task, "failed", error=str(e), exception=e.__cause__ or e))
     return outcomes
 
 
@@ -241,9 +242,10 @@ def run_inline(config: Path | str | dict[str, Any], *, root: Path | str | None =
     """
     plan = make_plan(load_experiment(config, root=root))
     outcomes = run_plan_inline(plan, mode, stages)
-    errors = [o.error for o in outcomes if o.status == "failed"]
-    if errors:
-        raise StageError("\n".join(errors))
+    failures = [o for o in outcomes if o.status == "failed"]
+    if failures:
+        # chained to the first failure's own exception, so callers can see what the stage raised
+        raise StageError("\n".join(o.error for o in failures)) from failures[0].exception
     result: dict[tuple, Path] = {}
     for outcome in outcomes:
         task = outcome.task
