@@ -122,7 +122,13 @@ def _package_versions() -> dict[str, str]:
 
 @lru_cache(maxsize=1)
 def git_commit() -> str:
-    """The git commit of the moespec checkout, with ``+dirty`` when modified; "" when unknown."""
+    """The git commit of the moespec checkout, with ``+dirty`` when modified; "" when unknown.
+
+    Jobs run from a code snapshot that is not a git checkout; the submitter exports the commit
+    it snapshotted as ``MOESPEC_GIT_COMMIT``, which wins.
+    """
+    if os.environ.get("MOESPEC_GIT_COMMIT"):
+        return os.environ["MOESPEC_GIT_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(

@@ -63,45 +63,66 @@ def _task_rows(plan, with_state: bool = True) -> list[list[str]]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from moespec.launch.runner import plan_from_file
+    from moespec.launch.arrays import compress_indices, task_key
+    from moespec.launch.slurm import describe_arrays, load_plan, planned_arrays
 
-    plan = plan_from_file(args.file, args.root)
-    rows = _task_rows(plan)
+    plan, cluster = load_plan(args.file, root=args.root, cluster=args.cluster)
+    done, arrays = planned_arrays(plan, cluster)
+    rows = _task_rows(plan, with_state=False)
+    for row, task in zip(rows, [t for s in plan.stages() for t in plan.tasks_for(s)]):
+        row[5] = "done" if task_key(task) in done else "to run"
     print(f"experiment {plan.experiment.name}: {len(plan.experiment.points)} sweep point(s), "
           f"{len(plan.tasks)} unique tasks, artifacts under {plan.experiment.root / plan.experiment.name}")
     print(_table(rows, ["stage", "task", "uid", "shard", "sweep point", "state"]))
     print("\njobs that `moespec submit` would run (one array per stage, each after its upstream stages):")
     for stage in plan.stages():
-        todo = [r for r in rows if r[0] == stage and r[5] != "done"]
-        upstream = sorted({t.stage for task in plan.tasks_for(stage) for t in plan.upstream_of(task)})
+        todo = [i for i, t in enumerate(plan.tasks_for(stage)) if task_key(t) not in done]
+        upstream = sorted({i.stage for t in plan.tasks_for(stage) for i in t.inputs.values()})
         after = f" after {', '.join(upstream)}" if upstream else ""
-        indices = ",".join(r[1] for r in todo)
-        print(f"  {stage}: {len(todo)} task(s)" + (f" [indices {indices}]" if todo else " (all done)") + after)
+        print(f"  {stage}: {len(todo)} task(s)" + (f" [indices {compress_indices(todo)}]" if todo else " (all done)")
+              + after)
+    where = f"cluster {cluster.name}" if cluster else "no cluster profile"
+    print(f"\nSlurm job arrays ({where}; chunked to MaxArraySize, each after the arrays it reads):")
+    for line in describe_arrays(arrays):
+        print(line)
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from moespec.launch.runner import plan_from_file
+    from moespec.launch.slurm import load_plan
+    from moespec.launch.status import STATES, collect_status, failure_report
 
-    plan = plan_from_file(args.file, args.root)
-    rows = _task_rows(plan)
-    print(_table(rows, ["stage", "task", "uid", "shard", "sweep point", "state"]))
-    for task in plan.tasks:
-        if task.failed_path.exists():
-            lines = task.failed_path.read_text(encoding="utf-8").splitlines()
-            print(f"\nFAILED {task.label}: {lines[1] if len(lines) > 1 else ''}\n  log: {task.log_path}")
+    plan, _ = load_plan(args.file, root=args.root, cluster=args.cluster)
+    statuses = collect_status(plan)
+    rows = _task_rows(plan, with_state=False)
+    for row, status in zip(rows, statuses):
+        row[5] = status.state
+        row.append(status.job_id or "-")
+    print(_table(rows, ["stage", "task", "uid", "shard", "sweep point", "state", "job"]))
+    counts = {state: sum(s.state == state for s in statuses) for state in STATES}
+    print("\n" + ", ".join(f"{n} {state}" for state, n in counts.items() if n))
+    for status in statuses:
+        if status.state in ("failed", "unknown"):
+            print("\n" + "\n".join(failure_report(status) if status.state == "failed"
+                                   else [f"{status.state.upper()} {status.task.label}: {status.detail}"]))
     return EXIT_OK
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from moespec.launch.runner import plan_from_file, run_plan_inline, run_plan_local
+    from moespec.launch.runner import run_plan_inline, run_plan_local
+    from moespec.launch.slurm import DEFAULT_CLUSTER, load_plan, submit_command
 
-    plan = plan_from_file(args.file, args.root)
+    plan, cluster = load_plan(args.file, root=args.root, cluster=args.cluster,
+                              executor="slurm" if args.emit_sbatch else args.executor)
     executor = args.executor or plan.experiment.infra.executor
     mode = args.mode or plan.experiment.infra.mode
-    if executor == "slurm":
-        print("moespec submit: the slurm executor is not available in this version; use --executor local "
-              "(or `moespec run` inside your own sbatch script)", file=sys.stderr)
+    if executor == "slurm" or args.emit_sbatch:
+        submit_command(plan, cluster or DEFAULT_CLUSTER, mode=mode, stages=args.stages,
+                       retry_failed=args.retry_failed, dry_run=args.dry_run, emit_dir=args.emit_sbatch)
+        return EXIT_OK
+    if args.retry_failed or args.dry_run:
+        print(f"moespec submit: --retry-failed and --dry-run need --executor slurm (the {executor} executor runs "
+              "every missing task, failed ones included)", file=sys.stderr)
         return EXIT_USAGE
     root = plan.experiment.root / plan.experiment.name
     print(f"experiment {plan.experiment.name}: {len(plan.tasks)} tasks, executor {executor}, mode {mode}, "
@@ -118,6 +139,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _print_outcomes(outcomes) -> None:
+    from moespec.analysis.headline import headline
+
     counts: dict[str, int] = {}
     for outcome in outcomes:
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
@@ -129,14 +152,7 @@ def _print_outcomes(outcomes) -> None:
             continue
         if task.num_shards > 1 and task.shard_index != task.num_shards - 1:
             continue
-        headline = ", ".join(f"{k}={_fmt(v)}" for k, v in outcome.summary.items() if not isinstance(v, (dict, list)))
-        print(f"  {task.stage:<7} {task.uid}  {headline}")
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+        print(f"  {task.stage:<7} {task.uid}  {headline(task.stage, outcome.summary)}")
 
 
 def _write_experiment_summary(path: Path, outcomes) -> None:
@@ -192,20 +208,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+")
     p.set_defaults(func=cmd_validate)
 
-    p = with_root(sub.add_parser("plan", help="print the task table and the jobs that would be submitted"))
+    cluster_help = "cluster profile: a name in hpc/clusters/ or a YAML path (default: infra.cluster)"
+    p = with_root(sub.add_parser("plan", help="print the task table and the job arrays that would be submitted"))
     p.add_argument("file")
+    p.add_argument("--cluster", help=cluster_help)
     p.set_defaults(func=cmd_plan)
 
-    p = with_root(sub.add_parser("status", help="show each task's state from the artifacts"))
+    p = with_root(sub.add_parser("status", help="each task's state from the artifacts and the scheduler"))
     p.add_argument("file")
+    p.add_argument("--cluster", help=cluster_help)
     p.set_defaults(func=cmd_status)
 
     p = with_root(sub.add_parser("submit", help="run the missing tasks, stage by stage"))
     p.add_argument("file")
     p.add_argument("--executor", choices=["local", "slurm", "inline"],
-                   help="local: submitit local jobs (default); inline: this process")
+                   help="local: submitit local jobs (default); slurm: job arrays; inline: this process")
     p.add_argument("--mode", choices=["cached", "force", "read-only"])
     p.add_argument("--stages", nargs="+", help="only these stages")
+    p.add_argument("--cluster", help=cluster_help)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the arrays and their sbatch scripts; submit nothing")
+    p.add_argument("--emit-sbatch", metavar="DIR",
+                   help="write array job scripts and submit.sh to DIR instead of submitting")
+    p.add_argument("--retry-failed", action="store_true", help="resubmit only the tasks whose jobs failed")
     p.set_defaults(func=cmd_submit)
 
     p = with_root(sub.add_parser("run", help="run one task in this process (what an array task calls)"))

@@ -102,10 +102,14 @@ def execute_task(task: Task, mode: Mode = "cached") -> TaskOutcome:
             task.failed_path.unlink()
         try:
             summary = _run_stage(task, logger)
+        except (KeyboardInterrupt, SystemExit) as e:
+            # Preemption and time limits reach the stage as SystemExit from submitit's signal
+            # handler, which then requeues the job: an interruption, not a failure (no FAILED.txt).
+            logger.warning("interrupted %s (%s); a requeued attempt resumes from %s", task.label,
+                           type(e).__name__, task.dir)
+            raise
         except BaseException as e:
             _record_failure(task, logger, e)
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                raise
             raise StageError(f"{task.label} failed: {e}\n  log: {task.log_path}") from e
         seconds = time.perf_counter() - started
         logger.info("done %s in %.1f s; summary: %s", task.label, seconds, json.dumps(summary, sort_keys=True))
