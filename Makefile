@@ -16,8 +16,10 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e ".[all]"
 	touch $(STAMP)
 
+# The report is written even when a task failed (it shows the failure); the exit status is submit's.
 demo: $(STAMP)
-	$(BIN)/moespec submit configs/experiments/demo.yaml --executor local
+	$(BIN)/moespec submit configs/experiments/demo.yaml --executor local; status=$$?; \
+	$(BIN)/moespec report results/demo; exit $$status
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -1,0 +1,230 @@
+"""``moespec compare``: rank the runs of one sweep (or of several experiments) by a metric.
+
+Metrics are the scalars of each stage's ``summary.json`` (:func:`moespec.analysis.report.run_metrics`),
+parameters the config keys that differ between the runs. The comparison is data
+(:class:`Comparison`): a ranking, the improvement of each run over a baseline run, and the Pearson
+correlation across runs between every numeric swept parameter and every metric; it is written as
+CSV and JSON, and the correlation matrix is drawn by :func:`moespec.analysis.plots.plot_heatmap`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from moespec.analysis.report import run_metrics
+from moespec.analysis.results import Run, discover, flat_config, varied_parameters
+from moespec.errors import MoespecError
+
+#: The default ranking metric: the first of these the runs have.
+DEFAULT_SORT = ("train.val_accuracy", "ablate.baseline.accuracy", "ablate.nmi_class[0]", "fiber.rejection_rate",
+                "reduce.variance_retained")
+#: Fewer runs than this leave a correlation undefined (n/a), rather than a meaningless ±1.
+MIN_RUNS_FOR_CORRELATION = 3
+
+
+@dataclass
+class Comparison:
+    """A ranking of runs by ``metric``.
+
+    Attributes
+    ----------
+    rows : list of dict
+        Best first: ``rank``, ``run``, ``experiment``, each parameter, ``metric`` value (None:
+        the run has no such result), ``improvement`` over the baseline (positive = better).
+    correlation : ndarray of shape (n_numeric_parameters, n_metrics)
+        Pearson correlation across runs having both values (NaN: fewer than
+        ``MIN_RUNS_FOR_CORRELATION`` runs, or a constant column).
+    """
+
+    metric: str
+    higher_is_better: bool
+    baseline: str
+    parameters: list[str]
+    metrics: list[str]
+    rows: list[dict[str, Any]]
+    numeric_parameters: list[str] = field(default_factory=list)
+    correlation_metrics: list[str] = field(default_factory=list)
+    correlation: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    correlation_counts: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=int))
+
+
+def lower_is_better(metric: str) -> bool:
+    """Losses, rejection rates on null data and dead experts are better low; everything else high."""
+    name = metric.split(".", 1)[-1]
+    return any(word in name for word in ("loss", "dead", "load_cv", "davies_bouldin", "null_"))
+
+
+def collect_runs(experiment_dirs: list[Path | str]) -> list[tuple[str, Run]]:
+    """``(experiment name, run)`` for every run of every experiment folder; names made unique."""
+    runs: list[tuple[str, Run]] = []
+    for folder in experiment_dirs:
+        experiment = discover(folder)
+        for run in experiment.runs:
+            if len(experiment_dirs) > 1:
+                run.name = f"{experiment.name}/{run.name}"
+            runs.append((experiment.name, run))
+    return runs
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _pearson(x: list[Optional[float]], y: list[Optional[float]]) -> tuple[float, int]:
+    pairs = np.array([(a, b) for a, b in zip(x, y) if a is not None and b is not None], dtype=float)
+    n = len(pairs)
+    if n < MIN_RUNS_FOR_CORRELATION or np.ptp(pairs[:, 0]) == 0 or np.ptp(pairs[:, 1]) == 0:
+        return math.nan, n
+    return float(np.corrcoef(pairs[:, 0], pairs[:, 1])[0, 1]), n
+
+
+def compare(experiment_dirs: list[Path | str], *, sort_by: Optional[str] = None, baseline: Optional[str] = None,
+            higher_is_better: Optional[bool] = None) -> Comparison:
+    """Rank the runs of ``experiment_dirs`` by ``sort_by`` (default: the first headline metric they have).
+
+    ``baseline`` is a run name (or its 1-based position in discovery order); default: the first run.
+    """
+    named_runs = collect_runs(experiment_dirs)
+    if not named_runs:
+        raise MoespecError(f"no runs found under {', '.join(map(str, experiment_dirs))}")
+    runs = [run for _, run in named_runs]
+    parameters = varied_parameters(runs)
+    configs = [flat_config(r) for r in runs]
+    metrics_of = [run_metrics(r) for r in runs]
+    metrics = sorted({m for values in metrics_of for m in values})
+    if sort_by is None:
+        sort_by = next((m for m in DEFAULT_SORT if m in metrics), metrics[0] if metrics else "")
+    if sort_by not in metrics:
+        raise MoespecError(f"no run has metric {sort_by!r}; metrics: {', '.join(metrics) or '(none: no stage finished)'}")
+    higher = (not lower_is_better(sort_by)) if higher_is_better is None else higher_is_better
+    base_index = _baseline_index(runs, baseline)
+    base_value = metrics_of[base_index].get(sort_by)
+    rows = []
+    for (experiment, run), config, values in zip(named_runs, configs, metrics_of):
+        value = values.get(sort_by)
+        improvement = None
+        if value is not None and base_value is not None:
+            improvement = (value - base_value) if higher else (base_value - value)
+        rows.append({"run": run.name, "experiment": experiment, **{p: config.get(p) for p in parameters},
+                     sort_by: value, "improvement": improvement, "baseline": runs[base_index].name,
+                     **{f"status.{s}": run.status(s) for s in ("embed", "reduce", "fiber", "train", "ablate")}})
+    rows.sort(key=lambda r: (r[sort_by] is None, -(r[sort_by] or 0) if higher else (r[sort_by] or 0)))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank if row[sort_by] is not None else None
+    comparison = Comparison(sort_by, higher, runs[base_index].name, parameters, metrics, rows)
+    _correlate(comparison, configs, metrics_of)
+    return comparison
+
+
+def _baseline_index(runs: list[Run], baseline: Optional[str]) -> int:
+    if baseline is None:
+        return 0
+    names = [r.name for r in runs]
+    if baseline in names:
+        return names.index(baseline)
+    matches = [i for i, n in enumerate(names) if n.startswith(baseline) or n.split("/")[-1].startswith(baseline)]
+    if len(matches) == 1:
+        return matches[0]
+    if baseline.isdigit() and 1 <= int(baseline) <= len(runs):
+        return int(baseline) - 1
+    raise MoespecError(f"baseline {baseline!r} is not a run; runs: {', '.join(names)}")
+
+
+def _correlate(comparison: Comparison, configs: list[dict], metrics_of: list[dict]) -> None:
+    numeric = [p for p in comparison.parameters
+               if all(_number(c.get(p)) is not None for c in configs if p in c)
+               and sum(p in c for c in configs) >= 2]
+    metric_names = [m for m in comparison.metrics if sum(m in v for v in metrics_of) >= 2]
+    correlation = np.full((len(numeric), len(metric_names)), np.nan)
+    counts = np.zeros((len(numeric), len(metric_names)), dtype=int)
+    for i, parameter in enumerate(numeric):
+        x = [_number(c.get(parameter)) for c in configs]
+        for j, metric in enumerate(metric_names):
+            correlation[i, j], counts[i, j] = _pearson(x, [_number(v.get(metric)) for v in metrics_of])
+    comparison.numeric_parameters, comparison.correlation_metrics = numeric, metric_names
+    comparison.correlation, comparison.correlation_counts = correlation, counts
+
+
+# --------------------------------------------------------------------------------------------------
+# output
+
+
+def columns(comparison: Comparison) -> list[str]:
+    return ["rank", "run", "experiment", *comparison.parameters, comparison.metric, "improvement", "baseline",
+            *[f"status.{s}" for s in ("embed", "reduce", "fiber", "train", "ablate")]]
+
+
+def to_csv(comparison: Comparison) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns(comparison), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in comparison.rows:
+        writer.writerow({k: ("" if v is None else json.dumps(v) if isinstance(v, (dict, list)) else v)
+                         for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def to_json(comparison: Comparison) -> dict[str, Any]:
+    def plain(value: float) -> Optional[float]:
+        return None if math.isnan(value) else value
+
+    return {"metric": comparison.metric, "higher_is_better": comparison.higher_is_better,
+            "baseline": comparison.baseline, "parameters": comparison.parameters, "rows": comparison.rows,
+            "correlation": {"parameters": comparison.numeric_parameters, "metrics": comparison.correlation_metrics,
+                            "pearson": [[plain(v) for v in row] for row in comparison.correlation.tolist()],
+                            "n_runs": comparison.correlation_counts.tolist(),
+                            "note": f"Pearson r across runs; null: fewer than {MIN_RUNS_FOR_CORRELATION} runs "
+                                    "or a constant column"}}
+
+
+def format_comparison(comparison: Comparison) -> str:
+    from moespec.analysis.loaders import format_number
+
+    header = columns(comparison)[:-5]
+    rows = [[("-" if row.get(c) is None else format_number(row[c]) if not isinstance(row.get(c), (dict, list))
+              else json.dumps(row[c]))[:40] for c in header] for row in comparison.rows]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    direction = "higher" if comparison.higher_is_better else "lower"
+    return (f"runs ranked by {comparison.metric} ({direction} is better); improvement over {comparison.baseline}\n"
+            + "\n".join(lines))
+
+
+def correlation_figure_data(comparison: Comparison) -> dict[str, Any]:
+    """What :func:`~moespec.analysis.plots.plot_heatmap` draws for the correlation matrix."""
+    n_runs = len(comparison.rows)
+    return {"values": comparison.correlation, "rows": [p.split(".", 1)[-1] for p in comparison.numeric_parameters],
+            "columns": comparison.correlation_metrics, "center": 0.0, "limits": (-1.0, 1.0), "xlabel": "metric", "ylabel": "swept parameter",
+            "colorbar": "Pearson r (blank: undefined)",
+            "title": f"parameter × metric correlation across {n_runs} runs"}
+
+
+def write_comparison(comparison: Comparison, out: Path | str) -> dict[str, Path]:
+    """Write ``compare.csv``, ``compare.json`` and (when there is a numeric parameter) ``correlation.png``."""
+    from moespec.analysis.report import _write_text, save_figure
+    from moespec.analysis.loaders import Figure
+    from moespec.analysis import plots
+
+    out = Path(out)
+    written = {"csv": out / "compare.csv", "json": out / "compare.json"}
+    _write_text(written["csv"], to_csv(comparison))
+    _write_text(written["json"], json.dumps(to_json(comparison), indent=2, default=str))
+    if comparison.correlation.size:
+        written["figure"] = out / "correlation.png"
+        rows, cols = comparison.correlation.shape
+        save_figure(Figure("correlation", plots.plot_heatmap, correlation_figure_data(comparison), "correlation",
+                           size=(max(6.4, 0.35 * cols + 3), max(3.0, 0.4 * rows + 2.5))), written["figure"])
+    return written

@@ -1,0 +1,249 @@
+"""`moespec report` on a real (tiny) pipeline run: it renders, its figures exist, its numbers are the artifacts'."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moespec.analysis.report import write_report
+from moespec.analysis.results import discover
+from moespec.artifacts import open_artifact
+from moespec.cli import main
+from tests.conftest import tiny_experiment
+
+TOPK = {"kind": "topk", "n_experts": 4, "hidden_dim": 8, "ffn_dim": 8}
+DICTIONARY = {"kind": "dictionary", "n_experts": 3, "query_dim": 8, "code_dim": 6, "n_layers": 1,
+              "projection_hidden": 8, "projection_dim": 4, "routing": "straight_through"}
+
+_BUILT: dict[str, Path] = {}
+
+
+def sweep_experiment(tmp_path_factory) -> Path:
+    """embed -> reduce -> fiber, and train -> ablate for a 2 x 2 sweep (model kind x epochs): 4 runs.
+
+    Built once per test session (shared by the report, compare and browser tests); the experiment
+    summary.json is written as `moespec submit` writes it, from the plan.
+    """
+    if "sweep" in _BUILT:
+        return _BUILT["sweep"]
+    import torch
+
+    from moespec.config import load_experiment
+    from moespec.launch.plan import make_plan
+    from moespec.launch.runner import run_inline
+
+    root = tmp_path_factory.mktemp("analysis-results")
+    config = tiny_experiment(
+        "sweep", n_per_domain=10, reduce={"n_components": 6, "mle_k": 5},
+        fiber={"vol_min": 5, "vol_max": 40, "window": 5, "strata": {"k_range": [2, 3], "n_init": 1},
+               "calibration": {"n_repeats": 1}},
+        train={"model": TOPK, "epochs": 2, "batch_size": 16},
+        ablate={"by": ["class", "domain", "stratum"], "bootstrap": 50, "controls": {"random_sets": 2}},
+        sweep={"grid": {"train.model": [TOPK, DICTIONARY], "train.epochs": [2, 3]}})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_inline(config, root=root)
+    finally:
+        torch.set_num_threads(threads)
+    plan = make_plan(load_experiment(config, root=root))
+    tasks = [{"stage": t.stage, "uid": t.uid, "shard": t.shard_index, "status": "ran", "points": list(t.points),
+              "summary": {}, "error": None, "artifact": str(t.dir)} for t in plan.tasks]
+    (root / "sweep" / "summary.json").write_text(json.dumps({"tasks": tasks}))
+    _BUILT["sweep"] = root / "sweep"
+    return _BUILT["sweep"]
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory) -> Path:
+    return sweep_experiment(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def report(experiment):
+    return write_report(experiment)
+
+
+class _Page(HTMLParser):
+    """Number cells (with their artifact source), image sources and the text of `.missing` notes."""
+
+    def __init__(self):
+        super().__init__()
+        self.cells: list[tuple[dict, str]] = []
+        self.images: list[str] = []
+        self.missing: list[str] = []
+        self._open: dict | None = None
+        self._missing = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "td" and "data-dataset" in attrs:
+            self._open, self._text = attrs, ""
+        if tag == "img":
+            self.images.append(attrs["src"])
+        if tag == "p" and attrs.get("class") == "missing":
+            self._missing, self._text = True, ""
+
+    def handle_data(self, data):
+        if self._open is not None or self._missing:
+            self._text += data
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._open is not None:
+            self.cells.append((self._open, self._text))
+            self._open = None
+        if tag == "p" and self._missing:
+            self.missing.append(self._text)
+            self._missing = False
+
+
+def parse(path: Path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    return page
+
+
+def test_runs_are_the_sweep_points_linked_through_input_uids(experiment):
+    found = discover(experiment)
+    assert len(found.runs) == 4
+    for run in found.runs:
+        assert list(run.tasks) == ["embed", "reduce", "fiber", "train", "ablate"]
+        assert all(t.status == "done" for t in run.tasks.values())
+        assert run.tasks["ablate"].input_uids["train"] == run.tasks["train"].uid
+        assert len(run.points) == 1
+    assert sorted(r.points[0] for r in found.runs) == [0, 1, 2, 3]
+    assert len({r.tasks["reduce"].uid for r in found.runs}) == 1   # shared upstream artifact
+
+
+def test_report_renders_with_every_figure_and_summary(report, experiment):
+    assert report.index == experiment / "report" / "index.html"
+    page = parse(report.index)
+    assert len(page.images) >= 4 * 10
+    for src in page.images:
+        path = report.index.parent / src
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", src
+    assert not page.missing
+    summary = json.loads((experiment / "report" / "summary.json").read_text())
+    assert len(summary["runs"]) == 4
+    assert {"train.epochs", "train.model.kind"} <= set(summary["varied_parameters"])
+    for run in summary["runs"]:
+        per_run = json.loads((experiment / "report" / "runs" / run["run"] / "summary.json").read_text())
+        assert per_run == json.loads(json.dumps(run))
+        assert per_run["stages"]["ablate"]["status"] == "done"
+    assert "variance_retained" in report.table and "train.val_accuracy" in report.table
+
+
+def test_numbers_in_the_html_are_the_artifacts(report, experiment):
+    page = parse(report.index)
+    assert len(page.cells) > 200
+    datasets = {attrs["data-dataset"] for attrs, _ in page.cells}
+    for expected in ("variance_retained", "id/global/twonn", "id/per_domain/mle_levina_bickel",
+                     "rates/overall/rejection_rate", "null/rejection_rate", "rates/per_stratum/fiber_rejection_rate",
+                     "strata/domain_table", "best_val_loss", "experts/load", "ablation/mask/delta_accuracy_low",
+                     "specialisation/class/nmi"):
+        assert expected in datasets, expected
+    files = {(s, p.name): open_artifact(p) for s in ("reduce", "fiber", "train", "ablate")
+             for p in (experiment / s).iterdir()}
+    try:
+        for attrs, text in page.cells:
+            reader = files[(attrs["data-stage"], attrs["data-uid"])]
+            value = reader.read(attrs["data-dataset"])
+            index = tuple(int(i) for i in attrs["data-index"].split(",") if i)
+            value = value[index] if index else value
+            if isinstance(value, (bool, np.bool_)):
+                assert text == str(bool(value))
+            elif isinstance(value, (float, np.floating)) and math.isnan(value):
+                assert text == "n/a"
+            else:
+                assert float(text) == pytest.approx(float(value), rel=1e-5, abs=1e-12), attrs
+    finally:
+        for reader in files.values():
+            reader.close()
+
+
+def test_overview_metrics_are_the_stage_summaries(report, experiment):
+    text = report.index.read_text(encoding="utf-8")
+    for run in discover(experiment).runs:
+        accuracy = json.loads((run.tasks["train"].dir / "summary.json").read_text())["val_accuracy"]
+        assert f'data-summary="train.val_accuracy" data-uid="{run.tasks["train"].uid}">{accuracy:.6g}<' in text
+
+
+def test_missing_and_failed_stages_are_shown_not_filled(experiment, tmp_path):
+    copy = tmp_path / "sweep"
+    shutil.copytree(experiment, copy)   # with the report: figures of unchanged artifacts are kept
+    runs = discover(copy).runs
+    failed = runs[0].tasks["ablate"]
+    (failed.dir / "ablate.h5").unlink()
+    (failed.dir / "FAILED.txt").write_text(f"ablate {failed.uid} failed at now\nRuntimeError: out of memory\n")
+    shutil.rmtree(copy / "fiber")
+    result = write_report(copy)
+    page = parse(result.index)
+    assert any(note.startswith("FAILED") and "out of memory" in note for note in page.missing)
+    assert any(note.startswith("MISSING") for note in page.missing)
+    assert not any(a["data-stage"] in ("fiber",) or a["data-uid"] == failed.uid for a, _ in page.cells)
+    summary = json.loads((copy / "report" / "summary.json").read_text())
+    statuses = {r["run"]: r["stages"] for r in summary["runs"]}
+    assert any(s.get("ablate", {}).get("status") == "failed" for s in statuses.values())
+    assert "failed" in result.table and "missing" in result.table
+    for src in page.images:
+        assert (result.index.parent / src).is_file()
+
+
+def test_cli_report_prints_the_table_and_the_index_path(experiment, report, capsys):
+    figure = next((experiment / "report" / "figures").glob("ablate-*/utilisation.png"))
+    drawn = figure.stat().st_mtime_ns
+    assert main(["report", str(experiment)]) == 0
+    out = capsys.readouterr().out
+    assert f"report: {report.index.resolve()}" in out
+    assert "run1-" in out and "variance_retained" in out
+    assert figure.stat().st_mtime_ns == drawn   # same artifact, same plotting code: not drawn again
+
+
+def test_analysis_cli_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, moespec.cli; moespec.cli.build_parser(); import moespec.analysis.report, "
+            "moespec.analysis.compare; assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_folder_without_artifacts_is_an_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 1
+    assert "no artifacts" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nowhere")]) == 1
+    assert "no such experiment folder" in capsys.readouterr().err
+
+
+def test_a_failed_train_and_its_skipped_ablate_stay_in_their_sweep_point(experiment, tmp_path):
+    copy = tmp_path / "sweep"
+    shutil.copytree(experiment, copy)
+    run = discover(copy).runs[1]
+    train, ablate = run.tasks["train"], run.tasks["ablate"]
+    (train.dir / "train.h5").unlink()
+    (train.dir / "FAILED.txt").write_text(f"train {train.uid} failed at now\nValueError: loss is NaN\n")
+    shutil.rmtree(ablate.dir)
+    listed = json.loads((copy / "summary.json").read_text())
+    for task in listed["tasks"]:
+        if task["uid"] == train.uid:
+            task.update(status="failed", error="ValueError: loss is NaN")
+        if task["uid"] == ablate.uid:
+            task.update(status="skipped", error="skipped: its input failed")
+    (copy / "summary.json").write_text(json.dumps(listed))
+    runs = discover(copy).runs
+    assert len(runs) == 4
+    broken = next(r for r in runs if r.points == run.points)
+    assert broken.status("train") == "failed" and broken.status("ablate") == "missing"
+    assert broken.status("reduce") == "done"
+    result = write_report(copy)
+    assert any("loss is NaN" in note for note in parse(result.index).missing)
+    summary = json.loads((copy / "report" / "summary.json").read_text())
+    broken_summary = next(r for r in summary["runs"] if r["points"] == list(run.points))
+    assert not any(m.startswith(("train.", "ablate.")) for m in broken_summary["metrics"])
