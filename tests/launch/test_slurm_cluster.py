@@ -94,10 +94,21 @@ def wait_final(plan: Plan, timeout_s: float = FINAL_WAIT_S) -> dict:
         time.sleep(1.0)
 
 
-def sacct_times(job_ids: list[str]) -> dict[str, tuple[str, str, str]]:
-    text = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,Start,End", "-j", ",".join(job_ids)],
-                          capture_output=True, text=True, check=True).stdout
-    return {line.split("|")[0]: tuple(line.split("|")[1:]) for line in text.splitlines() if line}
+def sacct_times(job_ids: list[str], expect: int = 0, timeout_s: float = 60.0) -> dict[str, tuple[str, str, str]]:
+    """JobID -> (state, start, end) from sacct, polled until ``expect`` finished tasks are recorded.
+
+    slurmdbd stores records asynchronously: right after the artifacts appear, sacct can still miss
+    the last task of an array (seen right after a fresh `slurm_localhost.sh start`).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,Start,End", "-j", ",".join(job_ids)],
+                              capture_output=True, text=True, check=True).stdout
+        times = {line.split("|")[0]: tuple(line.split("|")[1:]) for line in text.splitlines() if line}
+        finished = sum(1 for state, start, end in times.values() if end not in ("", "Unknown"))
+        if finished >= expect or time.monotonic() > deadline:
+            return times
+        time.sleep(1.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,7 +126,8 @@ def test_sweep_runs_as_dependent_job_arrays(tmp_path, cluster_profile, cleanup):
     final = wait_final(plan)
     assert {s.state for s in final.values()} == {"done"}, [s.detail for s in final.values()]
     # afterok: every reduce task started after the last embed task ended
-    times = sacct_times([embed_array["job_id"], reduce_array["job_id"]])
+    times = sacct_times([embed_array["job_id"], reduce_array["job_id"]],
+                        expect=len(embed_array["tasks"]) + len(reduce_array["tasks"]))
     embed_end = max(end for job, (state, start, end) in times.items() if job.startswith(embed_array["job_id"] + "_"))
     reduce_starts = [start for job, (state, start, end) in times.items() if job.startswith(reduce_array["job_id"] + "_")]
     assert len(reduce_starts) == 4 and min(reduce_starts) >= embed_end
@@ -232,7 +244,9 @@ def test_preempted_training_is_requeued_and_resumes_to_the_uninterrupted_result(
 
     config = tiny_experiment("req", n_per_domain=6)
     config["embed"]["max_length"] = 32
-    config["train"] = {"input": "embed", "epochs": 12, "batch_size": 8, "checkpoint_every": 2, "patience": None,
+    # Long enough (hundreds of steps) that the interrupt below lands before training ends on a
+    # quiet machine; with 12 epochs it sometimes finished first and nothing was requeued.
+    config["train"] = {"input": "embed", "epochs": 150, "batch_size": 8, "checkpoint_every": 2, "patience": None,
                        "lr": 1e-2, "model": {"kind": "dictionary", "n_experts": 3, "query_dim": 8, "code_dim": 6,
                                              "n_layers": 2, "projection_hidden": 8, "projection_dim": 4}}
     config["root"] = str(tmp_path / "results")

@@ -113,6 +113,10 @@ def execute_task(task: Task, mode: Mode = "cached") -> TaskOutcome:
             raise StageError(f"{task.label} failed: {e}\n  log: {task.log_path}") from e
         seconds = time.perf_counter() - started
         logger.info("done %s in %.1f s; summary: %s", task.label, seconds, json.dumps(summary, sort_keys=True))
+    # Stamp the fresh artifact so that re-planning stats it instead of reopening it (launch/donecheck.py).
+    from moespec.launch.donecheck import write_stamp
+
+    write_stamp(task)
     _finish_shards(task)
     return TaskOutcome(task, "ran", seconds, summary)
 
