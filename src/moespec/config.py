@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from moespec.errors import ConfigError
-from moespec.stages.base import STAGE_ORDER, StageConfig, available_stages, stage_module
+from moespec.stages.base import STAGE_ORDER, StageConfig, available_stages, check_stage_names, stage_module
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -78,10 +78,7 @@ class InfraConfig(BaseModel):
     @field_validator("resources")
     @classmethod
     def _known_stages(cls, value: dict[str, Resources]) -> dict[str, Resources]:
-        unknown = sorted(set(value) - set(STAGE_ORDER))
-        if unknown:
-            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGE_ORDER)}")
-        return value
+        return check_stage_names(value)
 
     def resources_for(self, stage: str) -> Resources:
         return self.resources.get(stage, Resources())

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from moespec.config import Experiment, Resources, format_validation_error, read_yaml
 from moespec.errors import ConfigError
-from moespec.stages.base import STAGE_ORDER
+from moespec.stages.base import check_stage_names
 
 #: Slurm's default MaxArraySize (indices 0..1000); used when neither the scheduler nor the profile says.
 DEFAULT_MAX_ARRAY_SIZE = 1001
@@ -63,10 +63,7 @@ class ClusterProfile(BaseModel):
     @field_validator("stages")
     @classmethod
     def _known_stages(cls, value: dict[str, Resources]) -> dict[str, Resources]:
-        unknown = sorted(set(value) - set(STAGE_ORDER))
-        if unknown:
-            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGE_ORDER)}")
-        return value
+        return check_stage_names(value)
 
 
 class Cluster:

@@ -102,6 +102,19 @@ def _broadcast_ablation(logits: torch.Tensor, ablation: Ablation) -> tuple[torch
     return logits.expand(shape), ablated.expand(shape)
 
 
+def _ablated_logits(router_logits: torch.Tensor,
+                    ablation: Ablation | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float32 logits (softmax in fp32, as Switch's "selective precision" and Mixtral do), broadcast
+    against the ablation, with masked experts at -inf; and the ablated-expert mask (None without one)."""
+    logits = router_logits.float()
+    if ablation is None:
+        return logits, None
+    logits, ablated = _broadcast_ablation(logits, ablation)
+    if ablation.mode == "mask":
+        logits = logits.masked_fill(ablated, float("-inf"))
+    return logits, ablated
+
+
 def route_topk(
     router_logits: torch.Tensor,
     top_k: int,
@@ -130,12 +143,7 @@ def route_topk(
     Routing
         Fields of shape (..., E) or (..., k); the leading shape is the broadcast of logits and ablation.
     """
-    logits = router_logits.float()  # softmax in fp32, as Switch ("selective precision") and Mixtral do
-    ablated = None
-    if ablation is not None:
-        logits, ablated = _broadcast_ablation(logits, ablation)
-        if ablation.mode == "mask":
-            logits = logits.masked_fill(ablated, float("-inf"))
+    logits, ablated = _ablated_logits(router_logits, ablation)
     probs = F.softmax(logits, dim=-1)  # (..., E)
     top_probs, expert_index = probs.topk(top_k, dim=-1)  # (..., k)
     selected = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, expert_index, True)
@@ -178,12 +186,7 @@ def route_dictionary(
     Routing
         ``expert_index`` (..., 1) is the arg-max expert (the hard assignment in both modes).
     """
-    logits = router_logits.float()
-    ablated = None
-    if ablation is not None:
-        logits, ablated = _broadcast_ablation(logits, ablation)
-        if ablation.mode == "mask":
-            logits = logits.masked_fill(ablated, float("-inf"))
+    logits, ablated = _ablated_logits(router_logits, ablation)
     probs = F.softmax(logits, dim=-1)  # (..., E)
     expert_index = probs.argmax(dim=-1, keepdim=True)  # (..., 1)
     selected = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, expert_index, True)

@@ -23,6 +23,14 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def check_stage_names(value: dict) -> dict:
+    """Validator body for a mapping keyed by stage name: unknown names are an error listing the stages."""
+    unknown = sorted(set(value) - set(STAGE_ORDER))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGE_ORDER)}")
+    return value
+
+
 def available_stages() -> list[str]:
     """Stage names whose module exists in this installation, in pipeline order."""
     return [name for name in STAGE_ORDER if importlib.util.find_spec(f"moespec.stages.{name}")]

@@ -191,16 +191,19 @@ def num_shards(cfg: Config) -> int:
     return cfg.shards
 
 
+#: Per-row metadata and its names tables: written here, carried unchanged by later stages (reduce).
+ROW_METADATA: dict[str, DatasetSpec] = {
+    "domain": DatasetSpec(("N",), "int"),
+    "domain_names": DatasetSpec(("n_domains",), "str"),
+    "label": DatasetSpec(("N",), "int"),
+    "label_names": DatasetSpec(("n_labels",), "str"),
+    "label_domain": DatasetSpec(("n_labels",), "int"),
+    "text_id": DatasetSpec(("N",), "str"),
+}
+
+
 def schema(cfg: Config) -> dict[str, DatasetSpec]:
-    spec = {
-        "embeddings": DatasetSpec(("N", "D"), "float"),
-        "domain": DatasetSpec(("N",), "int"),
-        "domain_names": DatasetSpec(("n_domains",), "str"),
-        "label": DatasetSpec(("N",), "int"),
-        "label_names": DatasetSpec(("n_labels",), "str"),
-        "label_domain": DatasetSpec(("n_labels",), "int"),
-        "text_id": DatasetSpec(("N",), "str"),
-    }
+    spec = {"embeddings": DatasetSpec(("N", "D"), "float"), **ROW_METADATA}
     if cfg.mode == "token_embeddings":
         spec["token_id"] = DatasetSpec(("N",), "int")
     elif isinstance(cfg.layer, list):

@@ -44,13 +44,13 @@ from pydantic import Field, model_validator
 from moespec.artifacts import DatasetSpec
 from moespec.errors import ConfigError, DataError
 from moespec.stages.base import StageConfig
+from moespec.stages.embed import ROW_METADATA
 
 NAME = "reduce"
 SCHEMA_VERSION = 1
 
 #: Per-row datasets of the embed artifact copied into reduce, so downstream stages read one file.
-CARRIED_ROWS = ("domain", "label", "text_id", "token_id")
-CARRIED_TABLES = ("domain_names", "label_names", "label_domain")
+CARRIED = (*ROW_METADATA, "token_id")
 ID_ESTIMATORS = ("pca_count", "twonn", "mle_levina_bickel")
 
 
@@ -119,12 +119,7 @@ def schema(cfg: Config) -> dict[str, DatasetSpec]:
         "explained_variance_ratio": DatasetSpec(("k",), "float"),
         "variance_retained": DatasetSpec((), "float"),
         "spectrum": DatasetSpec(("D",), "float", required=cfg.solver == "covariance"),
-        "domain": DatasetSpec(("N",), "int"),
-        "domain_names": DatasetSpec(("n_domains",), "str"),
-        "label": DatasetSpec(("N",), "int"),
-        "label_names": DatasetSpec(("n_labels",), "str"),
-        "label_domain": DatasetSpec(("n_labels",), "int"),
-        "text_id": DatasetSpec(("N",), "str"),
+        **ROW_METADATA,
         "token_id": DatasetSpec(("N",), "int", required=False),
         "id/global/pca_count_input": DatasetSpec((), "float"),
         "id/per_domain/n_points": DatasetSpec(("n_domains",), "int"),
@@ -184,7 +179,7 @@ def _write_pca(pca: Any, out: Any) -> None:
 
 def _carry_rows(embed: Any, out: Any) -> None:
     """Copy the per-row metadata and its names tables (small next to the embeddings)."""
-    for name in CARRIED_ROWS + CARRIED_TABLES:
+    for name in CARRIED:
         if name not in embed:
             continue
         values = embed.read(name)
