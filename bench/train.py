@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moespec.models import DictionaryMoEConfig, TopKMoEConfig
+from moespec.models.optim import flat_adam
 from moespec.models.topk import TopKMoELayer
 
 INPUT_DIM = 64
@@ -148,7 +149,7 @@ def _with_loop_dispatch(model):
 
 
 def _train_step(model, loss_fn: Callable, x, targets, optimizer) -> None:
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad()
     loss_fn(model, x, targets).backward()
     optimizer.step()
 
@@ -196,8 +197,8 @@ def _contenders(seed: int) -> dict[str, dict[str, tuple]]:
     looped = _with_loop_dispatch(classifier)
 
     def entry(model, loss_fn):
-        # The train stage's optimiser (fused Adam) for every contender.
-        return model, loss_fn, torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+        # The train stage's optimiser (fused Adam over one flat parameter buffer) for every contender.
+        return model, loss_fn, flat_adam(model, lr=1e-3)
 
     return {
         "dictionary MoE": {

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from moespec.models import Ablation, DictionaryMoEConfig
-from moespec.models.dictionary import hard_topk_straight_through
 
 
 def _generator(seed: int = 0) -> torch.Generator:
@@ -21,16 +20,20 @@ def _model(**overrides):
 
 
 def _reference_codes(model, x):
-    """One expert at a time, one LISTA layer at a time, with torch.topk per expert (the textbook loop)."""
+    """One expert at a time, one LISTA layer at a time, with torch.topk per expert (the textbook loop).
+
+    Autograd differentiates it: the hard top-k passes its gradient straight through (the earlier
+    pipeline's ``TopKSTE``), soft thresholding through ``sign(u) relu(|u| - theta)``.
+    """
     experts = model.experts
     codes = []
     for e in range(experts.n_experts):  # layout: encoder (L, E, m, d), lateral (L, E, m, m)
-        z = torch.zeros(x.shape[0], experts.code_dim)
+        z = torch.zeros(x.shape[0], experts.code_dim, dtype=x.dtype)
         for t in range(experts.n_layers):
             u = x @ experts.encoder[t, e].T + z @ experts.lateral[t, e].T
             if experts.raw_threshold is None:
                 keep = torch.zeros_like(u).scatter(1, u.abs().topk(int(experts.sparsity[e]), dim=1).indices, 1.0)
-                z = u * keep
+                z = u + (u * keep - u).detach()  # forward: the k largest; backward: identity
             else:
                 theta = experts.thresholds()[t, e]
                 z = torch.sign(u) * torch.clamp(u.abs() - theta, min=0)
@@ -54,12 +57,67 @@ def test_each_expert_code_has_its_own_sparsity_level():
     assert torch.equal(nonzeros, torch.tensor([2, 4, 6]).expand(30, 3))
 
 
+@pytest.mark.parametrize("shrinkage", ["topk", "soft"])
+def test_hand_written_backward_equals_autograd_of_the_loop(shrinkage):
+    model = _model(shrinkage=shrinkage).double()
+    x = torch.randn(12, 10, generator=_generator(3), dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(12, 3, 6, generator=_generator(4), dtype=torch.float64)
+    parameters = [x, model.experts.encoder, model.experts.lateral]
+    if shrinkage == "soft":
+        parameters.append(model.experts.raw_threshold)
+    ours = torch.autograd.grad((model.experts(x) * upstream).sum(), parameters)
+    reference = torch.autograd.grad((_reference_codes(model, x) * upstream).sum(), parameters)
+    for name, a, b in zip(["x", "encoder", "lateral", "raw_threshold"], ours, reference):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"gradient of {name}: {m}")
+    assert ours[2][0].abs().sum() == 0  # S_0 multiplies z_0 = 0
+
+
+@pytest.mark.parametrize("x_requires_grad", [False, True])
+@pytest.mark.parametrize("routing", ["soft", "straight_through"])
+@pytest.mark.parametrize("shrinkage", ["topk", "soft"])
+def test_fused_head_equals_the_autograd_forward(routing, shrinkage, x_requires_grad):
+    """The hand-written backward of gate, mixture, head and losses against autograd, term by term."""
+    model = _model(routing=routing, shrinkage=shrinkage, balance_loss_weight=0.3, reconstruction_weight=0.7).double()
+    x = torch.randn(16, 10, generator=_generator(9), dtype=torch.float64, requires_grad=x_requires_grad)
+    keys = torch.arange(16) % 3
+    parameters = [p for p in model.parameters()] + ([x] if x_requires_grad else [])
+    fused, fused_aux = model(x)
+    reference, reference_aux = model._forward_autograd(x, None)
+    torch.testing.assert_close(fused, reference)
+    for name, value in reference_aux.items():
+        torch.testing.assert_close(fused_aux[name], value.detach(), msg=lambda m, name=name: f"aux {name}: {m}")
+    # Each loss alone, then the training objective: every way the outputs reach the parameters.
+    for objective in (lambda e, a: (e * torch.linspace(-1, 1, e.numel()).view_as(e).double()).sum(),
+                      lambda e, a: a["reconstruction_loss"], lambda e, a: a["balance_loss"],
+                      lambda e, a: model.loss_terms(e, a, keys)["total"]):
+        ours = torch.autograd.grad(objective(*model(x)), parameters, allow_unused=True)
+        expected = torch.autograd.grad(objective(*model._forward_autograd(x, None)), parameters, allow_unused=True)
+        for parameter, a, b in zip(parameters, ours, expected):
+            name = next((n for n, p in model.named_parameters() if p is parameter), "x")
+            a = torch.zeros_like(parameter) if a is None else a
+            b = torch.zeros_like(parameter) if b is None else b
+            torch.testing.assert_close(a, b, msg=lambda m, name=name: f"gradient of {name}: {m}")
+
+
 def test_hard_topk_gradient_is_straight_through():
-    pre_codes = torch.randn(4, 2, 5, generator=_generator(3), requires_grad=True)
-    codes = hard_topk_straight_through(pre_codes, torch.tensor([1, 3]))
-    upstream = torch.randn(4, 2, 5, generator=_generator(4))
-    (codes * upstream).sum().backward()
-    torch.testing.assert_close(pre_codes.grad, upstream)  # identity, zeroed entries included
+    """The gradient of the last step reaches every pre-code entry, the zeroed ones included."""
+    model = _model(n_layers=1)
+    x = torch.randn(7, 10, generator=_generator(3))
+    upstream = torch.randn(7, 3, 6, generator=_generator(4))
+    (model.experts(x) * upstream).sum().backward()
+    # One layer: codes = topk(W_0 x), so dL/dW_0[e] = upstream[:, e]^T x with nothing masked.
+    torch.testing.assert_close(model.experts.encoder.grad[0], torch.einsum("bem,bd->emd", upstream, x))
+
+
+def test_experts_run_under_bfloat16_autocast():
+    model = _model()
+    x = torch.randn(9, 10, generator=_generator(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        codes = model.experts(x)
+    assert codes.dtype == torch.bfloat16
+    codes.float().sum().backward()
+    assert model.experts.encoder.grad.dtype == torch.float32 and model.experts.encoder.grad.abs().sum() > 0
+    assert torch.equal((codes != 0).sum(-1), torch.tensor([2, 4, 6]).expand(9, 3))  # ties broken too
 
 
 @pytest.mark.parametrize("routing", ["soft", "straight_through"])

@@ -93,6 +93,29 @@ def test_contrastive_margin_loss_known_answer():
     assert contrastive_margin_loss(embeddings, close_negative, margin).item() == pytest.approx(expected_negative)
 
 
+def _contrastive_reference(embeddings, positive, margin):
+    """The loss op by op, differentiated by autograd."""
+    distance = torch.cdist(embeddings, embeddings)
+    pair_loss = torch.where(positive, distance**2, torch.relu(margin - distance) ** 2)
+    batch = embeddings.shape[-2]
+    return (pair_loss * (1 - torch.eye(batch, dtype=embeddings.dtype))).sum() / (pair_loss.numel() / batch * (batch - 1))
+
+
+@pytest.mark.parametrize("shape", [(12, 5), (3, 12, 5)])
+def test_contrastive_loss_gradient_equals_autograd_of_the_formula(shape):
+    generator = torch.Generator().manual_seed(0)
+    embeddings = (0.3 * torch.randn(*shape, generator=generator, dtype=torch.float64)).requires_grad_()
+    positive = positive_pair_mask(torch.arange(12) % 3)
+    loss = contrastive_margin_loss(embeddings, positive, 1.0)
+    expected = _contrastive_reference(embeddings, positive, 1.0)
+    torch.testing.assert_close(loss, expected)
+    distance = torch.cdist(embeddings, embeddings)
+    assert ((distance < 1.0) & ~positive).any() and ((distance > 1.0) & ~positive).any()  # both regimes
+    (ours,) = torch.autograd.grad(loss, embeddings)
+    (reference,) = torch.autograd.grad(expected, embeddings)
+    torch.testing.assert_close(ours, reference)
+
+
 def test_contrastive_loss_has_finite_gradients_for_identical_negatives_and_broadcasts():
     embeddings = torch.zeros(2, 4, 3, requires_grad=True)  # two "ablations", all points identical
     positive = positive_pair_mask(torch.tensor([0, 1, 2, 3]))

@@ -139,7 +139,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(reduced, t
 
     monkeypatch.setattr(train, "train_batch", counted)
     resumed, _ = run_train(cfg, reduced, tmp_path / "resumed")
-    total_batches = 3 * len(train._batches(np.arange(len(resumed["split/train_index"])), cfg.batch_size))
+    total_batches = 3 * len(train.row_batches(np.arange(len(resumed["split/train_index"])), cfg.batch_size))
     # It resumed from the last checkpoint (at most one accumulation window back), not from scratch.
     assert total_batches - stop_at_batch < len(resumed_calls) <= total_batches - stop_at_batch + 2
     with resumed:
@@ -243,3 +243,19 @@ def test_pipeline_embed_reduce_train_runs_inline(tmp_path):
     with pytest.raises(StageError):
         run_inline({**experiment, "experiment": "tr2",
                     "train": {**experiment["train"], "model": {"kind": "topk", "input_dim": 99}}}, root=tmp_path)
+
+
+@pytest.mark.parametrize("model", [{"kind": "dictionary", "n_experts": 3, "query_dim": 8, "code_dim": 6,
+                                    "n_layers": 2, "projection_hidden": 8, "projection_dim": 4},
+                                   {"kind": "topk", "n_experts": 3, "top_k": 2, "hidden_dim": 8}])
+def test_bfloat16_autocast_trains_in_low_precision_and_keeps_float32_weights(reduced, tmp_path, model):
+    full, _ = run_train(train_config(model=model, epochs=2, precision="float32"), reduced, tmp_path / "fp32")
+    low, summary = run_train(train_config(model=model, epochs=2, precision="bfloat16"), reduced, tmp_path / "bf16")
+    full_loss, low_loss = full["curves/train/total"][()], low["curves/train/total"][()]
+    assert np.isfinite(low_loss).all() and np.isfinite(low["curves/val/total"][()]).all()
+    assert not np.array_equal(full_loss, low_loss)  # the forward passes really ran in bfloat16
+    np.testing.assert_allclose(low_loss, full_loss, rtol=0.1)  # ... and trained the same model
+    weights = _weights(tmp_path / "bf16" / "final.pt")
+    assert all(w.dtype == torch.float32 for w in weights.values() if w.is_floating_point())
+    assert train.autocast_dtype(train_config(), "cpu") is None
+    assert train.autocast_dtype(train_config(), "cuda:0") == torch.bfloat16

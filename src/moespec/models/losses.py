@@ -7,11 +7,15 @@ leading batch dimensions (the ablation pass adds one), so the models and the tra
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 #: Distances below sqrt(_MIN_SQUARED_DISTANCE) are clamped before the square root: the derivative of
 #: sqrt at 0 is infinite, and two identical embeddings of different keys happen (e.g. duplicate texts).
 _MIN_SQUARED_DISTANCE = 1e-12
+
+
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Router arithmetic precision: half types become float32, float32 and float64 stay as they are."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
 def switch_load_balancing_loss(
@@ -39,7 +43,7 @@ def switch_load_balancing_loss(
     -------
     Tensor of shape ()
     """
-    probs = router_probs.reshape(-1, n_experts).float()  # (T, E)
+    probs = at_least_float32(router_probs.reshape(-1, n_experts))  # (T, E)
     selected = expert_index.reshape(probs.shape[0], -1)  # (T, k)
     # scatter_add instead of bincount: bincount reads its maximum back to the host.
     counts = torch.zeros(n_experts, dtype=probs.dtype, device=probs.device)
@@ -64,7 +68,7 @@ def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
     -------
     Tensor of shape ()
     """
-    log_partition = torch.logsumexp(router_logits.float(), dim=-1)  # (...,)
+    log_partition = torch.logsumexp(at_least_float32(router_logits), dim=-1)  # (...,)
     return torch.mean(log_partition**2)
 
 
@@ -113,14 +117,47 @@ def contrastive_margin_loss(
     batch = embeddings.shape[-2]
     if batch < 2:
         raise ValueError(f"contrastive loss needs at least 2 samples in a batch, got {batch}")
-    # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: (B, B) work instead of a (B, B, dim) difference tensor;
-    # the clamp removes the small negative values cancellation can leave.
-    squared_norm = embeddings.pow(2).sum(dim=-1)  # (..., B)
-    gram = embeddings @ embeddings.transpose(-1, -2)  # (..., B, B)
-    squared_distance = (squared_norm.unsqueeze(-1) + squared_norm.unsqueeze(-2) - 2 * gram).clamp_min(0.0)
-    # Positives use d^2 directly (smooth at 0); negatives need d itself, clamped away from sqrt's pole.
-    distance = squared_distance.clamp_min(_MIN_SQUARED_DISTANCE).sqrt()
-    pair_loss = torch.where(positive, squared_distance, F.relu(margin - distance) ** 2)  # (..., B, B)
-    # Multiply by the mask rather than index with it: boolean indexing syncs with the host on CUDA.
-    off_diagonal = 1.0 - torch.eye(batch, dtype=pair_loss.dtype, device=embeddings.device)  # (B, B)
-    return (pair_loss * off_diagonal).sum(dim=(-2, -1)).mean() / (batch * (batch - 1))
+    return _ContrastiveMarginLoss.apply(embeddings, positive, margin)
+
+
+class _ContrastiveMarginLoss(torch.autograd.Function):
+    """``contrastive_margin_loss`` as one autograd node (about thirty op by op).
+
+    With ``l_ij`` the pair loss, ``dl/d(d^2)`` is 1 for a positive and ``-max(0, margin - d) / d`` for
+    a negative, and ``d(d_ij^2)/de_i = 2 (e_i - e_j)``; summed over both orders of each pair, the
+    gradient is ``4 c (rowsum(C) e - C e)`` with ``C`` those derivatives and ``c`` the mean's scale.
+    Negatives closer than ``sqrt(_MIN_SQUARED_DISTANCE)`` get no gradient (sqrt's pole; the loss is
+    flat in the direction that separates two identical points anyway).
+    """
+
+    @staticmethod
+    def forward(ctx, embeddings, positive, margin):
+        with torch.autocast(embeddings.device.type, enabled=False):  # a loss: float32 at least
+            return _ContrastiveMarginLoss._forward(ctx, at_least_float32(embeddings), positive, margin)
+
+    @staticmethod
+    def _forward(ctx, embeddings, positive, margin):
+        batch = embeddings.shape[-2]
+        # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: (B, B) work instead of a (B, B, dim) difference tensor;
+        # the clamp removes the small negative values cancellation can leave.
+        squared_norm = embeddings.square().sum(dim=-1)  # (..., B)
+        squared_distance = (embeddings @ embeddings.transpose(-1, -2)).mul_(-2.0)
+        squared_distance.add_(squared_norm.unsqueeze(-1)).add_(squared_norm.unsqueeze(-2)).clamp_min_(0.0)
+        distance = squared_distance.clamp_min(_MIN_SQUARED_DISTANCE).sqrt_()
+        shortfall = distance.neg().add_(margin).relu_()  # max(0, margin - d)
+        pair_loss = torch.where(positive, squared_distance, shortfall.square())  # (..., B, B)
+        pair_loss.diagonal(dim1=-2, dim2=-1).zero_()
+        ctx.scale = 1.0 / (pair_loss.numel() // batch // batch * batch * (batch - 1))  # mean over pairs
+        ctx.save_for_backward(embeddings, positive, squared_distance, distance, shortfall)
+        return pair_loss.sum() * ctx.scale
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        embeddings, positive, squared_distance, distance, shortfall = ctx.saved_tensors
+        negative_slope = (shortfall / distance).masked_fill_(squared_distance < _MIN_SQUARED_DISTANCE, 0.0)
+        slope = torch.where(positive, 1.0, negative_slope.neg_())  # dl/d(d^2), (..., B, B)
+        slope.diagonal(dim1=-2, dim2=-1).zero_()
+        scale = grad_loss.to(embeddings.dtype) * (4.0 * ctx.scale)
+        grad = torch.matmul(slope, embeddings).sub_(slope.sum(dim=-1, keepdim=True) * embeddings)
+        return grad.mul_(-scale), None, None

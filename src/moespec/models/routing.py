@@ -22,6 +22,8 @@ from typing import Literal, NamedTuple, get_args
 import torch
 import torch.nn.functional as F
 
+from moespec.models.losses import at_least_float32
+
 AblationMode = Literal["mask", "zero", "drop"]
 
 #: Guards the renormalising division when every selected expert of a token was dropped (weights -> 0).
@@ -104,9 +106,10 @@ def _broadcast_ablation(logits: torch.Tensor, ablation: Ablation) -> tuple[torch
 
 def _ablated_logits(router_logits: torch.Tensor,
                     ablation: Ablation | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Float32 logits (softmax in fp32, as Switch's "selective precision" and Mixtral do), broadcast
-    against the ablation, with masked experts at -inf; and the ablated-expert mask (None without one)."""
-    logits = router_logits.float()
+    """Logits in at least float32 (softmax in fp32, as Switch's "selective precision" and Mixtral do;
+    float64 stays float64), broadcast against the ablation, with masked experts at -inf; and the
+    ablated-expert mask (None without one)."""
+    logits = at_least_float32(router_logits)
     if ablation is None:
         return logits, None
     logits, ablated = _broadcast_ablation(logits, ablation)

@@ -730,37 +730,29 @@ def retrain(train_cfg: Any, data: Any, train_index: np.ndarray, seed: int, epoch
     from moespec.stages import train
 
     model = train_cfg.model.build(input_dim=data.features.shape[1], n_classes=data.n_classes, seed=seed).to(device)
-    optimizer_class = torch.optim.AdamW if train_cfg.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    optimizer = train.make_optimizer(train_cfg, model)
     features = torch.as_tensor(data.features[train_index], device=device)
     targets = torch.as_tensor(data.targets[train_index], device=device)
     accumulation = train_cfg.grad_accumulation
-    steps_per_epoch = math.ceil(len(_batches(np.arange(len(train_index)), train_cfg.batch_size)) / accumulation)
+    steps_per_epoch = math.ceil(len(train.row_batches(np.arange(len(train_index)), train_cfg.batch_size)) / accumulation)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: train.lr_factor(
         train_cfg, steps_per_epoch * train_cfg.epochs, steps_per_epoch, step))
     model.train()
     for epoch in range(epochs):
-        batches = _batches(train.epoch_order(len(train_index), seed, epoch).numpy(), train_cfg.batch_size)
+        batches = train.row_batches(train.epoch_order(len(train_index), seed, epoch).numpy(), train_cfg.batch_size)
         for index, batch in enumerate(batches):
             window_start = index // accumulation * accumulation
             window_end = min(len(batches), window_start + accumulation)
             rows = torch.as_tensor(batch, device=device)
-            train.train_batch(model, features[rows], targets[rows], 1.0 / (window_end - window_start))
+            train.train_batch(model, features[rows], targets[rows], 1.0 / (window_end - window_start),
+                              train.autocast_dtype(train_cfg, device))
             if index + 1 == window_end:
                 if train_cfg.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()
     return model.eval()
-
-
-def _batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Consecutive batches; a last batch of one row joins the previous one (as in train: pairs need 2)."""
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    if len(batches) > 1 and len(batches[-1]) < 2:
-        batches[-2:] = [order[-(len(batches[-2]) + len(batches[-1])):]]
-    return batches
 
 
 # --------------------------------------------------------------------------------------------------

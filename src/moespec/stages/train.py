@@ -64,8 +64,11 @@ from moespec.stages.base import StageConfig
 NAME = "train"
 SCHEMA_VERSION = 1
 
-#: Version tag inside every checkpoint this stage writes.
-CHECKPOINT_FORMAT = "moespec.train/1"
+#: Version tag inside every checkpoint this stage writes (2: the optimiser state is over one flat
+#: parameter buffer, see ``make_optimizer``; a resumable checkpoint must have this one).
+CHECKPOINT_FORMAT = "moespec.train/2"
+#: Formats whose model weights ``load_model`` reads (the weights did not change between them).
+MODEL_FORMATS = ("moespec.train/1", CHECKPOINT_FORMAT)
 
 #: Loss terms per model kind (``total`` is the one minimised).
 LOSS_TERMS = {
@@ -106,6 +109,10 @@ class Config(StageConfig):
         Optimiser steps between resumable checkpoints (one is also written after every epoch).
     collapse_threshold : float
         Warn when one expert is the top-1 choice of more than this share of validation rows.
+    precision : {"auto", "float32", "bfloat16"}
+        Training forward passes under bfloat16 autocast (weights, optimiser and losses stay
+        float32) or in float32; ``auto`` is bfloat16 on a GPU and float32 on the CPU. Validation
+        and the held-out outputs are always computed in float32.
     seed : int
     """
 
@@ -127,6 +134,7 @@ class Config(StageConfig):
     max_grad_norm: Optional[float] = Field(None, gt=0.0)
     checkpoint_every: int = Field(200, ge=1)
     collapse_threshold: float = Field(0.9, gt=0.0, le=1.0)
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
     seed: int = 0
 
 
@@ -180,8 +188,8 @@ def run(cfg: Config, inputs: dict[str, Any], out: Any) -> None:
                  cfg.model.kind, *data.features.shape, cfg.input, len(train_index), len(val_index), cfg.model.target)
     device = torch.device(out.device)
     model = _build(cfg, data).to(device)
-    optimizer = _optimizer(cfg, model)
-    steps_per_epoch = math.ceil(len(_batches(np.arange(len(train_index)), cfg.batch_size)) / cfg.grad_accumulation)
+    optimizer = make_optimizer(cfg, model)
+    steps_per_epoch = math.ceil(len(row_batches(np.arange(len(train_index)), cfg.batch_size)) / cfg.grad_accumulation)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, cfg, steps_per_epoch * cfg.epochs, steps_per_epoch))
     features = torch.as_tensor(data.features, device=device)
@@ -318,13 +326,16 @@ def _build(cfg: Config, data: TrainingData):
 # optimisation
 
 
-def _optimizer(cfg: Config, model: Any):
-    import torch
+def make_optimizer(cfg: Config, model: Any):
+    """The stage's optimiser: fused Adam(W) over one flat buffer of the model's parameters.
 
-    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    # fused: one kernel for all parameters; on these small models the per-tensor loop of the default
-    # implementation costs a tenth of a training step. Same update, deterministic on CPU.
-    return kind(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    On these small models the per-tensor bookkeeping of an optimiser step is a visible share of a
+    training step (see ``moespec.models.optim``). Same update, deterministic on CPU. Gradients are
+    views of one buffer: zero them with ``optimizer.zero_grad()``, never by setting them to None.
+    """
+    from moespec.models.optim import flat_adam
+
+    return flat_adam(model, lr=cfg.lr, weight_decay=cfg.weight_decay, kind=cfg.optimizer)
 
 
 def lr_factor(cfg: Config, total_steps: int, steps_per_epoch: int, step: int) -> float:
@@ -347,7 +358,7 @@ def epoch_order(n_rows: int, seed: int, epoch: int):
     return torch.randperm(n_rows, generator=generator)
 
 
-def _batches(order: Any, batch_size: int) -> list[Any]:
+def row_batches(order: Any, batch_size: int) -> list[Any]:
     """Consecutive batches of ``order``; a last batch of one row joins the previous one (pairs need 2)."""
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     if len(batches) > 1 and len(batches[-1]) < 2:
@@ -372,10 +383,26 @@ class TrainState:
     stopped_early: bool = False
 
 
-def train_batch(model: Any, features: Any, targets: Any, scale: float) -> dict[str, float]:
-    """Forward and backward one batch (gradients accumulate); return its loss terms."""
-    output, aux = model(features)
-    terms = model.loss_terms(output, aux, targets)
+def autocast_dtype(cfg: Config, device: Any) -> Any:
+    """The dtype of training forward passes under autocast (``Config.precision``), None for float32."""
+    import torch
+
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    return torch.bfloat16 if precision == "bfloat16" else None
+
+
+def train_batch(model: Any, features: Any, targets: Any, scale: float, dtype: Any = None) -> dict[str, float]:
+    """Forward and backward one batch (gradients accumulate); return its loss terms.
+
+    ``dtype``: run the forward pass under autocast to this dtype (None: no autocast).
+    """
+    import torch
+
+    with torch.autocast(features.device.type, dtype=dtype, enabled=dtype is not None):
+        output, aux = model(features)
+        terms = model.loss_terms(output, aux, targets)
     (terms["total"] * scale).backward()
     return {name: float(value.detach()) for name, value in terms.items()}
 
@@ -385,12 +412,13 @@ def _train_epoch(cfg: Config, model: Any, optimizer: Any, scheduler: Any, featur
     import torch
 
     model.train()
-    batches = _batches(epoch_order(len(train_rows), cfg.seed, state.epoch), cfg.batch_size)
+    batches = row_batches(epoch_order(len(train_rows), cfg.seed, state.epoch), cfg.batch_size)
     for index in range(state.batch_in_epoch, len(batches)):
         rows = train_rows[batches[index].to(train_rows.device)]
         window_end = min(len(batches), (index // cfg.grad_accumulation + 1) * cfg.grad_accumulation)
         window_size = window_end - (index // cfg.grad_accumulation) * cfg.grad_accumulation
-        terms = train_batch(model, features[rows], targets[rows], 1.0 / window_size)
+        terms = train_batch(model, features[rows], targets[rows], 1.0 / window_size,
+                            autocast_dtype(cfg, features.device))
         for name, value in terms.items():
             state.train_sums[name] = state.train_sums.get(name, 0.0) + value * len(rows)
         state.train_rows += len(rows)
@@ -400,7 +428,7 @@ def _train_epoch(cfg: Config, model: Any, optimizer: Any, scheduler: Any, featur
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             state.step += 1
             if state.step % cfg.checkpoint_every == 0:
                 save()  # only at optimiser-step boundaries: no half-accumulated gradient to store
@@ -466,7 +494,7 @@ def evaluate(model: Any, features: Any, targets: Any, batch_size: int, *, train_
     sums: dict[str, float] = {}
     outputs, probs, selected = [], [], []
     with torch.no_grad():
-        for rows in _batches(torch.arange(len(features), device=features.device), batch_size):
+        for rows in row_batches(torch.arange(len(features), device=features.device), batch_size):
             output, aux = model(features[rows])
             for name, value in model.loss_terms(output, aux, targets[rows]).items():
                 sums[name] = sums.get(name, 0.0) + float(value) * len(rows)
@@ -515,7 +543,7 @@ def _accuracy(model: Any, output: Any, targets: Any, train_features: Any, train_
         return float("nan")
     with torch.no_grad():
         train_embedding = torch.cat([model(train_features[rows])[0] for rows in
-                                     _batches(torch.arange(len(train_features), device=train_features.device),
+                                     row_batches(torch.arange(len(train_features), device=train_features.device),
                                               batch_size)])
     keys, key_id = torch.unique(torch.cat([train_targets, targets]).reshape(len(train_targets) + len(targets), -1),
                                 dim=0, return_inverse=True)
@@ -624,7 +652,7 @@ def load_model(path: Path | str, *, map_location: str = "cpu"):
 
     path = Path(path)
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    if not (isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT
+    if not (isinstance(checkpoint, dict) and checkpoint.get("format") in MODEL_FORMATS
             and "model_config" in checkpoint):
         raise ConfigError(f"{path}: not a model checkpoint of the moespec train stage")
     model_config = TypeAdapter(ModelConfig).validate_python(checkpoint["model_config"])
