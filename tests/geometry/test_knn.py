@@ -76,3 +76,27 @@ def test_gpu_matches_cpu(cloud):
     on_gpu, _ = knn_distances(cloud, 25, device="cuda")
     on_cpu, _ = knn_distances(cloud, 25, device="cpu")
     np.testing.assert_allclose(on_gpu, on_cpu, rtol=1e-12)
+
+
+def test_two_stage_selection_on_clustered_sorted_points_with_duplicates():
+    # Enough points for the grouped selection (groups >= 4 x candidates), N not a multiple of the
+    # group width, rows sorted by cluster (neighbours crowd into neighbouring columns), duplicates.
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((5, 8)) * 10
+    X = np.concatenate([c + rng.standard_normal((601, 8)) * 0.3 for c in centres]).astype(np.float32)
+    X[[10, 11, 12]] = X[9]
+    distances, indices = knn_distances(X, 20, block_size=256)
+    np.testing.assert_allclose(distances, dense_reference(X.astype(np.float64), 20), rtol=1e-12)
+    assert distances[9, :3].tolist() == [0.0, 0.0, 0.0] and set(indices[9, :3]) == {10, 11, 12}
+
+
+def test_smallest_equals_topk():
+    import torch
+
+    from moespec.geometry.knn import _GROUP, _smallest
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.full((7, 160 * _GROUP), torch.inf)
+    scores[:, :160 * _GROUP - 5] = torch.randn(7, 160 * _GROUP - 5, generator=generator)
+    expected = torch.topk(scores, 30, dim=1, largest=False).indices.sort(dim=1).values
+    assert torch.equal(_smallest(scores, 30).sort(dim=1).values, expected)
