@@ -10,9 +10,10 @@ swaps; exact duplicates come out exactly 0. The recomputation gathers the candid
 the input's dtype (float32 for embeddings: half the memory traffic of a float64 copy) into a small
 buffer, widens it to float64 in cache, and takes differences and norms there: about 23 us per query
 at 112 candidates in 768-D, where one batched matrix-vector product per chunk took about 55.
-Memory beyond the input: the data once more in float32 (centred, for the ranking), one query block
-of ranking scores (at most 64 MiB and half the points), two 4 MiB gather buffers, and the
-(n_queries, k) output.
+Memory beyond the input: the data once more in float32 (centred, for the ranking: float32 products
+of uncentred embeddings, whose common offset is often larger than their spread, would lose the
+ranking), one query block of ranking scores (at most 64 MiB and half the points), 16 MiB of float64
+temporaries, two 4 MiB gather buffers, and the (n_queries, k) output.
 """
 
 from __future__ import annotations
@@ -47,13 +48,19 @@ def check_finite_rows(X: np.ndarray, what: str = "X") -> None:
                         f"{', ...' if rows.size > 5 else ''}); remove or repair them first")
 
 
+def _row_chunk(X: np.ndarray) -> int:
+    """Rows per float64 working chunk: at most 16 MiB of temporaries whatever the width."""
+    return max(1, (16 << 20) // (8 * max(X.shape[1], 1)))
+
+
 def rms_radius(X: np.ndarray) -> float:
     """Root-mean-square distance of the rows of ``X`` to their mean (the data's natural length scale)."""
     X = np.asarray(X)
     mean = X.mean(axis=0, dtype=np.float64)
     total = 0.0
-    for start in range(0, X.shape[0], 65536):
-        block = X[start:start + 65536].astype(np.float64) - mean
+    chunk = _row_chunk(X)
+    for start in range(0, X.shape[0], chunk):
+        block = X[start:start + chunk].astype(np.float64) - mean
         total += float(np.einsum("ij,ij->", block, block))
     return math.sqrt(total / max(X.shape[0], 1))
 
@@ -144,9 +151,10 @@ def _prepared(X: np.ndarray, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     scale = rms_radius(X) or 1.0
     source = torch.from_numpy(X).to(device)
     ranked = torch.empty(X.shape, dtype=torch.float32, device=device)
-    for start in range(0, X.shape[0], 65536):
-        block = torch.from_numpy(X[start:start + 65536].astype(np.float64) - mean).to(device)
-        ranked[start:start + 65536] = block / scale
+    chunk = _row_chunk(X)
+    for start in range(0, X.shape[0], chunk):
+        block = torch.from_numpy(X[start:start + chunk].astype(np.float64) - mean).to(device)
+        ranked[start:start + chunk] = block.div_(scale)
     return source, ranked
 
 
