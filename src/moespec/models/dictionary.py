@@ -463,20 +463,10 @@ class DictionaryMoE(nn.Module):
             x, codes, gate.query.weight, gate.query.bias, gate.keys, self.experts.dictionary,
             projection[0].weight, projection[0].bias, projection[2].weight, projection[2].bias,
             self.routing == "straight_through", self.reconstruction_weight, self.balance_loss_weight)
-        aux = {
-            "router_logits": logits,
-            "router_probs": probs,
-            "combine_weights": weights,
-            "expert_index": expert_index,
-            "expert_counts": expert_counts(selected),
-            "codes": codes.transpose(0, 1),
-            "code": code,
-            "reconstruction_error": reconstruction_error,
-            "reconstruction_loss": reconstruction_loss,
-            "balance_loss": balance_loss,
-            "aux_loss": aux_loss,
-        }
-        return embedding, aux
+        return embedding, _aux_outputs(
+            router_logits=logits, router_probs=probs, combine_weights=weights, expert_index=expert_index,
+            selected=selected, codes=codes, code=code, reconstruction_error=reconstruction_error,
+            reconstruction_loss=reconstruction_loss, balance_loss=balance_loss, aux_loss=aux_loss)
 
     def _forward_autograd(
         self, x: torch.Tensor, ablation: Ablation | None
@@ -494,20 +484,12 @@ class DictionaryMoE(nn.Module):
         # p; straight-through: through the surrogate gradient) and trains each routed dictionary.
         reconstruction_loss = (weights * reconstruction_error).sum(-1).mean()
         balance_loss = switch_load_balancing_loss(routing.probs, routing.expert_index, self.n_experts)
-        aux = {
-            "router_logits": routing.logits,
-            "router_probs": routing.probs,
-            "combine_weights": routing.combine_weights,
-            "expert_index": routing.expert_index,
-            "expert_counts": expert_counts(routing.selected),
-            "codes": codes.transpose(0, 1),
-            "code": code,
-            "reconstruction_error": reconstruction_error,
-            "reconstruction_loss": reconstruction_loss,
-            "balance_loss": balance_loss,
-            "aux_loss": self.reconstruction_weight * reconstruction_loss + self.balance_loss_weight * balance_loss,
-        }
-        return embedding, aux
+        aux_loss = self.reconstruction_weight * reconstruction_loss + self.balance_loss_weight * balance_loss
+        return embedding, _aux_outputs(
+            router_logits=routing.logits, router_probs=routing.probs, combine_weights=routing.combine_weights,
+            expert_index=routing.expert_index, selected=routing.selected, codes=codes, code=code,
+            reconstruction_error=reconstruction_error, reconstruction_loss=reconstruction_loss,
+            balance_loss=balance_loss, aux_loss=aux_loss)
 
     def loss_terms(
         self, output: torch.Tensor, aux: dict[str, torch.Tensor], targets: torch.Tensor
@@ -535,3 +517,9 @@ class DictionaryMoE(nn.Module):
             "balance": aux["balance_loss"],
             "total": self.contrastive_weight * contrastive + aux["aux_loss"],
         }
+
+
+def _aux_outputs(*, selected: torch.Tensor, codes: torch.Tensor, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The ``aux`` dict of ``DictionaryMoE.forward`` (both paths): ``tensors`` as given, plus the
+    per-expert counts of ``selected`` and the expert-major ``codes`` (E, B, m) as (B, E, m)."""
+    return {**tensors, "expert_counts": expert_counts(selected), "codes": codes.transpose(0, 1)}

@@ -132,16 +132,13 @@ class _ContrastiveMarginLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, embeddings, positive, margin):
-        with torch.autocast(embeddings.device.type, enabled=False):  # a loss: float32 at least
-            return _ContrastiveMarginLoss._forward(ctx, at_least_float32(embeddings), positive, margin)
-
-    @staticmethod
-    def _forward(ctx, embeddings, positive, margin):
+        embeddings = at_least_float32(embeddings)  # a loss: float32 at least, outside autocast
         batch = embeddings.shape[-2]
         # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: (B, B) work instead of a (B, B, dim) difference tensor;
         # the clamp removes the small negative values cancellation can leave.
         squared_norm = embeddings.square().sum(dim=-1)  # (..., B)
-        squared_distance = (embeddings @ embeddings.transpose(-1, -2)).mul_(-2.0)
+        with torch.autocast(embeddings.device.type, enabled=False):
+            squared_distance = (embeddings @ embeddings.transpose(-1, -2)).mul_(-2.0)
         squared_distance.add_(squared_norm.unsqueeze(-1)).add_(squared_norm.unsqueeze(-2)).clamp_min_(0.0)
         distance = squared_distance.clamp_min(_MIN_SQUARED_DISTANCE).sqrt_()
         shortfall = distance.neg().add_(margin).relu_()  # max(0, margin - d)

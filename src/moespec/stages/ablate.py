@@ -737,6 +737,7 @@ def retrain(train_cfg: Any, data: Any, train_index: np.ndarray, seed: int, epoch
     steps_per_epoch = math.ceil(len(train.row_batches(np.arange(len(train_index)), train_cfg.batch_size)) / accumulation)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: train.lr_factor(
         train_cfg, steps_per_epoch * train_cfg.epochs, steps_per_epoch, step))
+    dtype = train.autocast_dtype(train_cfg, device)
     model.train()
     for epoch in range(epochs):
         batches = train.row_batches(train.epoch_order(len(train_index), seed, epoch).numpy(), train_cfg.batch_size)
@@ -744,8 +745,7 @@ def retrain(train_cfg: Any, data: Any, train_index: np.ndarray, seed: int, epoch
             window_start = index // accumulation * accumulation
             window_end = min(len(batches), window_start + accumulation)
             rows = torch.as_tensor(batch, device=device)
-            train.train_batch(model, features[rows], targets[rows], 1.0 / (window_end - window_start),
-                              train.autocast_dtype(train_cfg, device))
+            train.train_batch(model, features[rows], targets[rows], 1.0 / (window_end - window_start), dtype)
             if index + 1 == window_end:
                 if train_cfg.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm)

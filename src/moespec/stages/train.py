@@ -413,12 +413,12 @@ def _train_epoch(cfg: Config, model: Any, optimizer: Any, scheduler: Any, featur
 
     model.train()
     batches = row_batches(epoch_order(len(train_rows), cfg.seed, state.epoch), cfg.batch_size)
+    dtype = autocast_dtype(cfg, features.device)
     for index in range(state.batch_in_epoch, len(batches)):
         rows = train_rows[batches[index].to(train_rows.device)]
         window_end = min(len(batches), (index // cfg.grad_accumulation + 1) * cfg.grad_accumulation)
         window_size = window_end - (index // cfg.grad_accumulation) * cfg.grad_accumulation
-        terms = train_batch(model, features[rows], targets[rows], 1.0 / window_size,
-                            autocast_dtype(cfg, features.device))
+        terms = train_batch(model, features[rows], targets[rows], 1.0 / window_size, dtype)
         for name, value in terms.items():
             state.train_sums[name] = state.train_sums.get(name, 0.0) + value * len(rows)
         state.train_rows += len(rows)
