@@ -34,6 +34,7 @@ from torch import nn
 from moespec.models import DictionaryMoEConfig, TopKMoEConfig
 from moespec.models.optim import flat_adam
 from moespec.models.topk import TopKMoELayer
+from moespec.stages.train import train_batch
 
 INPUT_DIM = 64
 N_LABELS = 6
@@ -148,24 +149,24 @@ def _with_loop_dispatch(model):
 # ---------------------------------------------------------------- timing
 
 
-def _train_step(model, loss_fn: Callable, x, targets, optimizer) -> None:
+def _train_step(model, backward: Callable, x, targets, optimizer) -> None:
     optimizer.zero_grad()
-    loss_fn(model, x, targets).backward()
+    backward(model, x, targets)
     optimizer.step()
 
 
-def _ours_dictionary_loss(model, x, targets):
-    embedding, aux = model(x)
-    return model.loss_terms(embedding, aux, targets)["total"]
+def _train_stage_backward(model, x, targets):
+    """What the train stage does with a batch (``moespec.stages.train.train_batch``, float32 on CPU)."""
+    train_batch(model, x, targets, 1.0)
 
 
-def _earlier_loss(model, x, targets):
-    return _earlier_contrastive_loss(model(x), targets)
+def _earlier_backward(model, x, targets):
+    _earlier_contrastive_loss(model(x), targets).backward()
 
 
-def _classifier_loss(model, x, targets):
+def _loop_classifier_backward(model, x, targets):
     logits, aux = model(x)
-    return F.cross_entropy(logits, targets) + aux["aux_loss"]
+    (F.cross_entropy(logits, targets) + aux["aux_loss"]).backward()
 
 
 def _throughput(runs: dict[str, tuple], batch: int, steps: int, rounds: int) -> dict[str, float]:
@@ -178,13 +179,13 @@ def _throughput(runs: dict[str, tuple], batch: int, steps: int, rounds: int) -> 
     x = torch.randn(batch, INPUT_DIM, generator=generator)
     targets = torch.randint(0, N_LABELS, (batch,), generator=generator)
     rates: dict[str, list[float]] = {name: [] for name in runs}
-    for name, (model, loss_fn, optimizer) in runs.items():  # warm-up (allocator, lazy init)
-        _train_step(model, loss_fn, x, targets, optimizer)
+    for name, (model, backward, optimizer) in runs.items():  # warm-up (allocator, lazy init, numba)
+        _train_step(model, backward, x, targets, optimizer)
     for _ in range(rounds):
-        for name, (model, loss_fn, optimizer) in runs.items():
+        for name, (model, backward, optimizer) in runs.items():
             start = time.perf_counter()
             for _ in range(steps):
-                _train_step(model, loss_fn, x, targets, optimizer)
+                _train_step(model, backward, x, targets, optimizer)
             rates[name].append(steps * batch / (time.perf_counter() - start))
     return {name: max(values) for name, values in rates.items()}
 
@@ -196,18 +197,18 @@ def _contenders(seed: int) -> dict[str, dict[str, tuple]]:
     classifier = TopKMoEConfig().build(input_dim=INPUT_DIM, n_classes=N_LABELS, seed=seed)
     looped = _with_loop_dispatch(classifier)
 
-    def entry(model, loss_fn):
+    def entry(model, backward):
         # The train stage's optimiser (fused Adam over one flat parameter buffer) for every contender.
-        return model, loss_fn, flat_adam(model, lr=1e-3)
+        return model, backward, flat_adam(model, lr=1e-3)
 
     return {
         "dictionary MoE": {
-            "earlier per-sample loop": entry(earlier, _earlier_loss),
-            "moespec DictionaryMoE": entry(ours, _ours_dictionary_loss),
+            "earlier per-sample loop": entry(earlier, _earlier_backward),
+            "moespec DictionaryMoE": entry(ours, _train_stage_backward),
         },
         "top-k classifier": {
-            "loop over experts": entry(looped, _classifier_loss),
-            "moespec TopKMoEClassifier": entry(classifier, _classifier_loss),
+            "loop over experts": entry(looped, _loop_classifier_backward),
+            "moespec TopKMoEClassifier": entry(classifier, _train_stage_backward),
         },
     }
 

@@ -22,227 +22,261 @@ All experts are stored as stacked tensors and run together: no loop over experts
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moespec.models.layers import init_linear_, new_linear, uniform_fan_in_
-from moespec.models.losses import contrastive_margin_loss, positive_pair_mask, switch_load_balancing_loss
+from moespec.models import kernels
+from moespec.models.layers import init_linear_, new_linear
+from moespec.models.lista import LISTAExperts, Shrinkage, lista_backward, lista_forward
+from moespec.models.losses import (
+    contrastive_backward,
+    contrastive_forward,
+    contrastive_margin_loss,
+    positive_pair_mask,
+    switch_load_balancing_loss,
+)
 from moespec.models.routing import Ablation, expert_counts, route_dictionary
 
-Shrinkage = Literal["topk", "soft"]
+
+class HeadWeights(NamedTuple):
+    """The parameters after the experts: gate query and keys, dictionaries, projection head."""
+
+    query_weight: torch.Tensor  # (q, d)
+    query_bias: torch.Tensor  # (q,)
+    keys: torch.Tensor  # (E, q)
+    dictionary: torch.Tensor  # (E, d, m)
+    w1: torch.Tensor  # (H, m)
+    b1: torch.Tensor  # (H,)
+    w2: torch.Tensor  # (P, H)
+    b2: torch.Tensor  # (P,)
 
 
-class _UnrolledLISTA(torch.autograd.Function):
-    """All unrolled LISTA steps of all experts, with a hand-written backward pass.
+class HeadState(NamedTuple):
+    """``head_forward``'s outputs, kept for ``head_backward``. Samples are columns (N last)."""
 
-    Recorded op by op, a step costs autograd about ten nodes (matmuls, the shrinkage's sort, masks
-    and their gradients), and on the small matrices of this model each node costs more in dispatch
-    than in arithmetic. The backward of the recursion is short enough to write out. With pre-codes
-    ``u_t = W_t x + S_t z_t`` (``z_0 = 0``), codes ``z_{t+1} = shrink(u_t)`` and ``h_t = dL/du_t``::
-
-        h_{L-1} = dL/dz_L * shrink'(u_{L-1}),   h_{t-1} = (S_t^T h_t) * shrink'(u_{t-1})
-        dL/dW_t = h_t x^T,   dL/dS_t = h_t z_t^T,   dL/dx = sum_t W_t^T h_t
-
-    where ``shrink'`` is 1 for the straight-through hard top-k (Bengio et al. 2013: the gradient
-    reaches every entry, zeroed or not, as in the earlier pipeline's ``TopKSTE``) and the indicator
-    of ``|u| > theta`` for soft thresholding, whose threshold gradient is ``-sum_b h_t sign(z_{t+1})``.
-
-    Codes are column vectors here: one (L, E, m, N) buffer holds every step's codes, computed in
-    place and reused by backward. In that layout the input drives of all steps and experts are one
-    (L E m, d) x (d, N) product, and the encoder gradient another: as plain matrix products they take
-    about 65 us each at the default sizes, where the (L E)-batched products of the row layout took
-    about 170 us (torch 2.13, 2 CPU threads).
-    """
-
-    @staticmethod
-    def forward(ctx, x, encoder, lateral, sparsity, thresholds):
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):  # run in the autocast dtype, as a matmul would
-            dtype = torch.get_autocast_dtype(device_type)
-            x, encoder, lateral = x.to(dtype), encoder.to(dtype), lateral.to(dtype)
-            thresholds = thresholds.to(dtype) if thresholds is not None else None
-        n_layers, n_experts, code_dim, input_dim = encoder.shape
-        with torch.autocast(device_type, enabled=False):
-            # W_t x does not depend on z: all L * E input drives in one matrix product.
-            codes = torch.mm(encoder.reshape(-1, input_dim), x.t()).view(n_layers, n_experts, code_dim, -1)
-            rank = (code_dim - sparsity) if thresholds is None else None  # (E,) order statistic kept from
-            for t in range(n_layers):
-                if t > 0:  # z_0 = 0: the first step is W_0 x alone
-                    codes[t].baddbmm_(lateral[t], codes[t - 1])
-                if thresholds is None:
-                    _keep_largest_(codes[t], rank)
-                else:
-                    _soft_threshold_(codes[t], thresholds[t].unsqueeze(-1))
-        ctx.soft = thresholds is not None
-        ctx.save_for_backward(x, encoder, lateral, codes)
-        return codes[-1].transpose(1, 2).contiguous()  # (E, N, m); the saved buffer stays private
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_codes):
-        x, encoder, lateral, codes = ctx.saved_tensors
-        n_layers, n_experts, code_dim, input_dim = encoder.shape
-        with torch.autocast(grad_codes.device.type, enabled=False):
-            grad_pre = torch.empty_like(codes)  # h_t, (L, E, m, N)
-            grad_pre[-1] = grad_codes.transpose(1, 2)
-            for t in range(n_layers - 1, -1, -1):
-                if ctx.soft:
-                    grad_pre[t].mul_(codes[t] != 0)  # shrink' of soft thresholding
-                if t > 0:
-                    torch.bmm(lateral[t].transpose(1, 2), grad_pre[t], out=grad_pre[t - 1])
-            flat = grad_pre.view(-1, x.shape[0])  # (L E m, N)
-            grad_x = grad_encoder = grad_lateral = grad_thresholds = None
-            if ctx.needs_input_grad[0]:
-                grad_x = torch.mm(flat.t(), encoder.reshape(-1, input_dim))  # (N, d)
-            if ctx.needs_input_grad[1]:
-                grad_encoder = torch.mm(flat, x).view_as(encoder)  # (L, E, m, d)
-            if ctx.needs_input_grad[2]:
-                grad_lateral = torch.zeros_like(lateral)  # S_0 multiplies z_0 = 0
-                torch.bmm(grad_pre[1:].flatten(0, 1), codes[:-1].flatten(0, 1).transpose(1, 2),
-                          out=grad_lateral[1:].flatten(0, 1))
-            if ctx.soft and ctx.needs_input_grad[4]:
-                grad_thresholds = -(grad_pre * codes.sign()).sum(dim=-1)  # (L, E, m)
-        return grad_x, grad_encoder, grad_lateral, None, grad_thresholds
+    query: torch.Tensor  # (q, N)
+    logits: torch.Tensor  # (E, N)
+    probs: torch.Tensor  # (E, N)
+    expert_index: torch.Tensor  # (N,)
+    selected: torch.Tensor  # (E, N) bool, one-hot of expert_index
+    weights: torch.Tensor  # (E, N) combine weights
+    code: torch.Tensor  # (m, N)
+    hidden: torch.Tensor  # (H, N)
+    embedding: torch.Tensor  # (N, P)
+    residual: torch.Tensor  # (E, d, N) D_e z_e - x
+    error: torch.Tensor  # (E, N) ||x - D_e z_e||^2
+    dispatch_fraction: torch.Tensor  # (E,) f_e
+    reconstruction_loss: torch.Tensor  # ()
+    balance_loss: torch.Tensor  # ()
 
 
-def _keep_largest_(pre_codes: torch.Tensor, rank: torch.Tensor) -> None:
-    """Zero all but the ``m - rank_e`` largest-magnitude entries of each code vector, in place.
+def head_forward(x: torch.Tensor, codes: torch.Tensor, weights: HeadWeights, straight_through: bool) -> HeadState:
+    """Everything after the experts' codes: gate, routing, mixture, projection, reconstruction, balance.
 
-    On CPU in float32/64, a vector keeps the entries at least as large as its ``rank_e``-th order
-    statistic (ascending); ties, which would keep an extra entry, have probability zero there.
-    NumPy's vectorised sort of many short rows is several times faster than ``torch.sort`` on CPU
-    (torch 2.13, 448 vectors of 32 float32: 29 us with the transposing copy, against 77 us).
+    With ``w`` the combine weights (``p`` for soft routing, ``onehot(argmax p)`` for straight-through)::
+
+        p = softmax(s K (Wq x + bq)),   c = sum_e w_e z_e,   y = W2 relu(W1 c + b1) + b2
+        r_e = D_e z_e - x,   recon = mean_b sum_e w_be |r_eb|^2,   balance = E sum_e f_e mean_b p_be
+
+    The element-wise parts run as compiled kernels on CPU (``moespec.models.kernels``), as torch
+    operations elsewhere.
 
     Parameters
     ----------
-    pre_codes : Tensor of shape (E, m, N)
-        Code vectors as columns.
-    rank : LongTensor of shape (E,)
-        ``m - k_e``, 0 <= rank_e < m.
+    x : Tensor of shape (N, d)
+    codes : Tensor of shape (E, m, N)
+        The experts' last codes, as columns.
+    weights : HeadWeights
+    straight_through : bool
+        Hard arg-max combine weights (else the soft mixture).
     """
-    if pre_codes.device.type == "cpu" and pre_codes.dtype in (torch.float32, torch.float64):
-        values = pre_codes.numpy()
-        magnitude = np.abs(values)  # (E, m, N)
-        order_statistics = np.ascontiguousarray(magnitude.transpose(0, 2, 1))  # (E, N, m)
-        order_statistics.sort(axis=-1)
-        threshold = order_statistics[np.arange(len(values)), :, rank.numpy()]  # (E, N)
-        np.multiply(values, magnitude >= threshold[:, None, :], out=values)
-        return
-    # Elsewhere (GPU, bfloat16, where ties are common): exactly k entries, ties broken by position.
-    m = pre_codes.shape[-2]
-    order = pre_codes.abs().argsort(dim=-2, descending=True, stable=True)  # (E, m, N)
-    kept = torch.arange(m, device=pre_codes.device).view(1, m, 1) < (m - rank).view(-1, 1, 1)  # by position
-    pre_codes.mul_(torch.zeros_like(pre_codes, dtype=torch.bool).scatter_(-2, order, kept.expand_as(order)))
+    xt = x.t()  # (d, N)
+    query = torch.addmm(weights.query_bias.unsqueeze(-1), weights.query_weight, xt)  # (q, N)
+    logits = torch.mm(weights.keys, query).mul_(1.0 / math.sqrt(weights.keys.shape[1]))  # (E, N)
+    probs, expert_index, selected, combine, code, dispatch_fraction, balance_loss = _route(
+        logits, codes, straight_through)
+    hidden = torch.addmm(weights.b1.unsqueeze(-1), weights.w1, code).relu_()  # (H, N)
+    embedding = torch.addmm(weights.b2, hidden.t(), weights.w2.t())  # (N, P)
+    residual = torch.bmm(weights.dictionary, codes)  # (E, d, N) D_e z_e, minus x below
+    error, reconstruction_loss = _reconstruction_error_(residual, xt, combine)
+    return HeadState(query, logits, probs, expert_index, selected, combine, code, hidden, embedding, residual,
+                     error, dispatch_fraction, reconstruction_loss, balance_loss)
 
 
-def _soft_threshold_(pre_codes: torch.Tensor, threshold: torch.Tensor) -> None:
-    """ISTA's shrinkage ``sign(u) max(|u| - theta, 0)`` (Daubechies et al. 2004), in place.
+def _route(logits: torch.Tensor, codes: torch.Tensor, straight_through: bool) -> tuple[torch.Tensor, ...]:
+    """Probabilities, arg-max, its one-hot, combine weights, mixed code (m, N), f_e and balance loss."""
+    n_experts, batch = logits.shape
+    if kernels.fused(logits):
+        probs, combine = torch.empty_like(logits), torch.empty_like(logits)
+        selected, expert_index = torch.empty_like(logits, dtype=torch.bool), logits.new_empty(batch, dtype=torch.long)
+        code, dispatch_fraction = codes.new_empty(codes.shape[1:]), logits.new_empty(n_experts)
+        balance = kernels.route(logits.numpy(), _array(codes), straight_through, probs.numpy(), combine.numpy(),
+                                selected.numpy(), expert_index.numpy(), code.numpy(), dispatch_fraction.numpy())
+        return probs, expert_index, selected, combine, code, dispatch_fraction, torch.tensor(balance, dtype=logits.dtype)
+    probs = torch.softmax(logits, dim=0)
+    expert_index = probs.argmax(dim=0)  # (N,)
+    selected = torch.zeros_like(probs, dtype=torch.bool).scatter_(0, expert_index.unsqueeze(0), True)
+    combine = selected.to(probs.dtype) if straight_through else probs  # (E, N)
+    code = (codes * combine.unsqueeze(1)).sum(0)  # (m, N)
+    dispatch_fraction = selected.sum(1, dtype=probs.dtype) / batch  # (E,)
+    balance_loss = n_experts * torch.dot(dispatch_fraction, probs.mean(1))
+    return probs, expert_index, selected, combine, code, dispatch_fraction, balance_loss
+
+
+def _reconstruction_error_(residual: torch.Tensor, xt: torch.Tensor,
+                           combine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Subtract x from ``residual`` (E, d, N) in place; return ``|residual|^2`` (E, N) and its
+    combine-weighted mean over samples."""
+    batch = xt.shape[1]
+    if kernels.fused(residual):
+        error = residual.new_empty(combine.shape)
+        loss = kernels.reconstruction_error(residual.numpy(), _array(xt.contiguous()), combine.numpy(), error.numpy())
+        return error, torch.tensor(loss, dtype=residual.dtype)
+    error = residual.sub_(xt).square().sum(1)
+    return error, torch.mul(combine, error).sum() / batch
+
+
+def _array(tensor: torch.Tensor):
+    """A CPU tensor's NumPy view, for a kernel (autograd nodes receive inputs that require grad)."""
+    return tensor.detach().numpy()
+
+
+def head_backward(x: torch.Tensor, codes: torch.Tensor, weights: HeadWeights, state: HeadState,
+                  grad_embedding: torch.Tensor | None, reconstruction: Any, balance: Any,
+                  grads: dict[str, torch.Tensor | None], grad_codes: torch.Tensor) -> None:
+    """Accumulate the gradients of ``head_forward`` into ``grads`` and write dL/dcodes.
+
+    The straight-through gradient of the combine weights is that of ``p`` (``onehot + p -
+    stopgrad(p)``), so both routings share ``dL/dp_be = dL/dw_be (+ the balance term)``; ``f`` (the
+    share of rows whose arg-max is e) has no gradient, as in Switch. ``state.residual`` is
+    overwritten.
 
     Parameters
     ----------
-    pre_codes : Tensor of shape (E, m, N)
-    threshold : Tensor of shape (E, m, 1)
+    x, codes, weights : as for ``head_forward``
+    state : HeadState
+    grad_embedding : Tensor of shape (N, P), or None
+    reconstruction, balance : float, Tensor of shape (), or None
+        dL/d(reconstruction_loss) and dL/d(balance_loss); None where the loss is not used.
+    grads : dict
+        Buffers to add to, keyed by the ``HeadWeights`` field names and ``"x"`` (N, d); a missing
+        key or None skips that gradient.
+    grad_codes : Tensor of shape (E, m, N)
+        Receives dL/dcodes (overwritten).
     """
-    excess = (pre_codes.abs() - threshold).clamp_(min=0.0)
-    pre_codes.sign_().mul_(excess)
+    grad_code = None if grad_embedding is None else _projection_backward(weights, state, grad_embedding, grads)
+    if grad_code is not None and reconstruction is not None and balance is not None and kernels.fused(codes):
+        grad_residual, grad_logits = state.residual, torch.empty_like(state.probs)
+        kernels.route_backward(_array(codes), grad_code.numpy(), state.weights.numpy(), state.probs.numpy(),
+                               state.error.numpy(), state.dispatch_fraction.numpy(), grad_residual.numpy(),
+                               float(reconstruction), float(balance), 1.0 / math.sqrt(weights.keys.shape[1]),
+                               grad_codes.numpy(), grad_logits.numpy())
+    else:
+        grad_residual, grad_logits = _route_backward(codes, weights, state, grad_code, reconstruction, balance,
+                                                     grad_codes)
+    if grad_residual is not None:
+        if grads.get("dictionary") is not None:
+            grads["dictionary"].baddbmm_(grad_residual, codes.transpose(1, 2))  # (E, d, m)
+        grad_codes.baddbmm_(weights.dictionary.transpose(1, 2), grad_residual)
+    if grad_logits is not None:
+        _add_matmul(grads.get("keys"), grad_logits, state.query.t())
+        grad_query = torch.mm(weights.keys.t(), grad_logits)  # (q, N)
+        _add_matmul(grads.get("query_weight"), grad_query, x)
+        _add_sum(grads.get("query_bias"), grad_query, 1)
+        _add_matmul(grads.get("x"), grad_query.t(), weights.query_weight)
+    if grads.get("x") is not None and grad_residual is not None:
+        grads["x"].sub_(grad_residual.sum(0).t())
 
 
-class _GatedDictionaryHead(torch.autograd.Function):
-    """Everything after the experts' codes, with a hand-written backward: gate, routing, mixture,
-    projection head, reconstruction and load-balancing losses.
+def _projection_backward(weights: HeadWeights, state: HeadState, grad_embedding: torch.Tensor,
+                         grads: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    """Accumulate the projection head's gradients; return dL/dcode (m, N)."""
+    _add_matmul(grads.get("w2"), grad_embedding.t(), state.hidden.t())
+    _add_sum(grads.get("b2"), grad_embedding, 0)
+    grad_hidden = torch.mm(weights.w2.t(), grad_embedding.t()).mul_(state.hidden > 0)  # (H, N)
+    _add_matmul(grads.get("w1"), grad_hidden, state.code.t())
+    _add_sum(grads.get("b1"), grad_hidden, 1)
+    return torch.mm(weights.w1.t(), grad_hidden)
 
-    The same computation as ``DictionaryMoE._forward_autograd`` (tested to agree, gradients included)
-    in one autograd node instead of some fifty, each of which costs more in dispatch than in
-    arithmetic on this model's small matrices. Forward, with ``w`` the combine weights (``p`` for
-    soft routing, ``onehot(argmax p)`` for straight-through)::
 
-        p = softmax(s (x Wq^T + bq) K^T),   c_b = sum_e w_be z_eb,   y = W2 relu(W1 c + b1) + b2
-        r_eb = D_e z_eb - x_b,   recon = mean_b sum_e w_be |r_eb|^2,   balance = E sum_e f_e mean_b p_be
+def _route_backward(codes: torch.Tensor, weights: HeadWeights, state: HeadState, grad_code: torch.Tensor | None,
+                    reconstruction: Any, balance: Any, grad_codes: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """``kernels.route_backward`` as torch operations, where any term may be absent (None).
 
-    Backward: the straight-through gradient of ``w`` is that of ``p`` (``onehot + p - stopgrad(p)``),
-    so both routings share ``dL/dp_be = dL/dw_be (+ the balance term)``; ``f`` (the share of rows
-    whose arg-max is e) has no gradient, as in Switch.
+    Returns dL/dresidual (E, d, N) and dL/dlogits (E, N), each None when nothing reaches it.
+    """
+    n_experts, batch = state.probs.shape
+    grad_weights = grad_residual = None
+    if grad_code is not None:
+        torch.mul(state.weights.unsqueeze(1), grad_code, out=grad_codes)  # (E, m, N)
+        grad_weights = (codes * grad_code).sum(1)  # (E, N)
+    else:
+        grad_codes.zero_()
+    if reconstruction is not None:
+        grad_residual = state.residual.mul_(state.weights.unsqueeze(1) * (2.0 / batch * reconstruction))
+        from_error = state.error * (reconstruction / batch)
+        grad_weights = from_error if grad_weights is None else grad_weights.add_(from_error)
+    if balance is not None:
+        from_balance = (state.dispatch_fraction * (balance * n_experts / batch)).unsqueeze(1)  # (E, 1)
+        grad_weights = from_balance.expand_as(state.probs) if grad_weights is None else grad_weights.add_(from_balance)
+    if grad_weights is None:
+        return grad_residual, None
+    grad_logits = torch._softmax_backward_data(grad_weights, state.probs, 0, state.probs.dtype)
+    return grad_residual, grad_logits.mul_(1.0 / math.sqrt(weights.keys.shape[1]))
 
-    Differentiable outputs: ``embedding``, ``reconstruction_loss``, ``balance_loss``, ``aux_loss``.
-    The routing tensors returned beside them are not differentiable.
+
+def _add_matmul(into: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> None:
+    if into is not None:
+        into.addmm_(a, b)
+
+
+def _add_sum(into: torch.Tensor | None, values: torch.Tensor, dim: int) -> None:
+    if into is not None:
+        into.add_(values.sum(dim))
+
+
+class GatedDictionaryHead(torch.autograd.Function):
+    """``head_forward`` as one autograd node with ``head_backward`` as its backward (about fifty
+    nodes op by op, each costing more in dispatch than in arithmetic on this model's small matrices).
+
+    Differentiable outputs: ``embedding`` (N, P), ``reconstruction_loss``, ``balance_loss``,
+    ``aux_loss``. The routing tensors returned beside them, samples first, are not differentiable.
     """
 
     @staticmethod
-    def forward(ctx, x, codes, query_weight, query_bias, keys, dictionary, w1, b1, w2, b2,
-                straight_through, reconstruction_weight, balance_weight):
+    def forward(ctx, x, codes, straight_through, reconstruction_weight, balance_weight, *head_weights):
         ctx.set_materialize_grads(False)
         if torch.is_autocast_enabled(x.device.type):  # the experts ran in low precision; this part is small
             x, codes = x.float(), codes.float()
+        weights = HeadWeights(*head_weights)
         with torch.autocast(x.device.type, enabled=False):
-            n_experts, batch = codes.shape[0], x.shape[0]
-            scale = 1.0 / math.sqrt(keys.shape[1])
-            query = torch.addmm(query_bias, x, query_weight.t())  # (B, q)
-            logits = torch.mm(query, keys.t()).mul_(scale)  # (B, E)
-            probs = torch.softmax(logits, dim=-1)
-            expert_index = probs.argmax(dim=-1, keepdim=True)  # (B, 1)
-            selected = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, expert_index, True)
-            weights = selected.to(probs.dtype) if straight_through else probs  # (B, E)
-            weights_t = weights.t().unsqueeze(-1)  # (E, B, 1)
-            code = (weights_t * codes).sum(0)  # (B, m)
-            hidden = torch.addmm(b1, code, w1.t()).relu_()  # (B, H)
-            embedding = torch.addmm(b2, hidden, w2.t())  # (B, P)
-            residual = torch.bmm(codes, dictionary.transpose(1, 2)).sub_(x)  # (E, B, d) D_e z_e - x
-            error = residual.square().sum(-1)  # (E, B)
-            reconstruction_loss = torch.mul(weights.t(), error).sum() / batch
-            dispatch_fraction = selected.sum(0, dtype=probs.dtype) / batch  # (E,) f_e
-            balance_loss = n_experts * torch.dot(dispatch_fraction, probs.mean(0))
-            aux_loss = reconstruction_weight * reconstruction_loss + balance_weight * balance_loss
-        ctx.save_for_backward(x, codes, query_weight, keys, dictionary, w1, w2, query, probs, weights_t,
-                              code, hidden, residual, error, dispatch_fraction)
-        ctx.weights = (scale, reconstruction_weight, balance_weight)
-        ctx.mark_non_differentiable(logits, probs, weights, expert_index, selected, code, error)
-        return (embedding, reconstruction_loss, balance_loss, aux_loss,
-                logits, probs, weights, expert_index, selected, code, error.t())
+            state = head_forward(x, codes, weights, straight_through)
+            aux_loss = reconstruction_weight * state.reconstruction_loss + balance_weight * state.balance_loss
+        ctx.save_for_backward(x, codes, *weights, *state)
+        ctx.loss_weights = (reconstruction_weight, balance_weight)
+        routing = (state.logits.t(), state.probs.t(), state.weights.t(), state.expert_index.unsqueeze(-1),
+                   state.selected.t(), state.code.t(), state.error.t())
+        ctx.mark_non_differentiable(*routing)
+        return (state.embedding, state.reconstruction_loss, state.balance_loss, aux_loss, *routing)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_embedding, grad_reconstruction, grad_balance, grad_aux, *_):
-        (x, codes, query_weight, keys, dictionary, w1, w2, query, probs, weights_t, code, hidden, residual,
-         error, dispatch_fraction) = ctx.saved_tensors
-        scale, reconstruction_weight, balance_weight = ctx.weights
-        n_experts, batch = codes.shape[0], x.shape[0]
-        # Total weight of each loss in the objective (None: that output was not used).
-        recon = _sum_grads(grad_reconstruction, grad_aux, reconstruction_weight)
-        balance = _sum_grads(grad_balance, grad_aux, balance_weight)
-        grads = dict.fromkeys(("x", "codes", "wq", "bq", "keys", "dictionary", "w1", "b1", "w2", "b2"))
-        grad_code = grad_weights = grad_residual = None
-        if grad_embedding is not None:
-            grads["w2"], grads["b2"] = grad_embedding.t() @ hidden, grad_embedding.sum(0)
-            grad_hidden = (grad_embedding @ w2).mul_(hidden > 0)
-            grads["w1"], grads["b1"] = grad_hidden.t() @ code, grad_hidden.sum(0)
-            grad_code = grad_hidden @ w1  # (B, m)
-            grads["codes"] = weights_t * grad_code  # (E, B, m)
-            grad_weights = (codes * grad_code).sum(-1)  # (E, B)
-        if recon is not None:
-            grad_residual = residual * (weights_t * (2.0 / batch) * recon)  # (E, B, d)
-            grads["dictionary"] = torch.bmm(grad_residual.transpose(1, 2), codes)  # (E, d, m)
-            from_recon = torch.bmm(grad_residual, dictionary)
-            grads["codes"] = from_recon if grads["codes"] is None else grads["codes"].add_(from_recon)
-            from_error = error * (recon / batch)
-            grad_weights = from_error if grad_weights is None else grad_weights.add_(from_error)
-        grad_probs = grad_weights.t() if grad_weights is not None else None  # (B, E); straight-through too
-        if balance is not None:
-            from_balance = dispatch_fraction * (balance * n_experts / batch)
-            grad_probs = from_balance.expand_as(probs) if grad_probs is None else grad_probs + from_balance
-        if grad_probs is not None:
-            grad_logits = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype).mul_(scale)
-            grads["keys"] = grad_logits.t() @ query  # (E, q)
-            grad_query = grad_logits @ keys  # (B, q)
-            grads["wq"], grads["bq"] = grad_query.t() @ x, grad_query.sum(0)
-            if ctx.needs_input_grad[0]:
-                grads["x"] = grad_query @ query_weight
-        if ctx.needs_input_grad[0] and grad_residual is not None:
-            grads["x"] = -grad_residual.sum(0) if grads["x"] is None else grads["x"].sub_(grad_residual.sum(0))
-        return (*grads.values(), None, None, None)
+        x, codes, *saved = ctx.saved_tensors
+        weights, state = HeadWeights(*saved[:len(HeadWeights._fields)]), HeadState(*saved[len(HeadWeights._fields):])
+        reconstruction_weight, balance_weight = ctx.loss_weights
+        wanted = dict(zip(("x", "codes", *HeadWeights._fields), ctx.needs_input_grad[:2] + ctx.needs_input_grad[5:]))
+        grads = {name: torch.zeros_like(value) if wanted[name] else None
+                 for name, value in zip(("x", *HeadWeights._fields), (x, *weights))}
+        grad_codes = torch.empty_like(codes)
+        with torch.autocast(x.device.type, enabled=False):
+            head_backward(x, codes, weights, state, grad_embedding,
+                          _sum_grads(grad_reconstruction, grad_aux, reconstruction_weight),
+                          _sum_grads(grad_balance, grad_aux, balance_weight), grads, grad_codes)
+        return (grads["x"], grad_codes, None, None, None, *(grads[name] for name in HeadWeights._fields))
 
 
 def _sum_grads(direct, through_aux, weight: float):
@@ -250,99 +284,6 @@ def _sum_grads(direct, through_aux, weight: float):
     if through_aux is None:
         return direct
     return through_aux * weight if direct is None else direct + through_aux * weight
-
-
-class LISTAExperts(nn.Module):
-    """E unrolled LISTA encoders with their own dictionaries, stacked.
-
-    Weights are stored layer-major, ``encoder`` W (L, E, m, d) and ``lateral`` S (L, E, m, m), and
-    codes are computed expert-major (E, N, m), so that each unrolled step is a single batched
-    matrix product over experts on contiguous slices.
-
-    Parameters
-    ----------
-    input_dim : int
-        d, the width of x.
-    code_dim : int
-        m, the code width (number of atoms per dictionary).
-    n_layers : int
-        L, unrolled iterations.
-    sparsity_levels : list of int
-        k_e per expert (used by the "topk" shrinkage).
-    shrinkage : {"topk", "soft"}
-        Hard top-k with a straight-through gradient, or soft thresholding with learned thresholds
-        (one per layer, expert and atom, kept positive by a softplus).
-    soft_threshold_init : float
-        Initial threshold of the "soft" shrinkage.
-    """
-
-    def __init__(
-        self,
-        input_dim: int,
-        code_dim: int,
-        n_layers: int,
-        sparsity_levels: list[int],
-        shrinkage: Shrinkage = "topk",
-        soft_threshold_init: float = 0.1,
-    ):
-        super().__init__()
-        n_experts = len(sparsity_levels)
-        self.input_dim, self.code_dim, self.n_layers, self.n_experts = input_dim, code_dim, n_layers, n_experts
-        self.shrinkage, self.soft_threshold_init = shrinkage, soft_threshold_init
-        self.register_buffer("sparsity", torch.tensor(sparsity_levels, dtype=torch.long))
-        self.encoder = nn.Parameter(torch.empty(n_layers, n_experts, code_dim, input_dim))  # W_t
-        self.lateral = nn.Parameter(torch.empty(n_layers, n_experts, code_dim, code_dim))  # S_t
-        self.dictionary = nn.Parameter(torch.empty(n_experts, input_dim, code_dim))  # D_e, atoms are columns
-        self.raw_threshold = nn.Parameter(torch.empty(n_layers, n_experts, code_dim)) if shrinkage == "soft" else None
-
-    def reset_parameters(self, generator: torch.Generator) -> None:
-        # W_t, S_t: nn.Linear's default, as the earlier pipeline; D_e: 0.01 N(0, 1), as it too.
-        uniform_fan_in_(self.encoder, self.input_dim, generator)
-        uniform_fan_in_(self.lateral, self.code_dim, generator)
-        with torch.no_grad():
-            self.dictionary.normal_(0.0, 0.01, generator=generator)
-            if self.raw_threshold is not None:
-                # softplus^-1(theta_0), so that the initial threshold is theta_0.
-                self.raw_threshold.fill_(math.log(math.expm1(self.soft_threshold_init)))
-
-    def thresholds(self) -> torch.Tensor:
-        """Soft thresholds of shape (n_layers, n_experts, code_dim)."""
-        if self.raw_threshold is None:
-            raise ValueError("thresholds exist only for the 'soft' shrinkage")
-        return F.softplus(self.raw_threshold)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Every expert's sparse code of every sample, expert-major.
-
-        Parameters
-        ----------
-        x : Tensor of shape (n_samples, input_dim)
-
-        Returns
-        -------
-        Tensor of shape (n_experts, n_samples, code_dim)
-        """
-        thresholds = self.thresholds() if self.raw_threshold is not None else None
-        return _UnrolledLISTA.apply(x, self.encoder, self.lateral, self.sparsity, thresholds)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Every expert's sparse code of every sample.
-
-        Parameters
-        ----------
-        x : Tensor of shape (..., input_dim)
-
-        Returns
-        -------
-        Tensor of shape (..., n_experts, code_dim)
-        """
-        codes = self.encode(x.reshape(-1, self.input_dim))  # (E, N, m)
-        return codes.transpose(0, 1).reshape(*x.shape[:-1], self.n_experts, self.code_dim)
-
-    def reconstruct(self, codes: torch.Tensor) -> torch.Tensor:
-        """``D_e z_e`` for every expert: codes (..., E, m) -> (..., E, input_dim)."""
-        return torch.einsum("...em,edm->...ed", codes, self.dictionary)
-
 
 class AttentionGate(nn.Module):
     """Attention-style gate: query ``W_q x + b`` against E learned keys, scaled by sqrt(q).
@@ -456,17 +397,20 @@ class DictionaryMoE(nn.Module):
             raise ValueError(f"input has dimension {x.shape[-1]}, the model was built for {self.input_dim}")
         if ablation is not None:
             return self._forward_autograd(x, ablation)
-        codes = self.experts.encode(x)  # (E, B, m), expert-major
-        gate, projection = self.gate, self.projection
+        codes = self.experts.encode(x)  # (E, m, B)
         (embedding, reconstruction_loss, balance_loss, aux_loss, logits, probs, weights, expert_index, selected,
-         code, reconstruction_error) = _GatedDictionaryHead.apply(
-            x, codes, gate.query.weight, gate.query.bias, gate.keys, self.experts.dictionary,
-            projection[0].weight, projection[0].bias, projection[2].weight, projection[2].bias,
-            self.routing == "straight_through", self.reconstruction_weight, self.balance_loss_weight)
+         code, reconstruction_error) = GatedDictionaryHead.apply(
+            x, codes, self.routing == "straight_through", self.reconstruction_weight, self.balance_loss_weight,
+            *self._head_weights())
         return embedding, _aux_outputs(
             router_logits=logits, router_probs=probs, combine_weights=weights, expert_index=expert_index,
             selected=selected, codes=codes, code=code, reconstruction_error=reconstruction_error,
             reconstruction_loss=reconstruction_loss, balance_loss=balance_loss, aux_loss=aux_loss)
+
+    def _head_weights(self) -> HeadWeights:
+        query, hidden, output = self.gate.query, self.projection[0], self.projection[2]
+        return HeadWeights(query.weight, query.bias, self.gate.keys, self.experts.dictionary,
+                           hidden.weight, hidden.bias, output.weight, output.bias)
 
     def _forward_autograd(
         self, x: torch.Tensor, ablation: Ablation | None
@@ -475,11 +419,11 @@ class DictionaryMoE(nn.Module):
         router_logits = self.gate(x)  # (B, E)
         routing = route_dictionary(router_logits, self.routing, ablation)  # (..., B, E)
         weights = routing.combine_weights.to(x.dtype)
-        codes = self.experts.encode(x)  # (E, B, m), expert-major
-        code = torch.einsum("...be,ebm->...bm", weights, codes)  # (..., B, m)
+        codes = self.experts.encode(x)  # (E, m, B)
+        code = torch.einsum("...be,emb->...bm", weights, codes)  # (..., B, m)
         embedding = self.projection(code)  # (..., B, P)
-        reconstruction = torch.bmm(codes, self.experts.dictionary.transpose(1, 2))  # (E, B, d)
-        reconstruction_error = (x - reconstruction).pow(2).sum(-1).T  # (B, E)
+        reconstruction = torch.bmm(self.experts.dictionary, codes)  # (E, d, B)
+        reconstruction_error = (x.t() - reconstruction).pow(2).sum(1).t()  # (B, E)
         # Weighting by the routing makes the gate prefer experts that reconstruct x well (soft: through
         # p; straight-through: through the surrogate gradient) and trains each routed dictionary.
         reconstruction_loss = (weights * reconstruction_error).sum(-1).mean()
@@ -518,8 +462,65 @@ class DictionaryMoE(nn.Module):
             "total": self.contrastive_weight * contrastive + aux["aux_loss"],
         }
 
+    def accumulate_gradients(self, x: torch.Tensor, targets: torch.Tensor, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """One training batch without autograd: the loss terms, and ``scale`` times the gradient of
+        ``total`` added to every parameter's ``.grad`` (created as zeros where it is None).
+
+        The same functions as ``forward`` + ``loss_terms`` + ``backward`` (the autograd nodes call
+        them too), minus the autograd graph: on the default model at batch 64 on a 2-core CPU the
+        graph's bookkeeping (three custom nodes, their saved tensors, ten gradient accumulations)
+        and the per-node gradient buffers cost as much as the arithmetic. Not for autocast: the
+        train stage takes this path only without it.
+
+        Parameters
+        ----------
+        x : Tensor of shape (batch, input_dim)
+        targets : LongTensor of shape (batch,) or (batch, n_key_columns)
+            Contrastive keys, as for ``loss_terms``.
+        scale : float
+            Multiplies the gradient (1 / the number of accumulated batches).
+
+        Returns
+        -------
+        dict
+            As ``loss_terms``, detached.
+        """
+        if x.shape[-1] != self.input_dim:
+            raise ValueError(f"input has dimension {x.shape[-1]}, the model was built for {self.input_dim}")
+        experts, weights = self.experts, self._head_weights()
+        soft = experts.raw_threshold is not None
+        grads = {name: _grad_buffer(parameter) for name, parameter in zip(HeadWeights._fields, weights)}
+        with torch.no_grad():
+            thresholds = experts.thresholds() if soft else None
+            codes = lista_forward(x, experts.encoder, experts.lateral, experts.sparsity, thresholds)  # (L, E, m, B)
+            state = head_forward(x, codes[-1], weights, self.routing == "straight_through")
+            contrastive, saved = contrastive_forward(state.embedding, positive_pair_mask(targets), self.margin)
+            grad_pre = torch.empty_like(codes)  # dL/du_t of every LISTA step; the last one from the head
+            head_backward(x, codes[-1], weights, state, contrastive_backward(saved, self.contrastive_weight * scale),
+                          self.reconstruction_weight * scale, self.balance_loss_weight * scale, grads, grad_pre[-1])
+            lista_grads = {"encoder": _grad_buffer(experts.encoder), "lateral": _grad_buffer(experts.lateral),
+                           "thresholds": torch.zeros_like(thresholds) if soft else None}
+            lista_backward(x, experts.encoder, experts.lateral, codes, grad_pre, soft, lista_grads)
+            if soft and experts.raw_threshold.requires_grad:  # through theta = softplus(raw)
+                _grad_buffer(experts.raw_threshold).addcmul_(lista_grads["thresholds"],
+                                                             torch.sigmoid(experts.raw_threshold))
+        terms = {"contrastive": contrastive, "reconstruction": state.reconstruction_loss,
+                 "balance": state.balance_loss}
+        terms["total"] = (self.contrastive_weight * contrastive + self.reconstruction_weight * terms["reconstruction"]
+                          + self.balance_loss_weight * terms["balance"])
+        return terms
+
+
+def _grad_buffer(parameter: nn.Parameter) -> torch.Tensor | None:
+    """The ``.grad`` to accumulate into (zeros if there is none yet); None for a frozen parameter."""
+    if not parameter.requires_grad:
+        return None
+    if parameter.grad is None:
+        parameter.grad = torch.zeros_like(parameter)
+    return parameter.grad
+
 
 def _aux_outputs(*, selected: torch.Tensor, codes: torch.Tensor, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
     """The ``aux`` dict of ``DictionaryMoE.forward`` (both paths): ``tensors`` as given, plus the
-    per-expert counts of ``selected`` and the expert-major ``codes`` (E, B, m) as (B, E, m)."""
-    return {**tensors, "expert_counts": expert_counts(selected), "codes": codes.transpose(0, 1)}
+    per-expert counts of ``selected`` and the column ``codes`` (E, m, B) as (B, E, m)."""
+    return {**tensors, "expert_counts": expert_counts(selected), "codes": codes.permute(2, 0, 1)}

@@ -6,7 +6,11 @@ leading batch dimensions (the ablation pass adds one), so the models and the tra
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from moespec.models import kernels
 
 #: Distances below sqrt(_MIN_SQUARED_DISTANCE) are clamped before the square root: the derivative of
 #: sqrt at 0 is infinite, and two identical embeddings of different keys happen (e.g. duplicate texts).
@@ -120,41 +124,91 @@ def contrastive_margin_loss(
     return _ContrastiveMarginLoss.apply(embeddings, positive, margin)
 
 
-class _ContrastiveMarginLoss(torch.autograd.Function):
-    """``contrastive_margin_loss`` as one autograd node (about thirty op by op).
+def contrastive_forward(embeddings: torch.Tensor, positive: torch.Tensor,
+                        margin: float) -> tuple[torch.Tensor, tuple[Any, ...]]:
+    """``contrastive_margin_loss`` without autograd, and what ``contrastive_backward`` needs.
 
-    With ``l_ij`` the pair loss, ``dl/d(d^2)`` is 1 for a positive and ``-max(0, margin - d) / d`` for
-    a negative, and ``d(d_ij^2)/de_i = 2 (e_i - e_j)``; summed over both orders of each pair, the
-    gradient is ``4 c (rowsum(C) e - C e)`` with ``C`` those derivatives and ``c`` the mean's scale.
-    Negatives closer than ``sqrt(_MIN_SQUARED_DISTANCE)`` get no gradient (sqrt's pole; the loss is
-    flat in the direction that separates two identical points anyway).
+    With ``l_ij`` the pair loss, its slope ``dl/d(d_ij^2)`` is 1 for a positive and
+    ``-max(0, margin - d) / d`` for a negative; it is computed here, beside the loss. Negatives
+    closer than ``sqrt(_MIN_SQUARED_DISTANCE)`` get no gradient (sqrt's pole; the loss is flat in
+    the direction that separates two identical points anyway).
+
+    Returns
+    -------
+    loss : Tensor of shape ()
+    saved : tuple
+        For ``contrastive_backward``.
     """
+    embeddings = at_least_float32(embeddings)  # a loss: float32 at least, outside autocast
+    batch = embeddings.shape[-2]
+    pairs = embeddings.numel() // embeddings.shape[-1] * (batch - 1)  # ordered off-diagonal pairs
+    # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: (B, B) work instead of a (B, B, dim) difference tensor.
+    if torch.is_autocast_enabled(embeddings.device.type):
+        with torch.autocast(embeddings.device.type, enabled=False):
+            gram = embeddings @ embeddings.transpose(-1, -2)  # (..., B, B)
+    else:  # entering the context costs more than the product at training batch sizes
+        gram = embeddings @ embeddings.transpose(-1, -2)
+    if embeddings.dim() == 2 and kernels.fused(gram):
+        slope, slope_sum = torch.empty_like(gram), gram.new_empty(batch)
+        total = kernels.contrastive_pairs(gram.numpy(), positive.numpy(), margin, _MIN_SQUARED_DISTANCE,
+                                          slope.numpy(), slope_sum.numpy())
+        loss = torch.tensor(total / pairs, dtype=gram.dtype)
+    else:
+        loss, slope, slope_sum = _contrastive_pairs(gram, positive, margin)
+        loss = loss / pairs
+    return loss, (embeddings.detach(), slope, slope_sum, 1.0 / pairs)
+
+
+def _contrastive_pairs(gram: torch.Tensor, positive: torch.Tensor,
+                       margin: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum of the pair losses, their slopes dl/d(d^2) and the slopes' row sums, from ``e e^T``."""
+    squared_norm = gram.diagonal(dim1=-2, dim2=-1)  # (..., B)
+    # The clamp removes the small negative values cancellation can leave.
+    squared_distance = (gram * -2.0).add_(squared_norm.unsqueeze(-1)).add_(squared_norm.unsqueeze(-2)).clamp_min_(0.0)
+    distance = squared_distance.clamp_min(_MIN_SQUARED_DISTANCE).sqrt_()
+    shortfall = distance.neg().add_(margin).relu_()  # max(0, margin - d)
+    pair_loss = torch.where(positive, squared_distance, shortfall.square())  # (..., B, B)
+    pair_loss.diagonal(dim1=-2, dim2=-1).zero_()
+    negative_slope = (shortfall / distance).masked_fill_(squared_distance < _MIN_SQUARED_DISTANCE, 0.0)
+    slope = torch.where(positive, 1.0, negative_slope.neg_())
+    slope.diagonal(dim1=-2, dim2=-1).zero_()
+    return pair_loss.sum(), slope, slope.sum(dim=-1)
+
+
+def contrastive_backward(saved: tuple[Any, ...], grad_loss: torch.Tensor | float) -> torch.Tensor:
+    """Gradient of ``contrastive_margin_loss`` with respect to the embeddings.
+
+    ``d(d_ij^2)/de_i = 2 (e_i - e_j)``; summed over both orders of each pair, the gradient is
+    ``4 c (rowsum(C) e - C e)`` with ``C`` the slopes and ``c`` the mean's scale.
+
+    Parameters
+    ----------
+    saved : tuple
+        From ``contrastive_forward``.
+    grad_loss : float or Tensor of shape ()
+        dL/d(loss).
+    """
+    embeddings, slope, slope_sum, scale = saved
+    coefficient = grad_loss * (-4.0 * scale)
+    if embeddings.dim() == 2 and not torch.is_tensor(coefficient):
+        return torch.addmm(embeddings * slope_sum.unsqueeze(-1), slope, embeddings, beta=coefficient,
+                           alpha=-coefficient)
+    grad = torch.matmul(slope, embeddings).sub_(slope_sum.unsqueeze(-1) * embeddings)
+    return grad.mul_(coefficient)
+
+
+class _ContrastiveMarginLoss(torch.autograd.Function):
+    """``contrastive_margin_loss`` as one autograd node (about thirty op by op)."""
 
     @staticmethod
     def forward(ctx, embeddings, positive, margin):
-        embeddings = at_least_float32(embeddings)  # a loss: float32 at least, outside autocast
-        batch = embeddings.shape[-2]
-        # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: (B, B) work instead of a (B, B, dim) difference tensor;
-        # the clamp removes the small negative values cancellation can leave.
-        squared_norm = embeddings.square().sum(dim=-1)  # (..., B)
-        with torch.autocast(embeddings.device.type, enabled=False):
-            squared_distance = (embeddings @ embeddings.transpose(-1, -2)).mul_(-2.0)
-        squared_distance.add_(squared_norm.unsqueeze(-1)).add_(squared_norm.unsqueeze(-2)).clamp_min_(0.0)
-        distance = squared_distance.clamp_min(_MIN_SQUARED_DISTANCE).sqrt_()
-        shortfall = distance.neg().add_(margin).relu_()  # max(0, margin - d)
-        pair_loss = torch.where(positive, squared_distance, shortfall.square())  # (..., B, B)
-        pair_loss.diagonal(dim1=-2, dim2=-1).zero_()
-        ctx.scale = 1.0 / (pair_loss.numel() // batch // batch * batch * (batch - 1))  # mean over pairs
-        ctx.save_for_backward(embeddings, positive, squared_distance, distance, shortfall)
-        return pair_loss.sum() * ctx.scale
+        loss, saved = contrastive_forward(embeddings, positive, margin)
+        ctx.save_for_backward(*saved[:-1])
+        ctx.scale = saved[-1]
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        embeddings, positive, squared_distance, distance, shortfall = ctx.saved_tensors
-        negative_slope = (shortfall / distance).masked_fill_(squared_distance < _MIN_SQUARED_DISTANCE, 0.0)
-        slope = torch.where(positive, 1.0, negative_slope.neg_())  # dl/d(d^2), (..., B, B)
-        slope.diagonal(dim1=-2, dim2=-1).zero_()
-        scale = grad_loss.to(embeddings.dtype) * (4.0 * ctx.scale)
-        grad = torch.matmul(slope, embeddings).sub_(slope.sum(dim=-1, keepdim=True) * embeddings)
-        return grad.mul_(-scale), None, None
+        saved = (*ctx.saved_tensors, ctx.scale)
+        return contrastive_backward(saved, grad_loss.to(saved[0].dtype)), None, None

@@ -56,8 +56,33 @@ def flatten_parameters_(module: nn.Module) -> nn.Parameter:
     return flat
 
 
-class _InPlaceZeroGrad:
-    """Mixin: ``zero_grad`` fills the gradient buffer with zeros instead of dropping it."""
+class _FlatFusedAdam:
+    """Mixin for ``torch.optim.Adam``/``AdamW`` over one flat parameter: a lean ``step`` and an
+    in-place ``zero_grad``.
+
+    ``step`` calls the fused kernel directly once the state exists: torch's generic path (grouping
+    tensors by device and dtype, hooks, per-group bookkeeping) costs about 70 us per step here,
+    twice the kernel itself (default dictionary MoE, 2 CPU threads). The first step, and any
+    configuration the shortcut does not cover, go through torch's ``step``, which also creates the
+    state exactly as torch would; the update is the same kernel with the same arguments either way.
+    """
+
+    def step(self, closure=None):
+        group = self.param_groups[0]
+        parameter = group["params"][0]
+        state = self.state.get(parameter)
+        if (closure is not None or len(self.param_groups) != 1 or len(group["params"]) != 1 or not state
+                or parameter.grad is None or group["amsgrad"] or group["maximize"] or group["differentiable"]
+                or torch.is_tensor(group["lr"])):
+            return super().step(closure)
+        fused = torch._fused_adamw_ if group.get("decoupled_weight_decay") else torch._fused_adam_
+        beta1, beta2 = group["betas"]
+        with torch.no_grad():
+            state["step"].add_(1)
+            fused([parameter], [parameter.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]],
+                  amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                  eps=group["eps"], maximize=False, grad_scale=None, found_inf=None)
+        return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002 - the views must survive
         for group in self.param_groups:  # one fill per flat buffer (torch's version costs ~30 us more)
@@ -66,12 +91,12 @@ class _InPlaceZeroGrad:
                     parameter.grad.zero_()
 
 
-class FlatAdam(_InPlaceZeroGrad, torch.optim.Adam):
-    """``torch.optim.Adam`` whose ``zero_grad`` keeps the flat gradient buffer."""
+class FlatAdam(_FlatFusedAdam, torch.optim.Adam):
+    """Fused ``torch.optim.Adam`` over a flat parameter (see ``_FlatFusedAdam``)."""
 
 
-class FlatAdamW(_InPlaceZeroGrad, torch.optim.AdamW):
-    """``torch.optim.AdamW`` whose ``zero_grad`` keeps the flat gradient buffer."""
+class FlatAdamW(_FlatFusedAdam, torch.optim.AdamW):
+    """Fused ``torch.optim.AdamW`` over a flat parameter (see ``_FlatFusedAdam``)."""
 
 
 def flat_adam(module: nn.Module, *, lr: float, weight_decay: float = 0.0,

@@ -396,15 +396,21 @@ def autocast_dtype(cfg: Config, device: Any) -> Any:
 def train_batch(model: Any, features: Any, targets: Any, scale: float, dtype: Any = None) -> dict[str, float]:
     """Forward and backward one batch (gradients accumulate); return its loss terms.
 
-    ``dtype``: run the forward pass under autocast to this dtype (None: no autocast).
+    ``dtype``: run the forward pass under autocast to this dtype (None: no autocast). Without
+    autocast, a model with ``accumulate_gradients`` (the dictionary MoE) computes the same gradient
+    without building an autograd graph.
     """
     import torch
 
-    with torch.autocast(features.device.type, dtype=dtype, enabled=dtype is not None):
-        output, aux = model(features)
-        terms = model.loss_terms(output, aux, targets)
-    (terms["total"] * scale).backward()
-    return {name: float(value.detach()) for name, value in terms.items()}
+    if dtype is None and hasattr(model, "accumulate_gradients"):
+        terms = model.accumulate_gradients(features, targets, scale)
+    else:
+        with torch.autocast(features.device.type, dtype=dtype, enabled=dtype is not None):
+            output, aux = model(features)
+            terms = model.loss_terms(output, aux, targets)
+        (terms["total"] * scale).backward()
+    values = torch.stack([value.detach().float() for value in terms.values()]).tolist()  # one device sync
+    return dict(zip(terms, values))
 
 
 def _train_epoch(cfg: Config, model: Any, optimizer: Any, scheduler: Any, features: Any, targets: Any,
