@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moespec.models import Ablation, DictionaryMoEConfig
+from moespec.models import Ablation, DictionaryMoEConfig, kernels
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def backend(request, monkeypatch):
+    """Run a test with the numba CPU kernels, then with the torch operations that stand in for them."""
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "HAVE_NUMBA", False)
+    elif not kernels.HAVE_NUMBA:
+        pytest.skip("numba is not installed")
+    return request.param
 
 
 def _generator(seed: int = 0) -> torch.Generator:
@@ -58,7 +68,7 @@ def test_each_expert_code_has_its_own_sparsity_level():
 
 
 @pytest.mark.parametrize("shrinkage", ["topk", "soft"])
-def test_hand_written_backward_equals_autograd_of_the_loop(shrinkage):
+def test_hand_written_backward_equals_autograd_of_the_loop(shrinkage, backend):
     model = _model(shrinkage=shrinkage).double()
     x = torch.randn(12, 10, generator=_generator(3), dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(12, 3, 6, generator=_generator(4), dtype=torch.float64)
@@ -75,7 +85,7 @@ def test_hand_written_backward_equals_autograd_of_the_loop(shrinkage):
 @pytest.mark.parametrize("x_requires_grad", [False, True])
 @pytest.mark.parametrize("routing", ["soft", "straight_through"])
 @pytest.mark.parametrize("shrinkage", ["topk", "soft"])
-def test_fused_head_equals_the_autograd_forward(routing, shrinkage, x_requires_grad):
+def test_fused_head_equals_the_autograd_forward(routing, shrinkage, x_requires_grad, backend):
     """The hand-written backward of gate, mixture, head and losses against autograd, term by term."""
     model = _model(routing=routing, shrinkage=shrinkage, balance_loss_weight=0.3, reconstruction_weight=0.7).double()
     x = torch.randn(16, 10, generator=_generator(9), dtype=torch.float64, requires_grad=x_requires_grad)
@@ -97,6 +107,52 @@ def test_fused_head_equals_the_autograd_forward(routing, shrinkage, x_requires_g
             a = torch.zeros_like(parameter) if a is None else a
             b = torch.zeros_like(parameter) if b is None else b
             torch.testing.assert_close(a, b, msg=lambda m, name=name: f"gradient of {name}: {m}")
+
+
+def _autograd_reference(model, x, targets, scale):
+    """Loss terms and ``scale`` times the gradient of the total, op by op under autograd."""
+    terms = model.loss_terms(*model._forward_autograd(x, None), targets)
+    grads = torch.autograd.grad(terms["total"] * scale, list(model.parameters()))
+    return {name: value.detach() for name, value in terms.items()}, grads
+
+
+@pytest.mark.parametrize("routing", ["soft", "straight_through"])
+@pytest.mark.parametrize("shrinkage", ["topk", "soft"])
+def test_training_step_without_autograd_equals_autograd(routing, shrinkage, backend):
+    """``accumulate_gradients`` (the train stage's path) against autograd of the op-by-op model, in
+    float64: same loss terms, same gradients, added to what ``.grad`` already holds."""
+    model = _model(routing=routing, shrinkage=shrinkage, balance_loss_weight=0.3, reconstruction_weight=0.7,
+                   contrastive_weight=1.3).double()
+    x = torch.randn(16, 10, generator=_generator(9), dtype=torch.float64)
+    targets = torch.stack([torch.arange(16) % 3, torch.arange(16) % 2], dim=1)  # (domain, label) keys
+    expected_terms, expected_grads = _autograd_reference(model, x, targets, 0.25)
+    for parameter in model.parameters():
+        parameter.grad = torch.ones_like(parameter)  # what earlier micro-batches left
+    terms = model.accumulate_gradients(x, targets, 0.25)
+    assert terms.keys() == expected_terms.keys()
+    for name, value in expected_terms.items():
+        torch.testing.assert_close(terms[name], value, rtol=1e-12, atol=1e-14, msg=lambda m, n=name: f"{n}: {m}")
+    for (name, parameter), expected in zip(model.named_parameters(), expected_grads):
+        torch.testing.assert_close(parameter.grad - 1.0, expected, rtol=1e-9, atol=1e-12,
+                                   msg=lambda m, n=name: f"gradient of {n}: {m}")
+
+
+def test_training_step_without_autograd_in_float32_and_with_a_frozen_parameter(backend):
+    model = _model()
+    x = torch.randn(16, 10, generator=_generator(9))
+    targets = torch.arange(16) % 3
+    expected_terms, expected_grads = _autograd_reference(model, x, targets, 1.0)
+    terms = model.accumulate_gradients(x, targets)
+    for name, value in expected_terms.items():
+        torch.testing.assert_close(terms[name], value, msg=lambda m, n=name: f"{n}: {m}")
+    for (name, parameter), expected in zip(model.named_parameters(), expected_grads):
+        torch.testing.assert_close(parameter.grad, expected, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, n=name: f"gradient of {n}: {m}")
+    model.zero_grad(set_to_none=True)
+    model.gate.keys.requires_grad_(False)  # a frozen parameter: no gradient, the others unchanged
+    model.accumulate_gradients(x, targets)
+    assert model.gate.keys.grad is None
+    torch.testing.assert_close(model.experts.encoder.grad, expected_grads[3], rtol=1e-4, atol=1e-6)
 
 
 def test_hard_topk_gradient_is_straight_through():

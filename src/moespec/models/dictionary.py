@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +33,7 @@ from moespec.models import kernels
 from moespec.models.layers import init_linear_, new_linear
 from moespec.models.lista import LISTAExperts, Shrinkage, lista_backward, lista_forward
 from moespec.models.losses import (
+    MIN_SQUARED_DISTANCE,
     contrastive_backward,
     contrastive_forward,
     contrastive_margin_loss,
@@ -81,9 +83,6 @@ def head_forward(x: torch.Tensor, codes: torch.Tensor, weights: HeadWeights, str
         p = softmax(s K (Wq x + bq)),   c = sum_e w_e z_e,   y = W2 relu(W1 c + b1) + b2
         r_e = D_e z_e - x,   recon = mean_b sum_e w_be |r_eb|^2,   balance = E sum_e f_e mean_b p_be
 
-    The element-wise parts run as compiled kernels on CPU (``moespec.models.kernels``), as torch
-    operations elsewhere.
-
     Parameters
     ----------
     x : Tensor of shape (N, d)
@@ -109,13 +108,6 @@ def head_forward(x: torch.Tensor, codes: torch.Tensor, weights: HeadWeights, str
 def _route(logits: torch.Tensor, codes: torch.Tensor, straight_through: bool) -> tuple[torch.Tensor, ...]:
     """Probabilities, arg-max, its one-hot, combine weights, mixed code (m, N), f_e and balance loss."""
     n_experts, batch = logits.shape
-    if kernels.fused(logits):
-        probs, combine = torch.empty_like(logits), torch.empty_like(logits)
-        selected, expert_index = torch.empty_like(logits, dtype=torch.bool), logits.new_empty(batch, dtype=torch.long)
-        code, dispatch_fraction = codes.new_empty(codes.shape[1:]), logits.new_empty(n_experts)
-        balance = kernels.route(logits.numpy(), _array(codes), straight_through, probs.numpy(), combine.numpy(),
-                                selected.numpy(), expert_index.numpy(), code.numpy(), dispatch_fraction.numpy())
-        return probs, expert_index, selected, combine, code, dispatch_fraction, torch.tensor(balance, dtype=logits.dtype)
     probs = torch.softmax(logits, dim=0)
     expert_index = probs.argmax(dim=0)  # (N,)
     selected = torch.zeros_like(probs, dtype=torch.bool).scatter_(0, expert_index.unsqueeze(0), True)
@@ -131,17 +123,8 @@ def _reconstruction_error_(residual: torch.Tensor, xt: torch.Tensor,
     """Subtract x from ``residual`` (E, d, N) in place; return ``|residual|^2`` (E, N) and its
     combine-weighted mean over samples."""
     batch = xt.shape[1]
-    if kernels.fused(residual):
-        error = residual.new_empty(combine.shape)
-        loss = kernels.reconstruction_error(residual.numpy(), _array(xt.contiguous()), combine.numpy(), error.numpy())
-        return error, torch.tensor(loss, dtype=residual.dtype)
     error = residual.sub_(xt).square().sum(1)
     return error, torch.mul(combine, error).sum() / batch
-
-
-def _array(tensor: torch.Tensor):
-    """A CPU tensor's NumPy view, for a kernel (autograd nodes receive inputs that require grad)."""
-    return tensor.detach().numpy()
 
 
 def head_backward(x: torch.Tensor, codes: torch.Tensor, weights: HeadWeights, state: HeadState,
@@ -168,15 +151,8 @@ def head_backward(x: torch.Tensor, codes: torch.Tensor, weights: HeadWeights, st
         Receives dL/dcodes (overwritten).
     """
     grad_code = None if grad_embedding is None else _projection_backward(weights, state, grad_embedding, grads)
-    if grad_code is not None and reconstruction is not None and balance is not None and kernels.fused(codes):
-        grad_residual, grad_logits = state.residual, torch.empty_like(state.probs)
-        kernels.route_backward(_array(codes), grad_code.numpy(), state.weights.numpy(), state.probs.numpy(),
-                               state.error.numpy(), state.dispatch_fraction.numpy(), grad_residual.numpy(),
-                               float(reconstruction), float(balance), 1.0 / math.sqrt(weights.keys.shape[1]),
-                               grad_codes.numpy(), grad_logits.numpy())
-    else:
-        grad_residual, grad_logits = _route_backward(codes, weights, state, grad_code, reconstruction, balance,
-                                                     grad_codes)
+    grad_residual, grad_logits = _route_backward(codes, weights, state, grad_code, reconstruction, balance,
+                                                 grad_codes)
     if grad_residual is not None:
         if grads.get("dictionary") is not None:
             grads["dictionary"].baddbmm_(grad_residual, codes.transpose(1, 2))  # (E, d, m)
@@ -204,7 +180,7 @@ def _projection_backward(weights: HeadWeights, state: HeadState, grad_embedding:
 
 def _route_backward(codes: torch.Tensor, weights: HeadWeights, state: HeadState, grad_code: torch.Tensor | None,
                     reconstruction: Any, balance: Any, grad_codes: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    """``kernels.route_backward`` as torch operations, where any term may be absent (None).
+    """Routing backward: dL/dcodes from the mixture, dL/dresidual, dL/dlogits; any term may be absent (None).
 
     Returns dL/dresidual (E, d, N) and dL/dlogits (E, N), each None when nothing reaches it.
     """
@@ -490,25 +466,47 @@ class DictionaryMoE(nn.Module):
         experts, weights = self.experts, self._head_weights()
         soft = experts.raw_threshold is not None
         grads = {name: _grad_buffer(parameter) for name, parameter in zip(HeadWeights._fields, weights)}
+        loss_weights = (self.contrastive_weight * scale, self.reconstruction_weight * scale,
+                        self.balance_loss_weight * scale)
         with torch.no_grad():
             thresholds = experts.thresholds() if soft else None
             codes = lista_forward(x, experts.encoder, experts.lateral, experts.sparsity, thresholds)  # (L, E, m, B)
-            state = head_forward(x, codes[-1], weights, self.routing == "straight_through")
-            contrastive, saved = contrastive_forward(state.embedding, positive_pair_mask(targets), self.margin)
             grad_pre = torch.empty_like(codes)  # dL/du_t of every LISTA step; the last one from the head
-            head_backward(x, codes[-1], weights, state, contrastive_backward(saved, self.contrastive_weight * scale),
-                          self.reconstruction_weight * scale, self.balance_loss_weight * scale, grads, grad_pre[-1])
+            positive = positive_pair_mask(targets)
+            # (`None in grads.values()` would compare tensors with None: 20 us each)
+            if kernels.fused(codes) and all(grad is not None for grad in grads.values()):
+                losses = self._head_step(x, codes[-1], positive, weights, grads, loss_weights, grad_pre[-1])
+            else:
+                losses = self._head_step_torch(x, codes[-1], positive, weights, grads, loss_weights, grad_pre[-1])
             lista_grads = {"encoder": _grad_buffer(experts.encoder), "lateral": _grad_buffer(experts.lateral),
                            "thresholds": torch.zeros_like(thresholds) if soft else None}
             lista_backward(x, experts.encoder, experts.lateral, codes, grad_pre, soft, lista_grads)
             if soft and experts.raw_threshold.requires_grad:  # through theta = softplus(raw)
                 _grad_buffer(experts.raw_threshold).addcmul_(lista_grads["thresholds"],
                                                              torch.sigmoid(experts.raw_threshold))
-        terms = {"contrastive": contrastive, "reconstruction": state.reconstruction_loss,
-                 "balance": state.balance_loss}
-        terms["total"] = (self.contrastive_weight * contrastive + self.reconstruction_weight * terms["reconstruction"]
-                          + self.balance_loss_weight * terms["balance"])
-        return terms
+        return dict(zip(("contrastive", "reconstruction", "balance", "total"), losses))
+
+    def _objective_weights(self) -> tuple[float, float, float]:
+        return self.contrastive_weight, self.reconstruction_weight, self.balance_loss_weight
+
+    def _head_step(self, x, codes, positive, weights, grads, loss_weights, grad_codes) -> tuple[torch.Tensor, ...]:
+        """Head forward and backward as one compiled CPU call (``kernels.head_step``); the loss terms."""
+        losses = codes.new_empty(4)
+        kernels.head_step(x.contiguous().numpy(), codes.numpy(), positive.numpy(),
+                          *(weight.detach().numpy() for weight in weights),
+                          self.routing == "straight_through", self.margin, MIN_SQUARED_DISTANCE,
+                          np.array(loss_weights), np.array(self._objective_weights()),
+                          *(grads[name].numpy() for name in HeadWeights._fields), grad_codes.numpy(), losses.numpy())
+        return losses.unbind()
+
+    def _head_step_torch(self, x, codes, positive, weights, grads, loss_weights, grad_codes) -> tuple[torch.Tensor, ...]:
+        """``_head_step`` as torch operations (GPU, bfloat16, or numba missing)."""
+        state = head_forward(x, codes, weights, self.routing == "straight_through")
+        contrastive, saved = contrastive_forward(state.embedding, positive, self.margin)
+        head_backward(x, codes, weights, state, contrastive_backward(saved, loss_weights[0]), loss_weights[1],
+                      loss_weights[2], grads, grad_codes)
+        losses = (contrastive, state.reconstruction_loss, state.balance_loss)
+        return (*losses, sum(weight * loss for weight, loss in zip(self._objective_weights(), losses)))
 
 
 def _grad_buffer(parameter: nn.Parameter) -> torch.Tensor | None:

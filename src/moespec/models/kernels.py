@@ -67,6 +67,11 @@ def sorting_network(size: int) -> np.ndarray:
     return np.array(pairs, dtype=np.int64).reshape(-1, 2)
 
 
+def network_for(code_dim: int) -> np.ndarray:
+    """The sorting network the top-k kernels use for ``code_dim`` entries (padded to a power of two)."""
+    return sorting_network(1 << max(code_dim - 1, 0).bit_length())
+
+
 def keep_largest_columns_(codes: np.ndarray, keep: np.ndarray) -> None:
     """Zero all but the ``keep[e]`` largest-magnitude entries of each column of ``codes[e]``, in place.
 
@@ -78,8 +83,7 @@ def keep_largest_columns_(codes: np.ndarray, keep: np.ndarray) -> None:
         Entries kept per column of each expert, 1 <= keep[e]; keep[e] >= m keeps everything.
     """
     if HAVE_NUMBA:
-        size = 1 << max(codes.shape[1] - 1, 0).bit_length()
-        _keep_largest_network(codes, keep, sorting_network(size))
+        _keep_largest_network(codes, keep, network_for(codes.shape[1]))
     else:  # pragma: no cover - exercised only where numba is missing
         keep_largest_columns_numpy_(codes, keep)
 
@@ -127,19 +131,47 @@ def _keep_largest_network_py(codes, keep, network):
 
 
 
-# ---------------------------------------------------------------- the dictionary MoE's gate and losses
+# ---------------------------------------------------------------- the dictionary MoE's training step
 #
-# Fused element-wise passes of ``moespec.models.dictionary.head_forward``/``head_backward`` and of
-# the contrastive loss, each replacing 5 to 15 torch operations whose dispatch (about 3 us each on
-# this CPU) outweighs their arithmetic at training batch sizes. The matrix products stay in torch.
-# Every kernel is tested against the torch operations it replaces.
+# ``DictionaryMoE.accumulate_gradients`` on CPU: the LISTA recursion and everything after the
+# experts' codes (gate, routing, projection head, reconstruction, contrastive loss, and all their
+# gradients) as three compiled calls, in place of some 150 torch operations whose dispatch (2 to
+# 4 us each on this project's 2-core machine) cost as much as their arithmetic at training batch
+# sizes. Small matrix products go to BLAS through ``np.dot``; the two large ones (the experts'
+# input drives and the encoder gradient) stay in torch. The kernels follow the torch functions
+# of ``moespec.models.lista`` and ``moespec.models.dictionary`` line for line (layout: samples are
+# columns) and are tested against autograd of the op-by-op model.
+
+
+def _lista_steps_py(codes, lateral, keep, network):
+    """The hard top-k LISTA recursion in place: ``codes[t] = H_k(codes[t] + S_t codes[t-1])``.
+
+    codes (L, E, m, N) holds the drives W_t x on entry; lateral (L, E, m, m); keep (E,) k_e.
+    """
+    n_layers, n_experts, code_dim, n_columns = codes.shape
+    product = np.empty((code_dim, n_columns), dtype=codes.dtype)
+    for t in range(n_layers):
+        if t > 0:  # z_0 = 0: the first step is W_0 x alone
+            for expert in range(n_experts):
+                np.dot(lateral[t, expert], codes[t - 1, expert], product)
+                codes[t, expert] += product
+        _keep_largest_network(codes[t], keep, network)
+
+
+def _lista_backward_steps_py(grad_pre, lateral):
+    """``h_{t-1} = S_t^T h_t`` (straight-through top-k: shrink' = 1), in place; grad_pre (L, E, m, N)
+    holds dL/dz_L in its last step on entry."""
+    n_layers, n_experts = grad_pre.shape[:2]
+    for t in range(n_layers - 1, 0, -1):
+        for expert in range(n_experts):
+            np.dot(lateral[t, expert].T, grad_pre[t, expert], grad_pre[t - 1, expert])
 
 
 def _route_py(logits, codes, straight_through, probs, combine, selected, expert_index, code, dispatch_fraction):
     """Softmax over experts, arg-max selection, combine weights and the mixed code, per column.
 
-    Parameters: logits, probs, combine (E, N); selected (E, N) bool; expert_index (N,) int64;
-    codes (E, m, N); code (m, N); dispatch_fraction (E,). Returns the Switch balance loss.
+    logits, probs, combine (E, N); selected (E, N) bool; expert_index (N,); codes (E, m, N);
+    code (m, N); dispatch_fraction (E,). Returns the Switch balance loss.
     """
     n_experts, code_dim, n_columns = codes.shape
     largest = np.empty(n_columns, dtype=logits.dtype)
@@ -195,8 +227,8 @@ def _reconstruction_error_py(residual, xt, combine, error):
 
 
 def _contrastive_pairs_py(gram, positive, margin, min_squared_distance, slope, slope_sum):
-    """Pair losses of the margin contrastive loss from the Gram matrix ``e e^T``; returns their sum
-    over off-diagonal pairs and writes ``slope`` = dl/d(d^2) (N, N) and its row sums (N,)."""
+    """Pair losses of the margin contrastive loss from the Gram matrix ``e^T e`` (N, N); returns
+    their sum over off-diagonal pairs and writes slope = dl/d(d^2) (N, N) and its row sums (N,)."""
     n = gram.shape[0]
     loss = 0.0
     for row in range(n):
@@ -224,7 +256,7 @@ def _contrastive_pairs_py(gram, positive, margin, min_squared_distance, slope, s
 def _route_backward_py(codes, grad_code, combine, probs, error, dispatch_fraction, residual,
                        reconstruction, balance, logit_scale, grad_codes, grad_logits):
     """From dL/dcode (m, N) and the loss weights to dL/dcodes (E, m, N), dL/dlogits (E, N), and
-    ``residual`` (E, d, N) scaled in place into dL/dresidual. See ``head_backward``."""
+    ``residual`` (E, d, N) scaled in place into dL/dresidual (``_route_backward`` in dictionary.py)."""
     n_experts, code_dim, n_columns = codes.shape
     input_dim = residual.shape[1]
     grad_probs = np.empty((n_experts, n_columns), dtype=probs.dtype)
@@ -248,12 +280,121 @@ def _route_backward_py(codes, grad_code, combine, probs, error, dispatch_fractio
                                            * logit_scale)
 
 
+def _add_bias_py(values, bias):
+    """values (R, N) += bias (R,) per column."""
+    for row in range(values.shape[0]):
+        for column in range(values.shape[1]):
+            values[row, column] += bias[row]
+
+
+def _add_product_py(into, a, b):
+    """into += a @ b."""
+    product = np.dot(a, b)
+    for row in range(into.shape[0]):
+        for column in range(into.shape[1]):
+            into[row, column] += product[row, column]
+
+
+def _add_row_sums_py(into, values):
+    """into (R,) += values (R, N) summed over columns."""
+    for row in range(values.shape[0]):
+        total = 0.0
+        for column in range(values.shape[1]):
+            total += values[row, column]
+        into[row] += total
+
+
+def _head_step_py(x, codes, positive, query_weight, query_bias, keys, dictionary, w1, b1, w2, b2,
+                  straight_through, margin, min_squared_distance, loss_weights, objective_weights,
+                  grad_query_weight, grad_query_bias, grad_keys, grad_dictionary, grad_w1, grad_b1, grad_w2, grad_b2,
+                  grad_codes, losses):
+    """Forward and backward of everything after the experts' codes, for ``accumulate_gradients``.
+
+    ``head_forward`` + ``contrastive_forward`` + ``contrastive_backward`` + ``head_backward`` of the
+    torch path, samples as columns: x (N, d); codes (E, m, N); positive (N, N); the weights as in
+    ``HeadWeights``; loss_weights (3,) = dL/d(contrastive, reconstruction, balance), the weights
+    of the objective times the gradient scale. Gradients are added to the ``grad_*`` buffers, dL/dcodes
+    written to grad_codes (E, m, N), and to losses (4,) the three losses and their sum weighted by
+    objective_weights (3,).
+    """
+    n_experts, code_dim, n_columns = codes.shape
+    dtype = codes.dtype
+    xt = np.ascontiguousarray(x.T)  # (d, N)
+    # Gate and routing.
+    query = np.dot(query_weight, xt)  # (q, N)
+    _add_bias(query, query_bias)
+    logit_scale = 1.0 / np.sqrt(keys.shape[1])
+    logits = np.dot(keys, query)  # (E, N)
+    for expert in range(n_experts):  # in place: an array times a float64 scalar would be float64
+        for column in range(n_columns):
+            logits[expert, column] *= logit_scale
+    probs, combine = np.empty_like(logits), np.empty_like(logits)
+    selected, expert_index = np.empty(logits.shape, dtype=np.bool_), np.empty(n_columns, dtype=np.int64)
+    code, dispatch_fraction = np.empty((code_dim, n_columns), dtype=dtype), np.empty(n_experts, dtype=dtype)
+    losses[2] = _route(logits, codes, straight_through, probs, combine, selected, expert_index, code,
+                       dispatch_fraction)
+    # Projection head.
+    hidden = np.dot(w1, code)  # (H, N)
+    _add_bias(hidden, b1)
+    for row in range(hidden.shape[0]):  # ReLU
+        for column in range(n_columns):
+            hidden[row, column] = max(hidden[row, column], 0.0)
+    embedding = np.dot(w2, hidden)  # (P, N)
+    _add_bias(embedding, b2)
+    # Reconstruction.
+    residual = np.empty((n_experts, xt.shape[0], n_columns), dtype=dtype)  # D_e z_e, then minus x
+    for expert in range(n_experts):
+        np.dot(dictionary[expert], codes[expert], residual[expert])
+    error = np.empty_like(logits)
+    losses[1] = _reconstruction_error(residual, xt, combine, error)
+    # Contrastive loss over the ordered off-diagonal pairs.
+    slope, slope_sum = np.empty((n_columns, n_columns), dtype=dtype), np.empty(n_columns, dtype=dtype)
+    pairs = n_columns * (n_columns - 1)
+    losses[0] = _contrastive_pairs(np.dot(embedding.T, embedding), positive, margin, min_squared_distance,
+                                   slope, slope_sum) / pairs
+    losses[3] = objective_weights[0] * losses[0] + objective_weights[1] * losses[1] + objective_weights[2] * losses[2]
+    # Backward: the contrastive gradient 4 c (rowsum(C) e - C e), column i for sample i (C symmetric).
+    grad_embedding = np.dot(embedding, slope)  # (P, N)
+    coefficient = -4.0 * loss_weights[0] / pairs
+    for row in range(grad_embedding.shape[0]):
+        for column in range(n_columns):
+            grad_embedding[row, column] = coefficient * (grad_embedding[row, column]
+                                                         - slope_sum[column] * embedding[row, column])
+    _add_product(grad_w2, grad_embedding, hidden.T)
+    _add_row_sums(grad_b2, grad_embedding)
+    grad_hidden = np.dot(w2.T, grad_embedding)  # (H, N)
+    for row in range(grad_hidden.shape[0]):
+        for column in range(n_columns):
+            if hidden[row, column] <= 0.0:
+                grad_hidden[row, column] = 0.0
+    _add_product(grad_w1, grad_hidden, code.T)
+    _add_row_sums(grad_b1, grad_hidden)
+    grad_code = np.dot(w1.T, grad_hidden)  # (m, N)
+    grad_logits = np.empty_like(logits)
+    _route_backward(codes, grad_code, combine, probs, error, dispatch_fraction, residual, loss_weights[1],
+                    loss_weights[2], logit_scale, grad_codes, grad_logits)
+    for expert in range(n_experts):  # residual is dL/dresidual now
+        _add_product(grad_dictionary[expert], residual[expert], codes[expert].T)
+        _add_product(grad_codes[expert], dictionary[expert].T, residual[expert])
+    _add_product(grad_keys, grad_logits, query.T)
+    grad_query = np.dot(keys.T, grad_logits)  # (q, N)
+    _add_product(grad_query_weight, grad_query, x)
+    _add_row_sums(grad_query_bias, grad_query)
+
+
 def _compile(function):
     return numba.njit(cache=True, nogil=True, boundscheck=False)(function) if HAVE_NUMBA else None
 
 
+# Helpers first: a kernel refers to the compiled helpers it calls by their global names.
 _keep_largest_network = _compile(_keep_largest_network_py)
-route = _compile(_route_py)
-reconstruction_error = _compile(_reconstruction_error_py)
-contrastive_pairs = _compile(_contrastive_pairs_py)
-route_backward = _compile(_route_backward_py)
+_route = _compile(_route_py)
+_reconstruction_error = _compile(_reconstruction_error_py)
+_contrastive_pairs = _compile(_contrastive_pairs_py)
+_route_backward = _compile(_route_backward_py)
+_add_bias = _compile(_add_bias_py)
+_add_product = _compile(_add_product_py)
+_add_row_sums = _compile(_add_row_sums_py)
+lista_steps = _compile(_lista_steps_py)
+lista_backward_steps = _compile(_lista_backward_steps_py)
+head_step = _compile(_head_step_py)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moespec.models.kernels import keep_largest_columns_
+from moespec.models import kernels
 from moespec.models.layers import uniform_fan_in_
 
 Shrinkage = Literal["topk", "soft"]
@@ -59,6 +59,9 @@ def lista_forward(x: torch.Tensor, encoder: torch.Tensor, lateral: torch.Tensor,
     n_layers, n_experts, code_dim, input_dim = encoder.shape
     # W_t x does not depend on z: all L * E input drives in one matrix product.
     codes = torch.mm(encoder.reshape(-1, input_dim), x.t()).view(n_layers, n_experts, code_dim, -1)
+    if thresholds is None and kernels.fused(codes):  # the recursion as one compiled call
+        kernels.lista_steps(codes.numpy(), lateral.detach().numpy(), sparsity.numpy(), kernels.network_for(code_dim))
+        return codes
     steps, laterals = codes.unbind(0), lateral.unbind(0)
     for t, step in enumerate(steps):
         if t > 0:  # z_0 = 0: the first step is W_0 x alone
@@ -88,12 +91,15 @@ def lista_backward(x: torch.Tensor, encoder: torch.Tensor, lateral: torch.Tensor
         gradient to, or None where it is not wanted.
     """
     input_dim = encoder.shape[-1]
-    steps, laterals = grad_pre.unbind(0), lateral.unbind(0)
-    for t in range(len(steps) - 1, -1, -1):
-        if soft:
-            steps[t].mul_(codes[t] != 0)  # shrink' of soft thresholding
-        if t > 0:
-            torch.bmm(laterals[t].transpose(1, 2), steps[t], out=steps[t - 1])
+    if not soft and kernels.fused(grad_pre):
+        kernels.lista_backward_steps(grad_pre.numpy(), lateral.detach().numpy())
+    else:
+        steps, laterals = grad_pre.unbind(0), lateral.unbind(0)
+        for t in range(len(steps) - 1, -1, -1):
+            if soft:
+                steps[t].mul_(codes[t] != 0)  # shrink' of soft thresholding
+            if t > 0:
+                torch.bmm(laterals[t].transpose(1, 2), steps[t], out=steps[t - 1])
     flat = grad_pre.view(-1, x.shape[0])  # (L E m, N)
     if grads.get("x") is not None:
         grads["x"].addmm_(flat.t(), encoder.reshape(-1, input_dim))
@@ -121,7 +127,7 @@ def keep_largest_(pre_codes: torch.Tensor, sparsity: torch.Tensor) -> None:
     sparsity : LongTensor of shape (E,)
     """
     if pre_codes.device.type == "cpu" and pre_codes.dtype in (torch.float32, torch.float64):
-        keep_largest_columns_(pre_codes.numpy(), sparsity.numpy())
+        kernels.keep_largest_columns_(pre_codes.numpy(), sparsity.numpy())
         return
     m = pre_codes.shape[-2]
     order = pre_codes.abs().argsort(dim=-2, descending=True, stable=True)  # (E, m, N)

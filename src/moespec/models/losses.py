@@ -10,11 +10,9 @@ from typing import Any
 
 import torch
 
-from moespec.models import kernels
-
-#: Distances below sqrt(_MIN_SQUARED_DISTANCE) are clamped before the square root: the derivative of
+#: Distances below sqrt(MIN_SQUARED_DISTANCE) are clamped before the square root: the derivative of
 #: sqrt at 0 is infinite, and two identical embeddings of different keys happen (e.g. duplicate texts).
-_MIN_SQUARED_DISTANCE = 1e-12
+MIN_SQUARED_DISTANCE = 1e-12
 
 
 def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
@@ -130,7 +128,7 @@ def contrastive_forward(embeddings: torch.Tensor, positive: torch.Tensor,
 
     With ``l_ij`` the pair loss, its slope ``dl/d(d_ij^2)`` is 1 for a positive and
     ``-max(0, margin - d) / d`` for a negative; it is computed here, beside the loss. Negatives
-    closer than ``sqrt(_MIN_SQUARED_DISTANCE)`` get no gradient (sqrt's pole; the loss is flat in
+    closer than ``sqrt(MIN_SQUARED_DISTANCE)`` get no gradient (sqrt's pole; the loss is flat in
     the direction that separates two identical points anyway).
 
     Returns
@@ -140,23 +138,15 @@ def contrastive_forward(embeddings: torch.Tensor, positive: torch.Tensor,
         For ``contrastive_backward``.
     """
     embeddings = at_least_float32(embeddings)  # a loss: float32 at least, outside autocast
-    batch = embeddings.shape[-2]
-    pairs = embeddings.numel() // embeddings.shape[-1] * (batch - 1)  # ordered off-diagonal pairs
+    pairs = embeddings.numel() // embeddings.shape[-1] * (embeddings.shape[-2] - 1)  # ordered off-diagonal pairs
     # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: (B, B) work instead of a (B, B, dim) difference tensor.
     if torch.is_autocast_enabled(embeddings.device.type):
         with torch.autocast(embeddings.device.type, enabled=False):
             gram = embeddings @ embeddings.transpose(-1, -2)  # (..., B, B)
     else:  # entering the context costs more than the product at training batch sizes
         gram = embeddings @ embeddings.transpose(-1, -2)
-    if embeddings.dim() == 2 and kernels.fused(gram):
-        slope, slope_sum = torch.empty_like(gram), gram.new_empty(batch)
-        total = kernels.contrastive_pairs(gram.numpy(), positive.numpy(), margin, _MIN_SQUARED_DISTANCE,
-                                          slope.numpy(), slope_sum.numpy())
-        loss = torch.tensor(total / pairs, dtype=gram.dtype)
-    else:
-        loss, slope, slope_sum = _contrastive_pairs(gram, positive, margin)
-        loss = loss / pairs
-    return loss, (embeddings.detach(), slope, slope_sum, 1.0 / pairs)
+    loss, slope, slope_sum = _contrastive_pairs(gram, positive, margin)
+    return loss / pairs, (embeddings.detach(), slope, slope_sum, 1.0 / pairs)
 
 
 def _contrastive_pairs(gram: torch.Tensor, positive: torch.Tensor,
@@ -165,11 +155,11 @@ def _contrastive_pairs(gram: torch.Tensor, positive: torch.Tensor,
     squared_norm = gram.diagonal(dim1=-2, dim2=-1)  # (..., B)
     # The clamp removes the small negative values cancellation can leave.
     squared_distance = (gram * -2.0).add_(squared_norm.unsqueeze(-1)).add_(squared_norm.unsqueeze(-2)).clamp_min_(0.0)
-    distance = squared_distance.clamp_min(_MIN_SQUARED_DISTANCE).sqrt_()
+    distance = squared_distance.clamp_min(MIN_SQUARED_DISTANCE).sqrt_()
     shortfall = distance.neg().add_(margin).relu_()  # max(0, margin - d)
     pair_loss = torch.where(positive, squared_distance, shortfall.square())  # (..., B, B)
     pair_loss.diagonal(dim1=-2, dim2=-1).zero_()
-    negative_slope = (shortfall / distance).masked_fill_(squared_distance < _MIN_SQUARED_DISTANCE, 0.0)
+    negative_slope = (shortfall / distance).masked_fill_(squared_distance < MIN_SQUARED_DISTANCE, 0.0)
     slope = torch.where(positive, 1.0, negative_slope.neg_())
     slope.diagonal(dim1=-2, dim2=-1).zero_()
     return pair_loss.sum(), slope, slope.sum(dim=-1)
@@ -191,8 +181,8 @@ def contrastive_backward(saved: tuple[Any, ...], grad_loss: torch.Tensor | float
     embeddings, slope, slope_sum, scale = saved
     coefficient = grad_loss * (-4.0 * scale)
     if embeddings.dim() == 2 and not torch.is_tensor(coefficient):
-        return torch.addmm(embeddings * slope_sum.unsqueeze(-1), slope, embeddings, beta=coefficient,
-                           alpha=-coefficient)
+        return torch.addmm(embeddings * slope_sum.unsqueeze(-1), slope, embeddings, beta=-coefficient,
+                           alpha=coefficient)
     grad = torch.matmul(slope, embeddings).sub_(slope_sum.unsqueeze(-1) * embeddings)
     return grad.mul_(coefficient)
 
