@@ -1,7 +1,10 @@
 """Training throughput of the MoE models against loop-based baselines measured in the same run.
 
 Two comparisons, each a full training step (forward, loss, backward, Adam) on the same sizes and
-batch, timed in alternating rounds so that load from other processes hits both sides alike:
+batch, timed in alternating rounds so that load from other processes hits both sides alike. Our
+side is what the train stage does with a batch (``moespec.stages.train.train_batch``: for the
+dictionary MoE on CPU, ``accumulate_gradients`` with its compiled kernels, and the loss terms read
+back), the baselines a forward pass, ``loss.backward()``, and the same optimiser:
 
 1. ``DictionaryMoE`` (7 experts, input 64, query 128, code 32, 5 LISTA layers, sparsity 8..32; its
    full objective: contrastive + reconstruction + balance) against a faithful re-implementation of
