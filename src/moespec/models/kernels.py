@@ -1,4 +1,6 @@
-"""CPU kernels for the dictionary MoE's hard top-k shrinkage, compiled with numba when it is installed.
+"""CPU kernels of the dictionary MoE, compiled with numba when it is installed: the hard top-k
+shrinkage (used by every CPU pass) and the training step of ``DictionaryMoE.accumulate_gradients``
+(second half of this module). Without numba, torch operations (and NumPy's sort) stand in.
 
 The unrolled LISTA experts keep, in every step, the ``k_e`` largest-magnitude entries of each code
 vector. On CPU the codes are stored as columns, (E, m, N), and each step needs the ``k_e``-th
