@@ -244,9 +244,9 @@ class GatedDictionaryHead(torch.autograd.Function):
         x, codes, *saved = ctx.saved_tensors
         weights, state = HeadWeights(*saved[:len(HeadWeights._fields)]), HeadState(*saved[len(HeadWeights._fields):])
         reconstruction_weight, balance_weight = ctx.loss_weights
-        wanted = dict(zip(("x", "codes", *HeadWeights._fields), ctx.needs_input_grad[:2] + ctx.needs_input_grad[5:]))
-        grads = {name: torch.zeros_like(value) if wanted[name] else None
-                 for name, value in zip(("x", *HeadWeights._fields), (x, *weights))}
+        needed = ctx.needs_input_grad[:1] + ctx.needs_input_grad[5:]  # x and the head weights
+        grads = {name: torch.zeros_like(value) if need else None
+                 for name, value, need in zip(("x", *HeadWeights._fields), (x, *weights), needed)}
         grad_codes = torch.empty_like(codes)
         with torch.autocast(x.device.type, enabled=False):
             head_backward(x, codes, weights, state, grad_embedding,
@@ -365,12 +365,11 @@ class DictionaryMoE(nn.Module):
             assignment; ``aux_loss`` () the weighted sum of those two.
 
             Without an ablation, everything after the experts runs as one fused autograd node
-            (``_GatedDictionaryHead``): the embedding and the three losses are differentiable, the
+            (``GatedDictionaryHead``): the embedding and the three losses are differentiable, the
             routing tensors (logits, probabilities, weights, ``code``) are not. With one, every
             output is computed op by op under autograd.
         """
-        if x.shape[-1] != self.input_dim:
-            raise ValueError(f"input has dimension {x.shape[-1]}, the model was built for {self.input_dim}")
+        self._check_input(x)
         if ablation is not None:
             return self._forward_autograd(x, ablation)
         codes = self.experts.encode(x)  # (E, m, B)
@@ -382,6 +381,10 @@ class DictionaryMoE(nn.Module):
             router_logits=logits, router_probs=probs, combine_weights=weights, expert_index=expert_index,
             selected=selected, codes=codes, code=code, reconstruction_error=reconstruction_error,
             reconstruction_loss=reconstruction_loss, balance_loss=balance_loss, aux_loss=aux_loss)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.input_dim:
+            raise ValueError(f"input has dimension {x.shape[-1]}, the model was built for {self.input_dim}")
 
     def _head_weights(self) -> HeadWeights:
         query, hidden, output = self.gate.query, self.projection[0], self.projection[2]
@@ -463,8 +466,7 @@ class DictionaryMoE(nn.Module):
         dict
             As ``loss_terms``, detached.
         """
-        if x.shape[-1] != self.input_dim:
-            raise ValueError(f"input has dimension {x.shape[-1]}, the model was built for {self.input_dim}")
+        self._check_input(x)
         experts, weights = self.experts, self._head_weights()
         soft = experts.raw_threshold is not None
         grads = {name: _grad_buffer(parameter) for name, parameter in zip(HeadWeights._fields, weights)}

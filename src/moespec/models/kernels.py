@@ -40,7 +40,7 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 def fused(tensor: torch.Tensor) -> bool:
     """Whether the compiled CPU kernels below apply to ``tensor``."""
-    return HAVE_NUMBA and not tensor.is_cuda and tensor.dtype in _KERNEL_DTYPES and tensor.device.type == "cpu"
+    return HAVE_NUMBA and tensor.device.type == "cpu" and tensor.dtype in _KERNEL_DTYPES
 
 
 @functools.lru_cache(maxsize=None)

@@ -179,12 +179,8 @@ def contrastive_backward(saved: tuple[Any, ...], grad_loss: torch.Tensor | float
         dL/d(loss).
     """
     embeddings, slope, slope_sum, scale = saved
-    coefficient = grad_loss * (-4.0 * scale)
-    if embeddings.dim() == 2 and not torch.is_tensor(coefficient):
-        return torch.addmm(embeddings * slope_sum.unsqueeze(-1), slope, embeddings, beta=-coefficient,
-                           alpha=coefficient)
     grad = torch.matmul(slope, embeddings).sub_(slope_sum.unsqueeze(-1) * embeddings)
-    return grad.mul_(coefficient)
+    return grad.mul_(grad_loss * (-4.0 * scale))
 
 
 class _ContrastiveMarginLoss(torch.autograd.Function):
