@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -15,6 +16,20 @@ def _private_cache(tmp_path_factory):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     yield
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run torch on one thread, then restore: tiny models in small batches stall on thread barriers
+    when the box is shared, and a stage run inline must match its one-thread job bit for bit."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def tiny_experiment(name: str = "t", n_per_domain: int = 4, **sections) -> dict:

@@ -15,7 +15,7 @@ from moespec.analysis.report import write_report
 from moespec.analysis.results import discover
 from moespec.artifacts import open_artifact
 from moespec.cli import main
-from tests.conftest import tiny_experiment
+from tests.conftest import one_torch_thread, tiny_experiment
 
 TOPK = {"kind": "topk", "n_experts": 4, "hidden_dim": 8, "ffn_dim": 8}
 DICTIONARY = {"kind": "dictionary", "n_experts": 3, "query_dim": 8, "code_dim": 6, "n_layers": 1,
@@ -32,8 +32,6 @@ def sweep_experiment(tmp_path_factory) -> Path:
     """
     if "sweep" in _BUILT:
         return _BUILT["sweep"]
-    import torch
-
     from moespec.config import load_experiment
     from moespec.launch.plan import make_plan
     from moespec.launch.runner import run_inline
@@ -46,12 +44,8 @@ def sweep_experiment(tmp_path_factory) -> Path:
         train={"model": TOPK, "epochs": 2, "batch_size": 16},
         ablate={"by": ["class", "domain", "stratum"], "bootstrap": 50, "controls": {"random_sets": 2}},
         sweep={"grid": {"train.model": [TOPK, DICTIONARY], "train.epochs": [2, 3]}})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         run_inline(config, root=root)
-    finally:
-        torch.set_num_threads(threads)
     plan = make_plan(load_experiment(config, root=root))
     tasks = [{"stage": t.stage, "uid": t.uid, "shard": t.shard_index, "status": "ran", "points": list(t.points),
               "summary": {}, "error": None, "artifact": str(t.dir)} for t in plan.tasks]

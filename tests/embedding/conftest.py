@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import one_torch_thread
+
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
@@ -15,13 +17,8 @@ def _offline(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """Tiny models in small batches: one thread avoids barrier stalls when the box is shared."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ from moespec.launch.records import load_records
 from moespec.launch.runner import execute_task
 from moespec.launch.slurm import load_plan, prepare, submit, submit_command
 from moespec.launch.status import collect_status
-from tests.conftest import tiny_experiment
+from tests.conftest import one_torch_thread, tiny_experiment
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
@@ -270,12 +270,8 @@ def test_preempted_training_is_requeued_and_resumes_to_the_uninterrupted_result(
     reference = replace(task, root=tmp_path / "reference")
     embed = plan.tasks_for("embed")[0]
     shutil.copytree(embed.dir, reference.root / embed.experiment / "embed" / embed.uid)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         execute_task(reference)
-    finally:
-        torch.set_num_threads(threads)
     with open_artifact(task.dir) as resumed, open_artifact(reference.dir) as uninterrupted:
         np.testing.assert_array_equal(resumed.read("curves/val/total"), uninterrupted.read("curves/val/total"))
     resumed_weights = torch.load(task.dir / "final.pt", weights_only=True)["model"]

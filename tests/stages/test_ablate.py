@@ -13,7 +13,7 @@ from moespec.config import config_yaml, load_experiment
 from moespec.errors import ConfigError, DataError, StageError
 from moespec.launch.runner import run_inline
 from moespec.stages import ablate, train
-from tests.conftest import tiny_experiment
+from tests.conftest import one_torch_thread, tiny_experiment
 from tests.embedding.test_hf_moe import N_EXPERTS, save_tiny_moe
 from tests.stages.test_train import write_reduce_artifact
 
@@ -25,10 +25,8 @@ REDUCE = {"n_components": 4}
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def _run(stage, cfg, inputs, folder):

@@ -13,19 +13,17 @@ from moespec.artifacts import open_artifact
 from moespec.config import load_experiment
 from moespec.errors import ConfigError, StageError
 from moespec.launch.runner import run_inline
+from tests.conftest import one_torch_thread
 
 
 @pytest.fixture(autouse=True)
 def _offline_one_thread(monkeypatch):
     """No hub lookups; one torch thread (tiny models, small batches, a possibly shared box)."""
     import huggingface_hub.constants
-    import torch
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def _experiment(**embed):
