@@ -115,14 +115,17 @@ class RowObjective:
         return train_batch(model, self.features[rows], self.targets[rows], scale, self.dtype), len(rows)
 
     def evaluate(self, model: Any) -> dict[str, Any]:
-        metrics = evaluate(model, self.features[self.val_rows], self.targets[self.val_rows], self.batch_size,
-                           train_features=self.features[self.train_rows],
-                           train_targets=self.targets[self.train_rows])
+        metrics = self.evaluate_all(model)
         record = {"val_loss": metrics["loss"]["total"], "val": metrics["loss"], "val_accuracy": metrics["accuracy"],
                   "expert_load": metrics["expert_load"], "routing_entropy": metrics["routing_entropy"]}
         if self.collapse is not None:
             record["collapsed"] = bool(self.collapse(metrics["expert_load"]))
         return record
+
+    def evaluate_all(self, model: Any) -> dict[str, Any]:
+        """Everything :func:`evaluate` measures on the validation rows (outputs and routing per row included)."""
+        return evaluate(model, self.features[self.val_rows], self.targets[self.val_rows], self.batch_size,
+                        train_features=self.features[self.train_rows], train_targets=self.targets[self.train_rows])
 
 
 def train_batch(model: Any, features: Any, targets: Any, scale: float, dtype: Any = None) -> dict[str, float]:
@@ -195,6 +198,7 @@ def evaluate(model: Any, features: Any, targets: Any, batch_size: int, *, train_
     return {
         "loss": {name: total / len(features) for name, total in sums.items()},
         "accuracy": accuracy,
+        "accuracy_kind": model.accuracy_kind,
         "router_probs": router_probs.cpu().numpy(),
         "selected": chosen.cpu().numpy(),
         "assignment": router_probs.argmax(dim=-1).cpu().numpy(),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Optional, Protocol, Sequence, Union
 
@@ -129,13 +130,17 @@ class TrainState:
 
 def fit(model: Any, optimizer: Any, scheduler: Any, objective: Objective, loop: LoopConfig, *,
         checkpoint: Optional["Checkpointer"] = None, log: Any = None,
-        progress: Optional[Callable[[TrainState], None]] = None) -> TrainState:
+        progress: Optional[Callable[[TrainState], None]] = None,
+        on_evaluation: Optional[Callable[[dict[str, Any]], None]] = None) -> TrainState:
     """Train ``model`` on ``objective`` until the budget of ``loop`` is spent or early stopping.
 
     A checkpoint of this run found by ``checkpoint`` is resumed first. ``progress(state)`` is
-    called after every optimiser step. Returns the final state; the model holds the last weights
-    (``state.best_state`` the best ones).
+    called after every optimiser step, ``on_evaluation(record)`` after every evaluation (default:
+    one log line with the step, the train and the validation loss). Returns the final state; the
+    model holds the last weights (``state.best_state`` the best ones).
     """
+    if on_evaluation is None and log is not None:
+        on_evaluation = partial(_log_evaluation, log)
     state = (checkpoint.resume(model, optimizer, scheduler) if checkpoint else None) or TrainState()
     if state.step and log is not None:
         log.info("resumed from %s at epoch %d, batch %d (step %d)", checkpoint.path, state.epoch,
@@ -153,7 +158,7 @@ def fit(model: Any, optimizer: Any, scheduler: Any, objective: Objective, loop: 
             if index + 1 == window_end:
                 _optimiser_step(model, optimizer, scheduler, loop, state)
                 if isinstance(loop.eval_every, int) and state.step % loop.eval_every == 0:
-                    _evaluate(model, scheduler, objective, loop, state, log)
+                    _evaluate(model, scheduler, objective, loop, state, log, on_evaluation)
                     model.train()
                 if state.step % loop.checkpoint_every == 0:
                     save()
@@ -164,10 +169,10 @@ def fit(model: Any, optimizer: Any, scheduler: Any, objective: Objective, loop: 
         if state.batch_in_epoch == len(batches):
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             if loop.eval_every == "epoch":
-                _evaluate(model, scheduler, objective, loop, state, log)
+                _evaluate(model, scheduler, objective, loop, state, log, on_evaluation)
             save()
     if isinstance(loop.eval_every, int) and (not state.history or state.history[-1]["step"] != state.step):
-        _evaluate(model, scheduler, objective, loop, state, log)
+        _evaluate(model, scheduler, objective, loop, state, log, on_evaluation)
     return state
 
 
@@ -202,17 +207,21 @@ def _means(sums: Mapping[str, float], weight: float) -> dict[str, float]:
     return {name: total / max(weight, 1e-300) for name, total in sums.items()}
 
 
+def _log_evaluation(log: Any, record: dict[str, Any]) -> None:
+    log.info("step %d (epoch %d): train loss %.4g | val loss %.4g", record["step"], record["epoch"],
+             record["train"].get("total", math.nan), record["val_loss"])
+
+
 def _evaluate(model: Any, scheduler: Any, objective: Objective, loop: LoopConfig, state: TrainState,
-              log: Any) -> None:
+              log: Any, on_evaluation: Optional[Callable[[dict[str, Any]], None]]) -> None:
     """Evaluate, record, keep the best weights and decide early stopping."""
     metrics = objective.evaluate(model)
     record = {"step": state.step, "epoch": state.epoch, "lr": float(scheduler.get_last_lr()[0]),
               "train": _means(state.since_eval, state.since_eval_weight), **metrics}
     state.history.append(record)
     state.since_eval, state.since_eval_weight = {}, 0.0
-    if log is not None:
-        log.info("step %d (epoch %d): train loss %.4g | val loss %.4g", state.step, state.epoch,
-                 record["train"].get("total", math.nan), metrics["val_loss"])
+    if on_evaluation is not None:
+        on_evaluation(record)
     if metrics["val_loss"] < state.best_val_loss - loop.min_delta:
         state.best_val_loss, state.best_step, state.best_epoch = float(metrics["val_loss"]), state.step, state.epoch
         state.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
