@@ -39,9 +39,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from moespec.sync.engine import EngineSettings
-from moespec.sync.loopback import DelayLine, LoopbackSsh, missing_tools
-from moespec.sync.session import SyncRequest, run_sync
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test harness: tests/sync/loopback.py
+
+from moespec.sync.engine import EngineSettings  # noqa: E402
+from moespec.sync.session import SyncRequest, run_sync  # noqa: E402
+from tests.sync.loopback import DelayLine, LoopbackSsh, missing_tools  # noqa: E402
 
 MiB = 1 << 20
 FULL = dict(n_small=200, small_kb=10, n_medium=20, medium_mb=5, n_large=2, large_mb=200,
