@@ -62,7 +62,11 @@ def register(subparsers) -> None:
     p.add_argument("-c", "--checksum", action="store_true",
                    help="compare equal-size files by SHA-256 instead of mtime, and verify copies by it")
     p.add_argument("--delete", action="store_true", help="delete destination files that the source lacks")
-    p.add_argument("--force", action="store_true", help="overwrite destination files that are newer")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite destination files that are newer; let --delete go past --max-delete")
+    p.add_argument("--max-delete", type=float, metavar="SHARE",
+                   help="--delete refuses to remove more than this share of an experiment's files, and never "
+                        "all of them (default: the remote's max_delete, else 0.5)")
     p.add_argument("--transport", choices=["paramiko", "openssh"], help="override the remote's transport")
     p.add_argument("--ssh-config", type=Path, metavar="FILE", help="ssh client config (default: ~/.ssh/config)")
     p.add_argument("--known-hosts", type=Path, action="append", metavar="FILE", help="known_hosts file (repeatable; default: "
@@ -141,6 +145,8 @@ def build_request(args):
 
     if args.channels is not None and not 1 <= args.channels <= 32:
         raise ConfigError(f"--channels: must be between 1 and 32, got {args.channels}")
+    if args.max_delete is not None and not 0 <= args.max_delete <= 1:
+        raise ConfigError(f"--max-delete: must be a share between 0 and 1, got {args.max_delete}")
     source, remote = _remote_settings(args)
     remote_root, local_root, scopes = _roots_and_scopes(args, source, remote)
     known_hosts = args.known_hosts or remote.known_hosts
@@ -149,6 +155,7 @@ def build_request(args):
         local_root=local_root, scopes=scopes, filters=_filters(args, remote),
         transport=args.transport or remote.transport, dry_run=args.dry_run, checksum=args.checksum,
         delete=args.delete, force=args.force,
+        max_delete=remote.max_delete if args.max_delete is None else args.max_delete,
         ssh_config=args.ssh_config or (Path(remote.ssh_config).expanduser() if remote.ssh_config else None),
         known_hosts=tuple(Path(p).expanduser() for p in known_hosts) if known_hosts else None,
         engine=EngineSettings(channels=args.channels or remote.channels,

@@ -103,6 +103,9 @@ class Remote(_Strict):
     transport : {"paramiko", "openssh"}
         ``openssh`` runs the SFTP sessions over the system ``ssh`` (ControlMaster, Include, host
         certificates, every ssh_config option); ``paramiko`` speaks SSH in-process.
+    max_delete : float
+        ``--delete`` refuses (without ``--force``) to remove more than this share of an
+        experiment's files, and never empties an experiment that the source has nothing of.
     """
 
     host: str
@@ -115,6 +118,7 @@ class Remote(_Strict):
     connect_timeout: float = Field(20.0, gt=0)
     stall_timeout: float = Field(120.0, gt=0)
     retries: int = Field(2, ge=0, le=20)
+    max_delete: float = Field(0.5, ge=0, le=1)
     pull: FilterSet = Field(default_factory=FilterSet)
     push: PushSettings = Field(default_factory=PushSettings)
 

@@ -22,7 +22,7 @@ from moespec.sync import engine
 from moespec.sync.engine import EngineSettings, Failure, Outcome, Progress
 from moespec.sync.filters import Filters
 from moespec.sync.listing import Listing, find_command, list_local, parse_find_output, remote_join, walk_sftp
-from moespec.sync.paths import LocalRoot, check_relpath
+from moespec.sync.paths import LocalRoot, check_relpath, hidden_name, printable
 from moespec.sync.plan import Action, Plan, Skip, checksum_candidates, plan_sync
 from moespec.sync.transport import ConnectOptions, Transport, TransportKind, connect
 
@@ -44,6 +44,9 @@ class SyncRequest:
     scopes : tuple of str
         Paths relative to both roots that are synced (experiments, or project folders); ``""``
         is the whole root.
+    max_delete : float
+        With ``delete``: the largest share of an experiment's destination files that may be
+        deleted without ``force`` (see ``plan.plan_sync``).
     """
 
     direction: Direction
@@ -57,6 +60,7 @@ class SyncRequest:
     checksum: bool = False
     delete: bool = False
     force: bool = False
+    max_delete: float = 0.5
     ssh_config: Path | None = None
     known_hosts: tuple[Path, ...] | None = None
     engine: EngineSettings = field(default_factory=EngineSettings)
@@ -98,13 +102,15 @@ class SyncReport:
         if self.request.dry_run:
             verb = f"would have {verb}"
             files, size = len(plan.copies), plan.bytes
+            links, touched, deleted = len(plan.links), len(plan.touches), len(plan.deletes)
         else:
             files, size = self.files, self.bytes
+            links, touched, deleted = self.links, self.touched, self.deleted
         rate = f", {_human(size / self.seconds)}/s" if self.seconds > 0 and size and not self.request.dry_run else ""
         parts = [f"{verb} {files} file{'s' if files != 1 else ''} ({_human(size)}) in {self.seconds:.2f} s{rate}",
                  f"{plan.unchanged} unchanged", f"{plan.excluded} excluded"]
-        for count, label in ((len(plan.kept), "kept"), (len(plan.refused), "refused"), (self.links, "links"),
-                             (self.touched, "mtimes set"), (self.deleted, "deleted"), (len(self.failed), "failed")):
+        for count, label in ((len(plan.kept), "kept"), (len(plan.refused), "refused"), (links, "links"),
+                             (touched, "mtimes set"), (deleted, "deleted"), (len(self.failed), "failed")):
             if count:
                 parts.append(f"{count} {label}")
         return "; ".join(parts)
@@ -188,25 +194,35 @@ def local_checksums(root: Path, paths: list[str]) -> dict[str, str]:
 
 
 def _apply_local_actions(plan: Plan, local: LocalRoot, report: SyncReport) -> list[Failure]:
-    """Links and mtimes on the local side (pull); returns the links that could not be made."""
+    """Links and mtimes on the local side (pull); returns what could not be done."""
     failures = []
     for action in plan.links:
-        final = local.check_parent(action.path)
-        temporary = final.with_name(f".{final.name}.linktmp")
         try:
-            if os.path.lexists(temporary):
-                os.unlink(temporary)
-            os.symlink(action.source.target, temporary)
-            os.replace(temporary, final)  # atomic, also over an older link
-        except OSError as e:  # e.g. no symlink privilege on Windows
+            _make_link(local, action.path, action.source.target)
+        except (OSError, SyncError) as e:  # e.g. no symlink privilege on Windows, a planted link
             failures.append(Failure(action.path, f"cannot create the link: {e}", retryable=False))
             continue
         report.links += 1
     for action in plan.touches:
-        path = local.path(action.path)
-        os.utime(path, (action.source.mtime, action.source.mtime), follow_symlinks=False)
+        try:
+            os.utime(local.path(action.path), (action.source.mtime, action.source.mtime), follow_symlinks=False)
+        except OSError as e:
+            failures.append(Failure(action.path, f"cannot set the mtime: {e.strerror}", retryable=False))
+            continue
         report.touched += 1
     return failures
+
+
+def _make_link(local: LocalRoot, path: str, target: str) -> None:
+    """Create (or replace) the link ``path`` -> ``target`` atomically, if it resolves inside the root."""
+    final = local.check_parent(path)
+    if not local.link_stays_inside(final, target):
+        raise SyncError(f"'{target}' would leave {local.root} through a link that is already there")
+    temporary = final.with_name(hidden_name(final.name, ".linktmp"))  # a long name must not overflow NAME_MAX
+    if os.path.lexists(temporary):
+        os.unlink(temporary)
+    os.symlink(target, temporary)
+    os.replace(temporary, final)  # atomic, also over an older link
 
 
 def _remove_stale_parts(plan: Plan, request: SyncRequest, local: LocalRoot, transport: Transport) -> None:
@@ -313,7 +329,8 @@ def _plan(request: SyncRequest, transport: Transport) -> tuple[Plan, dict[str, s
         local_sums = local_checksums(request.local_root, candidates)
         sums = (remote_sums, local_sums) if request.direction == "pull" else (local_sums, remote_sums)
         source_sums = sums[0]
-    plan = plan_sync(source, dest, request.filters, delete=request.delete, force=request.force, checksums=sums)
+    plan = plan_sync(source, dest, request.filters, delete=request.delete, force=request.force,
+                     max_delete=request.max_delete, checksums=sums)
     if request.direction == "push":
         plan.kept += [Skip(a.path, "links are not pushed") for a in plan.links]
         plan.links = []
@@ -368,7 +385,7 @@ def run_sync(request: SyncRequest, *, show_progress: bool = False,
             log.debug("listed and planned at %.2f s: %d copies", time.monotonic() - started, len(plan.copies))
             if report.plan is None:
                 report.plan = plan
-                report.problems = _missing_problems(request, plan)
+                report.problems = _missing_problems(request, plan) + plan.deletes_refused
                 if on_plan is not None:
                     on_plan(plan)
             if request.dry_run:
