@@ -169,25 +169,45 @@ def _print_plan(plan, verbose: bool, dry_run: bool) -> None:
 
     if dry_run or verbose:
         for action in plan.actions():
-            print(("would " if dry_run else "") + describe_action(action))
+            print(("would " if dry_run else "") + describe_action(action))  # names escaped there
         if dry_run and plan.is_empty():
             print("nothing to do")
 
 
 def _print_report(report) -> None:
+    from moespec.sync.paths import printable
+
     plan = report.plan
-    for skip in plan.kept:
-        print(f"kept: {skip.path}: {skip.reason}", file=sys.stderr)
-    for refusal in plan.refused:
-        print(f"REFUSED: {refusal.path}: {refusal.reason} (use --exclude to silence)", file=sys.stderr)
-    for note in plan.notes:
-        print(f"note: {note}", file=sys.stderr)
-    for problem in report.problems:
-        print(f"MISSING: {problem}", file=sys.stderr)
-    for failure in report.failed:
-        hint = " (run again to resume)" if failure.retryable else ""
-        print(f"FAILED: {failure.path}: {failure.reason}{hint}", file=sys.stderr)
+    lines = [f"kept: {skip.path}: {skip.reason}" for skip in plan.kept]
+    lines += [f"REFUSED: {refusal.path}: {refusal.reason} (use --exclude to silence)" for refusal in plan.refused]
+    lines += [f"note: {note}" for note in plan.notes]
+    lines += [f"ERROR: {problem}" for problem in report.problems]
+    lines += _failure_lines(report.failed)
+    for line in lines:
+        print(printable(line), file=sys.stderr)  # remote names may hold terminal escapes
     print(report.summary())
+
+
+def _failure_lines(failures) -> list[str]:
+    """One line per failed file, or one per reason that many files share (a read-only folder...)."""
+    by_reason: dict[str, list] = {}
+    for failure in failures:
+        by_reason.setdefault(failure.reason, []).append(failure)
+    lines = []
+    for reason, group in by_reason.items():
+        if len(group) > 3:
+            lines.append(f"FAILED: {len(group)} files ({group[0].path}, ...): {reason}{_hint(group)}")
+        else:
+            lines += [f"FAILED: {failure.path}: {reason}{_hint([failure])}" for failure in group]
+    return lines
+
+
+def _hint(failures) -> str:
+    if all(f.resumable for f in failures):
+        return " (run again to resume)"
+    if all(f.retryable for f in failures):
+        return " (run again to retry)"
+    return ""
 
 
 def cmd_sync(args: argparse.Namespace) -> int:

@@ -45,8 +45,8 @@ from paramiko.sftp import (CMD_ATTRS, CMD_CLOSE, CMD_DATA, CMD_EXTENDED, CMD_EXT
 from paramiko.sftp_attr import SFTPAttributes
 
 from moespec.errors import SyncError
-from moespec.sync.listing import remote_join
-from moespec.sync.paths import LocalRoot, part_name, part_prefix
+from moespec.sync.listing import remote_bytes, remote_join
+from moespec.sync.paths import LocalRoot, part_name, part_prefix, printable
 from moespec.sync.plan import Action
 
 log = logging.getLogger("moespec.sync")
@@ -96,11 +96,16 @@ class EngineSettings:
 
 @dataclass(frozen=True)
 class Failure:
-    """A file that was not transferred, why, and whether trying again may help."""
+    """A file that was not transferred, why, whether trying again may help, and whether a ``.part`` was kept.
+
+    ``resumable``: what arrived is on disk in a ``.part`` of the same remote version, which the
+    next run continues instead of starting over.
+    """
 
     path: str
     reason: str
     retryable: bool = True
+    resumable: bool = False
 
 
 @dataclass
@@ -166,9 +171,9 @@ class _Shared:
             self.outcome.done.append(action)
         self.progress.file_done()
 
-    def failed(self, path: str, reason: str, retryable: bool = True) -> None:
+    def failed(self, path: str, reason: str, retryable: bool = True, resumable: bool = False) -> None:
         with self.lock:
-            self.outcome.failed.append(Failure(path, reason, retryable))
+            self.outcome.failed.append(Failure(path, reason, retryable, resumable))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,7 +215,7 @@ class _Download:
         self.channel.inflight += length
 
     def start(self) -> None:
-        path = remote_join(self.channel.remote_root, self.action.path).encode("utf-8", "surrogateescape")
+        path = remote_bytes(remote_join(self.channel.remote_root, self.action.path))
         self._send("open", CMD_OPEN, path, int(SFTP_FLAG_READ), SFTPAttributes())
 
     def issue(self) -> None:
@@ -259,7 +264,7 @@ class _Download:
             else:
                 self.fail(f"unexpected SFTP answer {kind_code} to {kind}", retryable=True)
         except (OSError, SyncError) as e:  # local problems: this file fails, the others go on
-            self.fail(f"cannot write locally: {e}", retryable=False)
+            self.fail(local_error(e), retryable=False)
         if not self.finished and self.stat_ok and self.write_offset >= self.size:
             self._complete()
 
@@ -379,7 +384,7 @@ class _Download:
             log.debug("finishing %s failed", self.action.path, exc_info=True)
             if self.fd is not None:
                 os.close(self.fd)
-            shared.failed(self.action.path, f"cannot write locally: {e}", retryable=False)
+            shared.failed(self.action.path, local_error(e), retryable=False)
             return
         shared.succeeded(self.action)
 
@@ -401,11 +406,22 @@ class _Download:
                 os.unlink(self.part)
             except OSError:
                 pass
-        self.channel.shared.failed(self.action.path, reason, retryable)
+        kept = not discard and self.part is not None and _is_plain_file(self.part) and self.part.stat().st_size > 0
+        self.channel.shared.failed(self.action.path, reason, retryable, resumable=kept)
 
     def abandon(self, reason: str) -> None:
         """The connection died: keep what was received for the next run."""
         self.fail(reason, retryable=True)
+
+
+def local_error(error: Exception) -> str:
+    """The reason of a local write failure, the same for every file of one folder (so they can be counted).
+
+    ``OSError`` names the file it failed on; the folder is what the user can act on.
+    """
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"cannot write in {os.path.dirname(os.fsdecode(error.filename))}: {error.strerror}"
+    return f"cannot write locally: {error}"
 
 
 def server_limits(sftp) -> dict[str, int]:
@@ -543,17 +559,17 @@ class PushChannel:
             if path in self.folders or path in ("", ".", "/"):
                 return
         try:
-            attrs = self.sftp.stat(path)
+            attrs = self.sftp.stat(remote_bytes(path))
         except FileNotFoundError:
             self._ensure_folder(posixpath.dirname(path))
             try:
-                self.sftp.mkdir(path)
+                self.sftp.mkdir(remote_bytes(path))
             except OSError:
-                attrs = self.sftp.stat(path)  # another channel made it first (or this raises)
+                attrs = self.sftp.stat(remote_bytes(path))  # another channel made it first (or this raises)
             else:
                 attrs = None
         if attrs is not None and not stat.S_ISDIR(attrs.st_mode or 0):
-            raise OSError(f"{path} exists on the remote and is not a folder")
+            raise OSError(f"{printable(path)} exists on the remote and is not a folder")
         with self.folders_lock:
             self.folders.add(path)
 
@@ -570,6 +586,7 @@ class PushChannel:
             progress.add(done - sent[0])
             sent[0] = done
 
+        part, final = remote_bytes(part), remote_bytes(final)  # names need not be UTF-8
         fd = os.open(source, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
         with os.fdopen(fd, "rb") as fh:
             self.sftp.putfo(fh, part, file_size=entry.size, callback=callback, confirm=True)
@@ -584,7 +601,7 @@ class PushChannel:
         self.shared.succeeded(action)
 
 
-def _remote_replace(sftp, source: str, target: str) -> None:
+def _remote_replace(sftp, source: bytes, target: bytes) -> None:
     """Atomic rename over an existing file (posix-rename@openssh.com), else remove + rename."""
     try:
         sftp.posix_rename(source, target)

@@ -21,7 +21,8 @@ from moespec.errors import SyncError
 from moespec.sync import engine
 from moespec.sync.engine import EngineSettings, Failure, Outcome, Progress
 from moespec.sync.filters import Filters
-from moespec.sync.listing import Listing, find_command, list_local, parse_find_output, remote_join, walk_sftp
+from moespec.sync.listing import (Listing, find_command, list_local, parse_find_output, remote_bytes, remote_join,
+                                  walk_sftp)
 from moespec.sync.paths import LocalRoot, check_relpath, hidden_name, printable
 from moespec.sync.plan import Action, Plan, Skip, checksum_candidates, plan_sync
 from moespec.sync.transport import ConnectOptions, Transport, TransportKind, connect
@@ -176,7 +177,7 @@ def remote_checksums(transport: Transport, root: str, paths: list[str]) -> dict[
     """SHA-256 of remote files, computed on the remote in one command."""
     if not paths:
         return {}
-    names = b"".join(remote_join(root, p).encode("utf-8", "surrogateescape") + b"\0" for p in paths)
+    names = b"".join(remote_bytes(remote_join(root, p)) + b"\0" for p in paths)
     result = transport.run("xargs -0 sha256sum --", stdin=names, timeout=_CHECKSUM_TIMEOUT)
     sums = parse_sha256sum(result.stdout, root)
     if not sums and result.status != 0:
@@ -240,7 +241,7 @@ def _remove_stale_parts(plan: Plan, request: SyncRequest, local: LocalRoot, tran
     try:
         for path in plan.stale_parts:
             try:
-                sftp.remove(remote_join(request.remote_root, path))
+                sftp.remove(remote_bytes(remote_join(request.remote_root, path)))
             except OSError:
                 pass
     finally:
@@ -257,7 +258,7 @@ def _apply_local_deletes(plan: Plan, local: LocalRoot, report: SyncReport) -> No
                 os.unlink(path)
             report.deleted += 1
         except OSError as e:  # a folder that still holds excluded files stays
-            log.info("not deleted: %s (%s)", path, e.strerror)
+            log.info("not deleted: %s (%s)", printable(str(path)), e.strerror)
 
 
 def _apply_remote_actions(plan: Plan, transport: Transport, root: str, report: SyncReport) -> None:
@@ -267,15 +268,15 @@ def _apply_remote_actions(plan: Plan, transport: Transport, root: str, report: S
     sftp = transport.open_sftp()
     try:
         for action in plan.touches:
-            sftp.utime(remote_join(root, action.path), (action.source.mtime_s, action.source.mtime_s))
+            sftp.utime(remote_bytes(remote_join(root, action.path)), (action.source.mtime_s, action.source.mtime_s))
             report.touched += 1
         for action in plan.deletes:
             path = remote_join(root, action.path)
             try:
-                sftp.rmdir(path) if action.dest.kind == "dir" else sftp.remove(path)
+                sftp.rmdir(remote_bytes(path)) if action.dest.kind == "dir" else sftp.remove(remote_bytes(path))
                 report.deleted += 1
             except OSError as e:
-                log.info("not deleted on the remote: %s (%s)", path, e)
+                log.info("not deleted on the remote: %s (%s)", printable(path), e)
     finally:
         sftp.close()
 
@@ -316,10 +317,15 @@ def _transfer(plan: Plan, request: SyncRequest, transport: Transport, progress: 
         bar.close()
 
 
-def _plan(request: SyncRequest, transport: Transport) -> tuple[Plan, dict[str, str], str]:
-    """List both sides and plan; returns the plan, the source checksums and the listing method."""
+def _plan(request: SyncRequest, transport: Transport) -> tuple[Plan, dict[str, str], str, list[str]]:
+    """List both sides and plan.
+
+    Returns the plan, the source checksums, the listing method, and one line per folder that
+    could not be read (on either side).
+    """
     remote = remote_listing(transport, request.remote_root, request.scopes, request.engine.stall_timeout)
     local = list_local(request.local_root, request.scopes)
+    unreadable = [f"on {request.host}: {line}" for line in remote.warnings] + [f"here: {line}" for line in local.warnings]
     source, dest = (remote, local) if request.direction == "pull" else (local, remote)
     sums = None
     source_sums: dict[str, str] = {}
@@ -334,7 +340,7 @@ def _plan(request: SyncRequest, transport: Transport) -> tuple[Plan, dict[str, s
     if request.direction == "push":
         plan.kept += [Skip(a.path, "links are not pushed") for a in plan.links]
         plan.links = []
-    return plan, source_sums, remote.method
+    return plan, source_sums, remote.method, unreadable
 
 
 def _missing_problems(request: SyncRequest, plan: Plan) -> list[str]:
@@ -344,6 +350,38 @@ def _missing_problems(request: SyncRequest, plan: Plan) -> list[str]:
     else:
         where = f"under {request.local_root}"
     return [f"{scope or 'the root'}: not found {where}" for scope in plan.missing]
+
+
+def _check_local_root(request: SyncRequest) -> None:
+    """One clear error, before connecting, when the local root cannot serve (not one per file later).
+
+    A pull needs a folder it can write in (or a writable folder to create it in); a push needs a
+    folder to read. A root that is a link to a folder is fine.
+    """
+    root = Path(request.local_root)
+    if os.path.lexists(root) and not os.path.isdir(root):
+        raise SyncError(f"local root {root}: exists and is not a folder")
+    if request.direction == "push":
+        if not os.path.isdir(root):
+            raise SyncError(f"local root {root}: no such folder")
+        return
+    if request.dry_run:
+        return
+    existing = root.absolute()
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not os.path.isdir(existing):
+        raise SyncError(f"local root {root}: {existing} exists and is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only_mount(existing) else "permission denied"
+        raise SyncError(f"local root {root}: cannot write in {existing} ({why})")
+
+
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
 
 
 def run_sync(request: SyncRequest, *, show_progress: bool = False,
@@ -366,6 +404,7 @@ def run_sync(request: SyncRequest, *, show_progress: bool = False,
     for scope in request.scopes:
         if scope:
             check_relpath(scope)
+    _check_local_root(request)
     started = time.monotonic()
     report = SyncReport(request)
     progress = Progress()
@@ -377,7 +416,7 @@ def run_sync(request: SyncRequest, *, show_progress: bool = False,
             report.attempts = attempt + 1
             warm = None if request.dry_run else engine.WarmChannel(transport)
             try:
-                plan, source_sums, report.listing_method = _plan(request, transport)
+                plan, source_sums, report.listing_method, unreadable = _plan(request, transport)
             except BaseException:
                 if warm is not None:
                     warm.close()
@@ -385,7 +424,7 @@ def run_sync(request: SyncRequest, *, show_progress: bool = False,
             log.debug("listed and planned at %.2f s: %d copies", time.monotonic() - started, len(plan.copies))
             if report.plan is None:
                 report.plan = plan
-                report.problems = _missing_problems(request, plan) + plan.deletes_refused
+                report.problems = _missing_problems(request, plan) + unreadable + plan.deletes_refused
                 if on_plan is not None:
                     on_plan(plan)
             if request.dry_run:
@@ -433,11 +472,12 @@ def _run_pass(plan: Plan, request: SyncRequest, transport: Transport, progress: 
 
 
 def describe_action(action: Action) -> str:
-    """One line of the itemised (dry-run / verbose) plan."""
+    """One line of the itemised (dry-run / verbose) plan, names escaped (``paths.printable``)."""
+    path = printable(action.path)
     if action.kind == "copy":
-        return f"copy    {action.path}  ({_human(action.size)}, {action.reason})"
+        return f"copy    {path}  ({_human(action.size)}, {action.reason})"
     if action.kind == "link":
-        return f"link    {action.path} -> {action.source.target}  ({action.reason})"
+        return f"link    {path} -> {printable(action.source.target)}  ({action.reason})"
     if action.kind == "touch":
-        return f"touch   {action.path}  ({action.reason})"
-    return f"delete  {action.path}"
+        return f"touch   {path}  ({action.reason})"
+    return f"delete  {path}"
