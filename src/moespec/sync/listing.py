@@ -281,8 +281,9 @@ class RawNames:
                 for _ in range(msg.get_int()):
                     name = msg.get_string().decode("utf-8", "surrogateescape")
                     longname = msg.get_string().decode("utf-8", "replace")
+                    attrs = SFTPAttributes._from_msg(msg, name, longname)  # read even when skipped
                     if name not in (".", ".."):
-                        entries.append(SFTPAttributes._from_msg(msg, name, longname))
+                        entries.append(attrs)
         finally:
             self.sftp._request(CMD_CLOSE, handle)
 

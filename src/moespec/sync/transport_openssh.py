@@ -4,12 +4,14 @@
 agent, host-key checking and the crypto (in C, in another process). paramiko only speaks SFTP
 over the pipes of ``ssh -s HOST sftp`` (``SFTPClient`` accepts any object with
 ``send``/``recv``), the escape hatch rclone also added (rclone#7012). Measured on loopback, this
-was the fastest paramiko variant (shared/research/sync.md, B1).
+was the fastest paramiko variant (docs/sync.md, "Measurements").
 
 One master connection is opened first (one password or 2FA prompt, read by ``ssh`` from the
-terminal); every channel and command then multiplexes over it. If the user's config already
-sets ``ControlMaster``/``ControlPath``, that socket is used, so an existing master is reused.
-Host keys are checked with ``StrictHostKeyChecking=yes``: nothing is ever added automatically.
+terminal); every channel and command then multiplexes over it. The master is always moespec's
+own, on a socket in a private folder: a master that the user (or anything else) opened may have
+been started with host-key checking off (``-o StrictHostKeyChecking=no``), and a client that
+multiplexes over it never sees the host key (ssh_config(5), ControlMaster). Host keys are checked
+with ``StrictHostKeyChecking=yes``: nothing is ever added automatically.
 """
 
 from __future__ import annotations
@@ -123,18 +125,6 @@ def _widen_pipe(fd: int) -> None:
             pass  # above /proc/sys/fs/pipe-max-size: keep the default
 
 
-def _ssh_settings(base: list[str], host: str) -> dict[str, str]:
-    """The effective config for ``host`` as ``ssh -G`` prints it."""
-    result = subprocess.run([*base, "-G", host], capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
-    if result.returncode != 0:
-        raise SyncError(f"ssh cannot read its config for {host}: {result.stderr.decode(errors='replace').strip()}")
-    settings = {}
-    for line in result.stdout.decode(errors="replace").splitlines():
-        key, _, value = line.partition(" ")
-        settings.setdefault(key, value)
-    return settings
-
-
 def _master_error(host: str, status: int, stderr: str) -> SyncError:
     if "IDENTIFICATION HAS CHANGED" in stderr or "Host key verification failed" in stderr or "host key is known" in stderr:
         kind = "CHANGED" if "CHANGED" in stderr else "not known"
@@ -185,16 +175,11 @@ class OpenSSHTransport(Transport):
         return transport
 
     def _start_master(self) -> None:
-        settings = _ssh_settings(self._base, self.host)
-        path = settings.get("controlpath", "none")
-        if path == "none" or settings.get("controlmaster", "false") == "false":
-            self._private_dir = tempfile.mkdtemp(prefix="moespec-ssh-")
-            path = os.path.join(self._private_dir, "cm")  # short: unix socket paths max out near 104 bytes
-            self._mux = ["-o", f"ControlPath={path}", "-o", "ControlMaster=no"]
-        else:
-            self._mux = ["-o", f"ControlPath={path}", "-o", "ControlMaster=no"]
-            if self._check_master():
-                return  # the user's own master is already up: no new login, no new 2FA prompt
+        """Open moespec's own master on a private socket (never one from the user's config)."""
+        self._private_dir = tempfile.mkdtemp(prefix="moespec-ssh-")
+        path = os.path.join(self._private_dir, "cm")  # short: unix socket paths max out near 104 bytes
+        # command-line options win over the config's ControlPath / ControlMaster (ssh(1))
+        self._mux = ["-o", f"ControlPath={path}", "-o", "ControlMaster=no"]
         self._master = subprocess.Popen(
             [*self._base, "-M", "-N", "-n", "-o", f"ControlPath={path}", "-o", "ControlMaster=yes",
              "-o", "ControlPersist=no", "-o", "ServerAliveInterval=15", self.host],
@@ -209,11 +194,6 @@ class OpenSSHTransport(Transport):
                 return
             time.sleep(0.02)
         raise SyncError(f"ssh to {self.host}: no connection after {wait:.0f} s")
-
-    def _check_master(self) -> bool:
-        result = subprocess.run([*self._base, *self._mux, "-O", "check", self.host],
-                                capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
-        return result.returncode == 0
 
     def run(self, command: str, stdin: bytes = b"", timeout: float | None = None) -> CommandResult:
         total = None if timeout is None else 10 * timeout
