@@ -12,7 +12,6 @@ import posixpath
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moespec.errors import ConfigError
@@ -194,6 +193,8 @@ def load_remotes(path: Path | str = DEFAULT_REMOTES_FILE) -> RemotesFile:
         example = path.with_name("remotes.example.yaml")
         hint = f"; copy {example} to {path} and edit it" if example.exists() else ""
         raise ConfigError(f"{path}: not found{hint} (or pass --host and --remote-root)")
+    import yaml  # here: `--host` with `--remote-root` reads no file and need not pay for the import
+
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

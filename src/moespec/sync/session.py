@@ -283,6 +283,8 @@ def _apply_remote_actions(plan: Plan, transport: Transport, root: str, report: S
 
 def _progress_bar(total: int, description: str, enabled: bool, progress: Progress, n_files: int):
     """A tqdm bar (bytes, rate, ETA) and the tick function that feeds it from ``progress``."""
+    if not enabled:  # no terminal: not even the import (start-up time counts on small pulls)
+        return _NoBar(), lambda: None
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, file=sys.stderr,
@@ -294,6 +296,11 @@ def _progress_bar(total: int, description: str, enabled: bool, progress: Progres
         bar.set_postfix_str(f"{progress.files - start_files}/{n_files} files", refresh=False)
 
     return bar, tick
+
+
+class _NoBar:
+    def close(self) -> None:
+        pass
 
 
 def _transfer(plan: Plan, request: SyncRequest, transport: Transport, progress: Progress, show_progress: bool,
