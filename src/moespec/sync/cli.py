@@ -224,14 +224,21 @@ def _keep_invoke_out() -> None:
 def cmd_sync(args: argparse.Namespace) -> int:
     """Run ``moespec sync``."""
     _keep_invoke_out()
-    from moespec.sync.session import run_sync
-
     request = build_request(args)
+    from moespec.sync.transport import start_early
+
+    early = start_early(request.transport, request.connect_options())  # ssh logs in while we import
+    try:
+        from moespec.sync.session import run_sync
+    except BaseException:
+        if early is not None:
+            early.close()
+        raise
     arrow = "->" if request.direction == "pull" else "<-"
     what = ", ".join(s for s in request.scopes if s) or "everything"
     print(f"{request.direction} {request.host}:{request.remote_root} {arrow} {request.local_root} ({what}, "
           f"{request.transport}{', dry run' if request.dry_run else ''})")
     report = run_sync(request, show_progress=not args.no_progress and sys.stderr.isatty(),
-                      on_plan=lambda plan: _print_plan(plan, args.verbose, request.dry_run))
+                      on_plan=lambda plan: _print_plan(plan, args.verbose, request.dry_run), transport=early)
     _print_report(report)
     return EXIT_OK if report.ok and not report.plan.refused else EXIT_FAILED

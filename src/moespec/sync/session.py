@@ -305,16 +305,18 @@ class _NoBar:
 
 def _transfer(plan: Plan, request: SyncRequest, transport: Transport, progress: Progress, show_progress: bool,
               expected_sums: dict[str, str], warm: engine.WarmChannel | None) -> Outcome:
+    from moespec.sync import sftp_channels  # paramiko: only once there is something to copy
+
     local = LocalRoot(request.local_root)
     if request.direction == "pull":
         def make_channel(sftp, shared):
-            return engine.PullChannel(sftp, shared, local, request.remote_root, expected_sums)
+            return sftp_channels.PullChannel(sftp, shared, local, request.remote_root, expected_sums)
     else:
         folders: set[str] = set()
         lock = threading.Lock()
 
         def make_channel(sftp, shared):
-            return engine.PushChannel(sftp, shared, local, request.remote_root, folders, lock)
+            return sftp_channels.PushChannel(sftp, shared, local, request.remote_root, folders, lock)
     bar, tick = _progress_bar(plan.bytes, f"{request.direction} {request.host}", show_progress, progress,
                               len(plan.copies))
     try:
@@ -392,7 +394,7 @@ def _read_only_mount(path: Path) -> bool:
 
 
 def run_sync(request: SyncRequest, *, show_progress: bool = False,
-             on_plan: Callable[[Plan], None] | None = None) -> SyncReport:
+             on_plan: Callable[[Plan], None] | None = None, transport: Transport | None = None) -> SyncReport:
     """Carry out one sync and report what happened.
 
     Parameters
@@ -402,20 +404,28 @@ def run_sync(request: SyncRequest, *, show_progress: bool = False,
         Draw a progress bar (bytes, rate, ETA) on stderr.
     on_plan : callable or None
         Called with the first plan, before anything is transferred (the CLI prints it).
+    transport : Transport or None
+        A connection already under way for ``request`` (``transport.start_early``); closed here.
 
     Raises
     ------
     SyncError
         The host cannot be reached or refused us; files that fail are in the report instead.
     """
-    for scope in request.scopes:
-        if scope:
-            check_relpath(scope)
-    _check_local_root(request)
     started = time.monotonic()
+    try:
+        for scope in request.scopes:
+            if scope:
+                check_relpath(scope)
+        _check_local_root(request)
+        transport = transport or connect(request.transport, request.connect_options())
+        transport.ready()
+    except BaseException:
+        if transport is not None:
+            transport.close()
+        raise
     report = SyncReport(request)
     progress = Progress()
-    transport = connect(request.transport, request.connect_options())
     report.transport = transport.description
     log.debug("connected to %s in %.2f s", transport.description, time.monotonic() - started)
     try:

@@ -24,12 +24,14 @@ import subprocess
 import tempfile
 import threading
 import time
-
-import paramiko
+from typing import TYPE_CHECKING
 
 from moespec.errors import SyncError
 from moespec.sync.hostkeys import HostKeyError
 from moespec.sync.transport import CommandResult, ConnectOptions, Transport
+
+if TYPE_CHECKING:
+    import paramiko
 
 
 class PipeSocket:
@@ -148,11 +150,25 @@ class OpenSSHTransport(Transport):
         self._private_dir: str | None = None
         self._pipes: list[PipeSocket] = []
         self._closed = False
+        self._ready = False
+        self._socket = ""
         self._lock = threading.Lock()
         self.description = f"{options.host} (system ssh)"
 
     @classmethod
     def connect(cls, options: ConnectOptions) -> "OpenSSHTransport":
+        """Start the master and wait until it is up (``start`` then ``ready``)."""
+        transport = cls.start(options)
+        transport.ready()
+        return transport
+
+    @classmethod
+    def start(cls, options: ConnectOptions) -> "OpenSSHTransport":
+        """Launch the master connection and return at once; ``ready`` waits for it.
+
+        The command calls this before it imports the rest of the tool, so that ``ssh``
+        connects (another process) while Python imports.
+        """
         if options.host.startswith("-") or any(c.isspace() for c in options.host):
             raise SyncError(f"'{options.host}' is not a host alias")  # ssh would read it as an option
         if shutil.which("ssh") is None:
@@ -168,31 +184,44 @@ class OpenSSHTransport(Transport):
             base += ["-o", "BatchMode=yes"]
         transport = cls(options, base)
         try:
-            transport._start_master()
+            transport._launch_master()
         except BaseException:
             transport.close()
             raise
         return transport
 
-    def _start_master(self) -> None:
-        """Open moespec's own master on a private socket (never one from the user's config)."""
+    def _launch_master(self) -> None:
+        """Start moespec's own master on a private socket (never one from the user's config)."""
         self._private_dir = tempfile.mkdtemp(prefix="moespec-ssh-")
-        path = os.path.join(self._private_dir, "cm")  # short: unix socket paths max out near 104 bytes
+        self._socket = os.path.join(self._private_dir, "cm")  # short: unix socket paths max out near 104 bytes
         # command-line options win over the config's ControlPath / ControlMaster (ssh(1))
-        self._mux = ["-o", f"ControlPath={path}", "-o", "ControlMaster=no"]
+        self._mux = ["-o", f"ControlPath={self._socket}", "-o", "ControlMaster=no"]
         self._master = subprocess.Popen(
-            [*self._base, "-M", "-N", "-n", "-o", f"ControlPath={path}", "-o", "ControlMaster=yes",
+            [*self._base, "-M", "-N", "-n", "-o", f"ControlPath={self._socket}", "-o", "ControlMaster=yes",
              "-o", "ControlPersist=no", "-o", "ServerAliveInterval=15", self.host],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def ready(self) -> None:
+        """Wait until the master is up; raise ``HostKeyError`` / ``SyncError`` (and close) if it is not."""
+        if self._ready:
+            return
+        try:
+            self._wait_for_master()
+        except BaseException:
+            self.close()
+            raise
+        self._ready = True
+
+    def _wait_for_master(self) -> None:
         wait = self.options.connect_timeout + (120 if self.options.interactive else 0)  # room for a 2FA prompt
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self._master.poll() is not None:
                 stderr = self._master.stderr.read().decode(errors="replace").strip()
                 raise _master_error(self.host, self._master.returncode, stderr)
-            if os.path.exists(path):  # ssh binds the socket under a temporary name, then renames it
+            if os.path.exists(self._socket):  # ssh binds the socket under a temporary name, then renames it
                 return
-            time.sleep(0.02)
+            time.sleep(0.01)
         raise SyncError(f"ssh to {self.host}: no connection after {wait:.0f} s")
 
     def run(self, command: str, stdin: bytes = b"", timeout: float | None = None) -> CommandResult:
@@ -206,7 +235,9 @@ class OpenSSHTransport(Transport):
             raise _master_error(self.host, 255, result.stderr.decode(errors="replace").strip())
         return CommandResult(result.returncode, result.stdout, result.stderr)
 
-    def open_sftp(self) -> paramiko.SFTPClient:
+    def open_sftp(self) -> "paramiko.SFTPClient":
+        import paramiko  # here: listing and planning need no SFTP client
+
         pipe = PipeSocket([*self._base, *self._mux, "-T", "-s", self.host, "sftp"])
         with self._lock:
             self._pipes.append(pipe)
