@@ -1,6 +1,6 @@
 """The sync planner: two listings and the filters in, the list of actions out. Pure: no I/O.
 
-Rules (rsync's quick check, plus the safety rules of issue 7):
+Rules (rsync's quick check, plus the safety rules of docs/sync.md):
 
 - a file moves when it is new, or when its size or whole-second mtime differs; with checksums,
   equal-size files move only when their contents differ (equal contents with another mtime only

@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -332,8 +333,10 @@ def _plan(request: SyncRequest, transport: Transport) -> tuple[Plan, dict[str, s
     Returns the plan, the source checksums, the listing method, and one line per folder that
     could not be read (on either side).
     """
-    remote = remote_listing(transport, request.remote_root, request.scopes, request.engine.stall_timeout)
-    local = list_local(request.local_root, request.scopes)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync-list-local") as pool:
+        local_listed = pool.submit(list_local, request.local_root, request.scopes)  # while the remote answers
+        remote = remote_listing(transport, request.remote_root, request.scopes, request.engine.stall_timeout)
+        local = local_listed.result()
     unreadable = [f"on {request.host}: {line}" for line in remote.warnings] + [f"here: {line}" for line in local.warnings]
     source, dest = (remote, local) if request.direction == "pull" else (local, remote)
     sums = None
