@@ -164,7 +164,8 @@ def measure(part: str, methods: Methods, host: str, source: Path, work: Path, re
 def table(results: dict, goal: float) -> None:
     """Print the medians with their ratio to rsync's median in the same part."""
     print()
-    header = f"| {'part':22s} | {'method':20s} | {'median s':>8s} | {'min-max s':>11s} | {'x rsync':>7s} | {'goal':>8s} |"
+    header = (f"| {'part':22s} | {'method':20s} | {'median s':>8s} | {'min-max s':>11s} | {'x rsync':>7s} "
+              f"| {'goal':>8s} |")
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
     for (part, name), times in results.items():

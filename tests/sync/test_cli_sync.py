@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from moespec.cli import build_parser, main
+from moespec.errors import ConfigError
 from moespec.sync.cli import build_request
 
 REMOTES = """\
@@ -46,6 +47,13 @@ def test_pull_request_from_remotes_file(project):
     assert cli_rules == [("include", "embed/**"), ("exclude", "*.pt"), ("exclude", "*.h5")]
     assert request.filters.selects("demo/embed/x/embed.h5") and not request.filters.selects("demo/r/x.h5")
     assert request_for("--from-hpc", "--all").filters.selects("demo/r/x.h5")
+
+
+def test_max_delete_from_the_remote_or_the_flag(project):
+    assert request_for("--from-hpc").max_delete == 0.5
+    assert request_for("--from-hpc", "--max-delete", "0.9").max_delete == 0.9
+    with pytest.raises(ConfigError, match="--max-delete: must be a share between 0 and 1, got 2"):
+        request_for("--from-hpc", "--max-delete", "2")
 
 
 def test_push_request_defaults_to_existing_push_paths(project):

@@ -49,10 +49,12 @@ def register(subparsers) -> None:
                    help="experiments (--from-hpc; default: all) or project paths (--to-hpc)")
     p.add_argument("--remote", metavar="NAME", help="remote from the remotes file (default: its `default`)")
     p.add_argument("--remotes", type=Path, metavar="FILE", help="remotes file (default: sync/remotes.yaml)")
-    p.add_argument("--host", metavar="ALIAS", help="ssh host alias (overrides the remote's; with --remote-root no remotes file "
-                                  "is needed)")
-    p.add_argument("--remote-root", metavar="PATH", help="remote root for this direction (overrides the remotes file)")
-    p.add_argument("--local-root", type=Path, metavar="DIR", help="local root (default: results/ for --from-hpc, . for --to-hpc)")
+    p.add_argument("--host", metavar="ALIAS",
+                   help="ssh host alias (overrides the remote's; with --remote-root no remotes file is needed)")
+    p.add_argument("--remote-root", metavar="PATH",
+                   help="remote root for this direction (overrides the remotes file)")
+    p.add_argument("--local-root", type=Path, metavar="DIR",
+                   help="local root (default: results/ for --from-hpc, . for --to-hpc)")
     p.add_argument("--include", action=_FilterAction, const="include", metavar="GLOB", dest="filter_rules",
                    help="transfer what matches (repeatable; first matching rule wins)")
     p.add_argument("--exclude", action=_FilterAction, const="exclude", metavar="GLOB", dest="filter_rules",
@@ -69,11 +71,13 @@ def register(subparsers) -> None:
                         "all of them (default: the remote's max_delete, else 0.5)")
     p.add_argument("--transport", choices=["paramiko", "openssh"], help="override the remote's transport")
     p.add_argument("--ssh-config", type=Path, metavar="FILE", help="ssh client config (default: ~/.ssh/config)")
-    p.add_argument("--known-hosts", type=Path, action="append", metavar="FILE", help="known_hosts file (repeatable; default: "
-                                                                       "the ssh config's UserKnownHostsFile)")
+    p.add_argument("--known-hosts", type=Path, action="append", metavar="FILE",
+                   help="known_hosts file (repeatable; default: the ssh config's UserKnownHostsFile)")
     p.add_argument("--channels", type=int, metavar="N", help="parallel SFTP channels (default: the remote's, else 4)")
-    p.add_argument("--retries", type=int, metavar="N", help="retries after a lost connection (default: the remote's, else 2)")
-    p.add_argument("--stall-timeout", type=float, metavar="SECONDS", help="seconds without progress before reconnecting")
+    p.add_argument("--retries", type=int, metavar="N",
+                   help="retries after a lost connection (default: the remote's, else 2)")
+    p.add_argument("--stall-timeout", type=float, metavar="SECONDS",
+                   help="seconds without progress before reconnecting")
     p.add_argument("--batch", action="store_true", help="never prompt (passphrases, 2FA); fail instead")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="list every action")
@@ -88,13 +92,15 @@ def _remote_settings(args):
     from moespec.sync.remotes import DEFAULT_REMOTES_FILE, Remote, load_remotes
 
     path = args.remotes or DEFAULT_REMOTES_FILE
-    if args.host is not None and (not args.host.strip() or args.host.startswith("-") or any(c.isspace() for c in args.host)):
+    host = args.host
+    if host is not None and (not host.strip() or host.startswith("-") or any(c.isspace() for c in host)):
         raise ConfigError(f"--host: '{args.host}' is not a host alias")
     if args.host and args.remote_root and args.remotes is None and not Path(path).exists():
         try:
             return "--host/--remote-root", Remote(host=args.host, root=args.remote_root)
         except ValidationError as e:
-            raise ConfigError([f"--remote-root: {err['msg'].removeprefix('Value error, ')}" for err in e.errors()]) from e
+            problems = [f"--remote-root: {err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
+            raise ConfigError(problems) from e
     remotes = load_remotes(path)
     remote = remotes.get(args.remote, str(path))
     name = args.remote or remotes.default or next(iter(remotes.remotes))

@@ -337,7 +337,8 @@ def _plan(request: SyncRequest, transport: Transport) -> tuple[Plan, dict[str, s
         local_listed = pool.submit(list_local, request.local_root, request.scopes)  # while the remote answers
         remote = remote_listing(transport, request.remote_root, request.scopes, request.engine.stall_timeout)
         local = local_listed.result()
-    unreadable = [f"on {request.host}: {line}" for line in remote.warnings] + [f"here: {line}" for line in local.warnings]
+    unreadable = [f"on {request.host}: {line}" for line in remote.warnings]
+    unreadable += [f"here: {line}" for line in local.warnings]
     source, dest = (remote, local) if request.direction == "pull" else (local, remote)
     sums = None
     source_sums: dict[str, str] = {}

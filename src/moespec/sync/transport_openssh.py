@@ -128,7 +128,8 @@ def _widen_pipe(fd: int) -> None:
 
 
 def _master_error(host: str, status: int, stderr: str) -> SyncError:
-    if "IDENTIFICATION HAS CHANGED" in stderr or "Host key verification failed" in stderr or "host key is known" in stderr:
+    signs = ("IDENTIFICATION HAS CHANGED", "Host key verification failed", "host key is known")
+    if any(sign in stderr for sign in signs):
         kind = "CHANGED" if "CHANGED" in stderr else "not known"
         return HostKeyError(
             f"the host key of {host} is {kind} (ssh: {stderr.splitlines()[-1] if stderr else ''}).\n"
