@@ -115,7 +115,8 @@ class Methods:
     def __init__(self, project: Path, config: Path, transports: list[str]):
         self.project = project
         self.config = config
-        self.env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+        # as a user runs it: no agent, and bytecode cached as an installed package has it
+        self.env = {k: v for k, v in os.environ.items() if k not in ("SSH_AUTH_SOCK", "PYTHONDONTWRITEBYTECODE")}
         self.env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), self.env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         self.names = ["rsync -a", *(f"moespec ({t})" for t in transports)]
 
@@ -198,6 +199,8 @@ def main() -> int:
         server = lab.add_server("main")
         config = lab.write_config([lab.host_block("bench", server.port)])
         methods = Methods(work / "project", config, [t for t in args.transports.split(",") if t])
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "src" / "moespec")], check=True,
+                       env=methods.env)  # what pip does on install; untimed
         before = mixed_tree(work / "remote" / "v1", p)
         after = changed_tree(before, work / "remote" / "v2", p)
         n_files, n_bytes = tree_size(before)

@@ -197,7 +197,7 @@ class WarmChannel:
     """
 
     def __init__(self, transport):
-        self._sftp = None
+        self._pending = None
         self._discarded = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._open, args=(transport,), daemon=True, name="sync-warm")
@@ -205,29 +205,36 @@ class WarmChannel:
 
     def _open(self, transport) -> None:
         try:
-            sftp = transport.open_sftp()
+            pending = transport.start_sftp()
         except Exception:  # the engine opens its channels itself and reports what fails
             log.debug("background channel failed", exc_info=True)
             return
         with self._lock:
-            sftp, self._sftp = (sftp, None) if self._discarded else (None, sftp)
-        if sftp is not None:
-            sftp.close()
+            pending, self._pending = (pending, None) if self._discarded else (None, pending)
+        if pending is not None:
+            pending.close()
 
     def take(self):
         """The channel (once), or None."""
         self._thread.join()
         with self._lock:
-            sftp, self._sftp = self._sftp, None
-        return sftp
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        try:
+            return pending.finish()
+        except Exception:
+            log.debug("background channel failed", exc_info=True)
+            pending.close()
+            return None
 
     def close(self) -> None:
         """Drop the channel without waiting for it (nothing to copy: do not delay the run)."""
         with self._lock:
             self._discarded = True
-            sftp, self._sftp = self._sftp, None
-        if sftp is not None:
-            sftp.close()
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.close()
 
 
 def run_channels(transport, actions: list[Action], settings: EngineSettings, make_channel,

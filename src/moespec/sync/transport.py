@@ -79,6 +79,13 @@ class Transport(ABC):
     def open_sftp(self):
         """A new ``paramiko.SFTPClient`` on its own channel (one per thread)."""
 
+    def start_sftp(self) -> "PendingSftp":
+        """Begin opening an SFTP channel (the slow, remote part); ``finish()`` the result to use it.
+
+        By default the channel is opened completely here.
+        """
+        return PendingSftp(self.open_sftp())
+
     @abstractmethod
     def abort(self) -> None:
         """Tear the connection down now, from any thread: blocked reads fail at once."""
@@ -92,6 +99,19 @@ class Transport(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class PendingSftp:
+    """An SFTP channel being opened: ``finish()`` returns the client (once), ``close()`` drops it."""
+
+    def __init__(self, sftp):
+        self._sftp = sftp
+
+    def finish(self):
+        return self._sftp
+
+    def close(self) -> None:
+        self._sftp.close()
 
 
 def start_early(kind: TransportKind, options: ConnectOptions) -> Transport | None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from moespec.errors import SyncError
 from moespec.sync.hostkeys import HostKeyError
-from moespec.sync.transport import CommandResult, ConnectOptions, Transport
+from moespec.sync.transport import CommandResult, ConnectOptions, PendingSftp, Transport
 
 if TYPE_CHECKING:
     import paramiko
@@ -237,8 +237,14 @@ class OpenSSHTransport(Transport):
         return CommandResult(result.returncode, result.stdout, result.stderr)
 
     def open_sftp(self) -> "paramiko.SFTPClient":
-        import paramiko  # here: listing and planning need no SFTP client
+        return self._handshake(self._spawn_sftp())
 
+    def start_sftp(self) -> PendingSftp:
+        """Start the ``ssh -s sftp`` session (the remote shell runs now); the SFTP client is made by
+        ``finish()``, so that a run with nothing to copy never imports paramiko."""
+        return _PendingPipe(self, self._spawn_sftp())
+
+    def _spawn_sftp(self) -> PipeSocket:
         pipe = PipeSocket([*self._base, *self._mux, "-T", "-s", self.host, "sftp"])
         with self._lock:
             self._pipes.append(pipe)
@@ -246,6 +252,11 @@ class OpenSSHTransport(Transport):
         if closed:  # closed meanwhile (a background channel that is no longer wanted)
             pipe.close()
             raise SyncError(f"the connection to {self.host} is closed")
+        return pipe
+
+    def _handshake(self, pipe: PipeSocket) -> "paramiko.SFTPClient":
+        import paramiko  # here: listing and planning need no SFTP client
+
         try:
             sftp = paramiko.SFTPClient(pipe)
             pipe.established = True
@@ -280,3 +291,18 @@ class OpenSSHTransport(Transport):
         if self._private_dir is not None:
             shutil.rmtree(self._private_dir, ignore_errors=True)
             self._private_dir = None
+
+
+class _PendingPipe(PendingSftp):
+    """An ``ssh -s sftp`` session already started, waiting for its SFTP version exchange."""
+
+    def __init__(self, transport: OpenSSHTransport, pipe: PipeSocket):
+        super().__init__(None)
+        self._transport = transport
+        self._pipe = pipe
+
+    def finish(self):
+        return self._transport._handshake(self._pipe)
+
+    def close(self) -> None:
+        self._pipe.close()
