@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -154,29 +155,36 @@ def measure(part: str, methods: Methods, host: str, source: Path, work: Path, re
                 else:
                     shutil.copytree(start_from, dest, copy_function=shutil.copy2)
             os.sync()
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             started = time.perf_counter()
             methods.run(name, host, source, dest)
             elapsed = time.perf_counter() - started
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
             verify(source, dest)
-            results.setdefault((part, name), []).append(elapsed)
-            print(f"  [{part}, rep {rep + 1}/{repeats}] {name:20s} {elapsed:7.2f} s", file=sys.stderr, flush=True)
+            results.setdefault((part, name), []).append((elapsed, cpu))
+            print(f"  [{part}, rep {rep + 1}/{repeats}] {name:20s} {elapsed:7.2f} s, client CPU {cpu:5.2f} s",
+                  file=sys.stderr, flush=True)
 
 
 def table(results: dict, goal: float) -> None:
     """Print the medians with their ratio to rsync's median in the same part."""
     print()
     header = (f"| {'part':22s} | {'method':20s} | {'median s':>8s} | {'min-max s':>11s} | {'x rsync':>7s} "
-              f"| {'goal':>8s} |")
+              f"| {'goal':>8s} | {'client CPU s':>12s} |")
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
-    for (part, name), times in results.items():
-        base = statistics.median(results[(part, "rsync -a")])
+    for (part, name), runs in results.items():
+        times = [wall for wall, _ in runs]
+        base = statistics.median(wall for wall, _ in results[(part, "rsync -a")])
         median = statistics.median(times)
         ratio = median / base
         verdict = "" if name == "rsync -a" else ("ok" if ratio <= goal else "MISS") + f" {goal}"
+        cpu = statistics.median(cpu for _, cpu in runs)
         print(f"| {part:22s} | {name:20s} | {median:8.2f} | {min(times):5.2f}-{max(times):<5.2f} | {ratio:7.2f} "
-              f"| {verdict:>8s} |")
-    print("(x rsync: median wall time of the whole command, a fresh process, over rsync's median in the same part)")
+              f"| {verdict:>8s} | {cpu:12.2f} |")
+    print("(x rsync: median wall time of the whole command, a fresh process, over rsync's median in the same part;\n"
+          " client CPU: user + system time of the command and its children, e.g. ssh; the server's is not counted)")
 
 
 def main() -> int:
