@@ -112,3 +112,18 @@ class _HostileSftp:
 def test_sftp_walk_refuses_hostile_names():
     got = walk_names(_HostileSftp(), "/r", ("",))
     assert list(got.entries) == ["ok.json"] and len(got.refused) == 2
+
+
+class _LockedSftp(_HostileSftp):
+    """A server where one folder cannot be read."""
+
+    def listdir(self, path):
+        if path == "/r/locked":
+            raise PermissionError(13, "Permission denied")
+        return [_Attr("locked", 0o040755), _Attr("ok.json", 0o100644, 3)] if path == "/r" else []
+
+
+def test_sftp_walk_reports_unreadable_folders():
+    got = walk_names(_LockedSftp(), "/r", ("",))
+    assert sorted(got.entries) == ["locked", "ok.json"]
+    assert got.warnings == ["cannot read /r/locked: Permission denied"]
