@@ -153,14 +153,14 @@ def local_error(error: Exception) -> str:
     return f"cannot write locally: {error}"
 
 
-def _is_plain_file(path: Path) -> bool:
+def is_plain_file(path: Path) -> bool:
     try:
         return stat.S_ISREG(path.lstat().st_mode)
     except FileNotFoundError:
         return False
 
 
-def _remove_stale_parts(final: Path, keep: Path) -> None:
+def remove_stale_parts(final: Path, keep: Path) -> None:
     """Partial files of other remote versions of the same file can never be resumed."""
     prefix = part_prefix(final.name)
     try:

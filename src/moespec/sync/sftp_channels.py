@@ -39,7 +39,7 @@ from paramiko.sftp import (CMD_ATTRS, CMD_CLOSE, CMD_DATA, CMD_EXTENDED, CMD_EXT
 from paramiko.sftp_attr import SFTPAttributes
 
 from moespec.errors import SyncError
-from moespec.sync.engine import _is_plain_file, _remove_stale_parts, PassState, local_error, log, sha256_file
+from moespec.sync.engine import PassState, is_plain_file, local_error, log, remove_stale_parts, sha256_file
 from moespec.sync.listing import remote_bytes, remote_join
 from moespec.sync.paths import LocalRoot, part_name, printable
 from moespec.sync.plan import Action
@@ -171,8 +171,8 @@ class _Download:
         local: LocalRoot = self.channel.local
         final = local.check_parent(self.action.path)
         self.part = final.with_name(part_name(final.name, self.size, self.entry.mtime))
-        _remove_stale_parts(final, self.part)
-        kept = self.part.lstat().st_size if _is_plain_file(self.part) else -1
+        remove_stale_parts(final, self.part)
+        kept = self.part.lstat().st_size if is_plain_file(self.part) else -1
         if 0 < kept <= self.size:
             self.fd = os.open(self.part, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
             start = max(0, kept - RESUME_OVERLAP)
@@ -285,7 +285,7 @@ class _Download:
                 os.unlink(self.part)
             except OSError:
                 pass
-        kept = not discard and self.part is not None and _is_plain_file(self.part) and self.part.stat().st_size > 0
+        kept = not discard and self.part is not None and is_plain_file(self.part) and self.part.stat().st_size > 0
         self.channel.shared.failed(self.action.path, reason, retryable, resumable=kept)
 
     def abandon(self, reason: str) -> None:
