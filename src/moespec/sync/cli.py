@@ -184,27 +184,28 @@ def _print_report(report) -> None:
     from moespec.sync.paths import printable
 
     plan = report.plan
-    lines = [f"kept: {skip.path}: {skip.reason}" for skip in plan.kept]
+    lines = _grouped("kept", plan.kept, lambda group: "")
     lines += [f"REFUSED: {refusal.path}: {refusal.reason} (use --exclude to silence)" for refusal in plan.refused]
     lines += [f"note: {note}" for note in plan.notes]
     lines += [f"ERROR: {problem}" for problem in report.problems]
-    lines += _failure_lines(report.failed)
+    lines += _grouped("FAILED", report.failed, _hint)
     for line in lines:
         print(printable(line), file=sys.stderr)  # remote names may hold terminal escapes
     print(report.summary())
 
 
-def _failure_lines(failures) -> list[str]:
-    """One line per failed file, or one per reason that many files share (a read-only folder...)."""
+def _grouped(label: str, items, hint) -> list[str]:
+    """One line per file, or one per reason that many files share (a read-only folder, a file
+    where a folder should be...); ``items`` have ``path`` and ``reason``."""
     by_reason: dict[str, list] = {}
-    for failure in failures:
-        by_reason.setdefault(failure.reason, []).append(failure)
+    for item in items:
+        by_reason.setdefault(item.reason, []).append(item)
     lines = []
     for reason, group in by_reason.items():
         if len(group) > 3:
-            lines.append(f"FAILED: {len(group)} files ({group[0].path}, ...): {reason}{_hint(group)}")
+            lines.append(f"{label}: {len(group)} files ({group[0].path}, ...): {reason}{hint(group)}")
         else:
-            lines += [f"FAILED: {failure.path}: {reason}{_hint([failure])}" for failure in group]
+            lines += [f"{label}: {item.path}: {reason}{hint([item])}" for item in group]
     return lines
 
 
