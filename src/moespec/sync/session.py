@@ -145,7 +145,8 @@ def remote_listing(transport: Transport, root: str, scopes: tuple[str, ...], tim
             listing.warnings += [line for line in errors if "No such file or directory" not in line]
             return listing
         reason = result.error_text or f"status {result.status}"
-    log.warning("remote `find` listing unavailable (%s); walking the tree over SFTP instead (slower)", reason)
+    log.warning("remote `find` listing unavailable (%s); walking the tree over SFTP instead (slower)",
+                printable(reason))
     sftp = transport.open_sftp()
     try:
         return walk_sftp(sftp, root, scopes)
@@ -455,7 +456,7 @@ def run_sync(request: SyncRequest, *, show_progress: bool = False,
             if not retryable or attempt == request.retries:
                 report.failed = outcome.failed
                 break
-            log.warning("%d file(s) to retry (%s); attempt %d of %d", len(retryable), retryable[0].reason,
+            log.warning("%d file(s) to retry (%s); attempt %d of %d", len(retryable), printable(retryable[0].reason),
                         attempt + 2, request.retries + 1)
             time.sleep(min(2.0 ** attempt, 10.0))
             if outcome.connection_error is not None:
