@@ -24,7 +24,8 @@ from moespec.launch.arrays import ArrayJob, TaskKey
 
 log = logging.getLogger("moespec.slurm")
 
-RECORD_VERSION = 1
+#: 2: array indices are positions in the array (version 1 stored ``task index - chunk offset``).
+RECORD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,9 @@ def array_entry(array: ArrayJob, job_id: str | None, log_pattern: str, *, single
     return {
         "name": array.name, "stage": array.stage, "chunk": array.chunk, "job_id": job_id, "single": single,
         "array_spec": array.array_spec(), "after": list(array.after), "after_jobs": list(array.after_jobs),
-        "log": log_pattern,
-        "tasks": [[t.uid, t.shard_index, index, index - array.offset] for t, index in zip(array.tasks, array.task_indices)],
+        "after_corresponding": list(array.after_corresponding), "log": log_pattern,
+        "tasks": [[t.uid, t.shard_index, index, position]
+                  for position, (t, index) in enumerate(zip(array.tasks, array.task_indices))],
     }
 
 

@@ -44,6 +44,12 @@ from moespec.launch.status import TaskStatus, collect_status
 
 log = logging.getLogger("moespec.slurm")
 
+#: Thread-count variables of BLAS / OpenMP / numba, set from ``SLURM_CPUS_PER_TASK`` before Python
+#: starts: OpenBLAS and MKL read them once, when numpy or torch is first imported, so setting them
+#: from Python inside the job is too late (and a 2-thread BLAS changes float sums at ~1e-14).
+THREAD_VARIABLES = ("OMP_NUM_THREADS MKL_NUM_THREADS OPENBLAS_NUM_THREADS NUMEXPR_NUM_THREADS "
+                    "VECLIB_MAXIMUM_THREADS NUMBA_NUM_THREADS")
+
 #: sbatch messages that mean "try again" rather than "this job is wrong".
 _TRANSIENT = ("temporarily", "timed out", "Socket", "try again", "Unable to contact slurm controller")
 
@@ -206,7 +212,7 @@ def mem_string(mem_gb: float) -> str:
     return f"{int(mem_gb)}GB" if mem_gb == int(mem_gb) else f"{int(mem_gb * 1024)}MB"
 
 
-def sbatch_parameters(array: ArrayJob, *, job_name: str, setup: list[str], dependency: list[str]) -> dict[str, Any]:
+def sbatch_parameters(array: ArrayJob, *, job_name: str, setup: list[str], dependency: str) -> dict[str, Any]:
     """``SlurmExecutor.update_parameters`` arguments of one array."""
     res: Resources = array.resources
     params: dict[str, Any] = {
@@ -223,13 +229,14 @@ def sbatch_parameters(array: ArrayJob, *, job_name: str, setup: list[str], depen
         if value is not None:
             params[key] = value
     if dependency:
-        params["dependency"] = "afterok:" + ":".join(dependency)
+        params["dependency"] = dependency
     return params
 
 
 def job_setup(submission: Submission) -> list[str]:
-    """Lines every job runs before Python: the profile's, then the code snapshot first on PYTHONPATH."""
+    """Lines every job runs before Python: the profile's, thread counts, the code snapshot first on PYTHONPATH."""
     lines = list(submission.cluster.profile.setup)
+    lines.append(f'for variable in {THREAD_VARIABLES}; do export "$variable=${{SLURM_CPUS_PER_TASK:-1}}"; done')
     lines.append(f"export PYTHONPATH={shlex.quote(str(submission.snapshot_dir))}${{PYTHONPATH:+:$PYTHONPATH}}")
     commit = artifacts.git_commit()
     if commit:
@@ -246,7 +253,7 @@ def python_command(cluster: Cluster) -> str:
     return cluster.profile.python or shlex.quote(sys.executable)
 
 
-def render_script(submission: Submission, array: ArrayJob, dependency: list[str]) -> str:
+def render_script(submission: Submission, array: ArrayJob, dependency: str) -> str:
     """The sbatch script submitit will write for ``array`` (for ``--dry-run``)."""
     from submitit.slurm.slurm import _make_sbatch_string  # what SlurmExecutor itself renders
 
@@ -283,19 +290,14 @@ def describe_arrays(arrays: list[ArrayJob]) -> list[str]:
         return ["  (none: every task is done)"]
     lines = []
     for array in arrays:
-        after = [arrays[i].name for i in array.after] + list(array.after_jobs)
         res = array.resources
         extras = ", ".join(f"{k.removeprefix('slurm_')}={v}" for k, v in
                            (("slurm_partition", res.slurm_partition), ("slurm_account", res.slurm_account),
                             ("slurm_qos", res.slurm_qos)) if v)
-        lines.append(f"  {array.name:<10} {len(array.tasks):>5} task(s)  --array={array.array_spec():<18} "
-                     f"after: {', '.join(after) or '-':<14} time={res.timeout_min}m cpus={res.cpus_per_task} "
+        lines.append(f"  {array.name:<10} {len(array.tasks):>5} task(s)  --array={array.array_spec():<12} "
+                     f"after: {array.waits_for(arrays):<22} time={res.timeout_min}m cpus={res.cpus_per_task} "
                      f"mem={mem_string(res.mem_gb)} gpus={res.gpus_per_node}" + (f" {extras}" if extras else ""))
     return lines
-
-
-def dependency_ids(array: ArrayJob, job_ids: list[str]) -> list[str]:
-    return [job_ids[i] for i in array.after] + list(array.after_jobs)
 
 
 def print_dry_run(submission: Submission, echo: Callable[[str], None] = print) -> None:
@@ -308,7 +310,7 @@ def print_dry_run(submission: Submission, echo: Callable[[str], None] = print) -
     for array in submission.arrays:
         echo(f"\n# ---- sbatch script of array {array.name} ({len(array.tasks)} task(s): indices "
              f"{','.join(map(str, array.task_indices[:20]))}{',...' if len(array.task_indices) > 20 else ''})")
-        echo(render_script(submission, array, dependency_ids(array, placeholders)))
+        echo(render_script(submission, array, array.dependency(placeholders)))
 
 
 def snapshot_package(destination: Path) -> Path:
@@ -351,7 +353,7 @@ def submit(submission: Submission, echo: Callable[[str], None] = print) -> dict[
     write_record(submission.record_path, record)
     job_ids: list[str] = []
     for array in submission.arrays:
-        dependency = dependency_ids(array, job_ids)
+        dependency = array.dependency(job_ids)
         try:
             master = _submit_array(submission, array, dependency)
         except BaseException as e:  # refused, or interrupted (Ctrl-C): leave nothing half-submitted
@@ -369,13 +371,13 @@ def submit(submission: Submission, echo: Callable[[str], None] = print) -> dict[
         record["arrays"].append(array_entry(array, master, log_pattern(submission, array), single=len(array.tasks) == 1))
         write_record(submission.record_path, record)
         echo(f"  submitted {array.name:<10} job {master:<8} {len(array.tasks)} task(s)"
-             + (f", after {' '.join(dependency)}" if dependency else ""))
+             + (f", {dependency}" if dependency else ""))
     record["state"] = "submitted"
     write_record(submission.record_path, record)
     return record
 
 
-def _submit_array(submission: Submission, array: ArrayJob, dependency: list[str]) -> str:
+def _submit_array(submission: Submission, array: ArrayJob, dependency: str) -> str:
     """One ``map_array`` call; returns the array's job id (a plain job id for a single task)."""
     params = sbatch_parameters(array, job_name=job_name(submission, array), setup=job_setup(submission),
                                dependency=dependency)
