@@ -118,6 +118,8 @@ class Plan:
 
     experiment: Experiment
     tasks: list[Task] = field(default_factory=list)
+    #: Set when the artifacts cannot be looked at from this machine (the reason).
+    root_unavailable: str = ""
 
     def stages(self) -> list[str]:
         present = {t.stage for t in self.tasks}

@@ -249,16 +249,36 @@ def expand_path(text: str, what: str) -> Path:
     return Path(expanded)
 
 
-def apply_scratch_root(experiment: Experiment, cluster: Cluster | None, explicit_root: str | None) -> Experiment:
-    """Place a relative experiment root under the profile's ``scratch_root`` (in place; returns it).
+def apply_scratch_root(experiment: Experiment, cluster: Cluster | None, explicit_root: str | None, *,
+                       unset_ok: bool = False) -> str:
+    """Place a relative experiment root under the profile's ``scratch_root`` (in place).
 
     Nothing changes when ``--root`` was given, the file's ``root`` is absolute, or the profile
     has no ``scratch_root``. Jobs and ``moespec status`` then agree on where artifacts live.
+
+    Returns
+    -------
+    str
+        '' normally. With ``unset_ok`` (``moespec plan`` on a machine that is not the cluster),
+        a scratch root using an unset variable is kept as written (``$SCRATCH/moespec/results``)
+        and the returned note says so; the artifacts cannot be looked at from here.
+
+    Raises
+    ------
+    ConfigError
+        ``scratch_root`` uses an unset variable (and not ``unset_ok``).
     """
     if explicit_root or cluster is None or not cluster.profile.scratch_root:
-        return experiment
+        return ""
     if Path(experiment.base.root).expanduser().is_absolute():
-        return experiment
-    scratch = expand_path(cluster.profile.scratch_root, f"{cluster.path}: scratch_root")
+        return ""
+    what = f"{cluster.path}: scratch_root"
+    try:
+        scratch = expand_path(cluster.profile.scratch_root, what)
+    except ConfigError as e:
+        if not unset_ok:
+            raise
+        experiment.root = Path(cluster.profile.scratch_root) / experiment.base.root
+        return f"{e.problems[0]}: artifacts are on the cluster, under {experiment.root}; their states are not checked"
     experiment.root = (scratch / experiment.base.root).resolve()
-    return experiment
+    return ""

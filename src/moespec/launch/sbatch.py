@@ -97,6 +97,24 @@ class ScriptContext:
         return os.path.relpath(".", self.script_dir)
 
 
+def sbatch_options(array: ArrayJob) -> list[str]:
+    """``#SBATCH`` lines for the optional resources of an array (GPUs, partition, extras)."""
+    res = array.resources
+    options: dict[str, Any] = {}
+    if res.gpus_per_node:
+        options["gpus-per-node"] = res.gpus_per_node
+    for key in ("partition", "account", "qos", "constraint"):
+        value = getattr(res, f"slurm_{key}")
+        if value is not None:
+            options[key] = value
+    options.update(res.slurm_additional_parameters)
+    lines = []
+    for key, value in options.items():
+        key = key.replace("_", "-")
+        lines.append(f"#SBATCH --{key}" if value is True else f"#SBATCH --{key}={shlex.quote(str(value))}")
+    return lines
+
+
 def render_array(array: ArrayJob, context: ScriptContext, template: str | None = None) -> str:
     """The job script of one array."""
     res = array.resources
@@ -177,9 +195,7 @@ def emit(submission: Submission, directory: Path, echo: Callable[[str], None] = 
     command = moespec_command(submission.cluster)
     project = Path.cwd()
     directory = Path(directory).resolve()
-    if (directory / "job_ids.txt").exists():
-        raise ConfigError(f"--emit-sbatch: {directory} holds scripts that were already submitted (job_ids.txt); "
-                          f"emit into a new folder")
+    check_emit_dir(directory)
     (directory / "logs").mkdir(parents=True, exist_ok=True)
     config_path = directory / "experiment.yaml"
     root = portable_path(experiment.root, project)
@@ -213,6 +229,13 @@ def emit(submission: Submission, directory: Path, echo: Callable[[str], None] = 
     for line in [f"wrote {len(submission.arrays)} array script(s) to {directory}", f"submit them with: bash {submit_path}"]:
         echo(line)
     return written
+
+
+def check_emit_dir(directory: Path | str) -> None:
+    """Refuse to overwrite scripts that were submitted (their ``submit.sh`` wrote ``job_ids.txt``)."""
+    if (Path(directory) / "job_ids.txt").exists():
+        raise ConfigError(f"--emit-sbatch: {Path(directory).resolve()} holds scripts that were already submitted "
+                          f"(job_ids.txt); emit into a new folder")
 
 
 def _check_same_tasks(submission: Submission, config_path: Path) -> None:

@@ -218,8 +218,8 @@ def merge_states(accounted: dict[str, JobState], live: dict[str, JobState] | Non
         if state.state == "COMPLETING":
             ending = recorded.state if recorded is not None and recorded.phase == "finished" else ""
             merged[job_id] = JobState(job_id, "COMPLETING", "", state.reason, ending)
-        elif recorded is not None and recorded.state == state.state:
-            merged[job_id] = recorded  # same answer; sacct's has the exit code
+        elif recorded is not None and recorded.state == state.state:  # sacct's has the exit code
+            merged[job_id] = JobState(job_id, state.state, recorded.exit_code, state.reason or recorded.reason)
         else:
             merged[job_id] = state
     return merged

@@ -38,7 +38,8 @@ from moespec.launch.arrays import ArrayJob, TaskKey, plan_arrays, task_key
 from moespec.launch.plan import Plan, make_plan
 from moespec.launch.profiles import (DEFAULT_MAX_ARRAY_SIZE, Cluster, ClusterProfile, apply_scratch_root,
                                      check_resources, load_profile, stage_resources)
-from moespec.launch.records import array_entry, new_submission_id, records_dir, write_record
+from moespec.launch.records import (array_entry, latest_entries, load_records, new_submission_id, records_dir,
+                                    write_record)
 from moespec.launch.runner import Mode, run_task_job
 from moespec.launch.status import TaskStatus, collect_status
 
@@ -83,12 +84,14 @@ DEFAULT_CLUSTER = Cluster("default", Path("(no profile: the scheduler's defaults
 
 
 def load_plan(file: str, *, root: str | None = None, cluster: str | None = None,
-              executor: str | None = None) -> tuple[Plan, Cluster | None]:
+              executor: str | None = None, away_ok: bool = False) -> tuple[Plan, Cluster | None]:
     """Load an experiment with its cluster profile and plan it.
 
     The profile is ``--cluster`` if given, else ``infra.cluster`` when the executor is Slurm
     (``--executor`` or ``infra.executor``); a Slurm run without a profile uses the scheduler's
-    defaults. A relative experiment root is placed under the profile's ``scratch_root``.
+    defaults. A relative experiment root is placed under the profile's ``scratch_root``; with
+    ``away_ok`` (planning on a laptop) a scratch root that cannot be resolved here is kept as
+    written and ``plan.root_unavailable`` says why.
     """
     experiment = load_experiment(file, root=root)
     executor = executor or experiment.infra.executor
@@ -99,8 +102,10 @@ def load_plan(file: str, *, root: str | None = None, cluster: str | None = None,
         selected = load_profile(experiment.infra.cluster, f"{experiment.source}: infra.cluster")
     elif executor == "slurm":
         selected = DEFAULT_CLUSTER
-    apply_scratch_root(experiment, selected, root)
-    return make_plan(experiment), selected
+    note = apply_scratch_root(experiment, selected, root, unset_ok=away_ok)
+    plan = make_plan(experiment)
+    plan.root_unavailable = note
+    return plan, selected
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,6 +124,9 @@ class Submission:
     max_array_size: int
     skipped_active: int = 0
     id: str = field(default_factory=new_submission_id)
+    retry_failed: bool = False
+    #: What the user should know about what is left out (printed before the arrays).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def experiment_dir(self) -> Path:
@@ -175,9 +183,15 @@ def prepare(plan: Plan, cluster: Cluster, *, mode: Mode = "cached", retry_failed
         raise ClusterError(f"the state of {len(unknown_states)} submitted task(s) is unknown "
                            f"({unknown_states[0].task.label}: {unknown_states[0].detail}); refusing to submit them "
                            f"again while they may still run. Check `moespec status` once sacct answers.")
+    cancelling = [s for s in statuses if s.state == "cancelling"]
+    if cancelling:
+        raise ClusterError(f"{len(cancelling)} task(s) are being cancelled and their processes still run "
+                           f"({cancelling[0].task.label}, job {cancelling[0].job_id}); submit again once "
+                           f"`moespec status` says they ended")
     active = {s.key: s.job_id for s in statuses if s.state in ("running", "pending")}
     done = {s.key for s in statuses if s.state == "done"} if mode != "force" else set()
     wanted = [s for s in statuses if s.key not in active and (not stages or s.task.stage in stages)]
+    notes = retry_notes(plan, wanted) if retry_failed else []
     if retry_failed:
         wanted = [s for s in wanted if s.state == "failed"]
     elif mode != "force":
@@ -188,7 +202,29 @@ def prepare(plan: Plan, cluster: Cluster, *, mode: Mode = "cached", retry_failed
     if ask_scheduler and arrays:
         check_partitions(arrays, cluster)
     skipped = sum(1 for s in statuses if s.key in active and (not stages or s.task.stage in stages))
-    return Submission(plan, cluster, mode, arrays, statuses, max_size, skipped)
+    return Submission(plan, cluster, mode, arrays, statuses, max_size, skipped, retry_failed=retry_failed, notes=notes)
+
+
+def retry_notes(plan: Plan, statuses: list[TaskStatus]) -> list[str]:
+    """What ``--retry-failed`` leaves out: tasks never submitted, often because a fix changed their uids.
+
+    A task's uid hashes its config, so fixing the value that made a task fail gives a new task:
+    the failed one is no longer in the plan and the new one was never submitted.
+    """
+    never = [s for s in statuses if s.state == "not submitted"]
+    if not never:
+        return []
+    experiment = plan.experiment
+    current = {s.key for s in statuses} | {task_key(t) for t in plan.tasks}
+    gone = [key for key in latest_entries(load_records(experiment.root, experiment.name)) if key not in current]
+    stages = sorted({s.task.stage for s in never}, key=plan.stages().index)
+    note = (f"--retry-failed resubmits only tasks whose jobs failed; {len(never)} task(s) were never submitted "
+            f"({', '.join(f'{stage} {sum(s.task.stage == stage for s in never)}' for stage in stages)}) and are left out")
+    if gone:
+        gone_stages = sorted({key[0] for key in gone})
+        note += (f"; {len(gone)} task(s) of earlier submissions ({', '.join(gone_stages)}) are no longer in the plan: "
+                 f"their config changed since (a fix changes a task's uid), so they come back as new tasks")
+    return [note + f". Submit them with: moespec submit {experiment.source} (without --retry-failed)"]
 
 
 def check_partitions(arrays: list[ArrayJob], cluster: Cluster) -> None:
@@ -277,11 +313,15 @@ def log_pattern(submission: Submission, array: ArrayJob) -> str:
 
 
 def describe(submission: Submission) -> list[str]:
-    """One line per array of a submission (or why there is none)."""
-    if not submission.arrays:
-        return ["nothing to submit: every task is done" + (f" or already queued ({submission.skipped_active})"
-                                                           if submission.skipped_active else "")]
-    return describe_arrays(submission.arrays)
+    """Notes, then one line per array of a submission (or why there is none)."""
+    if submission.arrays:
+        return submission.notes + describe_arrays(submission.arrays)
+    if submission.retry_failed:
+        nothing = "nothing to submit: no task's job failed"
+    else:
+        nothing = "nothing to submit: every task is done"
+    queued = f" (or already queued: {submission.skipped_active})" if submission.skipped_active else ""
+    return submission.notes + [nothing + queued]
 
 
 def describe_arrays(arrays: list[ArrayJob]) -> list[str]:
@@ -409,16 +449,22 @@ def _submit_array(submission: Submission, array: ArrayJob, dependency: str) -> s
 # what the CLI calls
 
 
-def planned_arrays(plan: Plan, cluster: Cluster | None) -> tuple[set[TaskKey], list[ArrayJob]]:
-    """For ``moespec plan``: done tasks and the arrays of the rest, without asking any scheduler."""
-    done = {task_key(t) for t in plan.tasks if donecheck.is_done(t)}
+def planned_arrays(plan: Plan, cluster: Cluster | None) -> tuple[dict[TaskKey, str], list[ArrayJob]]:
+    """For ``moespec plan``: why each task is not done ('done' for done ones), and the arrays of the rest.
+
+    Asks no scheduler. Where the artifacts are not on this machine (``plan.root_unavailable``)
+    every task counts as to run.
+    """
+    checks = {task_key(t): (False, "") if plan.root_unavailable else donecheck.check(t) for t in plan.tasks}
+    done = {key for key, (is_done, _) in checks.items() if is_done}
     if cluster is not None:
         resources = check_resources(cluster, plan.experiment, plan.stages())
     else:
         resources = {s: stage_resources(None, plan.experiment, s) for s in plan.stages()}
     size = cluster.profile.max_array_size if cluster is not None else DEFAULT_MAX_ARRAY_SIZE
     todo = [t for t in plan.tasks if task_key(t) not in done]
-    return done, plan_arrays(plan, todo, resources=resources, max_array_size=size, done=done)
+    why = {key: "done" if is_done else reason for key, (is_done, reason) in checks.items()}
+    return why, plan_arrays(plan, todo, resources=resources, max_array_size=size, done=done)
 
 
 def submit_command(plan: Plan, cluster: Cluster, *, mode: Mode, stages: list[str] | None = None,
@@ -428,10 +474,19 @@ def submit_command(plan: Plan, cluster: Cluster, *, mode: Mode, stages: list[str
 
     Returns the submission record (None for a dry run or emitted scripts).
     """
+    if emit_dir:
+        from moespec.launch.sbatch import check_emit_dir
+
+        check_emit_dir(emit_dir)
     if not (emit_dir or dry_run or scheduler.available()):
         raise ClusterError("sbatch/sacct are not on PATH: run this on a Slurm login node, or use --dry-run, "
                            "or --emit-sbatch DIR to write scripts to submit there")
-    ask = scheduler.available() if (emit_dir or dry_run) else True
+    ask, problem = scheduler.reachable() if scheduler.available() else (False, "")
+    if problem and not (emit_dir or dry_run):
+        raise ClusterError(f"the Slurm controller does not answer ({problem}); nothing was submitted")
+    if problem:
+        echo(f"note: the Slurm controller does not answer ({problem}); MaxArraySize is the profile's, and "
+             f"partitions and earlier jobs are not checked")
     submission = prepare(plan, cluster, mode=mode, retry_failed=retry_failed, stages=stages, ask_scheduler=ask)
     experiment = plan.experiment
     echo(f"experiment {experiment.name}: {len(plan.tasks)} tasks; {submission.num_tasks} to submit"
