@@ -58,6 +58,25 @@ def _imported_modules(tree: ast.AST, module: str, is_package: bool) -> set[str]:
     return {name for name in found if name == "moespec" or name.startswith("moespec.")}
 
 
+def _resolved(names: set[str]) -> set[str]:
+    """``from pkg import name`` where ``name`` is no module: every module of ``pkg``.
+
+    Packages such as ``moespec.geometry`` export names lazily (``__getattr__`` importing the
+    module that defines them), which no import statement shows; counting the whole package errs
+    on the side of calling an artifact stale.
+    """
+    found = set()
+    for name in names:
+        if _source_file(name) is not None:
+            found.add(name)
+            continue
+        package, _, _ = name.rpartition(".")
+        init = _source_file(package) if package else None
+        if init is not None and init.name == "__init__.py":
+            found.update(f"{package}.{p.stem}" for p in init.parent.glob("*.py") if p.stem != "__init__")
+    return found
+
+
 def _without_docstrings(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
@@ -75,7 +94,7 @@ def _module_code(module: str) -> tuple[str, frozenset[str]] | None:
     if path is None:
         return None
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    imports = frozenset(_imported_modules(tree, module, path.name == "__init__.py"))
+    imports = frozenset(_resolved(_imported_modules(tree, module, path.name == "__init__.py")))
     return hashlib.sha256(ast.dump(_without_docstrings(tree)).encode("utf-8")).hexdigest(), imports
 
 

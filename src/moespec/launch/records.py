@@ -6,7 +6,8 @@ reads them to ask the scheduler about the right jobs; the newest record of a tas
 
 For scripts emitted with ``--emit-sbatch`` the job ids are only known when the user runs
 ``submit.sh``; it appends ``<array name> <job id>`` lines to ``job_ids.txt`` in the script folder,
-which the record points to.
+which the record points to (paths relative to the record, so that a project copied to a cluster
+with its scripts and results keeps them).
 """
 
 from __future__ import annotations
@@ -102,12 +103,17 @@ def load_records(root: Path, experiment: str) -> list[dict[str, Any]]:
     return records
 
 
+def _beside(record: dict[str, Any], path: str) -> str:
+    """A path of a record, relative to the record's folder (or absolute), as seen from here."""
+    return str(Path(record.get("path", ".")).parent / path) if path else ""
+
+
 def _emitted_job_ids(record: dict[str, Any]) -> dict[str, str]:
     path = record.get("job_ids_file")
     if not path:
         return {}
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(_beside(record, path)).read_text(encoding="utf-8").splitlines()
     except OSError:
         return {}
     found = {}
@@ -128,6 +134,7 @@ def latest_entries(records: list[dict[str, Any]]) -> dict[TaskKey, RecordedTask]
             for uid, shard, task_index, array_index in array["tasks"]:
                 key = (array["stage"], uid, int(shard))
                 latest[key] = RecordedTask(key, int(task_index), int(array_index), array["name"], job_id,
-                                           array.get("log", ""), record.get("id", ""), record.get("executor", ""),
+                                           _beside(record, array.get("log", "")), record.get("id", ""),
+                                           record.get("executor", ""),
                                            bool(array.get("single", False)))
     return latest

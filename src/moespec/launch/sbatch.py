@@ -217,12 +217,15 @@ def emit(submission: Submission, directory: Path, echo: Callable[[str], None] = 
     artifacts.atomic_write_text(submit_path, render_submit(submission.arrays, context))
     submit_path.chmod(0o755)
     written.append(submit_path)
+    def beside(path: Path) -> str:  # relative to the record, so that the project can move with it
+        return os.path.relpath(path, submission.record_path.parent)
+
     record = {
         "id": submission.id, "created": artifacts.now_iso(), "executor": "sbatch", "cluster": submission.cluster.name,
         "profile": str(submission.cluster.path), "mode": submission.mode, "experiment": experiment.name,
-        "source": experiment.source, "script_dir": str(directory), "job_ids_file": str(directory / "job_ids.txt"),
+        "source": experiment.source, "script_dir": beside(directory), "job_ids_file": beside(directory / "job_ids.txt"),
         "state": "emitted",
-        "arrays": [array_entry(a, None, str(directory / "logs" / f"{a.name}-%A_%a.err")) for a in submission.arrays],
+        "arrays": [array_entry(a, None, beside(directory / "logs" / f"{a.name}-%A_%a.err")) for a in submission.arrays],
     }
     if submission.arrays:
         write_record(submission.record_path, record)

@@ -18,6 +18,7 @@ the artifact cache and the training stage resumes from the checkpoints in its ``
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -40,7 +41,7 @@ from moespec.launch.profiles import (DEFAULT_MAX_ARRAY_SIZE, Cluster, ClusterPro
                                      check_resources, load_profile, stage_resources)
 from moespec.launch.records import (array_entry, latest_entries, load_records, new_submission_id, records_dir,
                                     write_record)
-from moespec.launch.runner import Mode, run_task_job
+from moespec.launch.runner import Mode, run_task_job, thread_counts
 from moespec.launch.status import TaskStatus, collect_status
 
 log = logging.getLogger("moespec.slurm")
@@ -71,6 +72,8 @@ class TaskJob(submitit.helpers.Checkpointable):
         attempt = int(os.environ.get("SLURM_RESTART_COUNT") or 0) + 1
         print(f"moespec {moespec.__version__} from {Path(moespec.__file__).parent}: {task.label}, attempt {attempt}",
               file=sys.stderr, flush=True)
+        # numpy is loaded by now (unpickling the task): its BLAS pool shows what the job started with.
+        print(f"threads at start: {json.dumps(thread_counts(), sort_keys=True)}", file=sys.stderr, flush=True)
         result = run_task_job(task, mode, threads)
         donecheck.write_stamp(task)  # just committed and checked: planning need not open it again
         return result
