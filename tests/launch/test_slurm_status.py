@@ -75,6 +75,7 @@ def test_live_states_correct_sacct_lag_and_cancelling():
     assert (merged["9_1"].state, merged["9_1"].reason) == ("CANCELLED", "no longer queued")  # sacct lags
     assert merged["9_2"].reason == "Dependency" and merged["9_3"].exit_code == "1:0"
     assert merge_states(accounted, None) == accounted       # squeue no longer knows these jobs
+    assert merge_states({}, parse_squeue("9_0|PENDING|None\n"))["9_0"].phase == "pending"  # not in accounting yet
     assert classify(False, entry("9", 1), merged["9_1"], scheduler_reachable=True, failed_marker=False)[0] == "failed"
 
 

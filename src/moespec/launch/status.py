@@ -102,7 +102,7 @@ def collect_status(plan: Plan, *, ask_scheduler: bool = True) -> list[TaskStatus
     array_ids = sorted({e.array_job_id for e in waiting if e.array_job_id})
     states = scheduler.job_states(array_ids) if (ask_scheduler and array_ids) else {}
     reachable = states is not None
-    if states:
+    if states is not None and array_ids and ask_scheduler:  # new jobs may not be in accounting yet
         states = scheduler.merge_states(states, scheduler.live_states(array_ids))
     known_arrays = {job_id.split("_")[0] for job_id in states or {}}
     statuses = []
