@@ -99,7 +99,8 @@ def wait_final(plan: Plan, timeout_s: float = FINAL_WAIT_S) -> dict:
         if all(s.state not in ("pending", "running", "cancelling", "unknown") for s in statuses):
             return {(s.task.stage, s.index): s for s in statuses}
         if time.monotonic() > deadline:
-            raise AssertionError("still waiting: " + ", ".join(f"{s.task.label} {s.state} {s.detail}" for s in statuses))
+            waiting = ", ".join(f"{s.task.label} {s.state} {s.detail}" for s in statuses)
+            raise AssertionError(f"still waiting: {waiting}")
         time.sleep(1.0)
 
 

@@ -14,10 +14,8 @@ from moespec.cli import main
 from moespec.config import load_experiment
 from moespec.errors import ConfigError
 from moespec.launch.plan import make_plan
-from moespec.launch.profiles import load_profile
 from moespec.launch.records import latest_entries, load_records
-from moespec.launch.sbatch import ScriptContext, render, render_array, render_submit
-from moespec.launch.slurm import Submission, prepare
+from moespec.launch.sbatch import render, render_array, render_submit
 from tests.launch.helpers import assert_golden, golden_context, golden_submission, sweep_experiment
 
 def test_render_fills_placeholders_and_refuses_unknown_ones():
@@ -52,9 +50,10 @@ def test_emit_writes_scripts_config_and_record(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["submit", str(config), "--emit-sbatch", str(out), "--cluster", "localhost"]) == 0
     assert "submit them with: bash" in capsys.readouterr().out
-    assert {p.name for p in out.iterdir()} == {"experiment.yaml", "embed.0.sbatch", "reduce.0.sbatch", "submit.sh", "logs"}
+    assert {p.name for p in out.iterdir()} == {"experiment.yaml", "embed.0.sbatch", "reduce.0.sbatch", "submit.sh",
+                                               "logs"}
     resolved = yaml.safe_load((out / "experiment.yaml").read_text())
-    assert resolved["root"] == "results"  # relative to the project folder, where jobs start
+    assert resolved["root"] == "results"   # relative to the project folder, where jobs start
     script = (out / "reduce.0.sbatch").read_text()
     assert "tasks=(0 1 2 3 4 5)" in script and '--task "${tasks[$SLURM_ARRAY_TASK_ID]}"' in script
     # nothing of this machine: the profile's Python, paths relative to the project folder

@@ -54,7 +54,8 @@ def test_sweep_runs_as_dependent_job_arrays(tmp_path, cluster_profile, cleanup):
     times = sacct_times([embed_array["job_id"], reduce_array["job_id"]],
                         expect=len(embed_array["tasks"]) + len(reduce_array["tasks"]))
     embed_end = max(end for job, (state, start, end) in times.items() if job.startswith(embed_array["job_id"] + "_"))
-    reduce_starts = [start for job, (state, start, end) in times.items() if job.startswith(reduce_array["job_id"] + "_")]
+    reduce_starts = [start for job, (state, start, end) in times.items()
+                     if job.startswith(reduce_array["job_id"] + "_")]
     assert len(reduce_starts) == 4 and min(reduce_starts) >= embed_end
     # artifacts carry the array job ids; jobs ran the submission's code snapshot
     task = plan.tasks_for("reduce")[3]

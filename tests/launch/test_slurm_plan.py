@@ -216,3 +216,45 @@ def test_planning_a_large_sweep_is_cheap(tmp_path):
     elapsed = time.perf_counter() - started
     assert len(plan.tasks) == 502 and [len(a.tasks) for a in arrays] == [2, 500]
     assert elapsed < 20, f"planning 500 points took {elapsed:.1f} s"
+
+
+def test_one_to_one_stages_wait_per_task_with_aftercorr(tmp_path):
+    from moespec.launch.sbatch import ScriptContext, render_submit
+
+    config = sweep_experiment(tmp_path)
+    config["sweep"] = {"zip": {"embed.pooling": ["mean", "cls", "last"], "reduce.n_components": [2, 3, 4]}}
+    plan = make_plan(load_experiment(config))
+    resources = {s: Resources() for s in plan.stages()}
+    embed_array, reduce_array = plan_arrays(plan, plan.tasks, resources=resources, max_array_size=1001)
+    assert reduce_array.after_corresponding == (0,) and reduce_array.after == ()
+    # reduce task i reads embed task i of the upstream array, position for position
+    assert [t.inputs["embed"].uid for t in reduce_array.tasks] == [t.uid for t in embed_array.tasks]
+    assert reduce_array.dependency(["11", "12"]) == "aftercorr:11"
+    assert reduce_array.waits_for([embed_array, reduce_array]) == "aftercorr embed.0"
+    context = ScriptContext("sw", "c", Path("jobs/experiment.yaml"), Path("jobs"), "python -m moespec.cli", (), "cached")
+    submit_sh = render_submit([embed_array, reduce_array], context)
+    assert 'submit reduce.0 --dependency="aftercorr:${job_embed_0}"' in submit_sh
+    # a partial re-submission: embed task 1 is done, so reduce task 1 has nothing to correspond to
+    embed_tasks, reduce_tasks = plan.tasks_for("embed"), plan.tasks_for("reduce")
+    todo = [embed_tasks[0], embed_tasks[2], *reduce_tasks]
+    embeds, reduces = plan_arrays(plan, todo, resources=resources, max_array_size=1001,
+                                  done={task_key(embed_tasks[1])})
+    assert embeds.task_indices == (0, 2) and reduces.after == (0,) and reduces.after_corresponding == ()
+    assert reduces.dependency(["11", "12"]) == "afterok:11"
+    # the two that do correspond, alone: aftercorr, ordered like their upstream array
+    embeds, reduces = plan_arrays(plan, [embed_tasks[2], embed_tasks[0], reduce_tasks[2], reduce_tasks[0]],
+                                  resources=resources, max_array_size=1001, done={task_key(embed_tasks[1])})
+    assert reduces.after_corresponding == (0,) and reduces.task_indices == (0, 2) == embeds.task_indices
+
+
+def test_a_time_limit_within_the_signal_delay_is_refused(tmp_path, profile_file):
+    config = sweep_experiment(tmp_path, resources={"embed": {"timeout_min": 1},
+                                                   "reduce": {"timeout_min": 2, "slurm_signal_delay_s": 90}})
+    experiment = load_experiment(config)
+    with pytest.raises(ConfigError) as error:
+        check_resources(load_profile(str(profile_file)), experiment, ["embed", "reduce"])
+    embed_problem, reduce_problem = error.value.problems
+    assert "infra.resources.embed.timeout_min: 1 min leaves 0 s of work" in embed_problem
+    assert embed_problem.endswith("set timeout_min >= 3")   # submitit's default delay: 90 s
+    assert "2 min leaves 30 s" in reduce_problem
+    assert reduce_problem.endswith("set timeout_min >= 3 or slurm_signal_delay_s <= 60")

@@ -167,7 +167,8 @@ def _record_failure(task: Task, logger: logging.Logger, error: BaseException) ->
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     logger.error("FAILED %s: %s\n%s", task.label, error, text)
     with contextlib.suppress(OSError):
-        artifacts.atomic_write_text(task.failed_path, f"{task.label} failed at {artifacts.now_iso()}\n{error}\n\n{text}")
+        artifacts.atomic_write_text(task.failed_path,
+                                    f"{task.label} failed at {artifacts.now_iso()}\n{error}\n\n{text}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -229,7 +229,8 @@ def emit(submission: Submission, directory: Path, echo: Callable[[str], None] = 
     }
     if submission.arrays:
         write_record(submission.record_path, record)
-    for line in [f"wrote {len(submission.arrays)} array script(s) to {directory}", f"submit them with: bash {submit_path}"]:
+    for line in [f"wrote {len(submission.arrays)} array script(s) to {directory}",
+                 f"submit them with: bash {submit_path}"]:
         echo(line)
     return written
 

@@ -221,8 +221,9 @@ def retry_notes(plan: Plan, statuses: list[TaskStatus]) -> list[str]:
     current = {s.key for s in statuses} | {task_key(t) for t in plan.tasks}
     gone = [key for key in latest_entries(load_records(experiment.root, experiment.name)) if key not in current]
     stages = sorted({s.task.stage for s in never}, key=plan.stages().index)
+    counts = ", ".join(f"{stage} {sum(s.task.stage == stage for s in never)}" for stage in stages)
     note = (f"--retry-failed resubmits only tasks whose jobs failed; {len(never)} task(s) were never submitted "
-            f"({', '.join(f'{stage} {sum(s.task.stage == stage for s in never)}' for stage in stages)}) and are left out")
+            f"({counts}) and are left out")
     if gone:
         gone_stages = sorted({key[0] for key in gone})
         note += (f"; {len(gone)} task(s) of earlier submissions ({', '.join(gone_stages)}) are no longer in the plan: "
@@ -411,7 +412,8 @@ def submit(submission: Submission, echo: Callable[[str], None] = print) -> dict[
                                f"Record: {submission.record_path}") from e
         job_ids.append(master)
         # submitit submits a single task as a plain job (id "123", not "123_0").
-        record["arrays"].append(array_entry(array, master, log_pattern(submission, array), single=len(array.tasks) == 1))
+        record["arrays"].append(array_entry(array, master, log_pattern(submission, array),
+                                            single=len(array.tasks) == 1))
         write_record(submission.record_path, record)
         echo(f"  submitted {array.name:<10} job {master:<8} {len(array.tasks)} task(s)"
              + (f", {dependency}" if dependency else ""))
