@@ -124,9 +124,12 @@ def test_dry_run_without_a_controller_says_so_in_one_line(tmp_path, capsys, monk
            "resolve_ctls_from_dns_srv: res_nsearch error: Unknown host (+3 more line(s)))" in captured.out
     assert "fetch_config" not in captured.out + captured.err and "retrying" not in captured.err
     assert len(calls) == 1 and "#SBATCH --array=0-5%2" in captured.out
-    # a real submission refuses at once, naming the problem in one line
+    # a real submission retries, then refuses, naming the problem in one line
+    monkeypatch.setattr(scheduler.time, "sleep", lambda s: None)
     assert main(["submit", str(path), "--executor", "slurm", "--cluster", "localhost"]) == 1
-    assert "the Slurm controller does not answer" in capsys.readouterr().err and len(calls) == 2
+    captured = capsys.readouterr()
+    assert "the Slurm controller does not answer" in captured.err and len(calls) == 1 + 3
+    assert captured.err.count("fetch_config") == 0
 
 
 def test_plan_for_a_cluster_whose_scratch_is_not_here(tmp_path, capsys, monkeypatch):

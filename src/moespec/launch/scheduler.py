@@ -66,10 +66,10 @@ def run_slurm(args: list[str], *, retries: int = len(RETRY_DELAYS_S), timeout_s:
         time.sleep(delay)
 
 
-def reachable(timeout_s: float = 10.0) -> tuple[bool, str]:
-    """Whether the controller answers ``scontrol ping`` (one try), and its problem in one line if not."""
+def reachable(retries: int = 0, timeout_s: float = 10.0) -> tuple[bool, str]:
+    """Whether the controller answers ``scontrol ping``, and its problem in one line if not."""
     try:
-        run_slurm(["scontrol", "ping"], retries=0, timeout_s=timeout_s)
+        run_slurm(["scontrol", "ping"], retries=retries, timeout_s=timeout_s)
     except ClusterError as e:
         return False, str(e)
     return True, ""

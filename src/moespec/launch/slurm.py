@@ -486,7 +486,9 @@ def submit_command(plan: Plan, cluster: Cluster, *, mode: Mode, stages: list[str
     if not (emit_dir or dry_run or scheduler.available()):
         raise ClusterError("sbatch/sacct are not on PATH: run this on a Slurm login node, or use --dry-run, "
                            "or --emit-sbatch DIR to write scripts to submit there")
-    ask, problem = scheduler.reachable() if scheduler.available() else (False, "")
+    # A dry run or emitted scripts need no scheduler: one try; a submission retries a flaky one.
+    retries = 0 if (emit_dir or dry_run) else len(scheduler.RETRY_DELAYS_S)
+    ask, problem = scheduler.reachable(retries) if scheduler.available() else (False, "")
     if problem and not (emit_dir or dry_run):
         raise ClusterError(f"the Slurm controller does not answer ({problem}); nothing was submitted")
     if problem:
