@@ -231,7 +231,8 @@ def test_one_to_one_stages_wait_per_task_with_aftercorr(tmp_path):
     assert [t.inputs["embed"].uid for t in reduce_array.tasks] == [t.uid for t in embed_array.tasks]
     assert reduce_array.dependency(["11", "12"]) == "aftercorr:11"
     assert reduce_array.waits_for([embed_array, reduce_array]) == "aftercorr embed.0"
-    context = ScriptContext("sw", "c", Path("jobs/experiment.yaml"), Path("jobs"), "python -m moespec.cli", (), "cached")
+    context = ScriptContext("sw", "c", Path("jobs/experiment.yaml"), Path("jobs"), "python -m moespec.cli", (),
+                            "cached")
     submit_sh = render_submit([embed_array, reduce_array], context)
     assert 'submit reduce.0 --dependency="aftercorr:${job_embed_0}"' in submit_sh
     # a partial re-submission: embed task 1 is done, so reduce task 1 has nothing to correspond to
