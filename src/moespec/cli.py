@@ -62,18 +62,38 @@ def _task_rows(plan, with_state: bool = True) -> list[list[str]]:
     return rows
 
 
+def _why_short(task, reason: str) -> str:
+    """The table's one-word-ish reason a task is to run (the full text is printed below the table)."""
+    if reason.startswith("stale"):
+        return reason.split(" (", 1)[0]
+    if reason:
+        return "unreadable artifact (below)"
+    return "failed before" if task.failed_path.exists() else "no artifact"
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from moespec.launch.arrays import compress_indices, task_key
     from moespec.launch.slurm import describe_arrays, load_plan, planned_arrays
 
-    plan, cluster = load_plan(args.file, root=args.root, cluster=args.cluster)
-    done, arrays = planned_arrays(plan, cluster)
+    plan, cluster = load_plan(args.file, root=args.root, cluster=args.cluster, away_ok=True)
+    why, arrays = planned_arrays(plan, cluster)
+    done = {key for key, reason in why.items() if reason == "done"}
     rows = _task_rows(plan, with_state=False)
+    problems = []
     for row, task in zip(rows, [t for s in plan.stages() for t in plan.tasks_for(s)]):
-        row[5] = "done" if task_key(task) in done else "to run"
+        reason = why[task_key(task)]
+        row[5] = "done" if reason == "done" else "to run"
+        row.append("-" if reason == "done" else "not checked here" if plan.root_unavailable
+                   else _why_short(task, reason))
+        if reason not in ("", "done"):
+            problems.append(f"  {task.label}: {reason}")
     print(f"experiment {plan.experiment.name}: {len(plan.experiment.points)} sweep point(s), "
           f"{len(plan.tasks)} unique tasks, artifacts under {plan.experiment.root / plan.experiment.name}")
-    print(_table(rows, ["stage", "task", "uid", "shard", "sweep point", "state"]))
+    if plan.root_unavailable:
+        print(f"note: {plan.root_unavailable}")
+    print(_table(rows, ["stage", "task", "uid", "shard", "sweep point", "state", "why"]))
+    if problems:
+        print("\nwhy these are to run although an artifact is there:\n" + "\n".join(problems))
     print("\njobs that `moespec submit` would run (one array per stage, each after its upstream stages):")
     for stage in plan.stages():
         todo = [i for i, t in enumerate(plan.tasks_for(stage)) if task_key(t) not in done]
@@ -82,7 +102,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"  {stage}: {len(todo)} task(s)" + (f" [indices {compress_indices(todo)}]" if todo else " (all done)")
               + after)
     where = f"cluster {cluster.name}" if cluster else "no cluster profile"
-    print(f"\nSlurm job arrays ({where}; chunked to MaxArraySize, each after the arrays it reads):")
+    print(f"\nSlurm job arrays ({where}; chunked to MaxArraySize; aftercorr: array task i waits for upstream "
+          f"array task i only, afterok: for the whole array):")
     for line in describe_arrays(arrays):
         print(line)
     return EXIT_OK
@@ -102,10 +123,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     counts = {state: sum(s.state == state for s in statuses) for state in STATES}
     print("\n" + ", ".join(f"{n} {state}" for state, n in counts.items() if n))
     for status in statuses:
-        if status.state in ("failed", "unknown"):
-            print("\n" + "\n".join(failure_report(status) if status.state == "failed"
-                                   else [f"{status.state.upper()} {status.task.label}: {status.detail}"]))
-    return EXIT_OK
+        if status.state == "failed":
+            print("\n" + "\n".join(failure_report(status)))
+        elif status.state in ("unknown", "cancelling") or (status.state == "not submitted" and status.detail):
+            print(f"\n{status.state.upper()} {status.task.label}: {status.detail}")
+    return EXIT_FAILED if counts["failed"] else EXIT_OK
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

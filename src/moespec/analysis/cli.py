@@ -22,8 +22,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     _need_matplotlib()
     result = write_report(Path(args.experiment), args.out, redraw=args.redraw)
     print(result.table)
+    problems = _task_errors(result.summary)
+    if problems:
+        print("\ntasks without a usable artifact:\n" + "\n".join(f"  {line}" for line in problems))
     print(f"\nreport: {result.index.resolve()}")
     return 0
+
+
+def _task_errors(summary: dict) -> list[str]:
+    """``<stage> <uid>: <error>`` for each task of the report that has an error (once per task)."""
+    errors: dict[tuple[str, str], str] = {}
+    for run in summary.get("runs", []):
+        for stage, task in run.get("stages", {}).items():
+            if task.get("error"):
+                errors.setdefault((stage, task.get("uid", "?")), task["error"])
+    return [f"{stage} {uid}: {error}" for (stage, uid), error in errors.items()]
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -131,6 +131,9 @@ def _run_stage(task: Task, logger: logging.Logger) -> dict[str, Any]:
             "config": task.config_yaml(),
             "schema_version": module.SCHEMA_VERSION,
             "input_uids": json.dumps({name: i.uid for name, i in task.inputs.items()}, sort_keys=True),
+            # what decides that the artifact is current (launch/codeversion.py)
+            "code_version": task.code_version, "stage_code": task.stage_code,
+            "threads": json.dumps(thread_counts(), sort_keys=True),
         })
     inputs = _open_inputs(task)
     try:
@@ -164,7 +167,8 @@ def _record_failure(task: Task, logger: logging.Logger, error: BaseException) ->
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     logger.error("FAILED %s: %s\n%s", task.label, error, text)
     with contextlib.suppress(OSError):
-        artifacts.atomic_write_text(task.failed_path, f"{task.label} failed at {artifacts.now_iso()}\n{error}\n\n{text}")
+        artifacts.atomic_write_text(task.failed_path,
+                                    f"{task.label} failed at {artifacts.now_iso()}\n{error}\n\n{text}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -205,14 +209,37 @@ def run_task_job(task: Task, mode: Mode, threads: int | None = None) -> dict[str
 
 
 def _configure_threads(threads: int | None) -> None:
+    """Hold BLAS, OpenMP and torch to ``threads`` in this process.
+
+    Cluster jobs already start with the thread variables set (before numpy loads, which is when
+    OpenBLAS reads them); local jobs inherit this machine's, so the pools are limited here too.
+    """
     if not threads:
         return
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
     with contextlib.suppress(ImportError):
+        import threadpoolctl
+
+        threadpoolctl.threadpool_limits(threads)
+    with contextlib.suppress(ImportError):
         import torch
 
         torch.set_num_threads(threads)
+
+
+def thread_counts() -> dict[str, int]:
+    """Threads this process computes with: each BLAS / OpenMP pool loaded so far, and torch's."""
+    counts: dict[str, int] = {}
+    with contextlib.suppress(ImportError):
+        import threadpoolctl
+
+        for pool in threadpoolctl.threadpool_info():
+            key = f"{pool.get('user_api')}:{pool.get('internal_api')}"
+            counts[key] = max(counts.get(key, 0), int(pool.get("num_threads") or 0))
+    if "torch" in sys.modules:
+        counts["torch"] = sys.modules["torch"].get_num_threads()
+    return counts
 
 
 def run_plan_inline(plan: Plan, mode: Mode = "cached", stages: list[str] | None = None) -> list[TaskOutcome]:
