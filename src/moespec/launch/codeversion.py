@@ -94,7 +94,11 @@ def _module_code(module: str) -> tuple[str, frozenset[str]] | None:
     if path is None:
         return None
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    imports = frozenset(_resolved(_imported_modules(tree, module, path.name == "__init__.py")))
+    imports = set(_resolved(_imported_modules(tree, module, path.name == "__init__.py")))
+    if path.name == "__init__.py" and module.startswith("moespec.stages."):
+        # A stage package may import its modules by name at run time (ablate: one per source).
+        imports.update(f"{module}.{p.stem}" for p in path.parent.glob("*.py") if p.stem != "__init__")
+    imports = frozenset(imports)
     return hashlib.sha256(ast.dump(_without_docstrings(tree)).encode("utf-8")).hexdigest(), imports
 
 
