@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from moespec.data import corpus
 from moespec.data.textset import TextSet, concat
@@ -34,6 +34,21 @@ _FORMAT_OF_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".
                      ".parquet": "parquet", ".pq": "parquet"}
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 _BUILDER_OF_FORMAT = {"jsonl": "json", "csv": "csv", "parquet": "parquet"}
+
+
+def config_relative_path(path: str, info: ValidationInfo | None = None) -> str:
+    """An absolute path: a relative one is taken relative to the experiment file's folder.
+
+    A relative path must not depend on the working directory of the job, which differs between
+    the laptop that validates and the node that runs; the loader passes the file's folder as
+    ``config_dir`` in the validation context (without it, the current directory is used). Paths
+    starting with ``~`` or ``$`` are kept as written and expanded when the files are read, so
+    that ``$SCRATCH/texts.jsonl`` means the node's scratch.
+    """
+    if path.startswith(("~", "$")) or os.path.isabs(path):
+        return path
+    base = (info.context or {}).get("config_dir") if info is not None else None
+    return os.path.normpath(os.path.join(base or os.getcwd(), path))
 
 
 class _SourceConfig(BaseModel):
@@ -169,8 +184,9 @@ class FilesSource(_TableSource):
     Attributes
     ----------
     paths : list of str
-        Absolute paths (``~`` and ``$VARS`` are expanded when the files are read, so
-        ``$SCRATCH/texts.jsonl`` works on a cluster); all of one format.
+        Files, all of one format. A relative path is taken relative to the experiment file's
+        folder when the file is loaded; ``~`` and ``$VARS`` are expanded when the files are read,
+        so ``$SCRATCH/texts.jsonl`` works on a cluster.
     format : {"auto", "jsonl", "csv", "parquet"}
         ``auto`` reads it from the file suffix (``.jsonl``/``.json``, ``.csv``/``.tsv``, ``.parquet``,
         optionally compressed, ``.jsonl.gz``).
@@ -191,13 +207,8 @@ class FilesSource(_TableSource):
 
     @field_validator("paths")
     @classmethod
-    def _absolute(cls, value: list[str]) -> list[str]:
-        # A relative path would depend on the working directory of the job, which differs
-        # between the laptop that validates and the node that runs.
-        relative = [p for p in value if not (p.startswith(("~", "$")) or os.path.isabs(p))]
-        if relative:
-            raise ValueError(f"paths must be absolute (or start with ~ or $VAR), got {relative}")
-        return value
+    def _absolute(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        return [config_relative_path(p, info) for p in value]
 
     @model_validator(mode="after")
     def _one_format(self) -> "FilesSource":
