@@ -154,7 +154,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    """A value as YAML spells it (``true``, ``null``, ``'16'``), cut to 80 characters."""
+    text = {True: "true", False: "false"}.get(value, repr(value)) if isinstance(value, bool) else repr(value)
+    text = "null" if value is None else text
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -313,6 +315,8 @@ def _messages(item: dict[str, Any], loc: tuple, raw: Any, model: type[BaseModel]
         return [_SUBKEY_RE.match(line).groups() for line in lines]
     if not isinstance(item.get("input"), dict) and "got " not in message:
         message += f", got {_short(item.get('input'))}"  # the value, unless the message already names it
+    if kind in ("int_type", "float_type", "int_parsing", "float_parsing") and isinstance(item.get("input"), str):
+        message += " (a quoted string; write the number without quotes)"
     return [("", message)]
 
 
