@@ -26,9 +26,6 @@ from moespec.errors import DataError
 
 _log = logging.getLogger("moespec")
 
-#: Hint appended to loading errors: on a cluster the compute nodes usually have no internet.
-OFFLINE_HINT = ("On a compute node without internet, pre-fetch the dataset on a login node into the same "
-                "HF_HOME and run with HF_DATASETS_OFFLINE=1 (see moespec.embedding.loading).")
 
 _FORMAT_OF_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv",
                      ".parquet": "parquet", ".pq": "parquet"}
@@ -172,7 +169,7 @@ class HFSource(_TableSource):
             dataset = datasets.load_dataset(self.name, self.config, split=self.split, revision=self.revision)
         except (OSError, ValueError, KeyError, datasets.exceptions.DatasetsError) as e:
             raise DataError(f"source {where}: cannot load dataset {self.name!r} "
-                            f"({type(e).__name__}: {_first_line(e)}). {OFFLINE_HINT}") from e
+                            f"({type(e).__name__}: {_first_line(e)}). {_offline_hint()}") from e
         provenance = {"kind": "hf", "name": self.name, "config": self.config, "split": self.split,
                       "revision": self.revision, "fingerprint": getattr(dataset, "_fingerprint", "")}
         return self._texts(dataset, where, log, provenance)
@@ -401,6 +398,16 @@ def _format_of(path: str) -> str:
 def _stem(path: str) -> str:
     name = Path(path).name
     return name.split(".")[0] or name
+
+
+def _offline_hint() -> str:
+    """What to do when a hub dataset cannot be loaded, said once and only where it applies."""
+    from moespec.hub import offline
+
+    if offline() or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "Offline mode is set: load it once on a machine with internet into the same HF_HOME (see hpc/README.md)."
+    return ("If this machine has no internet, load it once on one that has into the same HF_HOME and run with "
+            "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 (see hpc/README.md).")
 
 
 def _first_line(error: BaseException) -> str:

@@ -359,7 +359,7 @@ def load_moe_model(name: str, *, task: Literal["lm", "probe"], revision: Optiona
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from moespec.embedding.loading import OFFLINE_HINT, resolve_dtype
+    from moespec.embedding.loading import offline_hint, resolve_dtype
 
     path = _model_path(name, key)
     torch_dtype = resolve_dtype(dtype, device)
@@ -374,7 +374,7 @@ def load_moe_model(name: str, *, task: Literal["lm", "probe"], revision: Optiona
                               f"loss) does not apply; use task 'probe'") from e
         raise ConfigError(f"{key}.name: cannot load model {what}: {_first_line(e)}") from e
     except (OSError, KeyError, ImportError) as e:
-        raise ConfigError(f"{key}.name: cannot load model {what}: {_first_line(e)} {OFFLINE_HINT}") from e
+        raise ConfigError(f"{key}.name: cannot load model {what}: {_first_line(e)} {offline_hint()}") from e
     if task == "probe" and getattr(model.config, "is_encoder_decoder", False):
         model = model.get_encoder()
     try:

@@ -14,7 +14,7 @@ into a cache on a shared file system, then run the jobs offline from the same ca
     huggingface-cli download meta-llama/Llama-3.2-1B --revision main   # (or: hf download ...)
     python -c "import datasets; datasets.load_dataset('stanfordnlp/imdb', split='train')"
 
-    # job script (compute node, no internet)
+    # job script (compute node, no internet); more in hpc/README.md
     export HF_HOME=/scratch/$USER/hf
     export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1    # never try the network; fail fast instead
     moespec run embed --config exp.yaml --task $SLURM_ARRAY_TASK_ID
@@ -38,8 +38,17 @@ from moespec.errors import ConfigError
 
 _log = logging.getLogger("moespec")
 
-OFFLINE_HINT = ("If this machine has no internet, pre-fetch the model on a login node into the same HF_HOME and "
-                "run with HF_HUB_OFFLINE=1 (see moespec.embedding.loading).")
+
+
+def offline_hint() -> str:
+    """What to do when a hub model cannot be loaded, said once and only where it applies."""
+    from moespec.hub import offline
+
+    if offline():
+        return ("HF_HUB_OFFLINE is set: fetch the whole model on a machine with internet into the same HF_HOME "
+                "(see hpc/README.md).")
+    return ("If this machine has no internet, fetch the model on one that has into the same HF_HOME and run with "
+            "HF_HUB_OFFLINE=1 (see hpc/README.md).")
 
 
 @dataclass
@@ -122,16 +131,21 @@ def load_model(name: str, *, revision: Optional[str] = None, trust_remote_code: 
     """
     from transformers import AutoModel, AutoTokenizer
 
+    from moespec.hub import hub_cache
+
     path = _model_path(name, revision)
     torch_dtype = resolve_dtype(dtype, device)
     what = f"{name!r}" + (f" (revision {revision})" if revision else "")
+    from_hub = path == name
+    # the cache that was checked is the one read (HF_HOME may have been set after transformers was imported)
+    hub = {"local_files_only": _check_hub_model(name, revision), "cache_dir": str(hub_cache())} if from_hub else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, **hub)
         model = AutoModel.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
-                                          dtype=torch_dtype)
+                                          dtype=torch_dtype, **hub)
     except (OSError, ValueError, KeyError, ImportError) as e:
         raise ConfigError(f"embed.model.name: cannot load model {what}: {_first_line(e)} "
-                          f"{'' if is_builtin(name) else OFFLINE_HINT}") from e
+                          f"{offline_hint() if from_hub else ''}".rstrip()) from e
     if getattr(model.config, "is_encoder_decoder", False):
         model = model.get_encoder()  # embed with the encoder; the decoder needs target tokens
     _ensure_pad_token(tokenizer, what, log)
@@ -140,6 +154,22 @@ def load_model(name: str, *, revision: Optional[str] = None, trust_remote_code: 
     log.info("model %s: %s, %.1fM parameters, %s on %s", what, type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6, str(torch_dtype).removeprefix("torch."), device)
     return LoadedModel(model, tokenizer, name, revision, commit, device, torch_dtype)
+
+
+def _check_hub_model(name: str, revision: Optional[str]) -> bool:
+    """Fail at once when a hub model is neither cached nor downloadable; True when it is cached.
+
+    A cached model is then loaded from the cache alone: without this, transformers asks the hub
+    for newer files first and, on a node without internet, spends about a minute in retries.
+    """
+    from moespec.hub import availability_problem, is_cached
+
+    if is_cached(name, "model", revision):
+        return True
+    problem = availability_problem(name, "model", revision)
+    if problem:
+        raise ConfigError(f"embed.model.name: {problem}")
+    return False
 
 
 def _model_path(name: str, revision: Optional[str]) -> str:
