@@ -101,6 +101,13 @@ def ask_hub(repo_id: str, repo_type: RepoType, revision: Optional[str] = None,
 
 def availability_problem(repo_id: str, repo_type: RepoType, revision: Optional[str] = None) -> Optional[str]:
     """None when the repository can be loaded here, else one sentence saying why and what to do."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return f"{repo_id!r} is neither an existing folder nor a hub name ('name' or 'owner/name')"
     if is_cached(repo_id, repo_type, revision):
         return None
     what = f"{repo_type} {repo_id!r}" + (f" (revision {revision})" if revision else "")

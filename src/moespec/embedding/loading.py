@@ -136,7 +136,7 @@ def load_model(name: str, *, revision: Optional[str] = None, trust_remote_code: 
     path = _model_path(name, revision)
     torch_dtype = resolve_dtype(dtype, device)
     what = f"{name!r}" + (f" (revision {revision})" if revision else "")
-    from_hub = path == name
+    from_hub = not is_builtin(name) and not Path(path).is_dir()
     # the cache that was checked is the one read (HF_HOME may have been set after transformers was imported)
     hub = {"local_files_only": _check_hub_model(name, revision), "cache_dir": str(hub_cache())} if from_hub else {}
     try:
