@@ -156,6 +156,24 @@ def load_model(name: str, *, revision: Optional[str] = None, trust_remote_code: 
     return LoadedModel(model, tokenizer, name, revision, commit, device, torch_dtype)
 
 
+def model_problem(name: str, revision: Optional[str] = None) -> Optional[str]:
+    """Why a model named in a config cannot be loaded here, found without loading it; None when it can.
+
+    A built-in model can always be built; a local folder must hold a ``config.json``; a hub name
+    must be in the cache or on a reachable hub (:func:`moespec.hub.availability_problem`).
+    """
+    from moespec.hub import availability_problem
+
+    if is_builtin(name):
+        return None
+    folder = Path(name).expanduser()
+    if name.startswith(("/", "./", "../", "~")) or folder.is_dir():
+        if not folder.is_dir():
+            return f"local model folder {name} does not exist"
+        return None if (folder / "config.json").is_file() else f"local model folder {name} has no config.json"
+    return availability_problem(name, "model", revision)
+
+
 def _check_hub_model(name: str, revision: Optional[str]) -> bool:
     """Fail at once when a hub model is neither cached nor downloadable; True when it is cached.
 
