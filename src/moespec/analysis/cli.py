@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
+import sys
 from pathlib import Path
 
 from moespec.errors import MoespecError
@@ -20,10 +22,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     from moespec.analysis.report import write_report
 
     _need_matplotlib()
+    _say_progress("moespec.report")
+    print(f"report of {args.experiment}: reading artifacts and drawing figures"
+          + (" (all of them again)" if args.redraw else ""), flush=True)
     result = write_report(Path(args.experiment), args.out, redraw=args.redraw)
     print(result.table)
     print(f"\nreport: {result.index.resolve()}")
     return 0
+
+
+def _say_progress(logger_name: str) -> None:
+    """Show a command's progress records (one line per artifact) on stdout as they come."""
+    logger = logging.getLogger(logger_name)
+    if not any(getattr(h, "_moespec_progress", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("  %(message)s"))
+        handler._moespec_progress = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
