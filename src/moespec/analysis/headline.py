@@ -5,6 +5,7 @@ Only chooses and formats numbers the stages computed; it never derives new ones.
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any, Mapping
 
 #: Per stage: (label, summary key or pair of keys shown as "a (null b)").
@@ -72,13 +73,17 @@ def _wrap(parts: list[str], width: int, indent: int) -> str:
     """Join ``parts`` with ", " into lines of at most ``width`` columns, breaking only between parts."""
     lines: list[str] = []
     current = ""
+    room = max(20, width - indent - 1)  # - 1: the trailing comma
     for part in parts:
         candidate = f"{current}, {part}" if current else part
-        if current and indent + len(candidate) + 1 > width:  # + 1: the trailing comma
-            lines.append(current + ",")
-            current = part
-        else:
+        if len(candidate) <= room:
             current = candidate
+            continue
+        if current:
+            lines.append(current + ",")
+        pieces = textwrap.wrap(part, room, break_long_words=False) or [part]  # a long list: break between values
+        lines += pieces[:-1]
+        current = pieces[-1]
     lines.append(current)
     return ("\n" + " " * indent).join(lines)
 
