@@ -126,7 +126,8 @@ def test_hf_source_reads_a_local_dataset_folder_without_network(tmp_path):
 
 
 def test_unknown_hf_dataset_is_a_data_error_naming_it():
-    with pytest.raises(DataError, match=r"source hf:nobody/no-such-dataset \(split train\): cannot load dataset"):
+    with pytest.raises(DataError, match=r"source hf:nobody/no-such-dataset \(split train\): dataset "
+                                        r"'nobody/no-such-dataset' is not in the cache .*HF_HUB_OFFLINE is set"):
         HFSource(name="nobody/no-such-dataset").load()
 
 

@@ -140,7 +140,7 @@ def test_nan_model_fails_the_task_and_writes_nothing(tmp_path):
 
 
 def test_unknown_model_fails_with_its_name(tmp_path):
-    with pytest.raises(StageError, match="cannot load model 'nobody-here/no-such-model'"):
+    with pytest.raises(StageError, match="model 'nobody-here/no-such-model' is not in the cache"):
         run_inline(_experiment(model={"name": "nobody-here/no-such-model"}), root=tmp_path)
     with pytest.raises(ConfigError, match="embed.model.name: unknown built-in model"):
         load_experiment(_experiment(model={"name": "builtin:gigantic"}))

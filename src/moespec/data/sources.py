@@ -197,6 +197,9 @@ class HFSource(_TableSource):
         import datasets
 
         where = f"hf:{self.name}" + (f"/{self.config}" if self.config else "") + f" (split {self.split})"
+        unavailable = self.check()  # at once, instead of a minute of network retries on an offline node
+        if unavailable:
+            raise DataError(f"source {where}: {unavailable[0][1]}")
         try:
             dataset = datasets.load_dataset(self.name, self.config, split=self.split, revision=self.revision)
         except (OSError, ValueError, KeyError, datasets.exceptions.DatasetsError) as e:

@@ -295,7 +295,8 @@ def run_plan_local(plan: Plan, mode: Mode = "cached", stages: list[str] | None =
                 todo.append(task)
         if not todo:
             continue
-        echo(f"[{stage}] running {len(todo)} task(s) as local jobs ({infra.local.max_parallel} at a time)")
+        echo(f"[{stage}] running {len(todo)} task{'s' if len(todo) != 1 else ''} as local jobs "
+             f"({infra.local.max_parallel} at a time)")
         resources = infra.resources_for(stage)
         executor = submitit.LocalExecutor(folder=str(folder))
         executor.update_parameters(timeout_min=resources.timeout_min)
