@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+import yaml
 
 from moespec.config import load_experiment
 from moespec.errors import ConfigError
@@ -238,6 +239,28 @@ def test_relative_files_paths_are_taken_from_the_config_folder(tmp_path, monkeyp
     embed = load_experiment(path).base.embed
     assert embed.data[0].paths == [str(folder / "data" / "notes.jsonl"), str(tmp_path / "shared.jsonl")]
     assert embed.model.name == str(folder / "models" / "mine")
+
+
+def test_relative_paths_in_sweep_values_and_copies_elsewhere_keep_their_meaning(tmp_path):
+    from moespec.config import read_yaml, resolve_relative_paths
+
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    path = _write(folder, """
+        experiment: t
+        embed:
+          data: [{kind: builtin, n_per_domain: 2}]
+        sweep:
+          grid:
+            embed.data: [[{kind: files, paths: a.jsonl}], [{kind: files, paths: [$SCRATCH/b.jsonl]}]]
+    """)
+    experiment = load_experiment(path)
+    assert [c.embed.data[0].paths for c in experiment.configs] == [[str(folder / "a.jsonl")], ["$SCRATCH/b.jsonl"]]
+    copy = tmp_path / "elsewhere" / "experiment.yaml"  # what --emit-sbatch writes
+    copy.parent.mkdir()
+    copy.write_text(yaml.safe_dump(resolve_relative_paths(read_yaml(path), folder)))
+    assert [c.embed.data[0].paths for c in load_experiment(copy).configs] == [[str(folder / "a.jsonl")],
+                                                                             ["$SCRATCH/b.jsonl"]]
 
 
 def test_sweep_points_are_described_as_yaml():

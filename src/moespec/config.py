@@ -12,6 +12,7 @@ import copy
 import hashlib
 import itertools
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -465,10 +466,39 @@ def validate_data(model: type[ExperimentBase], data: dict[str, Any], config_dir:
 
     YAML gives JSON's types, and strict mode refuses the coercions that hide a mistake (``true``
     for an integer, ``"16"`` for a number) while keeping those JSON needs (a list for a tuple, an
-    integer for a float). ``config_dir`` is where relative paths of the file are resolved.
+    integer for a float). Relative paths are first made absolute against ``config_dir``.
     """
-    text = json.dumps(data, default=str)
-    return model.model_validate_json(text, strict=True, context={"config_dir": str(config_dir)})
+    text = json.dumps(resolve_relative_paths(data, config_dir), default=str)
+    return model.model_validate_json(text, strict=True)
+
+
+def resolve_relative_paths(data: Any, config_dir: Path) -> Any:
+    """A copy of an experiment's data with its relative paths taken from ``config_dir`` (the file's folder).
+
+    The paths of a ``files`` source, and a ``name`` written ``./x`` or ``../x`` (a local model or
+    dataset folder; hub names never start with a dot), wherever they are: in stage sections and in
+    sweep values. Paths starting with ``~`` or ``$`` are left for the machine that reads the files.
+    A job's working directory differs between the laptop that validates and the node that runs,
+    the file's folder does not; and a copy of the file elsewhere (``--emit-sbatch``) keeps its meaning.
+    """
+    if isinstance(data, list):
+        return [resolve_relative_paths(item, config_dir) for item in data]
+    if not isinstance(data, dict):
+        return data
+    resolved = {key: resolve_relative_paths(value, config_dir) for key, value in data.items()}
+    if data.get("kind") == "files" and isinstance(data.get("paths"), (str, list)):
+        paths = resolved["paths"]
+        resolved["paths"] = ([_absolute(p, config_dir) for p in paths] if isinstance(paths, list)
+                             else _absolute(paths, config_dir))
+    if isinstance(data.get("name"), str) and data["name"].startswith(("./", "../")):
+        resolved["name"] = _absolute(data["name"], config_dir)
+    return resolved
+
+
+def _absolute(path: Any, config_dir: Path) -> Any:
+    if not isinstance(path, str) or path.startswith(("~", "$")) or Path(path).is_absolute():
+        return path
+    return str(Path(os.path.normpath(Path(config_dir) / path)))
 
 
 def _sweep_or_none(raw: dict[str, Any]) -> SweepConfig | None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from moespec.data import corpus
 from moespec.data.textset import TextSet, concat
@@ -41,19 +41,17 @@ _PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
 CHECK_BYTES = 8 << 20
 
 
-def config_relative_path(path: str, info: ValidationInfo | None = None) -> str:
-    """An absolute path: a relative one is taken relative to the experiment file's folder.
+def config_relative_path(path: str) -> str:
+    """An absolute path: a relative one is taken relative to the current directory.
 
-    A relative path must not depend on the working directory of the job, which differs between
-    the laptop that validates and the node that runs; the loader passes the file's folder as
-    ``config_dir`` in the validation context (without it, the current directory is used). Paths
-    starting with ``~`` or ``$`` are kept as written and expanded when the files are read, so
-    that ``$SCRATCH/texts.jsonl`` means the node's scratch.
+    The experiment loader has already made the relative paths of a file absolute against the
+    file's folder (:func:`moespec.config.resolve_relative_paths`); this covers configs built in
+    Python. Paths starting with ``~`` or ``$`` are kept as written and expanded when the files are
+    read, so that ``$SCRATCH/texts.jsonl`` means the node's scratch.
     """
     if path.startswith(("~", "$")) or os.path.isabs(path):
         return path
-    base = (info.context or {}).get("config_dir") if info is not None else None
-    return os.path.normpath(os.path.join(base or os.getcwd(), path))
+    return os.path.normpath(os.path.join(os.getcwd(), path))
 
 
 class _SourceConfig(BaseModel):
@@ -246,8 +244,8 @@ class FilesSource(_TableSource):
 
     @field_validator("paths")
     @classmethod
-    def _absolute(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        return [config_relative_path(p, info) for p in value]
+    def _absolute(cls, value: list[str]) -> list[str]:
+        return [config_relative_path(p) for p in value]
 
     @model_validator(mode="after")
     def _one_format(self) -> "FilesSource":

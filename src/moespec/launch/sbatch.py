@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from moespec import artifacts
-from moespec.config import load_experiment, read_yaml
+from moespec.config import load_experiment, read_yaml, resolve_relative_paths
 from moespec.errors import ConfigError
 from moespec.launch.arrays import ArrayJob
 from moespec.launch.plan import make_plan
@@ -143,8 +143,9 @@ def moespec_command(python: str | None) -> str:
 
 
 def resolved_config(source: str, root: Path) -> dict[str, Any]:
-    """The experiment file's content with ``root`` made absolute (jobs must not depend on their cwd)."""
-    raw = read_yaml(Path(source))
+    """The experiment file's content with ``root`` and relative paths made absolute (jobs must not depend
+    on their cwd, and the copy lives in another folder)."""
+    raw = resolve_relative_paths(read_yaml(Path(source)), Path(source).absolute().parent)
     raw["root"] = str(root)
     return raw
 

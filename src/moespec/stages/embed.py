@@ -51,10 +51,10 @@ import time
 from typing import Any, Literal, Optional, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from moespec.artifacts import DatasetSpec
-from moespec.data.sources import BuiltinSource, Source, config_relative_path, load_texts, source_domains
+from moespec.data.sources import BuiltinSource, Source, load_texts, source_domains
 from moespec.data.textset import shard_bounds
 from moespec.errors import DataError
 from moespec.stages.base import StageConfig
@@ -97,13 +97,12 @@ class ModelConfig(BaseModel):
 
     @field_validator("name")
     @classmethod
-    def _known_builtin(cls, value: str, info: ValidationInfo) -> str:
+    def _known_builtin(cls, value: str) -> str:
         from moespec.embedding.builtin import BUILTIN_MODELS, is_builtin
 
         if is_builtin(value) and value not in BUILTIN_MODELS:
             raise ValueError(f"unknown built-in model; built-in models are {', '.join(BUILTIN_MODELS)}")
-        # ./my-model and ../my-model are folders next to the experiment file, never hub names
-        return config_relative_path(value, info) if value.startswith(("./", "../")) else value
+        return value
 
     @model_validator(mode="after")
     def _builtin_has_no_revision(self) -> "ModelConfig":
