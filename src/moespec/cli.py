@@ -109,8 +109,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         todo = [i for i, t in enumerate(plan.tasks_for(stage)) if task_key(t) not in done]
         upstream = sorted({i.stage for t in plan.tasks_for(stage) for i in t.inputs.values()})
         after = f" after {', '.join(upstream)}" if upstream else ""
-        print(f"  {stage}: {_count(len(todo), 'task')}" + (f" [indices {compress_indices(todo)}]" if todo else " (all done)")
-              + after)
+        state = f" [indices {compress_indices(todo)}]" if todo else " (all done)"
+        print(f"  {stage}: {_count(len(todo), 'task')}{state}{after}")
     where = f"cluster {cluster.name}" if cluster else "no cluster profile"
     print(f"\nSlurm job arrays ({where}; chunked to MaxArraySize, each after the arrays it reads):")
     for line in describe_arrays(arrays):

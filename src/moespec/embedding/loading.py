@@ -131,14 +131,11 @@ def load_model(name: str, *, revision: Optional[str] = None, trust_remote_code: 
     """
     from transformers import AutoModel, AutoTokenizer
 
-    from moespec.hub import hub_cache
-
     path = _model_path(name, revision)
     torch_dtype = resolve_dtype(dtype, device)
     what = f"{name!r}" + (f" (revision {revision})" if revision else "")
     from_hub = not is_builtin(name) and not Path(path).is_dir()
-    # the cache that was checked is the one read (HF_HOME may have been set after transformers was imported)
-    hub = {"local_files_only": _check_hub_model(name, revision), "cache_dir": str(hub_cache())} if from_hub else {}
+    hub = hub_loading_options(name, revision) if from_hub else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, **hub)
         model = AutoModel.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
@@ -174,20 +171,21 @@ def model_problem(name: str, revision: Optional[str] = None) -> Optional[str]:
     return availability_problem(name, "model", revision)
 
 
-def _check_hub_model(name: str, revision: Optional[str]) -> bool:
-    """Fail at once when a hub model is neither cached nor downloadable; True when it is cached.
+def hub_loading_options(name: str, revision: Optional[str], key: str = "embed.model") -> dict[str, Any]:
+    """``from_pretrained`` options of a hub model; fails at once when it is neither cached nor downloadable.
 
-    A cached model is then loaded from the cache alone: without this, transformers asks the hub
-    for newer files first and, on a node without internet, spends about a minute in retries.
+    A cached model is loaded from the cache alone (``local_files_only``): without this,
+    transformers asks the hub for newer files first and, on a node without internet, spends about
+    a minute in retries. ``cache_dir`` is the cache that was checked, even when ``HF_HOME`` was set
+    after transformers was imported.
     """
-    from moespec.hub import availability_problem, is_cached
+    from moespec.hub import availability_problem, hub_cache, is_cached
 
-    if is_cached(name, "model", revision):
-        return True
-    problem = availability_problem(name, "model", revision)
+    cached = is_cached(name, "model", revision)
+    problem = None if cached else availability_problem(name, "model", revision)
     if problem:
-        raise ConfigError(f"embed.model.name: {problem}")
-    return False
+        raise ConfigError(f"{key}.name: {problem}")
+    return {"local_files_only": cached, "cache_dir": str(hub_cache())}
 
 
 def _model_path(name: str, revision: Optional[str]) -> str:
