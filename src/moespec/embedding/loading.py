@@ -11,7 +11,7 @@ into a cache on a shared file system, then run the jobs offline from the same ca
 
     # login node (has internet)
     export HF_HOME=/scratch/$USER/hf           # models and datasets land here
-    huggingface-cli download meta-llama/Llama-3.2-1B --revision main   # (or: hf download ...)
+    hf download meta-llama/Llama-3.2-1B --revision main   # huggingface_hub's CLI
     python -c "import datasets; datasets.load_dataset('stanfordnlp/imdb', split='train')"
 
     # job script (compute node, no internet); more in hpc/README.md
@@ -20,7 +20,7 @@ into a cache on a shared file system, then run the jobs offline from the same ca
     moespec run embed --config exp.yaml --task $SLURM_ARRAY_TASK_ID
 
 A model given as a local folder (``embed.model.name: /scratch/me/models/my-bert``) needs no
-cache at all. Gated models (LLaMA) need ``huggingface-cli login`` on the login node first; pin
+cache at all. Gated models (LLaMA) need ``hf auth login`` on the login node first; pin
 ``embed.model.revision`` to a commit so every job reads the same weights. The built-in models
 are built into ``$MOESPEC_CACHE`` (default ``~/.cache/moespec``) on first use and need no
 network either.
