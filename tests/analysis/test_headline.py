@@ -25,7 +25,7 @@ def _as_cached(summary: dict) -> dict:
 
 def test_ablation_table_columns_do_not_depend_on_the_key_order_of_summary_json():
     assert headline("ablate", SUMMARY) == headline("ablate", _as_cached(SUMMARY))
-    header = expert_table_text(EXPERTS, width=1000).splitlines()[0].split()
+    header = expert_table_text(EXPERTS, width=1000, metric="accuracy").splitlines()[0].split()
     assert header == ["layer", "expert", "utilisation", "importance", "entropy", "accuracy_drop", "max_class_drop",
                       "max_class", "control_mean", "accuracy_drop_renormalise", "accuracy_drop_zero"]
 
@@ -49,3 +49,16 @@ def test_train_headline_wraps_a_long_expert_load():
     text = headline("train", summary, width=120, indent=24)
     assert all(24 + len(line.lstrip()) <= 120 for line in text.splitlines())
     assert "collapse False" in text and "val accuracy 0.4" in text
+
+
+def test_extra_columns_of_a_loss_metric_keep_one_order():
+    experts = {"layer": [0], "expert": [0], "utilisation": [0.5], "importance": [0.5], "entropy": [0.9],
+               "reconstruction_increase": [0.1], "max_class_increase": [0.2], "max_class": ["a/b"],
+               "control_mean": [0.0], "mixture_reconstruction_increase": [0.05], "contrastive_increase": [0.01],
+               "assignment_changed": [0.3], "reconstruction_increase_zero": [0.2]}
+    summary = {"metric": "reconstruction", "experts": experts}
+    assert headline("ablate", summary) == headline("ablate", _as_cached(summary))
+    header = expert_table_text(experts, width=1000, metric="reconstruction").splitlines()[0].split()
+    assert header[5:] == ["reconstruction_increase", "max_class_increase", "max_class", "control_mean",
+                          "assignment_changed", "contrastive_increase", "mixture_reconstruction_increase",
+                          "reconstruction_increase_zero"]

@@ -52,7 +52,7 @@ def headline(stage: str, summary: Mapping[str, Any], width: int = 120, indent: i
         parts = _parts(fields, summary)
     text = _wrap(parts, width, indent)
     if stage == "ablate" and isinstance(summary.get("experts"), Mapping) and summary["experts"]:
-        table = expert_table_text(dict(summary["experts"]), width - 6)
+        table = expert_table_text(dict(summary["experts"]), width - 6, summary.get("metric"))
         text += "\n" + "\n".join("      " + line if line else "" for line in table.splitlines())
     return text
 
@@ -88,32 +88,37 @@ def _wrap(parts: list[str], width: int, indent: int) -> str:
     return ("\n" + " " * indent).join(lines)
 
 
-#: Column order of the per-expert ablation table; the rest follow in the stage's order.
+#: Column order of the per-expert ablation table (the ablate stage's): keys, routing, then harm columns.
 _FIRST_COLUMNS = ("layer", "expert", "utilisation", "importance", "entropy")
 
 
-def _column_rank(name: str) -> tuple[int, str]:
+def _column_rank(name: str, metric: str | None) -> tuple[int, str]:
     """Where a column of the ablation table goes: the same order whether the summary was just
     computed or read back from ``summary.json`` (whose keys may have been sorted)."""
     if name in _FIRST_COLUMNS:
         return _FIRST_COLUMNS.index(name), ""
-    harm = name.endswith(("_drop", "_increase"))
-    if harm and not name.startswith("max_"):
+    harm = next((f"{metric}_{h}" for h in ("drop", "increase") if name.startswith(f"{metric}_{h}")), None)
+    if harm == name:
         return 10, ""           # the metric's change, e.g. accuracy_drop
-    if harm:
+    if name.startswith("max_") and name.endswith(("_drop", "_increase")):
         return 11, name         # the largest change of one group, e.g. max_class_drop
     if name.startswith("max_"):
         return 12, name         # the group it hits, e.g. max_class
     if name == "control_mean":
         return 13, ""
-    return 20 + ("_drop_" in name or "_increase_" in name), name   # extra columns, then other modes
+    if harm is not None:
+        return 30, name         # the metric's change in the other modes, e.g. accuracy_drop_zero
+    return 20, name             # other columns the stage added
 
 
-def expert_table_text(table: dict[str, list], width: int = 114) -> str:
-    """The per-expert table in a stable column order, split into blocks of at most ``width`` columns."""
+def expert_table_text(table: dict[str, list], width: int = 114, metric: str | None = None) -> str:
+    """The per-expert table in a stable column order, split into blocks of at most ``width`` columns.
+
+    ``metric`` (the summary's ``metric``) tells the metric's columns from the others.
+    """
     from moespec.analysis.ablation import format_table
 
-    columns = sorted(table, key=_column_rank)
+    columns = sorted(table, key=lambda name: _column_rank(name, metric))
     keys = [c for c in ("layer", "expert") if c in table]
     rest = [c for c in columns if c not in keys]
     blocks: list[list[str]] = []
