@@ -34,11 +34,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _say_progress(logger_name: str) -> None:
     """Show a command's progress records (one line per artifact) on stdout as they come."""
     logger = logging.getLogger(logger_name)
-    if not any(getattr(h, "_moespec_progress", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("  %(message)s"))
-        handler._moespec_progress = True
-        logger.addHandler(handler)
+    for old in [h for h in logger.handlers if getattr(h, "_moespec_progress", False)]:
+        logger.removeHandler(old)  # from an earlier command in this process: its stdout may be gone
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("  %(message)s"))
+    handler._moespec_progress = True
+    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
 
