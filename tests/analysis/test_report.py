@@ -241,3 +241,12 @@ def test_a_failed_train_and_its_skipped_ablate_stay_in_their_sweep_point(experim
     summary = json.loads((copy / "report" / "summary.json").read_text())
     broken_summary = next(r for r in summary["runs"] if r["points"] == list(run.points))
     assert not any(m.startswith(("train.", "ablate.")) for m in broken_summary["metrics"])
+
+
+def test_cli_report_says_what_it_reads_and_draws_as_it_goes(experiment, report, capsys):
+    assert main(["report", str(experiment), "--redraw"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("reading artifacts and drawing figures (all of them again)")
+    drawing = [line for line in out if line.endswith(": reading and drawing")]
+    assert {line.split()[0] for line in drawing} >= {"embed", "reduce", "train", "ablate"}
+    assert out.index(drawing[-1]) < next(i for i, line in enumerate(out) if line.startswith("report: "))

@@ -86,7 +86,7 @@ def test_cli_plan_dry_run_and_usage_errors(tmp_path, capsys):
     path.write_text(yaml.safe_dump(sweep_experiment(tmp_path / "results")))
     assert main(["plan", str(path), "--cluster", "localhost"]) == 0
     out = capsys.readouterr().out
-    assert "reduce: 6 task(s) [indices 0-5] after embed" in out
+    assert "reduce: 6 tasks [indices 0-5] after embed" in out
     assert "reduce.0" in out and "after: afterok embed.0" in out
     assert main(["submit", str(path), "--executor", "slurm", "--cluster", "localhost", "--dry-run"]) == 0
     out = capsys.readouterr().out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,6 +265,7 @@ def write_report(experiment_dir: Path | str, out: Path | str | None = None, *, r
             shown[key] = run.name
             parts.append(f'<a id="{stage}-{task.uid}"></a>')
             if key not in sections:
+                logging.getLogger("moespec.report").info("%s %s: reading and drawing", stage, task.uid)
                 sections[key] = load_section(task)
                 _draw_section(sections[key], out, figure_paths, redraw)
             if stage == "embed" and not sections[key].message:

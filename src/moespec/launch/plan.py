@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 from moespec import artifacts
-from moespec.config import Experiment, compute_uid, config_yaml
+from moespec.config import Experiment, compute_uid, config_yaml, format_point_value
 from moespec.launch.codeversion import stage_code_version, task_code_version
 from moespec.stages.base import STAGE_ORDER, StageConfig, num_shards, stage_module
 
@@ -185,6 +185,6 @@ def describe_point(experiment: Experiment, indices: tuple[int, ...]) -> str:
         return "-"
     if len(indices) == 1:
         point = experiment.points[indices[0]]
-        return f"#{indices[0]} " + ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in point.items())
+        return f"#{indices[0]} " + ", ".join(f"{k.split('.', 1)[-1]}={format_point_value(v)}" for k, v in point.items())
     shown = ",".join(map(str, indices[:6])) + ("..." if len(indices) > 6 else "")
     return f"#{shown} (shared by {len(indices)} points)"

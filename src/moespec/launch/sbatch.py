@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from moespec import artifacts
-from moespec.config import load_experiment, read_yaml
+from moespec.config import load_experiment, read_yaml, resolve_relative_paths
 from moespec.errors import ConfigError
 from moespec.launch.arrays import ArrayJob
 from moespec.launch.plan import make_plan
@@ -174,8 +174,9 @@ def portable_path(path: Path, project: Path) -> str:
 
 
 def resolved_config(source: str, root: str) -> dict[str, Any]:
-    """The experiment file's content with ``root`` as jobs must see it (relative to the project folder)."""
-    raw = read_yaml(Path(source))
+    """The experiment file's content with ``root`` as jobs must see it (relative to the project folder) and
+    relative data paths made absolute (the copy lives in another folder than the file it copies)."""
+    raw = resolve_relative_paths(read_yaml(Path(source)), Path(source).absolute().parent)
     raw["root"] = root
     return raw
 

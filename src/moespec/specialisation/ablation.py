@@ -70,7 +70,7 @@ def plan_ablations(layers: list[int], experts: list[int], load: np.ndarray, n_ra
     ----------
     layers, experts : list of int
     load : ndarray of shape (n_layers, n_experts)
-        Unablated load per layer (:func:`~moespec.analysis.specialisation.expert_load`).
+        Unablated load per layer (:func:`~moespec.specialisation.metrics.expert_load`).
     n_random : int
     rng : numpy.random.Generator
     """
