@@ -130,13 +130,17 @@ class Config(StageConfig):
                           max_grad_norm=self.max_grad_norm, eval_every="epoch",
                           checkpoint_every=self.checkpoint_every, patience=self.patience, min_delta=self.min_delta)
 
+    def steps_per_epoch(self, n_train_rows: int) -> int:
+        """Optimiser steps of one epoch over ``n_train_rows`` rows."""
+        from moespec.models.training import row_batches
+
+        return math.ceil(len(row_batches(np.arange(n_train_rows), self.batch_size)) / self.grad_accumulation)
+
     def scheduler(self, optimizer, n_train_rows: int):
         """The ``LambdaLR`` of ``schedule`` over the whole run (``epochs`` epochs of ``n_train_rows`` rows)."""
         import torch
 
-        from moespec.models.training import row_batches
-
-        steps_per_epoch = math.ceil(len(row_batches(np.arange(n_train_rows), self.batch_size)) / self.grad_accumulation)
+        steps_per_epoch = self.steps_per_epoch(n_train_rows)
         factor = lr_schedule(self.schedule, self.warmup_steps, steps_per_epoch * self.epochs,
                              step_every=self.step_epochs * steps_per_epoch, step_gamma=self.step_gamma)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -209,8 +213,11 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
                                   collapse=lambda load: bool((load.max(axis=-1) > cfg.collapse_threshold).any()))
     checkpoint = Checkpointer(out.work_dir / "checkpoint.pt", {"config": config_dict(cfg), "input_uid": reader.uid},
                               NAME)
+    bar = iter(out.progress(range(cfg.steps_per_epoch(len(train_index)) * cfg.epochs), desc="train steps"))
     state = fit(model, optimizer, scheduler, objective, cfg.loop(), checkpoint=checkpoint, log=out.log,
-                on_evaluation=lambda record: _log_evaluation(cfg, record, out.log))
+                progress=lambda state: next(bar, None), on_evaluation=lambda record: _log_evaluation(cfg, record, out.log))
+    for _ in bar:  # close the bar (early stopping or a resumed run leaves steps in it)
+        pass
     stage_config = config_dict(cfg)
     rows.save_model(out.side_file("best.pt"), cfg.model, stage_config, data, state.best_state,
                     epoch=state.best_epoch)
