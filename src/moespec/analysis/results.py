@@ -21,6 +21,8 @@ from moespec.errors import ArtifactError
 
 #: Stage order of the pipeline (upstream first).
 STAGES = ("embed", "reduce", "fiber", "train", "ablate")
+#: Statuses of a task that finished (its summary.json holds its results).
+FINISHED = ("done", "not pulled")
 #: Stages that close a run when nothing downstream of them exists.
 _CLOSING = ("ablate", "train", "fiber", "reduce", "embed")
 
@@ -31,10 +33,13 @@ class TaskRecord:
 
     Attributes
     ----------
-    status : {"done", "failed", "incomplete", "missing"}
-        ``done``: ``<stage>.h5`` opens and is complete; ``failed``: ``FAILED.txt`` is there;
-        ``incomplete``: the folder exists without a complete file (running, or interrupted);
-        ``missing``: referenced by another artifact (or the experiment summary) but not on disk.
+    status : {"done", "not pulled", "failed", "incomplete", "missing"}
+        ``done``: ``<stage>.h5`` opens and is complete; ``not pulled``: the task finished (its
+        ``summary.json``, written only after the artifact is complete, is here) but its HDF5 file
+        is not (left on the cluster by ``moespec sync``'s filters); ``failed``: ``FAILED.txt`` is
+        there; ``incomplete``: the folder exists without a complete file (running, or
+        interrupted); ``missing``: referenced by another artifact (or the experiment summary) but
+        not on disk.
     """
 
     stage: str
@@ -80,6 +85,11 @@ class Run:
         task = self.tasks.get(stage)
         return task is not None and task.status == "done"
 
+    def finished(self, stage: str) -> bool:
+        """Done, here or on the cluster (its summary is here even when its arrays were not pulled)."""
+        task = self.tasks.get(stage)
+        return task is not None and task.status in FINISHED
+
 
 @dataclass
 class Experiment:
@@ -107,6 +117,8 @@ def _read_record(stage: str, folder: Path) -> TaskRecord:
     if (folder / "FAILED.txt").exists():
         record.status = "failed"
         record.error = (folder / "FAILED.txt").read_text(encoding="utf-8", errors="replace").strip()
+    elif summary is not None and not (folder / f"{stage}.h5").exists():
+        record.status = "not pulled"
     if (folder / f"{stage}.h5").exists():
         try:
             with open_artifact(folder / f"{stage}.h5") as reader:
@@ -146,7 +158,7 @@ def discover(experiment_dir: Path | str) -> Experiment:
         if record is None:
             record = tasks[key] = TaskRecord(key[0], key[1], experiment_dir / key[0] / key[1], "missing")
         record.points = tuple(entry.get("points") or ())
-        if entry.get("status") in ("failed", "skipped") and record.status != "done":
+        if entry.get("status") in ("failed", "skipped") and record.status not in FINISHED:
             record.status = "failed" if entry["status"] == "failed" else "missing"
             record.error = record.error or (entry.get("error") or entry["status"])
     # An input recorded by an artifact but absent from disk (deleted, or not synced) is shown as missing.
