@@ -155,7 +155,11 @@ def test_numbers_in_the_html_are_the_artifacts(report, experiment):
             elif isinstance(value, (float, np.floating)) and math.isnan(value):
                 assert text == "n/a"
             else:
-                assert float(text) == pytest.approx(float(value), rel=1e-5, abs=1e-12), attrs
+                # the full value rides along in data-value; the text shows 3 significant digits
+                assert float(attrs["data-value"]) == pytest.approx(float(value), rel=1e-12, abs=1e-300), attrs
+                assert float(text.replace(",", "")) == pytest.approx(float(value), rel=5e-3, abs=1e-12), attrs
+                if isinstance(value, (int, np.integer)):
+                    assert text.replace(",", "") == str(int(value))   # counts print whole
     finally:
         for reader in files.values():
             reader.close()
@@ -165,7 +169,8 @@ def test_overview_metrics_are_the_stage_summaries(report, experiment):
     text = report.index.read_text(encoding="utf-8")
     for run in discover(experiment).runs:
         accuracy = json.loads((run.tasks["train"].dir / "summary.json").read_text())["val_accuracy"]
-        assert f'data-summary="train.val_accuracy" data-uid="{run.tasks["train"].uid}">{accuracy:.6g}<' in text
+        assert (f'data-summary="train.val_accuracy" data-uid="{run.tasks["train"].uid}" '
+                f'data-value="{float(accuracy)!r}">{accuracy:.3g}<') in text
 
 
 def test_missing_and_failed_stages_are_shown_not_filled(experiment, tmp_path):

@@ -235,6 +235,12 @@ def fiber_section(source: _Source) -> Section:
         f"rejection rates: {n_testable} testable of {n_tested} tested points, null data repeated {n_repeats} time(s)",
         ["test", "rejection rate (fraction)", "95 % interval", "null: mean rate", "null: range over repeats"], rows,
         "only a rate well above its null rate is evidence of structure; interval: Wilson, over testable points"))
+    if n_repeats:
+        section.tables.append(Table(
+            "null data: rejection rate of each repeat (fresh draws of matched smooth data)",
+            ["test", *[f"repeat {i + 1}" for i in range(n_repeats)]],
+            [[_RATES[r], *[source.cell(f"null/{r}", i) if i < len(nulls[r]) else "-" for i in range(n_repeats)]]
+             for r in rates]))
     domains, strata = source.names("domain_names"), list(range(len(source.reader["strata/n_points"])))
     stratum_names = [f"stratum {s}" for s in strata]
     for key, names in (("per_domain", domains), ("per_stratum", stratum_names)):
