@@ -90,3 +90,20 @@ def test_a_summary_without_its_arrays_is_shown_as_not_pulled(experiment, tmp_pat
     assert all(r["metrics"]["fiber.rejection_rate"] == json.loads((fiber / "summary.json").read_text())[
         "rejection_rate"] for r in summary["runs"])
     assert len(discover(copy).runs) == 4
+
+
+def test_a_run_whose_inputs_are_not_here_is_never_joined_to_another(experiment, tmp_path):
+    copy, _ = pulled_copy(experiment, tmp_path / "local", default_pull_filters())
+    reduce = next((copy / "reduce").iterdir())
+    (reduce / "reduce.h5").unlink()   # reduce recorded its input (the embed uid) only in its HDF5 file
+    listed = json.loads((copy / "summary.json").read_text())
+    # with the experiment's summary.json (sweep points of every task) the chains are whole again
+    assert all(r.status("embed") == "not pulled" for r in discover(copy).runs)
+    (copy / "summary.json").unlink()
+    runs = discover(copy).runs
+    closed = [r for r in runs if not r.unlinked]
+    assert len(closed) == 4 and all(r.status("embed") == "unknown" and "embed" not in r.tasks for r in closed)
+    apart = [r for r in runs if r.unlinked]
+    assert [list(r.tasks) for r in apart] == [["embed"]] and apart[0].name.startswith("unlinked-embed-")
+    assert apart[0].status("train") == "unknown"
+    assert len(listed["tasks"]) > 0
