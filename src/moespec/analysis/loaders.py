@@ -146,15 +146,17 @@ SCATTER_MAX_POINTS = 20_000
 
 
 def _estimator_name(name: str, attrs: dict[str, Any]) -> str:
+    """Readable estimator name; ``attrs``: the reduce stage's ``id_*`` root attributes (threshold, mle_k)."""
     template = _ESTIMATORS.get(name, name)
-    return template.format(threshold=f"{float(attrs.get('threshold', 0.75)):g}", mle_k=attrs.get("mle_k", "k"))
+    text = template.format(threshold=f"{float(attrs.get('threshold', 0.75)):g}", mle_k=attrs.get("mle_k", "?"))
+    return text.replace(", k = ?", "")
 
 
 def reduce_section(source: _Source) -> Section:
     section = Section("PCA and intrinsic dimension (reduce)", "reduce", source.task)
     ratio = source.array("explained_variance_ratio")
     n_samples = len(source.reader["reduced"])
-    id_attrs = dict(source.reader.h5["id"].attrs) if "id" in source.reader.h5 else {}
+    id_attrs = {k.removeprefix("id_"): v for k, v in source.reader.attrs.items() if k.startswith("id_")}
     section.tables.append(Table("variance retained", ["components", "variance retained (fraction)"],
                                 [[len(ratio), source.cell("variance_retained")]]))
     estimators = source.keys("id/global")
@@ -557,7 +559,7 @@ def _ablation(section: Section, source: _Source, mode: str, metric: str, layers:
         section.figures.append(Figure(f"ablation_{mode}_intervals", plots.plot_intervals, {
             "labels": labels, "value": source.array(f"{prefix}/delta_{metric}"),
             "low": source.array(f"{prefix}/delta_{metric}_low"), "high": source.array(f"{prefix}/delta_{metric}_high"),
-            "xlabel": f"Δ {metric} (ablated − baseline)", "value_label": f"single expert ({interval})",
+            "xlabel": f"Δ {metric} (ablated − baseline); bars: {interval}", "value_label": None,
             "title": f"ablation ({mode}), {n_eval} evaluated inputs"}, f"effect of ablating each expert ({mode})",
             size=(8.0, max(3.2, 0.32 * len(labels) + 1.6))))
     for key in ("class", "domain", "stratum"):

@@ -267,7 +267,7 @@ def plot_intervals(data: Mapping[str, Any], ax) -> None:
     low, high = np.asarray(data["low"], dtype=float), np.asarray(data["high"], dtype=float)
     y = np.arange(len(value))
     ax.errorbar(value, y, xerr=[value - low, high - value], fmt="o", color="black", capsize=3,
-                label=data.get("value_label", "estimate"))
+                label=data.get("value_label"))   # None: no legend entry (the axis label says what it is)
     if data.get("control") is not None:
         ax.scatter(np.asarray(data["control"], dtype=float), y, marker="s", facecolors="none", edgecolors="#0072B2",
                    label=data.get("control_label", "control"))

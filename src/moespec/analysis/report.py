@@ -156,7 +156,8 @@ def table_html(table: Table) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in table.header)
     body = "\n".join("<tr>" + "".join(_cell_html(c) for c in row) + "</tr>" for row in table.rows)
     note = f'<p class="note">{html.escape(table.note)}</p>' if table.note else ""
-    return (f"<table><caption>{html.escape(table.title)}</caption><thead><tr>{head}</tr></thead>"
+    # the title is a heading above the table (a <caption> would wrap at the width of a narrow table)
+    return (f'<h4 class="table">{html.escape(table.title)}</h4><table><thead><tr>{head}</tr></thead>'
             f"<tbody>\n{body}\n</tbody></table>{note}")
 
 
@@ -185,7 +186,8 @@ figure{margin:1em 0}img{max-width:100%;height:auto;border:1px solid #ccc}
 figcaption{font-size:14px;color:#333;max-width:1000px}section.run{border-top:2px solid #000;margin-top:2em}
 nav.toc{background:#f7f7f7;border:1px solid #ccc;padding:.4em 1em;font-size:14px}nav.toc ul{margin:.2em 0}
 table.overview{table-layout:fixed;width:100%}table.overview td,table.overview th{overflow-wrap:anywhere}
-dl.glossary dt{font-weight:600;margin-top:.5em}dl.glossary dd{margin-left:1.5em}"""
+dl.glossary dt{font-weight:600;margin-top:.5em}dl.glossary dd{margin-left:1.5em}
+h4.table{margin:1em 0 .2em 0;font-size:15px}"""
 
 
 def _page(experiment: Experiment, toc: str, overview: str, runs_html: list[str]) -> str:
