@@ -246,3 +246,33 @@ def test_a_failed_train_and_its_skipped_ablate_stay_in_their_sweep_point(experim
     summary = json.loads((copy / "report" / "summary.json").read_text())
     broken_summary = next(r for r in summary["runs"] if r["points"] == list(run.points))
     assert not any(m.startswith(("train.", "ablate.")) for m in broken_summary["metrics"])
+
+
+def test_train_figures_follow_what_the_artifact_holds(experiment, tmp_path):
+    """Per-step curves are drawn when the train stage wrote them; validation accuracy has its chance level."""
+    import h5py
+
+    from moespec.analysis.loaders import load_section
+
+    copy = tmp_path / "sweep"
+    shutil.copytree(experiment, copy, ignore=shutil.ignore_patterns("report"))
+    task = next(r.tasks["train"] for r in discover(copy).runs if r.tasks["train"].config["model"]["kind"] == "topk")
+    section = load_section(task)
+    names = {f.name for f in section.figures}
+    assert {"curves_loss", "val_accuracy", "expert_load_curve"} <= names and "curves_step" not in names
+    loss = next(f for f in section.figures if f.name == "curves_loss").data
+    assert any(k.endswith("training") for k in loss["series"]) and any(k.endswith("validation") for k in loss["series"])
+    with h5py.File(task.h5_path, "r") as h5:
+        target = h5["heldout/target"][()]
+        epochs = h5["curves/epoch"][()]
+    chance = next(f for f in section.figures if f.name == "val_accuracy").data["reference"]
+    assert list(chance.values()) == [pytest.approx(np.bincount(target).max() / len(target))]
+    steps_per_epoch = 3
+    with h5py.File(task.h5_path, "a") as h5:
+        n_steps = steps_per_epoch * len(epochs)
+        h5["curves/step/index"] = np.arange(1, n_steps + 1)
+        h5["curves/step/train/total"] = np.linspace(2.0, 1.0, n_steps)
+        h5["curves/step/epoch"] = np.repeat(epochs, steps_per_epoch)
+    step = next(f for f in load_section(task).figures if f.name == "curves_step").data
+    assert len(step["series"]["total, training (per step)"]) == n_steps
+    assert list(step["xs"]["total, validation (per epoch)"]) == list(steps_per_epoch * epochs)
