@@ -193,8 +193,10 @@ def correlation_figure_reason(comparison: Comparison) -> Optional[str]:
     if not comparison.numeric_parameters:
         return "no numeric swept parameter to correlate with the metrics"
     if n_runs < MIN_RUNS_FOR_FIGURE:
+        bound = 2 / math.sqrt(max(n_runs, 1))
+        chance = f"|r| below {bound:.2f} is within chance" if bound < 1 else "any |r| up to 1 arises by chance"
         return (f"{n_runs} runs: a correlation across fewer than {MIN_RUNS_FOR_FIGURE} runs cannot be told from "
-                f"noise (|r| < {2 / math.sqrt(max(n_runs, 1)):.2f} is within chance); the values are in compare.json")
+                f"noise ({chance}); the values are in compare.json")
     if max(comparison.distinct_values.values(), default=0) < MIN_DISTINCT_VALUES:
         return (f"every numeric parameter takes fewer than {MIN_DISTINCT_VALUES} values: a correlation with two "
                 "values is a difference of means (see the ranking)")
@@ -295,6 +297,6 @@ def overlay_figures(comparison: Comparison) -> dict[str, Any]:
         figures[f"overlay_{key}"] = Figure(f"overlay_{key}", plots.plot_curves, {
             "x": longest, "xs": {name: c["epoch"] for name, c in runs.items()},
             "series": {name: c[key] for name, c in runs.items()}, "xlabel": "epoch", "ylabel": ylabel, "ylim": ylim,
-            "title": f"{ylabel.split(' (')[0]} per epoch, {len(runs)} runs of the sweep"},
-            f"{key} of every run", size=(10.8, 4.8))
+            "title": f"{ylabel.split(' (')[0]} per epoch, {len(runs)} runs of the sweep", "legend_below": True},
+            f"{key} of every run", size=(10.8, 4.4 + 0.22 * len(runs)))
     return figures

@@ -66,10 +66,15 @@ def heatmap_size(n_rows: int, n_columns: int, label_chars: int = 12) -> tuple[fl
     return min(MAX_WIDTH, max(5.0, width)), max(3.2, height)
 
 
-def outside_legend(ax, **kwargs) -> None:
-    """A legend to the right of the axes (constrained layout makes room), never over the data."""
+def outside_legend(ax, below: bool = False, **kwargs) -> None:
+    """A legend right of the axes (or below them: long labels), never over the data; constrained
+    layout makes room for it."""
     handles, labels = ax.get_legend_handles_labels()
-    if handles:
+    if not handles:
+        return
+    if below:
+        ax.figure.legend(handles, labels, loc="outside lower center", frameon=False, **kwargs)
+    else:
         ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False,
                   **kwargs)
 
@@ -194,7 +199,7 @@ def plot_curves(data: Mapping[str, Any], ax) -> None:
     ax.set_ylabel(data["ylabel"])
     ax.set_title(data["title"])
     ax.grid(alpha=0.3)
-    outside_legend(ax)
+    outside_legend(ax, below=bool(data.get("legend_below")))
 
 
 def _annotate(ax, values: np.ndarray, image, text_format: str = "{:.2g}") -> None:
