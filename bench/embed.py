@@ -240,9 +240,12 @@ def main(argv: list[str] | None = None) -> int:
             r = result[side]
             efficiency = f"{r['pad_efficiency']:>9.2f}" if side != "encode" else f"{'-':>9}"
             print(f"   {label:<40} {r['tokens_per_s']:>13.0f} {efficiency} {r['seconds']:>8.1f}")
-    print(f"   ratio ours / naive: {result['ratio']:.2f}x (goal >= {GOAL_RATIO:.0f}x)   "
+    goal = f"goal >= {GOAL_RATIO:.0f}x" if args.corpus == "builtin" else "no goal: these texts are padded less"
+    print(f"   ratio ours / naive: {result['ratio']:.2f}x ({goal})   "
           f"max |diff|: {result['max_abs_diff']:.1e} (goal <= {GOAL_DIFF:.0e})")
-    ok = result["ratio"] >= GOAL_RATIO and result["max_abs_diff"] <= GOAL_DIFF
+    # the 4x goal is for the built-in corpus (pad efficiency 0.23 in input order); other texts are
+    # padded less, so sorting gains less there: only equality is required of them
+    ok = result["max_abs_diff"] <= GOAL_DIFF and (args.corpus != "builtin" or result["ratio"] >= GOAL_RATIO)
     if "ratio_encode" in result:
         print(f"   encode takes {result['ratio_encode']:.2f}x our time (goal > 1: ours ahead)   max |diff| after "
               f"L2 normalisation: {result['max_abs_diff_encode']:.1e} (goal <= {GOAL_DIFF:.0e})")

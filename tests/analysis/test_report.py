@@ -276,3 +276,25 @@ def test_train_figures_follow_what_the_artifact_holds(experiment, tmp_path):
     step = next(f for f in load_section(task).figures if f.name == "curves_step").data
     assert len(step["series"]["total, training (per step)"]) == n_steps
     assert list(step["xs"]["total, validation (per epoch)"]) == list(steps_per_epoch * epochs)
+
+
+def test_no_text_of_any_figure_is_cut_off(experiment):
+    """Every title, label, tick label, legend and colour-bar label lies inside its saved figure."""
+    import matplotlib
+
+    from moespec.analysis.loaders import load_section
+    from moespec.analysis.plots import MIN_FONT, clipped_texts, new_figure
+
+    found = discover(experiment)
+    tasks = {(t.stage, t.uid): t for r in found.runs for t in r.tasks.values() if t.stage != "embed"}
+    checked = 0
+    for task in tasks.values():
+        for figure in load_section(task).figures:
+            with matplotlib.rc_context():
+                fig, ax = new_figure(*figure.size)
+                figure.plot(figure.data, ax)
+                assert clipped_texts(fig) == [], (task.stage, figure.name)
+                sizes = [t.get_fontsize() for t in fig.findobj(matplotlib.text.Text) if t.get_text().strip()]
+                assert min(sizes) >= MIN_FONT - 1, (task.stage, figure.name)   # cell values: 8 pt, the rest >= 9
+            checked += 1
+    assert checked >= 40

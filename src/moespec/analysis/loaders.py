@@ -528,13 +528,13 @@ def _specialisation(section: Section, source: _Source, key: str, layers: list[st
         n = int(counts[l].sum())
         section.figures.append(Figure(f"specialisation_{key}_layer{l}", plots.plot_heatmap, {
             "values": share[l], "rows": groups, "columns": experts, "xlabel": "expert", "ylabel": key, "limits": (0, 1),
-            "colorbar": "share of the group's routed slots", "text_format": "{:.2f}",
-            "title": f"{key} × expert share, {name}, {n} routed slots"},
+            "colorbar": "share of the group's slots", "text_format": "{:.2f}",
+            "title": f"{key} × expert share, {name}\n{n} routed slots"},
             f"share of each {key}'s routed slots going to each expert ({name})", size=size))
         section.figures.append(Figure(f"lift_{key}_layer{l}", plots.plot_heatmap, {
             "values": lift[l], "rows": groups, "columns": experts, "xlabel": "expert", "ylabel": key,
-            "log_center": 1.0, "colorbar": "lift = share / load (log scale; 1: no preference)",
-            "title": f"{key} × expert lift, {name}, {n} routed slots"},
+            "log_center": 1.0, "colorbar": "lift = share / load (log scale)",
+            "title": f"{key} × expert lift, {name}\n{n} routed slots; 1 = no preference"},
             f"lift of each {key} on each expert over the expert's load ({name}), log scale centred at 1", size=size))
 
 

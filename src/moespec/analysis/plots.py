@@ -55,6 +55,24 @@ def new_figure(width: float = FIGSIZE[0], height: float = FIGSIZE[1]):
     return figure, figure.add_subplot(1, 1, 1)
 
 
+def clipped_texts(figure) -> list[str]:
+    """What of ``figure`` reaches outside it (cut off in the saved PNG): the title of each Axes (or
+    colour bar) whose drawn extent, labels, tick labels and legend included, leaves the figure; and
+    the figure's own legends. Draws the figure once."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    renderer, (width, height) = canvas.get_renderer(), canvas.get_width_height()
+    clipped = []
+    for artist in [*figure.axes, *figure.legends]:
+        box = artist.get_tightbbox(renderer) if hasattr(artist, "get_tightbbox") else artist.get_window_extent()
+        if box is not None and (box.x0 < -1 or box.y0 < -1 or box.x1 > width + 1 or box.y1 > height + 1):
+            name = artist.get_title() if hasattr(artist, "get_title") else "legend"
+            clipped.append(f"{name or artist.get_ylabel() or type(artist).__name__}: {box.bounds}")
+    return clipped
+
+
 def heatmap_size(n_rows: int, n_columns: int, label_chars: int = 12) -> tuple[float, float]:
     """Figure size (inches) that gives each cell room for a 9-pt label: 0.32 in per row, 0.5 per column.
 
@@ -63,7 +81,7 @@ def heatmap_size(n_rows: int, n_columns: int, label_chars: int = 12) -> tuple[fl
     """
     width = 0.5 * n_columns + 0.075 * label_chars + 2.6
     height = 0.32 * n_rows + 2.4
-    return min(MAX_WIDTH, max(5.0, width)), max(3.2, height)
+    return min(MAX_WIDTH, max(5.0, width)), max(3.8, height)
 
 
 def outside_legend(ax, below: bool = False, **kwargs) -> None:
