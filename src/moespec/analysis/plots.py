@@ -227,7 +227,9 @@ def _annotate(ax, values: np.ndarray, image, text_format: str = "{:.2g}") -> Non
         return
     shown = np.ma.getdata(image.get_array())
     for (r, c), value in np.ndenumerate(values):
-        if np.isfinite(value):
+        if np.isnan(value):
+            ax.text(c, r, "n/a", ha="center", va="center", fontsize=MIN_FONT - 1, color="#555555")
+        elif np.isfinite(value):
             dark = float(np.ma.getdata(image.norm(shown[r, c]))) < 0.5
             ax.text(c, r, text_format.format(value), ha="center", va="center", fontsize=MIN_FONT - 1,
                     color="white" if dark else "black")
@@ -248,7 +250,8 @@ def plot_heatmap(data: Mapping[str, Any], ax) -> None:
         ratio = float(np.max(np.abs(np.log(positive / log_center)))) if positive.size else 1.0
         span = float(np.exp(max(ratio, np.log(2.0))))
         norm = LogNorm(vmin=log_center / span, vmax=log_center * span)
-        shown = np.where(values > 0, values, log_center / span)   # zero share: the bottom of the scale
+        # zero share: the bottom of the scale; NaN (an expert without load) stays blank
+        shown = np.where(np.isnan(values), np.nan, np.where(values > 0, values, log_center / span))
         image = ax.imshow(shown, cmap=DIVERGING_CMAP, norm=norm, aspect="auto")
     elif data.get("limits") is not None:
         low, high = data["limits"]
