@@ -4,7 +4,7 @@
    masked mean, rows restored to input order; tokenisation of the length pass included) against
    the naive loop most scripts use — the same model, batch size and masked-mean pooling, batches
    in input order with ``padding=True`` per batch. The texts are the built-in corpus (log-normal
-   lengths: median 39 words, p95 ~176, as in ``research/geometry_perf.md`` §5). The two sides run
+   lengths: median 39 words, p95 ~176, see ``moespec.data.corpus``). The sides run
    in alternating rounds over consecutive parts of the texts, so load from other processes hits
    both alike. Prints the ratio, the pad efficiency of each side and the max |difference| of the
    embeddings (must be <= 1e-5).

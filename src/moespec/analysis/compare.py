@@ -4,7 +4,9 @@ Metrics are the scalars of each stage's ``summary.json`` (:func:`moespec.analysi
 parameters the config keys that differ between the runs. The comparison is data
 (:class:`Comparison`): a ranking, the improvement of each run over a baseline run, and the Pearson
 correlation across runs between every numeric swept parameter and every metric; it is written as
-CSV and JSON, and the correlation matrix is drawn by :func:`moespec.analysis.plots.plot_heatmap`.
+CSV and JSON. Figures: the runs' per-epoch validation curves overlaid, and the correlation matrix
+(:func:`moespec.analysis.plots.plot_heatmap`) only with enough runs to tell a correlation from
+noise (:func:`correlation_figure_reason` says why not otherwise).
 """
 
 from __future__ import annotations

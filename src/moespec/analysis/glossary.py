@@ -47,7 +47,7 @@ GLOSSARY: dict[str, str] = {
     "ID pca@0.75": "intrinsic dimension as the number of principal components needed to reach 75 % of the "
                    "variance (of the reduced data; 'input' variant: of the embeddings).",
     "TwoNN": "intrinsic dimension from the ratio of each point's second to first nearest-neighbour distance "
-             "(Facco et al. 2017, Sci. Rep. 7:12140), with the largest 10 % of ratios discarded.",
+             "(Facco et al. 2017, Sci. Rep. 7:12140), the largest ratios discarded (10 % by default).",
     "MLE": "Levina-Bickel maximum-likelihood intrinsic dimension from the distances to the k nearest "
            "neighbours (Levina & Bickel 2004, NeurIPS), averaged over points.",
     "rejection rate": "share of testable points at which the manifold test (or the fiber-bundle test) rejects "

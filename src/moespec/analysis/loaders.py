@@ -3,7 +3,10 @@
 A section holds :class:`Table` objects whose number cells remember the artifact, dataset and
 index they were read from (so the HTML can be checked against the artifacts) and :class:`Figure`
 objects pairing a ``plot_*`` function of :mod:`moespec.analysis.plots` with the data it draws.
-Nothing here derives a new statistic: means, rates, intervals and tables are the stages' own.
+The numbers are the stages' own; the few things derived here for reading them are said where
+shown: the Wilson interval of a rejection rate from its count of testable points (when the stage
+wrote no bounds), the mean and range of the null repeats, and the chance level of an accuracy
+(the most frequent held-out target's share).
 """
 
 from __future__ import annotations
