@@ -58,7 +58,7 @@ def _say_progress(logger_name: str) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from moespec.analysis.compare import compare, format_comparison, write_comparison
+    from moespec.analysis.compare import compare, correlation_figure_reason, format_comparison, write_comparison
 
     _need_matplotlib()
     higher = {"higher": True, "lower": False, None: None}[args.better]
@@ -67,6 +67,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(format_comparison(comparison))
     out = Path(args.out) if args.out else Path(args.experiments[0]) / "compare"
     written = write_comparison(comparison, out)
+    reason = correlation_figure_reason(comparison)
+    if reason:
+        print(f"\nno correlation figure: {reason}")
     print("\n" + "\n".join(f"{kind}: {path.resolve()}" for kind, path in written.items()))
     return 0
 

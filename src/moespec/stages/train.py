@@ -25,6 +25,7 @@ curves/routing_entropy         (n_epochs, L)           mean per-row routing entr
 curves/collapsed               (n_epochs,) bool        one expert took > collapse_threshold of slots
 curves/step/index              (n_steps,) int64        optimiser steps (1-based)
 curves/step/lr                 (n_steps,) float64      learning rate used by the step
+curves/step/epoch              (n_steps,) int64        the epoch (1-based) the step belongs to
 curves/step/train/<term>       (n_steps,) float64      mean of each loss term over the step's batches
 split/train_index              (n_train,) int64        input rows used for training
 split/val_index                (n_val,) int64          held-out input rows
@@ -165,6 +166,7 @@ def schema(cfg: Config) -> dict[str, DatasetSpec]:
         "curves/collapsed": DatasetSpec(("n_epochs",), "bool"),
         "curves/step/index": DatasetSpec(("n_steps",), "int"),
         "curves/step/lr": DatasetSpec(("n_steps",), "float"),
+        "curves/step/epoch": DatasetSpec(("n_steps",), "int"),
         "split/train_index": DatasetSpec(("n_train",), "int"),
         "split/val_index": DatasetSpec(("n_val",), "int"),
         "heldout/router_probs": DatasetSpec(("n_val", "L", "E"), "float"),
@@ -261,6 +263,7 @@ def _write_outputs(cfg: Config, data, state, train_index: np.ndarray, val_index:
     out.write("curves/lr", np.array([r["lr"] for r in history], dtype=np.float64))
     out.write("curves/step/index", np.array([r["step"] for r in steps], dtype=np.int64))
     out.write("curves/step/lr", np.array([r["lr"] for r in steps], dtype=np.float64))
+    out.write("curves/step/epoch", np.array([r["epoch"] for r in steps], dtype=np.int64))
     for term in cfg.model.loss_terms:
         out.write(f"curves/train/{term}", np.array([r["train"][term] for r in history], dtype=np.float64))
         out.write(f"curves/val/{term}", np.array([r["val"][term] for r in history], dtype=np.float64))
