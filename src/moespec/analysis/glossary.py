@@ -66,7 +66,8 @@ GLOSSARY: dict[str, str] = {
                "0 is perfectly balanced.",
     "importance": "mean router probability an expert receives over all routed inputs (Shazeer et al. 2017).",
     "routing entropy": "entropy of an input's router probabilities divided by log E (0: one expert takes all; "
-                       "1: uniform). An expert's entropy is the mean over the inputs routed to it (in any of their k slots).",
+                       "1: uniform). An expert's entropy is the mean over the inputs routed to it (in any of their "
+                       "k slots).",
     "dead expert": "an expert whose load is below dead_threshold / E.",
     "NMI": "normalised mutual information between an input's group (class, domain or stratum) and the expert "
            "of each of its routed slots: I / sqrt(H(group) H(expert)), 0 to 1.",
