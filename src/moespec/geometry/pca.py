@@ -71,9 +71,12 @@ class StreamingPCA:
         Rows per chunk read from the input.
     n_oversamples : int, default=10
         Extra random directions of the randomized solver.
-    n_iter : int, default=4
-        Subspace iterations of the randomized solver (each one pass; one covariance pass is two
-        power iterations on X, so 4 here matches sklearn's 7-8).
+    n_iter : int, default=10
+        Subspace iterations of the randomized solver, one pass over the rows each. One iteration
+        multiplies by the covariance ``X^T X``, as one of sklearn's power iterations does; sklearn's
+        final ``Q^T X`` adds half a step, so its default of 7 compares with 7.5 here. 10 reaches
+        sklearn's default accuracy with margin on slowly decaying spectra (top-20 eigenvalues of a
+        D = 300 spectrum ``1 / sqrt(i)``: relative error <= 5e-4, sklearn <= 2.5e-3; 4 gave 2.4e-2).
     random_state : int or numpy.random.Generator, optional
         Seed of the randomized solver's starting subspace.
 
@@ -97,7 +100,7 @@ class StreamingPCA:
 
     def __init__(self, n_components: int | None = None, *, variance_target: float | None = None,
                  solver: str = "covariance", whiten: bool = False, chunk_rows: int = 8192,
-                 n_oversamples: int = 10, n_iter: int = 4, random_state=None):
+                 n_oversamples: int = 10, n_iter: int = 10, random_state=None):
         self.n_components = n_components
         self.variance_target = variance_target
         self.solver = solver
