@@ -48,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moespec.artifacts import DatasetSpec
 from moespec.errors import ConfigError, DataError
+from moespec.geometry.params import IntrinsicDimensionConfig, nest_legacy_id_keys
 from moespec.stages.base import StageConfig
 
 NAME = "fiber"
@@ -138,8 +139,9 @@ class Config(StageConfig):
     calibration : CalibrationConfig
         The null data the rejection rates are calibrated against (a YAML key cannot be ``null``).
     strata : StrataConfig
-    id_threshold, mle_k, twonn_discard_fraction, id_max_points
-        Intrinsic-dimension settings for each stratum (as in the reduce stage).
+    intrinsic_dimension : IntrinsicDimensionConfig
+        Intrinsic-dimension settings for each stratum (the reduce stage's sub-model; the flat keys
+        ``id_threshold``, ``mle_k``, ``twonn_discard_fraction``, ``id_max_points`` are still accepted).
     seed : int
     """
 
@@ -153,11 +155,10 @@ class Config(StageConfig):
     max_points: Optional[int] = Field(None, ge=1)
     calibration: CalibrationConfig = CalibrationConfig()
     strata: StrataConfig = StrataConfig()
-    id_threshold: float = Field(0.75, gt=0.0, le=1.0)
-    mle_k: int = Field(20, ge=2)
-    twonn_discard_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    id_max_points: Optional[int] = Field(5000, ge=3)
+    intrinsic_dimension: IntrinsicDimensionConfig = IntrinsicDimensionConfig()
     seed: int = 0
+
+    _legacy_id_keys = model_validator(mode="before")(nest_legacy_id_keys)
 
     @model_validator(mode="after")
     def _testable(self) -> "Config":
@@ -290,7 +291,7 @@ def _stratify(cfg: Config, points: np.ndarray, domain: np.ndarray, n_domains: in
               out: Any) -> tuple[np.ndarray, int, dict[str, float]]:
     from moespec.geometry import Stratifier, contingency_table, stratum_dimensions
 
-    s = cfg.strata
+    s, ids = cfg.strata, cfg.intrinsic_dimension
     high = min(s.k_range[1], len(points) - 1)
     stratifier = Stratifier(s.method, n_clusters=s.k, k_range=(min(s.k_range[0], high), high),
                             selection=s.selection, silhouette_sample_size=s.silhouette_sample_size,
@@ -303,8 +304,8 @@ def _stratify(cfg: Config, points: np.ndarray, domain: np.ndarray, n_domains: in
     candidates = sorted(stratifier.selection_scores_)
     out.write("strata/candidate_k", np.asarray(candidates, dtype=np.int64))
     out.write("strata/candidate_score", np.asarray([stratifier.selection_scores_[k] for k in candidates], dtype=float))
-    dims = stratum_dimensions(points, labels, n_strata, threshold=cfg.id_threshold, mle_k=cfg.mle_k,
-                              discard_fraction=cfg.twonn_discard_fraction, max_points=cfg.id_max_points,
+    dims = stratum_dimensions(points, labels, n_strata, threshold=ids.threshold, mle_k=ids.mle_k,
+                              discard_fraction=ids.twonn_discard_fraction, max_points=ids.max_points,
                               random_state=cfg.seed, device=out.device)
     out.write("strata/n_points", dims.pop("n_points").astype(np.int64))
     for name, values in dims.items():
