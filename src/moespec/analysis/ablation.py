@@ -128,6 +128,8 @@ def routing_tables(probs: np.ndarray, expert_index: np.ndarray, groups: Groups, 
         ``routing/entropy``, ``experts/*``, ``layers/*``, ``entropy_bin_edges`` and
         ``specialisation/<key>/*`` (see the ablate stage).
     """
+    from moespec.models.routing import dead_expert_mask
+
     selected = np.zeros(probs.shape, dtype=bool)
     np.put_along_axis(selected, expert_index, True, axis=-1)
     n_layers, n_experts = probs.shape[1:]
@@ -139,7 +141,7 @@ def routing_tables(probs: np.ndarray, expert_index: np.ndarray, groups: Groups, 
         "routing/entropy": entropy.astype(np.float32),
         "experts/load": load,
         "experts/importance": np.stack([spec.expert_importance(probs[:, layer]) for layer in range(n_layers)]),
-        "experts/dead": np.stack([spec.dead_experts(row, dead_threshold) for row in load]),
+        "experts/dead": dead_expert_mask(load, dead_threshold),
         "experts/entropy": np.stack([spec.mean_entropy_by_expert(entropy[:, layer], top1[:, layer], n_experts)
                                      for layer in range(n_layers)]),
         "layers/load_cv": np.array([spec.coefficient_of_variation(row) for row in load]),

@@ -57,7 +57,7 @@ routing/entropy                                (T, L) f32       routing entropy 
 routing/row                                    (T,) int         input row / text of each routed input
 routing/token_id, routing/position             (T,) int         pretrained: token id and position
 experts/load, experts/importance               (L, E)           share of routed slots; mean probability
-experts/dead                                   (L, E) bool      load < dead_threshold / E
+experts/dead                                   (L, E) bool      load share < dead_threshold / E
 experts/entropy                                (L, E)           mean entropy of the inputs whose top-1 is e
 layers/name                                    (L,) str         router module, or "layer i"
 layers/load_cv, layers/entropy_mean            (L,)             CV of the load; mean normalised entropy
@@ -101,7 +101,8 @@ Summary (``summary.json``): ``source``, ``model``, ``modes``, ``metric``, ``base
 (pretrained: ``task``, ``n_tokens``), the seed control (``seed_control_delta``: the metric of
 each other-seed model, or refitted probe, minus this one's; or a ``seed_control`` note),
 per-layer ``routing_entropy``, ``load_cv``, ``nmi_<key>`` (and ``token_consistency``,
-``token_consistency_shuffled``), the count of ``dead_experts``, and
+``token_consistency_shuffled``), the count of ``dead_experts``, ``collapsed`` and
+``collapse_reasons`` (:func:`moespec.models.routing.collapse_report`), and
 ``experts``: the per-expert table of the first mode, column-wise (one entry per single
 ablation): ``layer``, ``expert``, ``utilisation`` (load), ``importance``, ``entropy``, the harm
 ``<metric>_drop`` (accuracy) or ``<metric>_increase`` (losses) so that positive always means the
@@ -455,8 +456,11 @@ def _finish(cfg: Config, out: Any, plan: AblationPlan, routing: dict, results: d
     out.log.info("per-expert ablation (mode %s; %s %.4f without ablation; positive = the ablation hurt)\n%s",
                  cfg.modes[0], metric, baseline, tables_.format_table(table))
     out.attrs["metric"] = metric
+    from moespec.models.routing import collapse_report
+
+    collapsed, reasons = collapse_report(routing["experts/load"], cfg.dead_threshold)
     out.summary.update(modes=list(cfg.modes), metric=metric, baseline=tables_.rounded(baseline), **summary,
-                       experts=table, **tables_.layer_summary(routing))
+                       experts=table, **tables_.layer_summary(routing), collapsed=collapsed, collapse_reasons=reasons)
 
 
 # --------------------------------------------------------------------------------------------------

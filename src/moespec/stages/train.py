@@ -22,7 +22,7 @@ curves/val_accuracy            (n_epochs,) float64     classifier: accuracy; dic
 curves/expert_load             (n_epochs, L, E)        share of validation rows whose top-1 expert
                                                        is e, per MoE layer
 curves/routing_entropy         (n_epochs, L)           mean per-row routing entropy / log E
-curves/collapsed               (n_epochs,) bool        one expert took > collapse_threshold of rows
+curves/collapsed               (n_epochs,) bool        a dead expert or one above collapse_threshold
 split/train_index              (n_train,) int64        input rows used for training
 split/val_index                (n_val,) int64          held-out input rows
 heldout/router_probs           (n_val, L, E) float32   gate probabilities of the best model
@@ -108,7 +108,8 @@ class Config(StageConfig):
     checkpoint_every : int
         Optimiser steps between resumable checkpoints (one is also written after every epoch).
     collapse_threshold : float
-        Warn when one expert is the top-1 choice of more than this share of validation rows.
+        Warn when one expert is the top-1 choice of more than this share of validation rows, or
+        when an expert is dead (:func:`moespec.models.routing.collapse_report`).
     precision : {"auto", "float32", "bfloat16"}
         Training forward passes under bfloat16 autocast (weights, optimiser and losses stay
         float32) or in float32; ``auto`` is bfloat16 on a GPU and float32 on the CPU. Validation
@@ -444,8 +445,9 @@ def _end_epoch(cfg: Config, model: Any, scheduler: Any, metrics: dict[str, Any],
                log: Any) -> None:
     """Record the epoch, keep the best weights, decide early stopping, warn about collapse."""
     train = {name: total / max(state.train_rows, 1) for name, total in state.train_sums.items()}
-    top_load = metrics["expert_load"].max(axis=-1)  # (L,)
-    collapsed = bool((top_load > cfg.collapse_threshold).any())
+    from moespec.models.routing import collapse_report
+
+    collapsed, reasons = collapse_report(metrics["expert_load"], max_share=cfg.collapse_threshold)
     record = {"epoch": state.epoch + 1, "lr": float(scheduler.get_last_lr()[0]), "train": train,
               "val": metrics["loss"], "val_accuracy": metrics["accuracy"],
               "expert_load": metrics["expert_load"], "routing_entropy": metrics["routing_entropy"],
@@ -456,9 +458,8 @@ def _end_epoch(cfg: Config, model: Any, scheduler: Any, metrics: dict[str, Any],
              _fmt(train), _fmt(metrics["loss"]), metrics["accuracy"],
              np.round(metrics["expert_load"], 3).tolist(), np.round(metrics["routing_entropy"], 3).tolist())
     if collapsed:
-        log.warning("routing collapse: one expert is the top-1 choice of %.0f%% of validation rows "
-                    "(threshold %.0f%%); consider a larger balance_loss_weight",
-                    100 * float(top_load.max()), 100 * cfg.collapse_threshold)
+        log.warning("routing collapse on validation rows: %s; consider a larger balance_loss_weight",
+                    " | ".join(reasons))
     if val_loss < state.best_val_loss - cfg.min_delta:
         state.best_val_loss, state.best_epoch = val_loss, state.epoch + 1
         state.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
