@@ -7,8 +7,11 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-#: Corrections of the per-point p-values across tested points.
-CORRECTIONS = ("none", "bonferroni", "bh")
+#: Corrections of the per-point p-values across tested points. Both are *nominal*: they treat the
+#: per-point p-values as uniform under the null, which they are not (see moespec.geometry.fiber_bundle).
+CORRECTIONS = ("none", "bonferroni_nominal", "bh_nominal")
+#: Earlier names of the corrections, refused with a message naming the new one.
+RENAMED_CORRECTIONS = {"bonferroni": "bonferroni_nominal", "bh": "bh_nominal"}
 
 
 def check_parameters(*, vol_min: int, vol_max: int, window: int, alpha: float, max_strata: int,
@@ -31,7 +34,11 @@ def check_parameters(*, vol_min: int, vol_max: int, window: int, alpha: float, m
         problems.append(f"{prefix}alpha: must be in (0, 1), got {alpha}")
     if max_strata < 1:
         problems.append(f"{prefix}max_strata: must be >= 1, got {max_strata}")
-    if correction not in CORRECTIONS:
+    if correction in RENAMED_CORRECTIONS:
+        problems.append(f"{prefix}correction: {correction!r} is now {RENAMED_CORRECTIONS[correction]!r}: the per-point "
+                        "p-values are not uniform on smooth data, so the correction does not control the error rate "
+                        "it names; compare rejection rates with the null calibration instead")
+    elif correction not in CORRECTIONS:
         problems.append(f"{prefix}correction: must be one of {CORRECTIONS}, got {correction!r}")
     return problems
 

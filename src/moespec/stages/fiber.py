@@ -18,8 +18,17 @@ dataset                            shape                meaning
 points/index                       (n,) int64           row of each tested point in the input
 points/<array>                     (n,) or (n, S[+1])   every array of ``FiberBundleResult``
 rates/overall/<rate>               ()                   rejection_rate, fiber_rejection_rate,
-                                                        fiber_small_..., fiber_large_...
-null/<rate>                        (n_repeats,)         the same rates on matched null data
+                                                        fiber_small_..., fiber_large_... over
+                                                        testable points
+rates/all_points/<rate>            ()                   the same over all tested points (an
+                                                        untestable point is not rejected)
+null/<rate>                        (n_repeats,)         the rates (testable points) on matched
+                                                        null data, one per repeat
+null/n_testable                    (n_repeats,) int64   testable points of each null repeat
+null_test/<rate>/t, /pvalue        ()                   prediction t-test of the observed rate
+                                                        against the repeats (one-sided, R - 1 df)
+null_test/<rate>/fisher_pvalue     ()                   Fisher's exact test against the pooled
+                                                        null counts (points taken as independent)
 rates/per_domain/<rate>            (n_domains,)         rates among tested points of each domain
 rates/per_stratum/<rate>           (n_strata,)          rates among tested points of each stratum
 local_dimension/levels             (q,)                 quantile levels
@@ -34,9 +43,11 @@ domain, domain_names               (N,), (n_domains,)   carried from the input
 =================================  ===================  =======================================
 
 Per-domain and per-stratum rates should be read against the overall null rate (the null data carry
-no domains or strata). Summary: ``n_tested``, ``n_testable``, the four rates and their ``null_``
-counterparts, ``dimension_small_median``, ``dimension_large_median``, ``n_strata``, ``silhouette``,
-and, when the input is ``reduce``, its ``variance_retained`` and ``id_*`` estimates.
+no domains or strata). Summary: ``n_tested``, ``n_testable``, the four rates (over testable points),
+``<rate>_all_points``, their ``null_<rate>`` means and ``null_<rate>_std`` spreads over repeats,
+``<rate>_null_pvalue`` and ``<rate>_null_fisher_pvalue``, ``dimension_small_median``,
+``dimension_large_median``, ``n_strata``, ``silhouette``, and, when the input is ``reduce``, its
+``variance_retained`` and ``id_*`` estimates.
 """
 
 from __future__ import annotations
@@ -52,7 +63,7 @@ from moespec.geometry.params import IntrinsicDimensionConfig, nest_legacy_id_key
 from moespec.stages.base import StageConfig
 
 NAME = "fiber"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 RATES = ("rejection_rate", "fiber_rejection_rate", "fiber_small_rejection_rate", "fiber_large_rejection_rate")
 DIMENSION_LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -68,13 +79,14 @@ class CalibrationConfig(BaseModel):
         A Gaussian with the input's mean and covariance, or a smoothed bootstrap of the input
         (:func:`moespec.geometry.null_sample`).
     n_repeats : int
-        Independent null samples (their rates are all written; the summary has the mean).
+        Independent null samples (their rates are all written; the summary has their mean and
+        standard deviation, and the observed rates are tested against their spread).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["gaussian", "resample"] = "gaussian"
-    n_repeats: int = Field(1, ge=1)
+    n_repeats: int = Field(3, ge=1)
 
 
 class StrataConfig(BaseModel):
@@ -132,8 +144,10 @@ class Config(StageConfig):
         Significance level (the paper's 1e-3), split over ``max_strata`` changes.
     max_strata : int
         Changes searched per point (2 as in the paper's Table 1: small and large radius).
-    correction : {"none", "bonferroni", "bh"}
-        Correction of the per-point p-values across the tested points.
+    correction : {"none", "bonferroni_nominal", "bh_nominal"}
+        Correction of the per-point p-values across the tested points. Nominal: the per-point
+        p-values are not uniform on smooth data, so neither controls the error rate it names
+        (:mod:`moespec.geometry.fiber_bundle`); they only make the test stricter.
     max_points : int, optional
         Test a seeded random subset of this many points (neighbours still come from all points).
     calibration : CalibrationConfig
@@ -151,7 +165,7 @@ class Config(StageConfig):
     window: int = 10
     alpha: float = 1e-3
     max_strata: int = 2
-    correction: Literal["none", "bonferroni", "bh"] = "none"
+    correction: str = "none"
     max_points: Optional[int] = Field(None, ge=1)
     calibration: CalibrationConfig = CalibrationConfig()
     strata: StrataConfig = StrataConfig()
@@ -199,6 +213,7 @@ def schema(cfg: Config) -> dict[str, DatasetSpec]:
         "local_dimension/small": DatasetSpec(("q",), "float"),
         "local_dimension/large": DatasetSpec(("q",), "float"),
         "rates/per_domain/n_testable": DatasetSpec(("n_domains",), "int"),
+        "null/n_testable": DatasetSpec((cfg.calibration.n_repeats,), "int"),
         "rates/per_stratum/n_testable": DatasetSpec(("n_strata",), "int"),
         "strata/labels": DatasetSpec(("N",), "int"),
         "strata/n_points": DatasetSpec(("n_strata",), "int"),
@@ -213,6 +228,9 @@ def schema(cfg: Config) -> dict[str, DatasetSpec]:
     for rate in RATES:
         spec[f"rates/overall/{rate}"] = DatasetSpec((), "float")
         spec[f"null/{rate}"] = DatasetSpec((cfg.calibration.n_repeats,), "float")
+        spec[f"rates/all_points/{rate}"] = DatasetSpec((), "float")
+        for name in ("t", "pvalue", "fisher_pvalue"):
+            spec[f"null_test/{rate}/{name}"] = DatasetSpec((), "float")
         spec[f"rates/per_domain/{rate}"] = DatasetSpec(("n_domains",), "float")
         spec[f"rates/per_stratum/{rate}"] = DatasetSpec(("n_strata",), "float")
     for score in ("silhouette", "davies_bouldin", "calinski_harabasz"):
@@ -273,10 +291,14 @@ def _tested_rows(cfg: Config, n_rows: int, rng: np.random.Generator) -> np.ndarr
 def _write_test(result: Any, null: Any, out: Any) -> None:
     for name, values in result.arrays().items():
         out.write("points/index" if name == "point_index" else f"points/{name}", values)
-    summary = result.summary()
+    summary, tests = result.summary(), null.compare(result)
     for rate in RATES:
         out.write(f"rates/overall/{rate}", np.float64(summary[rate]))
+        out.write(f"rates/all_points/{rate}", np.float64(summary[f"{rate}_all_points"]))
         out.write(f"null/{rate}", np.asarray(null.rates[rate], dtype=np.float64))
+        for name in ("t", "pvalue", "fisher_pvalue"):
+            out.write(f"null_test/{rate}/{name}", np.float64(tests[f"{rate}_null_{name}"]))
+    out.write("null/n_testable", null.n_testable)
     out.attrs["null_kind"] = null.kind
     out.attrs["threshold"] = result.threshold
     testable = result.testable
@@ -326,7 +348,11 @@ def _summarise(cfg: Config, source: Any, result: Any, null: Any, n_strata: int, 
     summary = result.summary()
     headline = {key: summary[key] for key in ("n_tested", "n_testable", *RATES, "dimension_small_median",
                                               "dimension_large_median")}
+    headline.update({f"{rate}_all_points": summary[f"{rate}_all_points"] for rate in RATES})
     headline.update(null.summary())
+    tests = null.compare(result)
+    headline.update({f"{rate}_null_{name}": tests[f"{rate}_null_{name}"] for rate in RATES
+                     for name in ("pvalue", "fisher_pvalue")})
     headline.update(n_strata=int(n_strata), silhouette=scores["silhouette"])
     if cfg.input == "reduce":
         headline["variance_retained"] = float(source["variance_retained"][()])
@@ -334,9 +360,12 @@ def _summarise(cfg: Config, source: Any, result: Any, null: Any, n_strata: int, 
             if f"id/global/{name}" in source:
                 headline[f"id_{name}"] = float(source[f"id/global/{name}"][()])
     out.summary.update({key: _rounded(value) for key, value in headline.items()})
-    out.log.info("manifold rejection rate %.4f (null %.4f), fiber-bundle %.4f (null %.4f)",
-                 summary["rejection_rate"], headline["null_rejection_rate"], summary["fiber_rejection_rate"],
-                 headline["null_fiber_rejection_rate"])
+    out.log.info("manifold rejection rate %.4f over testable points, %.4f over all (null %.4f +- %.4f, one-sided "
+                 "p = %.3g); fiber-bundle %.4f (null %.4f +- %.4f, p = %.3g)", summary["rejection_rate"],
+                 summary["rejection_rate_all_points"], headline["null_rejection_rate"],
+                 headline["null_rejection_rate_std"], tests["rejection_rate_null_pvalue"],
+                 summary["fiber_rejection_rate"], headline["null_fiber_rejection_rate"],
+                 headline["null_fiber_rejection_rate_std"], tests["fiber_rejection_rate_null_pvalue"])
 
 
 def _rounded(value: Any) -> Any:
