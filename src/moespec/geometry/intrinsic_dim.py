@@ -1,8 +1,8 @@
 """Intrinsic-dimension estimators, each named for what it computes.
 
 * :func:`pca_count` - how many principal components reach a share of the variance. A linear count,
-  not an intrinsic dimension of a curved manifold (it returns the ambient dimension of a curved one;
-  geometry_perf.md section 1); the "intrinsic dimension 7" of the earlier pipeline is this at 0.75.
+  not an intrinsic dimension of a curved manifold (it returns the ambient dimension of a curved one,
+  e.g. 3 for a swiss roll: see the tests); the "intrinsic dimension 7" of the earlier pipeline is this at 0.75.
 * :func:`twonn` - Facco, d'Errico, Rodriguez & Laio (2017), Sci. Rep. 7:12140.
 * :func:`mle_levina_bickel` - Levina & Bickel (2004), NIPS 17, with k neighbours.
 

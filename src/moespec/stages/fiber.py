@@ -4,7 +4,7 @@ The test is Robinson, Dey & Chiang's (arXiv:2504.01002; :mod:`moespec.geometry.f
 tested point, a sliding Welch t-test on the slopes of log(neighbour count) against log(radius).
 Every rejection rate is written beside the rate of the same test on null data matched to the input
 (same N and dimension; a Gaussian with the input's covariance, or a smoothed resample): on smooth
-data the test rejects a few percent of points by itself (fiber_bundle.md section 7), so only a
+data the test rejects a few percent of points by itself (3-4 % on the paper's parameters), so only a
 rate well above the null rate says something about the data.
 
 Strata are k-means or Gaussian-mixture clusters of the same points (Li & Sarwate's protocol), with
