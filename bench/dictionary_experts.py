@@ -104,6 +104,7 @@ def train_once(reader, model: dict, seed: int, folder: Path) -> dict:
         train.run(cfg, {"reduce": reader}, writer)
     summary = writer.summary
     return {"load": summary["expert_load"][0], "val_accuracy": summary["val_accuracy"],
+            "reconstruction": summary["final_val_loss"].get("reconstruction", float("nan")),
             "collapse_warning": summary["collapse_warning"], "epochs": summary["epochs_run"]}
 
 
@@ -130,6 +131,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[],
                         help="dictionary-model overrides, e.g. balance_loss_weight=0.01 (one run per --set)")
     parser.add_argument("--no-topk", action="store_true")
+    parser.add_argument("--no-defaults", action="store_true", help="skip the dictionary defaults run")
     args = parser.parse_args()
 
     import torch
@@ -143,20 +145,22 @@ def main() -> None:
         embeddings = embed(texts, minilm_folder(args.model_dir))
         np.savez(cache, embeddings=embeddings)
     print(f"{len(texts)} texts, {len(names)} domains, {int(label.max()) + 1} classes; MiniLM {embeddings.shape}")
-    configurations = [("dictionary defaults", {"kind": "dictionary"})]
+    configurations = [] if args.no_defaults else [("dictionary defaults", {"kind": "dictionary"})]
     configurations += [(f"dictionary {text}", {"kind": "dictionary", **parse_override(text)}) for text in args.set]
     if not args.no_topk:
         configurations.append(("topk defaults (target domain_label)", {"kind": "topk", "target": "domain_label"}))
     with tempfile.TemporaryDirectory() as tmp:
         reader, retained = reduce_artifact(Path(tmp) / "reduce", embeddings, domain, label, names, args.dim)
         print(f"PCA to {args.dim} components, variance retained {retained:.3f}")
-        print(f"{'configuration':48s} {'seed':>4s} {'min load':>8s} {'accuracy':>8s} {'collapse':>8s}  loads")
+        print(f"{'configuration':48s} {'seed':>4s} {'min load':>8s} {'accuracy':>8s} {'recon':>7s} "
+              f"{'collapse':>8s}  loads")
         with reader:
             for title, model in configurations:
                 for seed in args.seeds:
                     result = train_once(reader, model, seed, Path(tmp) / f"train-{len(title)}-{seed}-{hash(title)}")
                     loads = result["load"]
                     print(f"{title:48s} {seed:4d} {min(loads):8.3f} {result['val_accuracy']:8.4f} "
+                          f"{result['reconstruction']:7.3f} "
                           f"{str(result['collapse_warning']):>8s}  {[round(v, 3) for v in sorted(loads)]}",
                           flush=True)
 
