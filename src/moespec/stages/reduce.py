@@ -66,7 +66,7 @@ class Config(StageConfig):
         Keep the fewest components whose explained variance ratios reach this (covariance solver).
     solver : {"covariance", "randomized"}
         Exact one-pass covariance (D up to a few thousand), or randomized subspace iteration for
-        very wide inputs (``2 + 10`` passes, D x (k + 10) memory).
+        very wide inputs (``2 + 12`` passes, D x (k + 10) memory).
     whiten : bool
         Scale ``reduced`` to unit variance per component.
     chunk_rows : int
