@@ -158,8 +158,8 @@ def test_corrections_across_points():
     X = sphere(600, 4)
     params = dict(vol_min=10, vol_max=100, window=10, alpha=0.05, max_strata=2)
     plain = fiber_bundle_test(X, **params)
-    bonferroni = fiber_bundle_test(X, correction="bonferroni", **params)
-    bh = fiber_bundle_test(X, correction="bh", **params)
+    bonferroni = fiber_bundle_test(X, correction="bonferroni_nominal", **params)
+    bh = fiber_bundle_test(X, correction="bh_nominal", **params)
     np.testing.assert_array_equal(bonferroni.pvalue, plain.pvalue)
     np.testing.assert_allclose(bonferroni.pvalue_adjusted, np.minimum(1, plain.pvalue * 600))
     np.testing.assert_allclose(bh.pvalue_adjusted, false_discovery_control(plain.pvalue), rtol=1e-12)
@@ -209,7 +209,63 @@ def test_null_calibration_reports_false_alarm_rates():
     assert calibration.rates["rejection_rate"].shape == (2,)
     summary = calibration.summary()
     assert 0.0 <= summary["null_rejection_rate"] < 0.08
-    assert set(summary) == {"null_rejection_rate", "null_fiber_rejection_rate",
-                            "null_fiber_small_rejection_rate", "null_fiber_large_rejection_rate"}
+    rates = ("rejection_rate", "fiber_rejection_rate", "fiber_small_rejection_rate", "fiber_large_rejection_rate")
+    assert set(summary) == {f"null_{r}" for r in rates} | {f"null_{r}_std" for r in rates}
+    assert summary["null_rejection_rate_std"] == pytest.approx(np.std(calibration.rates["rejection_rate"], ddof=1))
     with pytest.raises(ConfigError, match="kind"):
         null_sample(sphere(50), "uniform")
+
+
+def test_snap_ties_joins_radii_within_the_relative_tolerance():
+    from moespec.geometry.fiber_bundle import TIE_TOLERANCE, snap_ties
+
+    radii = np.array([[1.0, 1.0 + 1e-12, 2.0, 2.0 * (1 + 0.5 * TIE_TOLERANCE), 3.0, 3.0 * (1 + 2 * TIE_TOLERANCE)]])
+    np.testing.assert_array_equal(snap_ties(radii), [[1.0, 1.0, 2.0, 2.0, 3.0, 3.0 * (1 + 2 * TIE_TOLERANCE)]])
+
+
+def test_radii_one_ulp_apart_decide_as_exact_ties():
+    # A lattice has many exactly tied radii; the same distances summed in another order differ by an
+    # ulp or two. Both must give the same p-values and decisions.
+    grid = np.stack(np.meshgrid(np.arange(25.0), np.arange(25.0)), axis=-1).reshape(-1, 2)
+    dists = np.sort(cdist(grid, grid), axis=1)[:, 1:80]
+    jitter = np.random.default_rng(0).integers(0, 3, dists.shape)  # 0, 1 or 2 ulps up
+    jittered = np.sort(np.where(jitter == 0, dists, np.nextafter(dists, np.inf)), axis=1)
+    jittered = np.sort(np.where(jitter == 2, np.nextafter(jittered, np.inf), jittered), axis=1)
+    assert (jittered != dists).any()
+    params = dict(vol_min=5, vol_max=80, window=6, alpha=1e-2, max_strata=2)
+    exact, perturbed = fiber_bundle_test_from_radii(dists, **params), fiber_bundle_test_from_radii(jittered, **params)
+    assert exact.reject_manifold.any()
+    np.testing.assert_array_equal(exact.reject_manifold, perturbed.reject_manifold)
+    np.testing.assert_array_equal(exact.reject_fiber, perturbed.reject_fiber)
+    np.testing.assert_allclose(exact.pvalue, perturbed.pvalue, rtol=1e-9)
+
+
+def test_rates_over_all_points_count_untestable_points_as_not_rejected():
+    X = sphere(400, 9)
+    X[:60] = X[0]  # 60 copies of one point: their radii are all zero up to V = 59, so they are untestable
+    result = fiber_bundle_test(X, vol_min=5, vol_max=60, window=5, alpha=1e-2, max_strata=2)
+    summary = result.summary()
+    assert summary["n_testable"] < summary["n_tested"] == 400
+    assert summary["rejection_rate_all_points"] == pytest.approx(
+        summary["rejection_rate"] * summary["n_testable"] / summary["n_tested"])
+
+
+def test_null_comparison_separates_planted_structure_from_smooth_data():
+    rng = np.random.default_rng(3)
+    line = np.c_[np.zeros((300, 2)), rng.uniform(-1, 1, 300)]
+    plane = np.c_[rng.uniform(-1, 1, (1500, 2)), np.zeros(1500)]
+    params = dict(vol_min=5, vol_max=100, window=10, alpha=1e-3, max_strata=2)
+    pierced = np.r_[line, plane]
+    calibration = null_calibration(pierced, n_repeats=3, random_state=0, **params)
+    planted = calibration.compare(fiber_bundle_test(pierced, **params))
+    assert planted["fiber_rejection_rate_null_pvalue"] < 0.05
+    assert planted["fiber_rejection_rate_null_fisher_pvalue"] < 1e-6
+    smooth = rng.standard_normal((1800, 3))
+    calibration = null_calibration(smooth, n_repeats=3, random_state=1, **params)
+    null_vs_null = calibration.compare(fiber_bundle_test(smooth, **params))
+    assert null_vs_null["rejection_rate_null_fisher_pvalue"] > 0.01
+
+
+def test_nominal_bonferroni_is_named_for_what_it_is():
+    with pytest.raises(ConfigError, match="'bonferroni' is now 'bonferroni_nominal'"):
+        fiber_bundle_test(sphere(200), correction="bonferroni", vol_min=5, vol_max=60, window=5)

@@ -47,6 +47,25 @@ def test_neighbour_estimators_recover_known_dimension(name):
     assert mle_levina_bickel(distances, 20, combine="harmonic") == pytest.approx(dimension, rel=0.12)
 
 
+@pytest.mark.parametrize("name", ["circle", "sphere", "cube"])
+@pytest.mark.parametrize("discard_fraction", [0.1, 0.25])
+def test_twonn_equals_scikit_dimension_on_the_same_distances(name, discard_fraction):
+    skdim = pytest.importorskip("skdim")  # the dev extra installs it
+    _, X = manifolds()[name]
+    distances, _ = knn_distances(X, 2)
+    reference = skdim.id.TwoNN(discard_fraction=discard_fraction, dist=True).fit(distances).dimension_
+    assert abs(twonn(distances, discard_fraction) - reference) <= 1e-10
+
+
+def test_twonn_without_discard_leaves_out_the_infinite_ordinate():
+    _, X = manifolds()["sphere"]
+    distances, _ = knn_distances(X, 2)
+    mu = np.sort(distances[:, 1] / distances[:, 0])
+    n = len(mu)
+    x, y = np.log(mu[:-1]), -np.log(1 - np.arange(1, n) / n)
+    assert twonn(distances, 0.0) == pytest.approx((x @ y) / (x @ x), rel=1e-12)
+
+
 def test_pca_count():
     assert pca_count([4.0, 3.0, 2.0, 1.0], 0.75) == 3  # 0.4, 0.7, 0.9
     assert pca_count([1.0, 2.0, 3.0, 4.0], 0.7) == 2   # order does not matter

@@ -81,6 +81,28 @@ def test_randomized_solver_agrees_on_a_gapped_spectrum():
     assert randomized.spectrum_ is None
 
 
+def _slowly_decaying(seed, n_samples=3000, n_features=300):
+    """Rows with covariance eigenvalues ``1 / i`` (scales ``1 / sqrt(i)``), rotated and offset."""
+    rng = np.random.default_rng(seed)
+    rotation = np.linalg.qr(rng.standard_normal((n_features, n_features)))[0]
+    scales = 1.0 / np.sqrt(np.arange(1, n_features + 1))
+    return (rng.standard_normal((n_samples, n_features)) * scales) @ rotation + 5.0
+
+
+def test_randomized_default_reaches_sklearns_default_accuracy_on_an_anisotropic_spectrum():
+    from sklearn.decomposition import PCA
+
+    ours, theirs = [], []
+    for seed in range(3):
+        X = _slowly_decaying(seed)
+        exact = StreamingPCA(20).fit(X).explained_variance_
+        randomized = StreamingPCA(20, solver="randomized", random_state=seed).fit(X).explained_variance_
+        reference = PCA(20, svd_solver="randomized", random_state=seed).fit(X).explained_variance_
+        ours.append(np.max(np.abs(randomized - exact) / exact))
+        theirs.append(np.max(np.abs(reference - exact) / exact))
+    assert all(a <= b for a, b in zip(ours, theirs)), (ours, theirs)
+
+
 def test_whitening_gives_unit_variance():
     X = embedding_like(2000, 20, seed=5)
     reduced = StreamingPCA(5, whiten=True).fit_transform(X)

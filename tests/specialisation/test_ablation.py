@@ -57,7 +57,12 @@ def test_comparison_tables_give_paired_deltas_per_group():
     np.testing.assert_allclose(tables["ablation/mask/accuracy"], [0.5, 0.75])
     np.testing.assert_allclose(tables["ablation/mask/delta_accuracy"], [-0.25, 0.0])
     np.testing.assert_allclose(tables["ablation/mask/delta_accuracy_class"], [[-0.5, 0.0], [0.0, 0.0]])
-    np.testing.assert_allclose(tables["ablation/mask/delta_accuracy_class_high"][1], [0.0, 0.0])
+    # Nothing changed in the second ablation: the score interval is +-z^2 / (n + z^2), not [0, 0].
+    z2 = 1.6448536269514722 ** 2
+    np.testing.assert_allclose(tables["ablation/mask/delta_accuracy_class_high"][1], [z2 / (2 + z2)] * 2)
+    np.testing.assert_allclose(tables["ablation/mask/delta_accuracy_class_low"][1], [-z2 / (2 + z2)] * 2)
+    assert tables["ablation/mask/n_changed_accuracy"].tolist() == [1, 0]
+    assert tables["ablation/mask/n_changed_accuracy_class"].tolist() == [[1, 0], [0, 0]]
     assert tables["ablation/mask/delta_accuracy_low"][0] <= -0.25 <= tables["ablation/mask/delta_accuracy_high"][0]
     base = ablation.baseline_tables("accuracy", baseline, groups, rng=np.random.default_rng(0), n_resamples=10,
                                     confidence=0.9)
@@ -81,3 +86,68 @@ def test_expert_table_reports_harm_and_the_group_hit_most():
     assert text.splitlines()[0].split()[:3] == ["layer", "expert", "utilisation"] and "-" in text.splitlines()[2]
     summary = ablation.layer_summary(routing)
     assert summary["dead_experts"] == 1 and summary["nmi_class"] == [1.0]
+
+
+# --------------------------------------------------------------------------------------------------
+# the paired score interval of 0/1 metrics
+
+
+def test_score_interval_uses_tangos_restricted_maximum_likelihood():
+    from scipy import optimize
+
+    gained, lost, n, delta = 3, 7, 50, -0.02
+    # Maximise the multinomial likelihood of (gained, lost, unchanged) under p_gain - p_lost = delta directly.
+    def negative_log_likelihood(p_lost):
+        p_gain = p_lost + delta
+        return -(gained * np.log(p_gain) + lost * np.log(p_lost) + (n - gained - lost) * np.log(1 - p_gain - p_lost))
+    q = optimize.minimize_scalar(negative_log_likelihood, bounds=(1e-9 - delta, (1 - delta) / 2 - 1e-9),
+                                 method="bounded", options={"xatol": 1e-12}).x
+    expected = (gained - lost - n * delta) / np.sqrt(n * (2 * q + delta * (1 - delta)))
+    assert ablation._tango_statistic(*(np.float64(v) for v in (gained, lost, n, delta))) == pytest.approx(expected,
+                                                                                                       rel=1e-6)
+
+
+def test_score_interval_bounds_solve_the_score_equation():
+    estimate, low, high = ablation.paired_score_interval([3, 0, 12], [7, 0, 1], [50, 30, 40], 0.95)
+    np.testing.assert_allclose(estimate, [-0.08, 0.0, 0.275])
+    for bound, sign in ((low, 1.0), (high, -1.0)):
+        statistic = ablation._tango_statistic(np.array([3.0, 0, 12]), np.array([7.0, 0, 1]), np.array([50.0, 30, 40]),
+                                              bound)
+        np.testing.assert_allclose(statistic, sign * 1.959963984540054, rtol=1e-6)
+    assert (low < estimate).all() and (estimate < high).all() and (low >= -1).all() and (high <= 1).all()
+
+
+def _coverage(n, accuracy, flip, repeats=4000, seed=0):
+    """Coverage of the true accuracy change by the score and the percentile-bootstrap intervals.
+
+    Each input is correct with probability ``accuracy``; the ablation toggles each outcome with
+    probability ``flip`` (correct -> wrong and wrong -> correct alike), so the true change of the
+    expected accuracy is ``flip (1 - 2 accuracy)``.
+    """
+    rng = np.random.default_rng(seed)
+    baseline = rng.random((repeats, n)) < accuracy
+    ablated = baseline ^ (rng.random((repeats, n)) < flip)
+    truth = flip * (1 - 2 * accuracy)
+    gained, lost = (ablated & ~baseline).sum(1), (baseline & ~ablated).sum(1)
+    _, low, high = ablation.paired_score_interval(gained, lost, n, 0.95)
+    score = np.mean((low <= truth) & (truth <= high))
+    # Percentile bootstrap of the mean paired difference, resampling the (-1, 0, +1) differences.
+    counts = np.stack([lost, n - gained - lost, gained], axis=1) / n
+    resampled = np.stack([rng.multinomial(n, p, size=1000) for p in counts])  # (repeats, 1000, 3)
+    means = (resampled[..., 2] - resampled[..., 0]) / n
+    lo, hi = np.percentile(means, [2.5, 97.5], axis=1)
+    return score, np.mean((lo <= truth) & (truth <= hi))
+
+
+@pytest.mark.parametrize("n, accuracy, flip", [(200, 0.8, 0.05), (200, 0.5, 0.2), (30, 0.8, 0.2), (30, 0.95, 0.2)])
+def test_score_interval_covers_at_the_nominal_rate(n, accuracy, flip):
+    score, _ = _coverage(n, accuracy, flip)
+    assert 0.93 <= score <= 0.97
+
+
+@pytest.mark.parametrize("n, accuracy", [(200, 0.8), (200, 0.95), (30, 0.8)])
+def test_score_interval_does_not_under_cover_when_few_inputs_change(n, accuracy):
+    # With 1 % of inputs flipping the bootstrap under-covers badly; the score interval errs on the safe
+    # side (the count of changed inputs is so small and discrete that no interval can sit at 0.95).
+    score, bootstrap = _coverage(n, accuracy, 0.01)
+    assert score >= 0.95 and bootstrap < 0.9

@@ -21,8 +21,8 @@ def test_load_importance_cv_and_dead_experts_by_hand():
     assert spec.coefficient_of_variation([0.25] * 4) == 0.0
     assert spec.coefficient_of_variation(load) == pytest.approx(np.std(load) / 0.25)
     # Dead: below 0.1 / E = 0.025.
-    assert spec.dead_experts(load).tolist() == [False, False, False, True]
-    assert spec.dead_experts(np.array([0.5, 0.49, 0.01])).tolist() == [False, False, True]
+    assert spec.dead_expert_mask(load).tolist() == [False, False, False, True]
+    assert spec.dead_expert_mask(np.array([0.5, 0.49, 0.01])).tolist() == [False, False, True]
 
 
 def test_routing_entropy_normalised_by_log_e():

@@ -38,14 +38,22 @@ def test_pipeline_writes_rates_beside_null_rates(demo):
         n_domains = len(red.read("domain_names"))
         assert art["points/index"][()].tolist() == list(range(n))
         reject = art["points/reject_manifold"][()]
-        assert art["rates/overall/rejection_rate"][()] == pytest.approx(reject.mean())
-        assert summary["rejection_rate"] == pytest.approx(reject.mean(), abs=1e-6)
-        assert art["null/rejection_rate"].shape == (1,)
+        assert summary["rejection_rate_all_points"] == pytest.approx(reject.mean(), abs=1e-6)
+        for key in ("null_rejection_rate_std", "rejection_rate_null_pvalue", "rejection_rate_null_fisher_pvalue"):
+            assert key in summary, key
+        assert art["null/rejection_rate"].shape == (3,)  # three null repeats by default
+        assert art["null/n_testable"].shape == (3,)
+        testable = art["points/testable"][()]
+        assert art["rates/all_points/rejection_rate"][()] == pytest.approx(reject.mean())
+        assert art["rates/overall/rejection_rate"][()] == pytest.approx(reject[testable].mean())
+        pvalue = art["null_test/rejection_rate/pvalue"][()]
+        assert np.isnan(pvalue) or 0.0 <= pvalue <= 1.0
+        assert 0.0 <= art["null_test/rejection_rate/fisher_pvalue"][()] <= 1.0
         assert art["points/segment_dimension"].shape == (n, 3)
         per_domain = art["rates/per_domain/rejection_rate"][()]
         counts = art["rates/per_domain/n_testable"][()]
         assert per_domain.shape == (n_domains,)
-        assert (per_domain * counts).sum() == pytest.approx(reject.sum())
+        assert np.nansum(per_domain * counts) == pytest.approx(reject.sum())
         k = summary["n_strata"]
         assert art["strata/labels"].shape == (n,) and art["strata/labels"][()].max() == k - 1
         assert art["strata/domain_table"].shape == (n_domains, k) and art["strata/domain_table"][()].sum() == n
@@ -94,6 +102,7 @@ def test_known_geometry_line_piercing_plane(tmp_path):
 @pytest.mark.parametrize("section, message", [
     ({"vol_min": 10, "vol_max": 50, "window": 10}, r"vol_max - vol_min = 50 - 10 = 40 must exceed 4 \* window = 40"),
     ({"correction": "holm"}, "correction"),
+    ({"correction": "bonferroni"}, "'bonferroni' is now 'bonferroni_nominal'"),
     ({"strata": {"method": "kmeans", "selection": "bic"}}, "bic needs method: gmm"),
     ({"calibration": {"kind": "uniform"}}, "kind"),
     ({"alpha": 2.0}, "alpha"),
@@ -126,9 +135,9 @@ def test_yaml_section_loads(tmp_path):
         "reduce: {n_components: 16}\n"
         "fiber:\n"
         "  input: reduce\n"
-        "  vol_min: 10\n  vol_max: 100\n  window: 10\n  alpha: 1.0e-3\n  max_strata: 2\n  correction: bh\n"
+        "  vol_min: 10\n  vol_max: 100\n  window: 10\n  alpha: 1.0e-3\n  max_strata: 2\n  correction: bh_nominal\n"
         "  calibration: {kind: resample, n_repeats: 2}\n"
         "  strata: {method: gmm, k_range: [2, 6], selection: bic}\n")
     section = load_experiment(path).base.fiber
     assert section.calibration.kind == "resample" and section.strata.selection == "bic"
-    assert section.correction == "bh"
+    assert section.correction == "bh_nominal"

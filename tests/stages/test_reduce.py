@@ -110,3 +110,23 @@ def test_nan_rows_are_a_data_error(tmp_path):
         with pytest.raises(DataError, match="first at row 17"):
             run_stage(reduce, reduce.Config(n_components=3), {"embed": source}, tmp_path / "reduce")
     assert not list((tmp_path / "reduce").glob("*.h5"))
+
+
+def test_intrinsic_dimension_settings_are_one_sub_model_shared_with_fiber():
+    from moespec.geometry.params import IntrinsicDimensionConfig
+    from moespec.stages import fiber
+
+    assert reduce.Config.model_fields["intrinsic_dimension"].annotation is IntrinsicDimensionConfig
+    assert fiber.Config.model_fields["intrinsic_dimension"].annotation is IntrinsicDimensionConfig
+    assert reduce.Config(n_components=2).intrinsic_dimension == fiber.Config().intrinsic_dimension
+
+
+def test_flat_intrinsic_dimension_keys_still_load_into_the_sub_section():
+    flat = reduce.Config(n_components=2, id_threshold=0.5, mle_k=5, twonn_discard_fraction=0.2, id_max_points=50)
+    nested = reduce.Config(n_components=2, intrinsic_dimension={"threshold": 0.5, "mle_k": 5,
+                                                                "twonn_discard_fraction": 0.2, "max_points": 50})
+    assert flat == nested
+    with pytest.raises(ValueError, match="mle_k and intrinsic_dimension.mle_k are both set"):
+        reduce.Config(n_components=2, mle_k=5, intrinsic_dimension={"mle_k": 6})
+    with pytest.raises(ValueError, match="max_points = 5 must exceed mle_k = 20"):
+        reduce.Config(n_components=2, intrinsic_dimension={"max_points": 5})

@@ -1,8 +1,8 @@
 """Intrinsic-dimension estimators, each named for what it computes.
 
 * :func:`pca_count` - how many principal components reach a share of the variance. A linear count,
-  not an intrinsic dimension of a curved manifold (it returns the ambient dimension of a curved one;
-  geometry_perf.md section 1); the "intrinsic dimension 7" of the earlier pipeline is this at 0.75.
+  not an intrinsic dimension of a curved manifold (it returns the ambient dimension of a curved one,
+  e.g. 3 for a swiss roll: see the tests); the "intrinsic dimension 7" of the earlier pipeline is this at 0.75.
 * :func:`twonn` - Facco, d'Errico, Rodriguez & Laio (2017), Sci. Rep. 7:12140.
 * :func:`mle_levina_bickel` - Levina & Bickel (2004), NIPS 17, with k neighbours.
 
@@ -57,8 +57,11 @@ def twonn(distances, discard_fraction: float = 0.1) -> float:
 
     mu = r2 / r1 is Pareto(d) distributed on a locally uniform d-manifold, so
     ``-log(1 - F(mu)) = d log(mu)``: d is the slope through the origin of that line fitted to the
-    empirical distribution, after discarding the largest ``discard_fraction`` of mu (paper, Eq. 4
-    and Fig. 2; the same estimator as scikit-dimension's ``TwoNN``).
+    empirical distribution ``F(mu_(i)) = i / N`` (i = 1 .. N over the sorted ratios), after discarding
+    the largest ``discard_fraction`` of mu (paper, Eq. 4 and Fig. 2). This is scikit-dimension's
+    ``TwoNN(method="linear")`` on the same neighbour distances (tested to 1e-10). With
+    ``discard_fraction = 0`` the largest ratio has ``F = 1`` and an infinite ordinate; it is left
+    out of the fit (scikit-dimension fails there).
 
     Parameters
     ----------
@@ -76,11 +79,11 @@ def twonn(distances, discard_fraction: float = 0.1) -> float:
     usable = distances[:, 0] > 0.0
     mu = np.sort(distances[usable, 1] / distances[usable, 0])
     n_points = len(mu)
-    n_kept = int(n_points * (1.0 - discard_fraction))
+    n_kept = min(int(n_points * (1.0 - discard_fraction)), n_points - 1)  # F = 1 has no finite ordinate
     if n_kept < 2:
         raise DataError(f"twonn: needs at least 2 points with distinct neighbours, got {n_kept}")
     x = np.log(mu[:n_kept])
-    y = -np.log(1.0 - np.arange(n_kept) / n_points)  # empirical F(mu_i) = i / N
+    y = -np.log(1.0 - np.arange(1, n_kept + 1) / n_points)  # empirical F(mu_(i)) = i / N, i = 1 .. n_kept
     return float((x @ y) / (x @ x))
 
 

@@ -49,6 +49,9 @@ _LAZY = {
     "DictionaryMoE": "moespec.models.dictionary",
     "LISTAExperts": "moespec.models.dictionary",
     "AttentionGate": "moespec.models.dictionary",
+    "active_parameters": "moespec.models.baseline",
+    "dense_baseline": "moespec.models.baseline",
+    "collapse_report": "moespec.specialisation.metrics",
 }
 
 __all__ = [

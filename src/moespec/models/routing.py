@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, get_args
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 

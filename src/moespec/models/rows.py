@@ -98,7 +98,7 @@ class RowObjective:
     dtype : torch.dtype, optional
         Autocast dtype of the training forward passes (None: float32, no autocast).
     collapse : callable, optional
-        ``collapse(expert_load) -> (collapsed, reasons)`` recorded at every evaluation.
+        ``collapse(expert_load) -> (collapsed, reasons)``, recorded at every evaluation.
     """
 
     def __init__(self, features: Any, targets: Any, train_rows: Any, val_rows: Any, *, batch_size: int, seed: int,
@@ -119,7 +119,7 @@ class RowObjective:
         record = {"val_loss": metrics["loss"]["total"], "val": metrics["loss"], "val_accuracy": metrics["accuracy"],
                   "expert_load": metrics["expert_load"], "routing_entropy": metrics["routing_entropy"]}
         if self.collapse is not None:
-            record["collapsed"] = bool(self.collapse(metrics["expert_load"]))
+            record["collapsed"], record["collapse_reasons"] = self.collapse(metrics["expert_load"])
         return record
 
     def evaluate_all(self, model: Any) -> dict[str, Any]:

@@ -65,25 +65,77 @@ def coefficient_of_variation(values: np.ndarray) -> float:
     return float(values.std() / mean) if mean > 0 else float("nan")
 
 
-def dead_experts(load: np.ndarray, threshold: float = 0.1) -> np.ndarray:
-    """Experts whose load is below ``threshold / E`` (a tenth of the balanced share by default).
+# dead experts and collapse: the one definition used by the train and ablate stages
+
+#: An expert is dead when its load is below this fraction of the balanced share ``1 / E``.
+DEAD_THRESHOLD = 0.1
+#: Routing has collapsed when one expert takes more than this share of the rows.
+MAX_SHARE = 0.9
+
+
+def dead_expert_mask(load, dead_threshold: float = DEAD_THRESHOLD):
+    """Experts whose share of the traffic is below ``dead_threshold / E`` (that fraction of the balanced share).
 
     Parameters
     ----------
-    load : ndarray of shape (n_experts,)
-        From :func:`expert_load`.
-    threshold : float
+    load : array_like of shape (..., n_experts)
+        Fraction of the rows (or tokens) each expert receives; rows sum to 1 (top-1) or k (top-k) and
+        are normalised to shares here, so the balanced share is ``1 / E`` either way.
+    dead_threshold : float in (0, 1)
 
     Returns
     -------
-    ndarray of shape (n_experts,), bool
+    ndarray of bool, shape (..., n_experts)
     """
+    share = _shares(load)
+    return share < dead_threshold / share.shape[-1]
+
+
+def _shares(load) -> np.ndarray:
     load = np.asarray(load, dtype=np.float64)
-    return load < threshold / load.shape[-1]
+    total = load.sum(axis=-1, keepdims=True)
+    return np.divide(load, total, out=np.zeros_like(load), where=total > 0)
 
 
-# --------------------------------------------------------------------------------------------------
-# entropy
+def collapse_report(load, dead_threshold: float = DEAD_THRESHOLD,
+                    max_share: float = MAX_SHARE) -> tuple[bool, list[str]]:
+    """Whether routing has collapsed, and why: a dead expert, or one expert above ``max_share``.
+
+    Both count: an MoE whose 7 experts carry loads 0, 0, 0.002, 0.18, 0.21, 0.29, 0.31 uses 4 experts
+    even though no expert holds most of the traffic.
+
+    Parameters
+    ----------
+    load : array_like of shape (n_experts,) or (n_layers, n_experts)
+        Fraction of the rows each expert receives, per MoE layer (normalised to shares as in
+        :func:`dead_expert_mask`).
+    dead_threshold : float in (0, 1)
+        An expert is dead below ``dead_threshold / E`` (:func:`dead_expert_mask`).
+    max_share : float in (0, 1]
+        Largest share one expert may hold.
+
+    Returns
+    -------
+    collapsed : bool
+    reasons : list of str
+        One line per layer that collapsed (empty when none did), e.g.
+        ``"layer 0: experts [0, 3] dead (load < 0.0143)"``.
+    """
+    load = np.atleast_2d(_shares(load))
+    if not 0.0 < dead_threshold < 1.0 or not 0.0 < max_share <= 1.0:
+        raise ValueError(f"need 0 < dead_threshold < 1 and 0 < max_share <= 1, got {dead_threshold}, {max_share}")
+    dead = dead_expert_mask(load, dead_threshold)
+    reasons = []
+    for layer, (row, dead_row) in enumerate(zip(load, dead)):
+        problems = []
+        if dead_row.any():
+            problems.append(f"experts {np.flatnonzero(dead_row).tolist()} dead "
+                            f"(load < {dead_threshold / load.shape[-1]:.4g})")
+        if row.max() > max_share:
+            problems.append(f"expert {int(row.argmax())} takes {row.max():.1%} of the rows (> {max_share:.0%})")
+        if problems:
+            reasons.append(f"layer {layer}: " + "; ".join(problems))
+    return bool(reasons), reasons
 
 
 def entropy(probs: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -4,7 +4,7 @@ The test is Robinson, Dey & Chiang's (arXiv:2504.01002; :mod:`moespec.geometry.f
 tested point, a sliding Welch t-test on the slopes of log(neighbour count) against log(radius).
 Every rejection rate is written beside the rate of the same test on null data matched to the input
 (same N and dimension; a Gaussian with the input's covariance, or a smoothed resample): on smooth
-data the test rejects a few percent of points by itself (fiber_bundle.md section 7), so only a
+data the test rejects a few percent of points by itself (3-4 % on the paper's parameters), so only a
 rate well above the null rate says something about the data.
 
 Strata are k-means or Gaussian-mixture clusters of the same points (Li & Sarwate's protocol), with
@@ -18,8 +18,17 @@ dataset                            shape                meaning
 points/index                       (n,) int64           row of each tested point in the input
 points/<array>                     (n,) or (n, S[+1])   every array of ``FiberBundleResult``
 rates/overall/<rate>               ()                   rejection_rate, fiber_rejection_rate,
-                                                        fiber_small_..., fiber_large_...
-null/<rate>                        (n_repeats,)         the same rates on matched null data
+                                                        fiber_small_..., fiber_large_... over
+                                                        testable points
+rates/all_points/<rate>            ()                   the same over all tested points (an
+                                                        untestable point is not rejected)
+null/<rate>                        (n_repeats,)         the rates (testable points) on matched
+                                                        null data, one per repeat
+null/n_testable                    (n_repeats,) int64   testable points of each null repeat
+null_test/<rate>/t, /pvalue        ()                   prediction t-test of the observed rate
+                                                        against the repeats (one-sided, R - 1 df)
+null_test/<rate>/fisher_pvalue     ()                   Fisher's exact test against the pooled
+                                                        null counts (points taken as independent)
 rates/per_domain/<rate>            (n_domains,)         rates among tested points of each domain
 rates/per_stratum/<rate>           (n_strata,)          rates among tested points of each stratum
 local_dimension/levels             (q,)                 quantile levels
@@ -34,9 +43,11 @@ domain, domain_names               (N,), (n_domains,)   carried from the input
 =================================  ===================  =======================================
 
 Per-domain and per-stratum rates should be read against the overall null rate (the null data carry
-no domains or strata). Summary: ``n_tested``, ``n_testable``, the four rates and their ``null_``
-counterparts, ``dimension_small_median``, ``dimension_large_median``, ``n_strata``, ``silhouette``,
-and, when the input is ``reduce``, its ``variance_retained`` and ``id_*`` estimates.
+no domains or strata). Summary: ``n_tested``, ``n_testable``, the four rates (over testable points),
+``<rate>_all_points``, their ``null_<rate>`` means and ``null_<rate>_std`` spreads over repeats,
+``<rate>_null_pvalue`` and ``<rate>_null_fisher_pvalue``, ``dimension_small_median``,
+``dimension_large_median``, ``n_strata``, ``silhouette``, and, when the input is ``reduce``, its
+``variance_retained`` and ``id_*`` estimates.
 """
 
 from __future__ import annotations
@@ -48,10 +59,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moespec.artifacts import ArtifactReader, ArtifactWriter, DatasetSpec
 from moespec.errors import ConfigError, DataError
+from moespec.geometry.params import IntrinsicDimensionConfig, nest_legacy_id_keys
 from moespec.stages.base import StageConfig
 
 NAME = "fiber"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 RATES = ("rejection_rate", "fiber_rejection_rate", "fiber_small_rejection_rate", "fiber_large_rejection_rate")
 DIMENSION_LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -67,13 +79,14 @@ class CalibrationConfig(BaseModel):
         A Gaussian with the input's mean and covariance, or a smoothed bootstrap of the input
         (:func:`moespec.geometry.null_sample`).
     n_repeats : int
-        Independent null samples (their rates are all written; the summary has the mean).
+        Independent null samples (their rates are all written; the summary has their mean and
+        standard deviation, and the observed rates are tested against their spread).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["gaussian", "resample"] = "gaussian"
-    n_repeats: int = Field(1, ge=1)
+    n_repeats: int = Field(3, ge=1)
 
 
 class StrataConfig(BaseModel):
@@ -131,15 +144,18 @@ class Config(StageConfig):
         Significance level (the paper's 1e-3), split over ``max_strata`` changes.
     max_strata : int
         Changes searched per point (2 as in the paper's Table 1: small and large radius).
-    correction : {"none", "bonferroni", "bh"}
-        Correction of the per-point p-values across the tested points.
+    correction : {"none", "bonferroni_nominal", "bh_nominal"}
+        Correction of the per-point p-values across the tested points. Nominal: the per-point
+        p-values are not uniform on smooth data, so neither controls the error rate it names
+        (:mod:`moespec.geometry.fiber_bundle`); they only make the test stricter.
     max_points : int, optional
         Test a seeded random subset of this many points (neighbours still come from all points).
     calibration : CalibrationConfig
         The null data the rejection rates are calibrated against (a YAML key cannot be ``null``).
     strata : StrataConfig
-    id_threshold, mle_k, twonn_discard_fraction, id_max_points
-        Intrinsic-dimension settings for each stratum (as in the reduce stage).
+    intrinsic_dimension : IntrinsicDimensionConfig
+        Intrinsic-dimension settings for each stratum (the reduce stage's sub-model; the flat keys
+        ``id_threshold``, ``mle_k``, ``twonn_discard_fraction``, ``id_max_points`` are still accepted).
     seed : int
     """
 
@@ -149,15 +165,14 @@ class Config(StageConfig):
     window: int = 10
     alpha: float = 1e-3
     max_strata: int = 2
-    correction: Literal["none", "bonferroni", "bh"] = "none"
+    correction: str = "none"
     max_points: Optional[int] = Field(None, ge=1)
     calibration: CalibrationConfig = CalibrationConfig()
     strata: StrataConfig = StrataConfig()
-    id_threshold: float = Field(0.75, gt=0.0, le=1.0)
-    mle_k: int = Field(20, ge=2)
-    twonn_discard_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    id_max_points: Optional[int] = Field(5000, ge=3)
+    intrinsic_dimension: IntrinsicDimensionConfig = IntrinsicDimensionConfig()
     seed: int = 0
+
+    _legacy_id_keys = model_validator(mode="before")(nest_legacy_id_keys)
 
     @model_validator(mode="after")
     def _testable(self) -> "Config":
@@ -198,6 +213,7 @@ def schema(cfg: Config) -> dict[str, DatasetSpec]:
         "local_dimension/small": DatasetSpec(("q",), "float"),
         "local_dimension/large": DatasetSpec(("q",), "float"),
         "rates/per_domain/n_testable": DatasetSpec(("n_domains",), "int"),
+        "null/n_testable": DatasetSpec((cfg.calibration.n_repeats,), "int"),
         "rates/per_stratum/n_testable": DatasetSpec(("n_strata",), "int"),
         "strata/labels": DatasetSpec(("N",), "int"),
         "strata/n_points": DatasetSpec(("n_strata",), "int"),
@@ -212,6 +228,9 @@ def schema(cfg: Config) -> dict[str, DatasetSpec]:
     for rate in RATES:
         spec[f"rates/overall/{rate}"] = DatasetSpec((), "float")
         spec[f"null/{rate}"] = DatasetSpec((cfg.calibration.n_repeats,), "float")
+        spec[f"rates/all_points/{rate}"] = DatasetSpec((), "float")
+        for name in ("t", "pvalue", "fisher_pvalue"):
+            spec[f"null_test/{rate}/{name}"] = DatasetSpec((), "float")
         spec[f"rates/per_domain/{rate}"] = DatasetSpec(("n_domains",), "float")
         spec[f"rates/per_stratum/{rate}"] = DatasetSpec(("n_strata",), "float")
     for score in ("silhouette", "davies_bouldin", "calinski_harabasz"):
@@ -272,10 +291,14 @@ def _tested_rows(cfg: Config, n_rows: int, rng: np.random.Generator) -> np.ndarr
 def _write_test(result: Any, null: Any, out: Any) -> None:
     for name, values in result.arrays().items():
         out.write("points/index" if name == "point_index" else f"points/{name}", values)
-    summary = result.summary()
+    summary, tests = result.summary(), null.compare(result)
     for rate in RATES:
         out.write(f"rates/overall/{rate}", np.float64(summary[rate]))
+        out.write(f"rates/all_points/{rate}", np.float64(summary[f"{rate}_all_points"]))
         out.write(f"null/{rate}", np.asarray(null.rates[rate], dtype=np.float64))
+        for name in ("t", "pvalue", "fisher_pvalue"):
+            out.write(f"null_test/{rate}/{name}", np.float64(tests[f"{rate}_null_{name}"]))
+    out.write("null/n_testable", null.n_testable)
     out.attrs["null_kind"] = null.kind
     out.attrs["threshold"] = result.threshold
     testable = result.testable
@@ -290,7 +313,7 @@ def _stratify(cfg: Config, points: np.ndarray, domain: np.ndarray, n_domains: in
               out: Any) -> tuple[np.ndarray, int, dict[str, float]]:
     from moespec.geometry import Stratifier, contingency_table, stratum_dimensions
 
-    s = cfg.strata
+    s, ids = cfg.strata, cfg.intrinsic_dimension
     high = min(s.k_range[1], len(points) - 1)
     stratifier = Stratifier(s.method, n_clusters=s.k, k_range=(min(s.k_range[0], high), high),
                             selection=s.selection, silhouette_sample_size=s.silhouette_sample_size,
@@ -303,8 +326,8 @@ def _stratify(cfg: Config, points: np.ndarray, domain: np.ndarray, n_domains: in
     candidates = sorted(stratifier.selection_scores_)
     out.write("strata/candidate_k", np.asarray(candidates, dtype=np.int64))
     out.write("strata/candidate_score", np.asarray([stratifier.selection_scores_[k] for k in candidates], dtype=float))
-    dims = stratum_dimensions(points, labels, n_strata, threshold=cfg.id_threshold, mle_k=cfg.mle_k,
-                              discard_fraction=cfg.twonn_discard_fraction, max_points=cfg.id_max_points,
+    dims = stratum_dimensions(points, labels, n_strata, threshold=ids.threshold, mle_k=ids.mle_k,
+                              discard_fraction=ids.twonn_discard_fraction, max_points=ids.max_points,
                               random_state=cfg.seed, device=out.device)
     out.write("strata/n_points", dims.pop("n_points").astype(np.int64))
     for name, values in dims.items():
@@ -325,7 +348,11 @@ def _summarise(cfg: Config, source: Any, result: Any, null: Any, n_strata: int, 
     summary = result.summary()
     headline = {key: summary[key] for key in ("n_tested", "n_testable", *RATES, "dimension_small_median",
                                               "dimension_large_median")}
+    headline.update({f"{rate}_all_points": summary[f"{rate}_all_points"] for rate in RATES})
     headline.update(null.summary())
+    tests = null.compare(result)
+    headline.update({f"{rate}_null_{name}": tests[f"{rate}_null_{name}"] for rate in RATES
+                     for name in ("pvalue", "fisher_pvalue")})
     headline.update(n_strata=int(n_strata), silhouette=scores["silhouette"])
     if cfg.input == "reduce":
         headline["variance_retained"] = float(source["variance_retained"][()])
@@ -333,9 +360,12 @@ def _summarise(cfg: Config, source: Any, result: Any, null: Any, n_strata: int, 
             if f"id/global/{name}" in source:
                 headline[f"id_{name}"] = float(source[f"id/global/{name}"][()])
     out.summary.update({key: _rounded(value) for key, value in headline.items()})
-    out.log.info("manifold rejection rate %.4f (null %.4f), fiber-bundle %.4f (null %.4f)",
-                 summary["rejection_rate"], headline["null_rejection_rate"], summary["fiber_rejection_rate"],
-                 headline["null_fiber_rejection_rate"])
+    out.log.info("manifold rejection rate %.4f over testable points, %.4f over all (null %.4f +- %.4f, one-sided "
+                 "p = %.3g); fiber-bundle %.4f (null %.4f +- %.4f, p = %.3g)", summary["rejection_rate"],
+                 summary["rejection_rate_all_points"], headline["null_rejection_rate"],
+                 headline["null_rejection_rate_std"], tests["rejection_rate_null_pvalue"],
+                 summary["fiber_rejection_rate"], headline["null_fiber_rejection_rate"],
+                 headline["null_fiber_rejection_rate_std"], tests["fiber_rejection_rate_null_pvalue"])
 
 
 def _rounded(value: Any) -> Any:

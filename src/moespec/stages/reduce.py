@@ -43,6 +43,7 @@ from pydantic import Field, model_validator
 
 from moespec.artifacts import ArtifactReader, ArtifactWriter, DatasetSpec
 from moespec.errors import ConfigError, DataError
+from moespec.geometry.params import IntrinsicDimensionConfig, nest_legacy_id_keys
 from moespec.stages.base import StageConfig
 from moespec.stages.embed import ROW_METADATA
 
@@ -65,19 +66,15 @@ class Config(StageConfig):
         Keep the fewest components whose explained variance ratios reach this (covariance solver).
     solver : {"covariance", "randomized"}
         Exact one-pass covariance (D up to a few thousand), or randomized subspace iteration for
-        very wide inputs (``2 + 4`` passes, D x (k + 10) memory).
+        very wide inputs (``2 + 12`` passes, D x (k + 10) memory).
     whiten : bool
         Scale ``reduced`` to unit variance per component.
     chunk_rows : int
         Rows read per chunk.
-    id_threshold : float in (0, 1]
-        Variance share of the ``pca_count`` estimator.
-    mle_k : int
-        Neighbours of the Levina-Bickel estimator.
-    twonn_discard_fraction : float in [0, 1)
-        Largest ratios discarded by TwoNN.
-    id_max_points : int, optional
-        Neighbour-based estimates use at most this many rows (seeded); None = all (O(N^2)).
+    intrinsic_dimension : IntrinsicDimensionConfig
+        ``threshold``, ``mle_k``, ``twonn_discard_fraction``, ``max_points`` (shared with the fiber
+        stage); the flat keys ``id_threshold``, ``mle_k``, ``twonn_discard_fraction`` and
+        ``id_max_points`` of earlier configs are still accepted and moved here.
     seed : int
         Seed of the subsample and of the randomized solver.
     """
@@ -87,11 +84,10 @@ class Config(StageConfig):
     solver: Literal["covariance", "randomized"] = "covariance"
     whiten: bool = False
     chunk_rows: int = Field(8192, ge=1)
-    id_threshold: float = Field(0.75, gt=0.0, le=1.0)
-    mle_k: int = Field(20, ge=2)
-    twonn_discard_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    id_max_points: Optional[int] = Field(10000, ge=3)
+    intrinsic_dimension: IntrinsicDimensionConfig = IntrinsicDimensionConfig()
     seed: int = 0
+
+    _legacy_id_keys = model_validator(mode="before")(nest_legacy_id_keys)
 
     @model_validator(mode="after")
     def _one_target(self) -> "Config":
@@ -101,8 +97,6 @@ class Config(StageConfig):
         if self.variance_target is not None and self.solver == "randomized":
             raise ValueError("variance_target needs solver: covariance (the randomized solver sees only the "
                              "leading spectrum); give n_components instead")
-        if self.id_max_points is not None and self.id_max_points <= self.mle_k:
-            raise ValueError(f"id_max_points = {self.id_max_points} must exceed mle_k = {self.mle_k}")
         return self
 
 
@@ -159,9 +153,10 @@ def _check_sizes(cfg: Config, shape: tuple[int, ...]) -> None:
         raise ConfigError(f"reduce.n_components: {cfg.n_components} exceeds the embedding dimension D = {dim}")
     if cfg.n_components is not None and cfg.n_components > n_rows:
         raise ConfigError(f"reduce.n_components: {cfg.n_components} exceeds the number of embeddings N = {n_rows}")
-    if n_rows <= cfg.mle_k:
+    mle_k = cfg.intrinsic_dimension.mle_k
+    if n_rows <= mle_k:
         raise DataError(f"reduce: {n_rows} embeddings are too few for the intrinsic-dimension estimates "
-                        f"(mle_k = {cfg.mle_k} needs more than {cfg.mle_k})")
+                        f"(reduce.intrinsic_dimension.mle_k = {mle_k} needs more than {mle_k})")
 
 
 def _write_pca(pca: Any, out: Any) -> None:
@@ -202,40 +197,41 @@ def _write_intrinsic_dimension(cfg: Config, pca: Any, reduced: np.ndarray, domai
                                out: Any) -> dict[str, float]:
     from moespec.geometry import covariance_spectrum, pca_count
 
+    ids = cfg.intrinsic_dimension
     # Every estimate describes the reduced coordinates as written (whitened when cfg.whiten).
-    estimates = _estimates(cfg, reduced, covariance_spectrum(reduced), out.device, np.random.default_rng(cfg.seed))
+    estimates = _estimates(ids, reduced, covariance_spectrum(reduced), out.device, np.random.default_rng(cfg.seed))
     for name, value in estimates.items():
         out.write(f"id/global/{name}", np.float64(value))
-    input_count = (pca_count(pca.spectrum_, cfg.id_threshold) if pca.spectrum_ is not None
-                   else _count_if_reached(pca.explained_variance_ratio_, cfg.id_threshold))
+    input_count = (pca_count(pca.spectrum_, ids.threshold) if pca.spectrum_ is not None
+                   else _count_if_reached(pca.explained_variance_ratio_, ids.threshold))
     out.write("id/global/pca_count_input", np.float64(input_count))
     per_domain = _per_domain(cfg, reduced, domain, n_domains, out)
     for name, values in per_domain.items():
         out.write(f"id/per_domain/{name}", values)
-    for key, value in {"threshold": cfg.id_threshold, "mle_k": cfg.mle_k, "space": "reduced",
-                       "twonn_discard_fraction": cfg.twonn_discard_fraction,
-                       "max_points": cfg.id_max_points or 0}.items():
+    for key, value in {"threshold": ids.threshold, "mle_k": ids.mle_k, "space": "reduced",
+                       "twonn_discard_fraction": ids.twonn_discard_fraction,
+                       "max_points": ids.max_points or 0}.items():
         out.attrs[f"id_{key}"] = value
     out.log.info("intrinsic dimension of the reduced data: %s (input pca_count %s)", estimates, input_count)
     return {**estimates, "pca_count_input": float(input_count)}
 
 
-def _estimates(cfg: Config, points: np.ndarray, variances: np.ndarray, device: str,
+def _estimates(ids: IntrinsicDimensionConfig, points: np.ndarray, variances: np.ndarray, device: str,
                rng: np.random.Generator) -> dict[str, float]:
     """The three estimators on one point set; NaN where the set is too small or degenerate."""
     from moespec.geometry import knn_distances, mle_levina_bickel, pca_count, twonn
 
     values = {name: float("nan") for name in ID_ESTIMATORS}
     if len(points) >= 2 and np.asarray(variances).sum() > 0:
-        values["pca_count"] = float(pca_count(variances, cfg.id_threshold))
-    if len(points) <= cfg.mle_k:
+        values["pca_count"] = float(pca_count(variances, ids.threshold))
+    if len(points) <= ids.mle_k:
         return values
-    if cfg.id_max_points is not None and len(points) > cfg.id_max_points:
-        points = points[np.sort(rng.choice(len(points), cfg.id_max_points, replace=False))]
-    distances, _ = knn_distances(points, cfg.mle_k, device=device)
+    if ids.max_points is not None and len(points) > ids.max_points:
+        points = points[np.sort(rng.choice(len(points), ids.max_points, replace=False))]
+    distances, _ = knn_distances(points, ids.mle_k, device=device)
     try:
-        values["twonn"] = twonn(distances, cfg.twonn_discard_fraction)
-        values["mle_levina_bickel"] = mle_levina_bickel(distances, cfg.mle_k)
+        values["twonn"] = twonn(distances, ids.twonn_discard_fraction)
+        values["mle_levina_bickel"] = mle_levina_bickel(distances, ids.mle_k)
     except DataError:
         pass  # every point duplicates another: no neighbour ratio exists, the estimates stay NaN
     return values
@@ -245,17 +241,18 @@ def _per_domain(cfg: Config, reduced: np.ndarray, domain: np.ndarray, n_domains:
                 out: Any) -> dict[str, np.ndarray]:
     from moespec.geometry import covariance_spectrum
 
+    ids = cfg.intrinsic_dimension
     rng = np.random.default_rng(cfg.seed + 1)
     per_domain = {name: np.full(n_domains, np.nan) for name in ID_ESTIMATORS}
     counts = np.bincount(domain, minlength=n_domains)[:n_domains].astype(np.int64)
     for d in range(n_domains):
         rows = reduced[domain == d]
         spectrum = covariance_spectrum(rows) if len(rows) >= 2 else np.zeros(1)
-        for name, value in _estimates(cfg, rows, spectrum, out.device, rng).items():
+        for name, value in _estimates(ids, rows, spectrum, out.device, rng).items():
             per_domain[name][d] = value
-        if len(rows) <= cfg.mle_k:
+        if len(rows) <= ids.mle_k:
             out.log.warning("domain %d has %d rows: too few for twonn / mle_levina_bickel (mle_k = %d); NaN",
-                            d, len(rows), cfg.mle_k)
+                            d, len(rows), ids.mle_k)
     return {**per_domain, "n_points": counts}
 
 

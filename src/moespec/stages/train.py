@@ -22,7 +22,8 @@ curves/val_accuracy            (n_epochs,) float64     classifier: accuracy; dic
 curves/expert_load             (n_epochs, L, E)        share of the validation rows' routed slots
                                                        that go to expert e, per MoE layer (its load)
 curves/routing_entropy         (n_epochs, L)           mean per-row routing entropy / log E
-curves/collapsed               (n_epochs,) bool        one expert took > collapse_threshold of slots
+curves/collapsed               (n_epochs,) bool        a dead expert or one above collapse_threshold
+                                                       (moespec.specialisation.metrics.collapse_report)
 curves/step/index              (n_steps,) int64        optimiser steps (1-based)
 curves/step/lr                 (n_steps,) float64      learning rate used by the step
 curves/step/epoch              (n_steps,) int64        the epoch (1-based) the step belongs to
@@ -50,6 +51,7 @@ Summary: ``epochs_run``, ``best_epoch``, ``best_val_loss``, ``val_accuracy``, ``
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Literal, Optional
 
 import numpy as np
@@ -60,6 +62,7 @@ from moespec.config import config_dict
 from moespec.errors import DataError
 from moespec.models import DictionaryMoEConfig, ModelConfig
 from moespec.models.training import LoopConfig, lr_schedule
+from moespec.specialisation.metrics import collapse_report
 from moespec.stages.base import StageConfig
 
 NAME = "train"
@@ -96,7 +99,8 @@ class Config(StageConfig):
     checkpoint_every : int
         Optimiser steps between resumable checkpoints (one is also written after every epoch).
     collapse_threshold : float
-        Warn when one expert is the top-1 choice of more than this share of validation rows.
+        Warn when one expert takes more than this share of the validation rows' routed slots, or
+        when an expert is dead (:func:`moespec.specialisation.metrics.collapse_report`).
     precision : {"auto", "float32", "bfloat16"}
         Training forward passes under bfloat16 autocast (weights, optimiser and losses stay
         float32) or in float32; ``auto`` is bfloat16 on a GPU and float32 on the CPU. Validation
@@ -212,7 +216,7 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
     objective = rows.RowObjective(features, targets, torch.as_tensor(train_index, device=device),
                                   torch.as_tensor(val_index, device=device), batch_size=cfg.batch_size,
                                   seed=cfg.seed, dtype=autocast_dtype(cfg.precision, device),
-                                  collapse=lambda load: bool((load.max(axis=-1) > cfg.collapse_threshold).any()))
+                                  collapse=partial(collapse_report, max_share=cfg.collapse_threshold))
     checkpoint = Checkpointer(out.work_dir / "checkpoint.pt", {"config": config_dict(cfg), "input_uid": reader.uid},
                               NAME)
     bar = iter(out.progress(range(cfg.steps_per_epoch(len(train_index)) * cfg.epochs), desc="train steps"))
@@ -243,9 +247,8 @@ def _log_evaluation(cfg: Config, record: dict, log) -> None:
              _fmt(record["train"]), _fmt(record["val"]), record["val_accuracy"],
              np.round(record["expert_load"], 3).tolist(), np.round(record["routing_entropy"], 3).tolist())
     if record["collapsed"]:
-        log.warning("routing collapse after epoch %d: one expert takes %.0f%% of the validation rows' routed slots "
-                    "(threshold %.0f%%); consider a larger balance_loss_weight", record["epoch"],
-                    100 * float(record["expert_load"].max()), 100 * cfg.collapse_threshold)
+        log.warning("routing collapse on validation rows after epoch %d: %s; consider a larger balance_loss_weight",
+                    record["epoch"], " | ".join(record["collapse_reasons"]))
 
 
 def _fmt(terms: dict[str, float]) -> str:

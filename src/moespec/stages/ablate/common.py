@@ -17,6 +17,7 @@ from moespec.artifacts import ArtifactWriter
 from moespec.errors import ConfigError
 from moespec.specialisation import ablation as tables_
 from moespec.specialisation.ablation import AblationPlan, Groups
+from moespec.specialisation.metrics import collapse_report
 
 #: Config mode -> mode of ``moespec.models.routing.Ablation`` (whose "drop" is the renormalising one).
 LIBRARY_MODE = {"mask": "mask", "zero": "zero", "renormalise": "drop"}
@@ -116,5 +117,6 @@ def summarise(cfg: Any, out: ArtifactWriter, plan: AblationPlan, routing: dict, 
     out.log.info("per-expert ablation (mode %s; %s %.4f without ablation; positive = the ablation hurt)\n%s",
                  cfg.modes[0], metric, baseline, tables_.format_table(table))
     out.attrs["metric"] = metric
+    collapsed, reasons = collapse_report(routing["experts/load"], cfg.dead_threshold)
     out.summary.update(modes=list(cfg.modes), metric=metric, baseline=tables_.rounded(baseline), **summary,
-                       experts=table, **tables_.layer_summary(routing))
+                       experts=table, **tables_.layer_summary(routing), collapsed=collapsed, collapse_reasons=reasons)
