@@ -51,7 +51,7 @@ def test_straight_through_counts_one_expert_soft_routing_all():
 
 @pytest.mark.parametrize("cfg, n_classes", [(TopKMoEConfig(), N_CLASSES), (DictionaryMoEConfig(n_experts=3), None)])
 def test_dense_twin_trains_with_the_same_step(cfg, n_classes):
-    from moespec.stages.train import train_batch
+    from moespec.models.rows import train_batch
 
     twin = dense_baseline(cfg, input_dim=INPUT_DIM, n_classes=n_classes, seed=1)
     x = torch.randn(16, INPUT_DIM, generator=torch.Generator().manual_seed(0))

@@ -113,7 +113,7 @@ class StrataConfig(BaseModel):
 
     method: Literal["kmeans", "gmm"] = "kmeans"
     k: Optional[int] = Field(None, ge=1)
-    k_range: tuple[int, int] = (2, 8)
+    k_range: list[int] = Field(default_factory=lambda: [2, 8], min_length=2, max_length=2)
     selection: Literal["silhouette", "bic"] = "silhouette"
     n_init: int = Field(4, ge=1)
     covariance_type: Literal["full", "diag", "tied", "spherical"] = "full"
