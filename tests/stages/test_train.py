@@ -96,6 +96,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(reduced, t
     cfg = train_config(epochs=3, grad_accumulation=2, checkpoint_every=1, schedule="cosine", warmup_steps=2)
     reference, _ = run_train(cfg, reduced, tmp_path / "reference")
     reference_curves = reference["curves/val/total"][()]
+    reference_dense = reference["dense/curves/val/total"][()]
     reference.close()
 
     real_batch, calls = rows.train_batch, []
@@ -120,10 +121,13 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(reduced, t
     monkeypatch.setattr(rows, "train_batch", counted)
     resumed, _ = run_train(cfg, reduced, tmp_path / "resumed")
     total_batches = 3 * len(training.row_batches(np.arange(len(resumed["split/train_index"])), cfg.batch_size))
-    # It resumed from the last checkpoint (at most one accumulation window back), not from scratch.
-    assert total_batches - stop_at_batch < len(resumed_calls) <= total_batches - stop_at_batch + 2
+    # It resumed from the last checkpoint (at most one accumulation window back), not from scratch;
+    # then the dense twin trained for as many batches.
+    resumed_moe_calls = len(resumed_calls) - total_batches
+    assert total_batches - stop_at_batch < resumed_moe_calls <= total_batches - stop_at_batch + 2
     with resumed:
         np.testing.assert_array_equal(resumed["curves/val/total"][()], reference_curves)
+        np.testing.assert_array_equal(resumed["dense/curves/val/total"][()], reference_dense)
     for name in ("final.pt", "best.pt"):
         reference_weights = _weights(tmp_path / "reference" / name)
         resumed_weights = _weights(tmp_path / "resumed" / name)
@@ -240,3 +244,19 @@ def test_bfloat16_autocast_trains_in_low_precision_and_keeps_float32_weights(red
     assert all(w.dtype == torch.float32 for w in weights.values() if w.is_floating_point())
     assert training.autocast_dtype("auto", "cpu") is None
     assert training.autocast_dtype("auto", "cuda:0") == torch.bfloat16
+
+
+def test_every_moe_run_reports_its_dense_twin(reduced, tmp_path):
+    cfg = train_config(model={"kind": "topk", "n_experts": 4, "top_k": 2, "hidden_dim": 16, "ffn_dim": 16,
+                              "target": "domain"}, epochs=3)
+    result, summary = run_train(cfg, reduced, tmp_path / "train")
+    with result:
+        assert result["dense/curves/val/total"].shape == (3,)
+        assert 0.0 <= float(result["dense/val_accuracy"][()]) <= 1.0
+    # Same active parameters (to within the rounding of one FFN width), fewer in total.
+    assert abs(summary["dense_params_active"] - summary["params_active"]) <= 2 * 16 * 3
+    assert summary["dense_params_total"] < summary["params_total"]
+    off, off_summary = run_train(train_config(dense_baseline=False), reduced, tmp_path / "off")
+    with off:
+        assert "dense/val_accuracy" not in off
+    assert "dense_val_accuracy" not in off_summary

@@ -40,12 +40,17 @@ heldout/embedding              (n_val, P) float32      projection (dictionary on
 target_names                   (n_classes,) str        classifier: names of the class ids
 best_epoch, epochs_run         () int64
 best_val_loss                  () float64
+dense/curves/val/total         (n_dense_epochs,)       the dense twin (``dense_baseline``): its validation
+dense/curves/val_accuracy      (n_dense_epochs,)       loss and accuracy per epoch, its best validation
+dense/best_val_loss, dense/val_accuracy  ()            loss and the held-out accuracy of its best weights
 =============================  ======================  ==========================================
 
 Side files: ``best.pt`` (the weights with the lowest validation loss) and ``final.pt`` (the last
 weights with optimiser and scheduler states); load either with :func:`load_model`.
 Summary: ``epochs_run``, ``best_epoch``, ``best_val_loss``, ``val_accuracy``, ``stopped_early``,
-``collapse_warning``, ``expert_load``, ``routing_entropy``.
+``collapse_warning``, ``expert_load``, ``routing_entropy``, ``params_total``, ``params_active``;
+with ``dense_baseline``: ``dense_val_accuracy``, ``dense_best_val_loss``, ``dense_params_total``,
+``dense_params_active``.
 """
 
 from __future__ import annotations
@@ -105,6 +110,10 @@ class Config(StageConfig):
         Training forward passes under bfloat16 autocast (weights, optimiser and losses stay
         float32) or in float32; ``auto`` is bfloat16 on a GPU and float32 on the CPU. Validation
         and the held-out outputs are always computed in float32.
+    dense_baseline : bool
+        Also train the model's dense twin (one expert, the MoE's active parameters; same data,
+        optimiser, schedule and seed) and report it beside the MoE, so that "does the MoE help?"
+        is answered in the same artifact.
     seed : int
     """
 
@@ -127,6 +136,7 @@ class Config(StageConfig):
     checkpoint_every: int = Field(200, ge=1)
     collapse_threshold: float = Field(0.9, gt=0.0, le=1.0)
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    dense_baseline: bool = True
     seed: int = 0
 
     def loop(self) -> LoopConfig:
@@ -183,6 +193,10 @@ def schema(cfg: Config) -> dict[str, DatasetSpec]:
         "best_val_loss": DatasetSpec((), "float"),
         **cfg.model.heldout_schema(),
     }
+    if cfg.dense_baseline:
+        spec.update({"dense/curves/val/total": DatasetSpec(("n_dense_epochs",), "float"),
+                     "dense/curves/val_accuracy": DatasetSpec(("n_dense_epochs",), "float"),
+                     "dense/best_val_loss": DatasetSpec((), "float"), "dense/val_accuracy": DatasetSpec((), "float")})
     for term in cfg.model.loss_terms:
         spec[f"curves/train/{term}"] = DatasetSpec(("n_epochs",), "float")
         spec[f"curves/val/{term}"] = DatasetSpec(("n_epochs",), "float")
@@ -200,7 +214,8 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
 
     from moespec.data.splits import stratified_split
     from moespec.models import rows
-    from moespec.models.training import Checkpointer, autocast_dtype, fit
+    from moespec.models.baseline import active_parameters
+    from moespec.models.training import autocast_dtype
 
     reader = inputs[cfg.input]
     data = rows.load_training_data(cfg.model, reader, cfg.dataset)
@@ -209,21 +224,13 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
     out.log.info("train %s MoE on %d x %d %s rows (%d train, %d validation), target %s",
                  cfg.model.kind, *data.features.shape, cfg.input, len(train_index), len(val_index), cfg.model.target)
     device = torch.device(out.device)
-    model = rows.build_model(cfg.model, data, cfg.seed).to(device)
-    optimizer = rows.make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, kind=cfg.optimizer)
-    scheduler = cfg.scheduler(optimizer, len(train_index))
     features, targets = torch.as_tensor(data.features, device=device), torch.as_tensor(data.targets, device=device)
     objective = rows.RowObjective(features, targets, torch.as_tensor(train_index, device=device),
                                   torch.as_tensor(val_index, device=device), batch_size=cfg.batch_size,
                                   seed=cfg.seed, dtype=autocast_dtype(cfg.precision, device),
                                   collapse=partial(collapse_report, max_share=cfg.collapse_threshold))
-    checkpoint = Checkpointer(out.work_dir / "checkpoint.pt", {"config": config_dict(cfg), "input_uid": reader.uid},
-                              NAME)
-    bar = iter(out.progress(range(cfg.steps_per_epoch(len(train_index)) * cfg.epochs), desc="train steps"))
-    state = fit(model, optimizer, scheduler, objective, cfg.loop(), checkpoint=checkpoint, log=out.log,
-                progress=lambda state: next(bar, None), on_evaluation=lambda record: _log_evaluation(cfg, record, out.log))
-    for _ in bar:  # close the bar (early stopping or a resumed run leaves steps in it)
-        pass
+    identity = {"config": config_dict(cfg), "input_uid": reader.uid}
+    model, optimizer, scheduler, state = _fit(cfg, cfg.model, data, objective, out, identity, "checkpoint.pt")
     stage_config = config_dict(cfg)
     rows.save_model(out.side_file("best.pt"), cfg.model, stage_config, data, state.best_state,
                     epoch=state.best_epoch)
@@ -232,7 +239,54 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
     model.load_state_dict(state.best_state)  # the held-out outputs are those of the model that is kept
     heldout = objective.evaluate_all(model)
     _write_outputs(cfg, data, state, train_index, val_index, heldout, out)
-    checkpoint.remove()  # the artifact now holds everything; nothing to resume
+    out.summary.update(params_total=sum(p.numel() for p in model.parameters()), params_active=active_parameters(model))
+    if cfg.dense_baseline:
+        twin_cfg = cfg.model.dense_twin(data.features.shape[1])
+        out.log.info("dense baseline: the %s model with 1 expert and the MoE's active parameters", cfg.model.kind)
+        dense, _, _, dense_state = _fit(cfg, twin_cfg, data, objective, out, identity, "dense_checkpoint.pt")
+        dense.load_state_dict(dense_state.best_state)
+        _write_dense(dense_state, objective.evaluate_all(dense), dense, twin_cfg, out)
+    for name in ("checkpoint.pt", "dense_checkpoint.pt"):
+        (out.work_dir / name).unlink(missing_ok=True)  # the artifact now holds everything; nothing to resume
+
+
+def _fit(cfg: Config, model_cfg, data, objective, out: ArtifactWriter, identity: dict, checkpoint_name: str):
+    """Build ``model_cfg``'s model and train it on ``objective`` with this config's optimiser, schedule and loop."""
+    import torch
+
+    from moespec.models import rows
+    from moespec.models.training import Checkpointer, fit
+
+    model = rows.build_model(model_cfg, data, cfg.seed).to(torch.device(out.device))
+    optimizer = rows.make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, kind=cfg.optimizer)
+    n_train = len(objective.train_rows)
+    scheduler = cfg.scheduler(optimizer, n_train)
+    checkpoint = Checkpointer(out.work_dir / checkpoint_name, {**identity, "model": config_dict(model_cfg)}, NAME)
+    bar = iter(out.progress(range(cfg.steps_per_epoch(n_train) * cfg.epochs), desc=f"{checkpoint_name[:-3]} steps"))
+    state = fit(model, optimizer, scheduler, objective, cfg.loop(), checkpoint=checkpoint, log=out.log,
+                progress=lambda state: next(bar, None), on_evaluation=lambda record: _log_evaluation(cfg, record, out.log))
+    for _ in bar:  # close the bar (early stopping or a resumed run leaves steps in it)
+        pass
+    return model, optimizer, scheduler, state
+
+
+def _write_dense(state, heldout: dict, model, twin_cfg, out: ArtifactWriter) -> None:
+    """The dense twin's validation curve and held-out metrics, beside the MoE's."""
+    from moespec.models.baseline import active_parameters
+
+    out.write("dense/curves/val/total", np.array([r["val"]["total"] for r in state.history], dtype=np.float64))
+    out.write("dense/curves/val_accuracy", np.array([r["val_accuracy"] for r in state.history], dtype=np.float64))
+    out.write("dense/best_val_loss", np.float64(state.best_val_loss))
+    out.write("dense/val_accuracy", np.float64(heldout["accuracy"]))
+    params = sum(p.numel() for p in model.parameters())
+    out.attrs["dense_model"] = yaml_line(config_dict(twin_cfg))
+    out.summary.update(dense_val_accuracy=round(heldout["accuracy"], 4),
+                       dense_best_val_loss=round(state.best_val_loss, 6), dense_params_total=params,
+                       dense_params_active=active_parameters(model))
+
+
+def yaml_line(config: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in config.items())
 
 
 def _check_split(train_index: np.ndarray, val_index: np.ndarray) -> None:
