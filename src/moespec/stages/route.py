@@ -67,7 +67,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moespec.artifacts import ArtifactReader, ArtifactWriter, DatasetSpec
-from moespec.errors import ArtifactError
+from moespec.errors import ArtifactError, ConfigError
 from moespec.stages.base import StageConfig
 
 NAME = "route"
@@ -172,11 +172,11 @@ class Config(StageConfig):
         labels = [r.label for r in self.routers]
         repeated = sorted({name for name in labels if labels.count(name) > 1})
         if repeated:
-            raise ValueError(f"routers: names {repeated} are used twice; give each router its own name")
+            raise ValueError(f"route.routers: names {repeated} are used twice; give each router its own name")
         kinds = {r.kind for r in self.routers}
         missing = [k for k in ("base", "oracle") if k not in kinds]
         if missing:
-            raise ValueError(f"routers: gain recovered needs a base and an oracle router; add "
+            raise ValueError(f"route.routers: gain recovered needs a base and an oracle router; add "
                              f"{', '.join(f'{{kind: {k}}}' for k in missing)}")
         return self
 
@@ -334,17 +334,18 @@ def _learned(router: LearnedRouterConfig, model: Any, tokenizer: Any, texts: Any
 
     n_blocks = len(decoder_blocks(model.get_base_model()))
     if router.layer > n_blocks:
-        raise ArtifactError(f"route.routers: learned router {router.label!r}: layer {router.layer} is above the "
-                            f"{n_blocks} blocks of the base model {lora_cfg.base.name!r}")
+        raise ConfigError(f"route.routers: learned router {router.label!r}: layer {router.layer} is above the "
+                          f"{n_blocks} blocks of the base model {lora_cfg.base.name!r}")
     fit_rows = _capped(train, texts.domain, router.max_train_texts, cfg.seed)
-    features = lambda rows: pooled_hidden(  # noqa: E731
-        model, _tokenize(tokenizer, [texts.texts[i] for i in rows], lora_cfg.max_length), router.layer,
-        cfg.batch_size, out.device)
+    encode = lambda rows: _tokenize(tokenizer, [texts.texts[i] for i in rows], lora_cfg.max_length)  # noqa: E731
+    test_tokens = encode(test)  # tokenised outside the timing, as for the base forward pass it is compared to
     with model.disable_adapter():
         classifier = LearnedRouter(C=router.C, max_iter=router.max_iter, random_state=cfg.seed)
-        classifier.fit(features(fit_rows), texts.domain[fit_rows])
+        classifier.fit(pooled_hidden(model, encode(fit_rows), router.layer, cfg.batch_size, out.device),
+                       texts.domain[fit_rows])
         started = time.perf_counter()
-        probs = classifier.predict_proba(features(test))  # (T, n_classes)
+        features = pooled_hidden(model, test_tokens, router.layer, cfg.batch_size, out.device)
+        probs = classifier.predict_proba(features)  # (T, n_classes)
         seconds = (time.perf_counter() - started) / max(len(test), 1)
     chosen = classifier.classes_[probs.argmax(axis=1)]
     out.log.info("route: learned router %s on block %d: %d training texts", router.label, router.layer, len(fit_rows))
