@@ -123,7 +123,7 @@ def test_the_learned_router_beats_keywords_that_mislead(pipeline):
     summary = json.loads((route_dir / "summary.json").read_text())
     accuracy, gain = summary["router_accuracy"], summary["gain_recovered"]
     assert accuracy["oracle"] == 1.0 and gain["oracle"] == 1.0 and gain["base"] == 0.0
-    assert accuracy["base"] is None and accuracy["merge"] is None
+    assert "base" not in accuracy and "merge" not in accuracy  # they choose no domain
     assert accuracy["learned"] > 0.75 > 0.5 > accuracy["keyword"]  # keywords: right on math texts only
     assert gain["learned"] > gain["keyword"]
     with open_artifact(route_dir) as reader:

@@ -53,7 +53,8 @@ routing_seconds_per_text       (R,) float64        wall time of the routing deci
 
 Attributes: ``base_forward_seconds_per_text`` (one full forward pass of the base per text, timed in
 the same run), ``confidence``, ``n_resamples``. Summary: ``router_accuracy``, ``gain_recovered``,
-``router_loss``, ``calibration_error``, ``routing_seconds_per_text`` (each ``{router: value}``),
+``router_loss``, ``calibration_error``, ``routing_seconds_per_text`` (each ``{router: value}``, for
+the routers where it is defined: ``base`` and ``merge`` choose no domain, so have no accuracy),
 ``routing_cost_vs_base_forward``, ``own_adapter_best`` (per domain: is the domain's adapter the
 best model for it).
 """
@@ -408,7 +409,8 @@ def _write(cfg: Config, out: ArtifactWriter, domains: list[str], model_names: li
     out.attrs["base_forward_seconds_per_text"] = base_seconds
     out.attrs["confidence"], out.attrs["n_resamples"] = cfg.confidence, cfg.bootstrap
     own_best = [bool(np.nanargmin(matrix.domain_loss[:n_domains + 1, d]) == d) for d in range(n_domains)]
-    plain = lambda values: {n: (None if not np.isfinite(v) else round(float(v), 6)) for n, v in zip(names, values)}  # noqa: E731
+    # Only defined values: base and merge route nowhere, so they have no accuracy or calibration error.
+    plain = lambda values: {n: round(float(v), 6) for n, v in zip(names, values) if np.isfinite(v)}  # noqa: E731
     out.summary.update(router_accuracy=plain(accuracy), gain_recovered=plain(losses.gain),
                        router_loss=plain(losses.loss), calibration_error=plain(ece),
                        routing_seconds_per_text=plain(seconds), base_forward_seconds_per_text=round(base_seconds, 6),
