@@ -6,7 +6,8 @@ PEFT adapter (rank ``--rank`` on q/k/v/o) through ``TrainableView``, the full si
 the base. Step times: both sides in one process, their steps alternating (so that load from other
 processes hits both alike), the median of ``--steps`` steps after two warm-up steps. Peak memory:
 three steps of each side in a fresh process of its own, peak resident memory on the CPU
-(``ru_maxrss``, the weights included), ``torch.cuda.max_memory_allocated`` on a GPU.
+(``ru_maxrss``, the Python runtime and weights included), ``torch.cuda.max_memory_allocated`` on a
+GPU; and what training added to it over the loaded model (gradients, optimiser state, activations).
 
 Routing: the learned router's feature pass (``pooled_hidden``: a forward pass stopped after block
 ``L``, then the mean over tokens) and its logistic regression, against one full forward pass of
@@ -98,14 +99,16 @@ def _peak_memory(side: str, args: argparse.Namespace, results) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    cuda = str(args.device).startswith("cuda")
     model, optimizer, objective, params, base = _setup_side(side, args)
-    if str(args.device).startswith("cuda"):
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     for batch in objective.batches(0)[:3]:
         _step(model, optimizer, objective, batch, args.device)
-    peak = (torch.cuda.max_memory_allocated() if str(args.device).startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    results[side] = {"peak_bytes": peak, "trainable": sum(p.numel() for p in params),
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # The increment is what training adds to the loaded weights: gradients, optimiser state, activations.
+    results[side] = {"peak_bytes": peak, "increment_bytes": peak - before, "trainable": sum(p.numel() for p in params),
                      "total": sum(p.numel() for p in base.parameters())}
 
 
@@ -194,15 +197,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{shape['vocab']}) on {args.device}; batch {args.batch} x {args.length} tokens; LoRA rank {args.rank} on "
           f"{', '.join(TARGETS)}")
     train = compare_training(args)
-    memory = "peak GPU memory allocated" if args.device.startswith("cuda") else "peak resident memory (process)"
-    print(f"\n{'training step':<14} {'trainable':>12} {'ms / step':>10} {memory + ' (MiB)':>40}")
+    memory = "peak GPU memory allocated" if args.device.startswith("cuda") else "peak resident memory"
+    print(f"\n{'training step':<14} {'trainable':>12} {'ms / step':>10} {memory + ' (MiB)':>32} {'of it training (MiB)':>22}")
     for side in ("full", "lora"):
         result = train[side]
         print(f"{side:<14} {result['trainable']:>12,} {1e3 * result['step_s']:>10.1f} "
-              f"{result['peak_bytes'] / 2**20:>40.0f}")
-    print(f"LoRA / full: step time {train['lora']['step_s'] / train['full']['step_s']:.2f}x, peak memory "
-          f"{train['lora']['peak_bytes'] / train['full']['peak_bytes']:.2f}x, trainable parameters "
-          f"{train['lora']['trainable'] / train['full']['trainable']:.4f}x")
+              f"{result['peak_bytes'] / 2**20:>32.0f} {result['increment_bytes'] / 2**20:>22.0f}")
+    lora, full = train["lora"], train["full"]
+    print(f"LoRA / full: step time {lora['step_s'] / full['step_s']:.2f}x, peak memory "
+          f"{lora['peak_bytes'] / full['peak_bytes']:.2f}x (training's share "
+          f"{lora['increment_bytes'] / max(full['increment_bytes'], 1):.2f}x), trainable parameters "
+          f"{lora['trainable'] / full['trainable']:.4f}x")
     routing = compare_routing(args)
     reference = routing[0][1]
     print(f"\n{'routing (per text)':<34} {'ms / text':>10} {'vs base forward':>16}")
