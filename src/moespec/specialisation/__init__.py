@@ -1,0 +1,1 @@
+"""Specialisation metrics of MoE models (pure numpy), run by the stages."""
