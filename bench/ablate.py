@@ -2,10 +2,10 @@
 
 Both sides are the ablate stage's own code on the same model, rows and ablations:
 
-* batched: ``moespec.stages.ablate.ablated_passes`` runs every single-expert ablation of a layer
+* batched: ``moespec.stages.ablate.trained.ablated_passes`` runs every single-expert ablation of a layer
   as rows of one ``Ablation`` mask of shape (E, 1, E); what comes before the layer and the layer's
   expert outputs are computed once for all E ablations;
-* separate: ``moespec.stages.ablate.trained_pass`` once per expert with ``Ablation.of([e])``,
+* separate: ``moespec.stages.ablate.trained.trained_pass`` once per expert with ``Ablation.of([e])``,
   i.e. E ordinary evaluation passes.
 
 The model is the demo's top-k classifier shape (``TopKMoEConfig`` defaults, 8 experts, top-2,
@@ -30,9 +30,10 @@ import time
 import numpy as np
 import torch
 
-from moespec.analysis.ablation import plan_ablations
+from moespec.specialisation.ablation import plan_ablations
 from moespec.models import Ablation, TopKMoEConfig
-from moespec.stages.ablate import LIBRARY_MODE, ablated_passes, trained_pass
+from moespec.stages.ablate.common import LIBRARY_MODE
+from moespec.stages.ablate.trained import ablated_passes, trained_pass
 
 INPUT_DIM, N_CLASSES, DEMO_ROWS, BATCH_SIZE = 64, 18, 240, 256
 GOAL_EXPERTS = 8

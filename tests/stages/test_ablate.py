@@ -13,6 +13,8 @@ from moespec.config import config_yaml, load_experiment
 from moespec.errors import ConfigError, DataError, StageError
 from moespec.launch.runner import run_inline
 from moespec.stages import ablate, train
+from moespec.models import rows
+from moespec.stages.ablate import trained as ablate_trained
 from tests.conftest import one_torch_thread, tiny_experiment
 from tests.embedding.test_hf_moe import N_EXPERTS, save_tiny_moe
 from tests.stages.test_train import write_reduce_artifact
@@ -88,17 +90,17 @@ def test_classifier_ablation_tables_and_summary(trained, tmp_path):
 
 
 def test_batched_ablations_equal_one_pass_per_expert(trained):
-    from moespec.analysis.ablation import plan_ablations
+    from moespec.specialisation.ablation import plan_ablations
     from moespec.models import Ablation
 
-    model, _ = train.load_model(trained[1]["topk"].path.parent / "best.pt")
+    model, _ = rows.load_model(trained[1]["topk"].path.parent / "best.pt")
     features = torch.as_tensor(trained[0]["reduced"][()], dtype=torch.float32)
     plan = plan_ablations([0, 1], [0, 1, 2, 3], np.full((2, 4), 0.25), 2, np.random.default_rng(0))
     for mode in ("mask", "zero", "drop"):
-        batched = ablate.ablated_passes(model, features, plan, mode, batch_size=32, n_layers=2)
+        batched = ablate_trained.ablated_passes(model, features, plan, mode, batch_size=32, n_layers=2)
         for row in range(len(plan.layer)):
             ablation = Ablation(torch.as_tensor(plan.masks[row]), mode, int(plan.layer[row]))
-            single = ablate.trained_pass(model, features, ablation, batch_size=1000)
+            single = ablate_trained.trained_pass(model, features, ablation, batch_size=1000)
             np.testing.assert_array_equal(batched["prediction"][row], single["prediction"][0])
             np.testing.assert_allclose(batched["probs"][row], single["probs"][0], atol=1e-6)
 

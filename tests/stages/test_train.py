@@ -11,6 +11,8 @@ from moespec.artifacts import ArtifactWriter, open_artifact, write_artifact
 from moespec.config import load_experiment
 from moespec.errors import ConfigError, DataError, StageError
 from moespec.launch.runner import run_inline
+from moespec.data.splits import stratified_split
+from moespec.models import rows, training
 from moespec.stages import train
 from tests.conftest import tiny_experiment
 
@@ -83,10 +85,10 @@ def test_dictionary_training_writes_curves_checkpoints_and_heldout_routing(reduc
     assert (tmp_path / "train" / "best.pt").exists() and (tmp_path / "train" / "final.pt").exists()
     assert not (tmp_path / "train" / "work" / "checkpoint.pt").exists()
     assert summary["epochs_run"] == 3 and len(summary["expert_load"][0]) == 3
-    model, checkpoint = train.load_model(tmp_path / "train" / "best.pt")
+    model, checkpoint = rows.load_model(tmp_path / "train" / "best.pt")
     assert checkpoint["epoch"] == int(summary["best_epoch"])
     features = torch.as_tensor(reduced["reduced"][()], dtype=torch.float32)
-    val_index = torch.as_tensor(np.sort(train.stratified_split(reduced.read("domain"), 0.2, 0)[1]))
+    val_index = torch.as_tensor(np.sort(stratified_split(reduced.read("domain"), 0.2, 0)[1]))
     with torch.no_grad():
         embedding, aux = model(features[val_index])
     with open_artifact(tmp_path / "train") as result:
@@ -95,12 +97,12 @@ def test_dictionary_training_writes_curves_checkpoints_and_heldout_routing(reduc
 
 def test_split_is_stratified_by_domain_and_seeded():
     domain = np.repeat(np.arange(4), [10, 5, 2, 1])
-    train_index, val_index = train.stratified_split(domain, 0.2, seed=3)
+    train_index, val_index = stratified_split(domain, 0.2, seed=3)
     assert np.bincount(domain[val_index], minlength=4).tolist() == [2, 1, 1, 0]
     assert sorted(np.concatenate([train_index, val_index]).tolist()) == list(range(len(domain)))
-    again = train.stratified_split(domain, 0.2, seed=3)
+    again = stratified_split(domain, 0.2, seed=3)
     assert np.array_equal(again[1], val_index)
-    assert not np.array_equal(train.stratified_split(domain, 0.2, seed=4)[1], val_index)
+    assert not np.array_equal(stratified_split(domain, 0.2, seed=4)[1], val_index)
 
 
 def test_training_is_deterministic(reduced, tmp_path):
@@ -118,7 +120,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(reduced, t
     reference_curves = reference["curves/val/total"][()]
     reference.close()
 
-    real_batch, calls = train.train_batch, []
+    real_batch, calls = rows.train_batch, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -126,7 +128,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(reduced, t
             raise KeyboardInterrupt("preempted")
         return real_batch(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_batch", interrupted)
+    monkeypatch.setattr(rows, "train_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_train(cfg, reduced, tmp_path / "resumed")
     assert (tmp_path / "resumed" / "work" / "checkpoint.pt").exists()
@@ -137,9 +139,9 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(reduced, t
         resumed_calls.append(1)
         return real_batch(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_batch", counted)
+    monkeypatch.setattr(rows, "train_batch", counted)
     resumed, _ = run_train(cfg, reduced, tmp_path / "resumed")
-    total_batches = 3 * len(train.row_batches(np.arange(len(resumed["split/train_index"])), cfg.batch_size))
+    total_batches = 3 * len(training.row_batches(np.arange(len(resumed["split/train_index"])), cfg.batch_size))
     # It resumed from the last checkpoint (at most one accumulation window back), not from scratch.
     assert total_batches - stop_at_batch < len(resumed_calls) <= total_batches - stop_at_batch + 2
     with resumed:
@@ -153,7 +155,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(reduced, t
 
 def test_a_checkpoint_from_another_config_is_a_clear_error(reduced, tmp_path, monkeypatch):
     cfg = train_config()
-    real_batch, calls = train.train_batch, []
+    real_batch, calls = rows.train_batch, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -161,14 +163,14 @@ def test_a_checkpoint_from_another_config_is_a_clear_error(reduced, tmp_path, mo
             raise KeyboardInterrupt
         return real_batch(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_batch", interrupted)
+    monkeypatch.setattr(rows, "train_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_train(cfg, reduced, tmp_path / "train")
-    monkeypatch.setattr(train, "train_batch", real_batch)
-    with pytest.raises(ConfigError, match=r"different train config \(differs in: train.lr \(0.01 -> 0.02\)"):
+    monkeypatch.setattr(rows, "train_batch", real_batch)
+    with pytest.raises(ConfigError, match=r"different run \(differs in: train.config.lr \(0.01 -> 0.02\)"):
         run_train(train_config(lr=2e-2), reduced, tmp_path / "train")
     (tmp_path / "train" / "work" / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="not a readable moespec train checkpoint"):
+    with pytest.raises(ConfigError, match="not a readable moespec checkpoint"):
         run_train(cfg, reduced, tmp_path / "train")
 
 
@@ -222,10 +224,11 @@ def test_config_validation_messages():
 
 def test_lr_schedules():
     cfg = train_config(schedule="step", step_epochs=2, step_gamma=0.5, warmup_steps=2)
-    factors = [train.lr_factor(cfg, 100, 10, step) for step in (0, 1, 2, 19, 20, 40)]
-    assert factors == [0.5, 1.0, 1.0, 1.0, 0.5, 0.25]
-    cosine = train_config(schedule="cosine")
-    assert train.lr_factor(cosine, 100, 10, 0) == 1.0 and train.lr_factor(cosine, 100, 10, 100) == pytest.approx(0.0)
+    factor = training.lr_schedule(cfg.schedule, cfg.warmup_steps, 100, step_every=cfg.step_epochs * 10,
+                                  step_gamma=cfg.step_gamma)
+    assert [factor(step) for step in (0, 1, 2, 19, 20, 40)] == [0.5, 1.0, 1.0, 1.0, 0.5, 0.25]
+    cosine = training.lr_schedule("cosine", 0, 100)
+    assert cosine(0) == 1.0 and cosine(100) == pytest.approx(0.0)
 
 
 def test_pipeline_embed_reduce_train_runs_inline(tmp_path):
@@ -257,5 +260,5 @@ def test_bfloat16_autocast_trains_in_low_precision_and_keeps_float32_weights(red
     np.testing.assert_allclose(low_loss, full_loss, rtol=0.1)  # ... and trained the same model
     weights = _weights(tmp_path / "bf16" / "final.pt")
     assert all(w.dtype == torch.float32 for w in weights.values() if w.is_floating_point())
-    assert train.autocast_dtype(train_config(), "cpu") is None
-    assert train.autocast_dtype(train_config(), "cuda:0") == torch.bfloat16
+    assert training.autocast_dtype("auto", "cpu") is None
+    assert training.autocast_dtype("auto", "cuda:0") == torch.bfloat16

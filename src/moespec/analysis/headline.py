@@ -55,7 +55,7 @@ def headline(stage: str, summary: Mapping[str, Any]) -> str:
             parts.append(f"{label} {format_value(summary[key])}")
     text = ", ".join(parts)
     if stage == "ablate" and isinstance(summary.get("experts"), Mapping) and summary["experts"]:
-        from moespec.analysis.ablation import format_table
+        from moespec.specialisation.ablation import format_table
 
         table = format_table(dict(summary["experts"]))
         text += "\n" + "\n".join("      " + line for line in table.splitlines())

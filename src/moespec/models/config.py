@@ -10,7 +10,9 @@ imports the model modules when called.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+import numpy as np
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -123,10 +125,32 @@ class DictionaryMoEConfig(_ModelConfigBase):
         model.reset_parameters(torch.Generator().manual_seed(seed))
         return model
 
+    #: Loss terms of ``loss_terms`` (``total`` is the one minimised).
+    loss_terms: ClassVar[tuple[str, ...]] = ("contrastive", "reconstruction", "balance", "total")
+    #: The config key that names the training target (for messages).
+    target_key: ClassVar[str] = "positive_pairs"
+    #: The per-input metric of an ablation: the model's reconstruction loss term.
+    ablation_metric: ClassVar[str] = "reconstruction"
+
     @property
     def target(self) -> TargetKey:
         """The sample key the training objective needs (here: what defines positive pairs)."""
         return self.positive_pairs
+
+    def training_targets(self, domain: np.ndarray, label: np.ndarray, domain_names: list[str],
+                         label_names: list[str]) -> tuple[np.ndarray, None, list[str]]:
+        """Contrastive keys per row (two columns for ``domain_label``); no classes."""
+        keys = {"label": label, "domain": domain, "domain_label": np.stack([domain, label], axis=1)}
+        return keys[self.positive_pairs], None, []
+
+    def heldout_schema(self) -> dict[str, Any]:
+        from moespec.artifacts import DatasetSpec
+
+        return {"heldout/embedding": DatasetSpec(("n_val", "P"), "float")}
+
+    def heldout_outputs(self, output: np.ndarray, targets: np.ndarray, target_names: list[str]) -> dict[str, Any]:
+        """What the train stage writes of the held-out rows beyond their routing: the projections."""
+        return {"heldout/embedding": output.astype(np.float32)}
 
 
 class TopKMoEConfig(_ModelConfigBase):
@@ -164,6 +188,41 @@ class TopKMoEConfig(_ModelConfigBase):
             raise ValueError("shared_expert_dim is set but shared_expert is false")
         return self
 
+    loss_terms: ClassVar[tuple[str, ...]] = ("classification", "balance", "z", "total")
+    target_key: ClassVar[str] = "target"
+    #: The per-input metric of an ablation: correct (1) or not (0).
+    ablation_metric: ClassVar[str] = "accuracy"
+
+    def training_targets(self, domain: np.ndarray, label: np.ndarray, domain_names: list[str],
+                         label_names: list[str]) -> tuple[np.ndarray, int, list[str]]:
+        """Class id per row, the number of classes and their names.
+
+        ``domain_label`` numbers the (domain, label) pairs that occur densely: label ids of
+        different domains are never merged.
+        """
+        if self.target == "domain":
+            targets, names = domain, domain_names or [f"domain {d}" for d in range(int(domain.max()) + 1)]
+        elif self.target == "label":
+            targets, names = label, label_names or [f"label {c}" for c in range(int(label.max()) + 1)]
+        else:
+            pairs, inverse = np.unique(np.stack([domain, label], axis=1), axis=0, return_inverse=True)
+            targets = inverse.reshape(-1).astype(np.int64)
+            names = [f"{_name(domain_names, d)}/{_name(label_names, c)}" for d, c in pairs]
+        if len(names) < 2:
+            raise ValueError(f"{self.target!r} gives {len(names)} class(es); a classifier needs >= 2")
+        return targets, len(names), names
+
+    def heldout_schema(self) -> dict[str, Any]:
+        from moespec.artifacts import DatasetSpec
+
+        return {"heldout/target": DatasetSpec(("n_val",), "int"), "heldout/prediction": DatasetSpec(("n_val",), "int"),
+                "target_names": DatasetSpec(("n_classes",), "str")}
+
+    def heldout_outputs(self, output: np.ndarray, targets: np.ndarray, target_names: list[str]) -> dict[str, Any]:
+        """What the train stage writes of the held-out rows beyond their routing: targets and predictions."""
+        return {"heldout/target": targets, "heldout/prediction": output.argmax(axis=-1).astype(np.int64),
+                "target_names": list(target_names)}
+
     @property
     def renormalizes(self) -> bool:
         """The routing convention in effect (resolves ``renormalize=None``)."""
@@ -194,6 +253,10 @@ class TopKMoEConfig(_ModelConfigBase):
         )
         model.reset_parameters(torch.Generator().manual_seed(seed))
         return model
+
+
+def _name(names: list[str], index: int) -> str:
+    return names[index] if 0 <= index < len(names) else str(index)
 
 
 #: Either model, chosen by ``kind``.

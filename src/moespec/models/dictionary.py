@@ -306,6 +306,11 @@ class DictionaryMoE(nn.Module):
         Weights of the loss terms.
     """
 
+    #: How the train stage scores held-out rows (``moespec.models.rows.ACCURACY``).
+    accuracy_kind = "nearest_train_centroid"
+    #: One routing decision per input.
+    n_moe_layers = 1
+
     def __init__(
         self,
         input_dim: int,

@@ -168,6 +168,13 @@ class TopKMoEClassifier(nn.Module):
         Weights of the auxiliary losses in ``aux["aux_loss"]``.
     """
 
+    #: How the train stage scores held-out rows (``moespec.models.rows.ACCURACY``).
+    accuracy_kind = "argmax"
+
+    @property
+    def n_moe_layers(self) -> int:
+        return len(self.moe_layers)
+
     def __init__(
         self,
         input_dim: int,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import mutual_info_score, normalized_mutual_info_score
 
-from moespec.analysis import specialisation as spec
+from moespec.specialisation import metrics as spec
 
 
 def test_load_importance_cv_and_dead_experts_by_hand():

@@ -2,7 +2,7 @@
 
 Each ``*_tables`` function returns ``{dataset name: array}`` (the names the ablate stage writes,
 see :mod:`moespec.stages.ablate`); nothing here reads or writes files. The metrics themselves are
-in :mod:`moespec.analysis.specialisation`.
+in :mod:`moespec.specialisation.metrics`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from moespec.analysis import specialisation as spec
+from moespec.specialisation import metrics as spec
 
 
 @dataclass

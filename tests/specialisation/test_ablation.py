@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moespec.analysis import ablation
-from moespec.analysis.ablation import Groups
+from moespec.specialisation import ablation
+from moespec.specialisation.ablation import Groups
 
 
 def _routing():
