@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -137,8 +138,9 @@ class LMModelConfig(BaseModel):
         return self.expert_size or self.hidden_size
 
 
-def moe_hf_config(cfg: LMModelConfig, vocab_size: int, max_positions: int, eot_id: int) -> Any:
-    """The ``Qwen2MoeConfig`` of the MoE model described by ``cfg``."""
+def moe_hf_config(cfg: LMModelConfig, vocab_size: int, max_positions: int, eot_id: int,
+                  aux_loss_coef: float = 0.01) -> Any:
+    """The ``Qwen2MoeConfig`` of the MoE model described by ``cfg`` (``aux_loss_coef``: its load-balancing weight)."""
     from transformers import Qwen2MoeConfig
 
     return Qwen2MoeConfig(
@@ -150,7 +152,7 @@ def moe_hf_config(cfg: LMModelConfig, vocab_size: int, max_positions: int, eot_i
         attention_dropout=cfg.dropout, decoder_sparse_step=cfg.decoder_sparse_step,
         moe_intermediate_size=cfg.expert_width(), shared_expert_intermediate_size=cfg.shared_expert_size,
         num_experts_per_tok=cfg.top_k, num_experts=cfg.num_experts, norm_topk_prob=cfg.norm_topk_prob,
-        mlp_only_layers=list(cfg.mlp_only_layers), qkv_bias=True, use_cache=False,
+        mlp_only_layers=list(cfg.mlp_only_layers), qkv_bias=True, router_aux_loss_coef=aux_loss_coef,
         bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
 
 
@@ -163,16 +165,17 @@ def dense_hf_config(cfg: LMModelConfig, vocab_size: int, max_positions: int, eot
                   num_key_value_heads=cfg.num_kv_heads or cfg.num_heads, max_position_embeddings=max_positions,
                   initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings,
                   rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-                  attention_dropout=cfg.dropout, use_cache=False, rms_norm_eps=1e-6,
+                  attention_dropout=cfg.dropout, rms_norm_eps=1e-6,
                   bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
     if cfg.dense_architecture == "llama":
         return LlamaConfig(**common, attention_bias=False)
     return Qwen2Config(**common)
 
 
-def hf_config(cfg: LMModelConfig, vocab_size: int, max_positions: int, eot_id: int) -> Any:
+def hf_config(cfg: LMModelConfig, vocab_size: int, max_positions: int, eot_id: int,
+              aux_loss_coef: float = 0.01) -> Any:
     """The transformers config of the model ``cfg`` describes (the MoE, or its matched dense twin)."""
-    moe = moe_hf_config(cfg, vocab_size, max_positions, eot_id)
+    moe = moe_hf_config(cfg, vocab_size, max_positions, eot_id, aux_loss_coef)
     if cfg.is_moe:
         return moe
     total, active = parameter_counts_of_config(moe)
@@ -197,7 +200,8 @@ def parameter_counts_of_config(config: Any) -> tuple[int, int]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
         model = AutoModelForCausalLM.from_config(config)
     return parameter_counts(model)
 
@@ -233,7 +237,9 @@ def build_model(config: Any, seed: int) -> Any:
     from moespec.models.experts import register
 
     register()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # Qwen2-MoE builds its shared expert even at width 0; torch warns that the empty init is a no-op.
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
     return model
@@ -292,7 +298,8 @@ def loss_terms(model: Any, input_ids: Any, labels: Any, balance_weight: float,
     import torch.nn.functional as F
 
     is_moe = bool(getattr(model.config, "num_experts", 0))
-    output = model(input_ids=input_ids, output_router_logits=True) if is_moe else model(input_ids=input_ids)
+    extra = {"output_router_logits": True} if is_moe else {}
+    output = model(input_ids=input_ids, use_cache=False, **extra)
     lm = F.cross_entropy(output.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
     terms = {"lm": lm}
     total = lm

@@ -14,7 +14,7 @@ from types import ModuleType
 from pydantic import BaseModel, ConfigDict
 
 #: Stage names in pipeline order. A stage's upstream stages always come earlier in this list.
-STAGE_ORDER: tuple[str, ...] = ("embed", "reduce", "fiber", "train", "ablate")
+STAGE_ORDER: tuple[str, ...] = ("embed", "reduce", "fiber", "train", "lm", "ablate")
 
 
 class StageConfig(BaseModel):
