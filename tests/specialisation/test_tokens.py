@@ -71,6 +71,6 @@ def test_coactivation_router_saturation_and_domain_share():
     assert co[0].tolist() == pytest.approx([0, 2 / 3, 1 / 3, 0])
     assert co[3].tolist() == pytest.approx([0, 0, 1, 0])
     assert tokens.router_saturation(index, index[:, ::-1]) == 1.0
-    assert tokens.router_saturation(index, np.array([[0, 3], [1, 3], [2, 3], [0, 1]])) == pytest.approx(3 / 8)
+    assert tokens.router_saturation(index, np.array([[0, 3], [1, 3], [2, 3], [0, 1]])) == pytest.approx(1 / 8)
     share = tokens.domain_expert_share(index, np.array([0, 0, 1, 1]), 2, 4)
     assert share.tolist() == pytest.approx([[0.5, 0.25, 0.25, 0], [0.25, 0.25, 0.25, 0.25]])
