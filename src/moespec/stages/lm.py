@@ -254,6 +254,7 @@ def run(cfg: Config, inputs: dict[str, Any], out: Any) -> None:
     scheduler = make_scheduler(cfg, optimizer)
     checkpoint = Checkpointer(out.work_dir / "checkpoint.pt", {"config": config_dict(cfg)}, NAME)
     clock = _Clock(objective)
+    torch.manual_seed(cfg.seed)  # dropout draws; a resumed run restores the generator from its checkpoint
     state = fit(model, optimizer, scheduler, objective, _loop(cfg), checkpoint=checkpoint, log=out.log,
                 progress=clock.tick, on_evaluation=lambda record: _on_evaluation(record, objective, out, clock))
     tokens_per_s = clock.tokens_per_s(cfg.batch_size * cfg.grad_accumulation * cfg.seq_len)
