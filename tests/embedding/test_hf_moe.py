@@ -7,7 +7,6 @@ Tiny random Mixtral, Qwen2-MoE, OLMoE and Switch-Transformers models are built i
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,71 +15,7 @@ import torch
 from moespec.embedding import hf_moe
 from moespec.embedding.hf_moe import BlockReplay, RouterAblation, RouterHooks
 from moespec.errors import ConfigError
-
-N_EXPERTS, TOP_K, HIDDEN = 4, 2, 32
-
-
-def word_tokenizer():
-    """A word-level tokenizer over the built-in corpus words (with bos, eos, pad and unk)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from moespec.data.corpus import tokenizer_training_texts
-
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(tokenizer_training_texts(n_per_domain=20),
-                            trainers.WordLevelTrainer(vocab_size=600, special_tokens=["<pad>", "<unk>", "<s>", "</s>"]))
-    bos = ("<s>", tok.token_to_id("<s>"))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[bos])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", padding_side="right")
-
-
-def tiny_config(kind: str, vocab_size: int, n_layers: int = 2):
-    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, SwitchTransformersConfig
-
-    if kind == "mixtral":
-        return MixtralConfig(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=48,
-                             num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
-                             num_local_experts=N_EXPERTS, num_experts_per_tok=TOP_K, max_position_embeddings=256,
-                             tie_word_embeddings=False)
-    if kind == "qwen2_moe":
-        return Qwen2MoeConfig(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=48,
-                              moe_intermediate_size=24, shared_expert_intermediate_size=48,
-                              num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
-                              num_experts=N_EXPERTS, num_experts_per_tok=TOP_K, norm_topk_prob=False,
-                              max_position_embeddings=256, tie_word_embeddings=False)
-    if kind == "olmoe":
-        return OlmoeConfig(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=24, num_hidden_layers=n_layers,
-                           num_attention_heads=4, num_key_value_heads=4, num_experts=N_EXPERTS,
-                           num_experts_per_tok=TOP_K, max_position_embeddings=256, tie_word_embeddings=False)
-    if kind == "switch":
-        return SwitchTransformersConfig(vocab_size=vocab_size, d_model=HIDDEN, d_kv=8, d_ff=48, num_layers=2,
-                                        num_decoder_layers=2, num_heads=4, num_experts=N_EXPERTS,
-                                        encoder_sparse_step=1, decoder_sparse_step=1, expert_capacity=64,
-                                        decoder_start_token_id=0)
-    raise ValueError(kind)
-
-
-def save_tiny_moe(kind: str, folder: Path, seed: int = 0, n_layers: int = 2) -> Path:
-    """Build a tiny random ``kind`` model and its tokenizer and ``save_pretrained`` them into ``folder``."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    tokenizer = word_tokenizer()
-    config = tiny_config(kind, len(tokenizer), n_layers)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = (AutoModel if kind == "switch" else AutoModelForCausalLM).from_config(config)
-        # Router weights of a fresh model are tiny (Qwen2-MoE's start at zero); larger ones make
-        # the routing decisive, as in a trained model.
-        for name, param in model.named_parameters():
-            if name.endswith(("gate.weight", "router.classifier.weight")):
-                param.data.normal_(0.0, 0.5)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return Path(folder)
-
+from tests.builders import N_EXPERTS, TOP_K, save_tiny_moe, tiny_config, word_tokenizer
 
 # --------------------------------------------------------------------------------------------------
 # tests

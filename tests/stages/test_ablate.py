@@ -15,9 +15,7 @@ from moespec.launch.runner import run_inline
 from moespec.stages import ablate, train
 from moespec.models import rows
 from moespec.stages.ablate import trained as ablate_trained
-from tests.conftest import one_torch_thread, tiny_experiment
-from tests.embedding.test_hf_moe import N_EXPERTS, save_tiny_moe
-from tests.stages.test_train import write_reduce_artifact
+from tests.builders import N_EXPERTS, one_torch_thread, save_tiny_moe, tiny_experiment, write_reduce_artifact
 
 TOPK = {"kind": "topk", "n_experts": 4, "top_k": 2, "hidden_dim": 16, "ffn_dim": 16, "n_layers": 2}
 DICTIONARY = {"kind": "dictionary", "n_experts": 3, "query_dim": 8, "code_dim": 6, "n_layers": 2,
@@ -202,7 +200,7 @@ def test_pretrained_qwen_probe_is_fitted_once_and_frozen(tmp_path):
 
 
 def test_bad_pretrained_input_is_a_clear_error(tmp_path):
-    from tests.embedding.test_hf_moe import word_tokenizer
+    from tests.builders import word_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = word_tokenizer()

@@ -12,8 +12,8 @@ from moespec.config import load_experiment
 from moespec.errors import ConfigError, DataError, StageError
 from moespec.launch.runner import run_inline
 from moespec.stages import fiber
+from tests.builders import run_stage, write_embed_artifact
 from tests.conftest import tiny_experiment
-from tests.stages.test_reduce import run_stage, write_embed_artifact
 
 SMALL_TEST = {"vol_min": 5, "vol_max": 40, "window": 5, "strata": {"k_range": [2, 4], "n_init": 2}}
 

@@ -4,40 +4,16 @@ from __future__ import annotations
 
 import json
 
-import h5py
 import numpy as np
 import pytest
 from sklearn.decomposition import PCA
 
-from moespec.artifacts import ArtifactWriter, open_artifact, write_artifact
+from moespec.artifacts import open_artifact
 from moespec.config import load_experiment
 from moespec.errors import ConfigError, DataError, StageError
 from moespec.launch.runner import run_inline
-from moespec.stages import embed, reduce
-from tests.conftest import tiny_experiment
-
-
-def write_embed_artifact(folder, embeddings, domain, domain_names=None):
-    """A synthetic, complete embed artifact holding ``embeddings`` (for known-geometry tests)."""
-    n_domains = int(domain.max()) + 1
-    writer = ArtifactWriter(folder, "embed", "synthetic", schema=embed.schema(embed.Config()))
-    with write_artifact(writer):
-        writer.write("embeddings", np.asarray(embeddings, dtype=np.float32))
-        writer.write("domain", np.asarray(domain, dtype=np.int64))
-        writer.write("domain_names", domain_names or [f"d{i}" for i in range(n_domains)])
-        writer.write("label", np.full(len(domain), -1, dtype=np.int64))
-        writer.create_dataset("label_names", (0,), h5py.string_dtype())
-        writer.write("label_domain", np.zeros(0, dtype=np.int64))
-        writer.write("text_id", [f"row/{i}" for i in range(len(domain))])
-    return open_artifact(folder)
-
-
-def run_stage(module, cfg, inputs, folder):
-    """Run one stage's ``run`` into ``folder`` through a real ArtifactWriter; return its reader."""
-    writer = ArtifactWriter(folder, module.NAME, "test", schema=module.schema(cfg))
-    with write_artifact(writer):
-        module.run(cfg, inputs, writer)
-    return open_artifact(folder), writer.summary
+from moespec.stages import reduce
+from tests.builders import run_stage, tiny_experiment, write_embed_artifact
 
 
 @pytest.fixture(scope="module")

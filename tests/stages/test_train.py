@@ -14,29 +14,7 @@ from moespec.launch.runner import run_inline
 from moespec.data.splits import stratified_split
 from moespec.models import rows, training
 from moespec.stages import train
-from tests.conftest import tiny_experiment
-
-N_DOMAINS, LABELS_PER_DOMAIN, ROWS_PER_CLASS, DIM = 3, 2, 16, 8
-
-
-def write_reduce_artifact(folder, *, labelled=True, seed=0):
-    """A complete synthetic reduce artifact: one Gaussian cluster per (domain, class)."""
-    rng = np.random.default_rng(seed)
-    n_classes = N_DOMAINS * LABELS_PER_DOMAIN
-    centers = rng.normal(0, 3, size=(n_classes, DIM))
-    label = np.repeat(np.arange(n_classes), ROWS_PER_CLASS)
-    domain = label // LABELS_PER_DOMAIN
-    reduced = centers[label] + rng.normal(0, 0.5, size=(len(label), DIM))
-    writer = ArtifactWriter(folder, "reduce", f"synthetic{seed}", schema={})
-    with write_artifact(writer):
-        writer.write("reduced", reduced)
-        writer.write("domain", domain.astype(np.int64))
-        writer.write("domain_names", [f"d{i}" for i in range(N_DOMAINS)])
-        writer.write("label", (label if labelled else np.full(len(label), -1)).astype(np.int64))
-        writer.write("label_names", [f"d{c // LABELS_PER_DOMAIN}/c{c % LABELS_PER_DOMAIN}" for c in range(n_classes)])
-        writer.write("label_domain", np.arange(n_classes) // LABELS_PER_DOMAIN)
-    return open_artifact(folder)
-
+from tests.builders import tiny_experiment, write_reduce_artifact
 
 def train_config(**overrides):
     settings = {

@@ -1,4 +1,12 @@
-"""MoE models: the dictionary-expert (LISTA) MoE and the top-k MoE classifier.
+"""MoE models and how they are trained: the dictionary-expert (LISTA) MoE, the top-k MoE classifier, the loop.
+
+Modules: ``config`` (pydantic configs that build the models), ``dictionary`` and ``lista`` (the
+dictionary-expert MoE and its LISTA experts), ``topk`` and ``layers`` (the top-k classifier and
+its FFN experts), ``routing`` (top-k and dictionary routing, ablation masks), ``losses``
+(load-balancing, z-loss, contrastive), ``kernels`` (compiled CPU kernels of the dictionary MoE's
+training step), ``optim`` (fused Adam over one flat buffer), ``training`` (the one training loop:
+fit, evaluation, checkpoints, resume), ``rows`` (training on embedding rows: data, objective,
+evaluation, saved models).
 
 Configs (``DictionaryMoEConfig``, ``TopKMoEConfig``, the tagged union ``ModelConfig``) import without
 torch; the model classes, routing and losses are imported on first use, so that validating a config

@@ -1,17 +1,22 @@
-"""What every stage shares: the config base class and the registry of stage modules.
+"""What every stage shares: the stage contract (:class:`Stage`), the config base class, the registry.
 
-A stage is a module in ``moespec.stages`` exposing ``NAME``, ``SCHEMA_VERSION``, ``Config``,
-``inputs(cfg)``, ``schema(cfg)``, optionally ``num_shards(cfg)``, and ``run(cfg, inputs, out)``.
-The registry imports stage modules lazily so that loading a config never imports torch.
+A stage is a module (or package) in ``moespec.stages`` that satisfies :class:`Stage`: ``NAME``,
+``SCHEMA_VERSION``, ``Config`` (a :class:`StageConfig`), ``inputs(cfg)``, ``schema(cfg)`` and
+``run(cfg, inputs, out)``, where ``inputs`` maps each declared input name to an
+:class:`~moespec.artifacts.ArtifactReader` and ``out`` is the task's
+:class:`~moespec.artifacts.ArtifactWriter`. A stage reads only what it declares and writes only
+through ``out``. The registry imports stage modules lazily so that loading a config never imports torch.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-from types import ModuleType
+from typing import Mapping, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
+
+from moespec.artifacts import ArtifactReader, ArtifactWriter, Schema
 
 #: Stage names in pipeline order. A stage's upstream stages always come earlier in this list.
 STAGE_ORDER: tuple[str, ...] = ("embed", "reduce", "fiber", "train", "lm", "ablate")
@@ -21,6 +26,28 @@ class StageConfig(BaseModel):
     """Base of every stage config: unknown keys are errors and configs are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def num_shards(self) -> int:
+        """Tasks this stage's work is split into, each writing one shard file (1: not sharded)."""
+        return 1
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """The contract of a stage module (checked by the registry and by ``tests/stages``)."""
+
+    NAME: str
+    SCHEMA_VERSION: int
+    Config: type[StageConfig]
+
+    def inputs(self, cfg: StageConfig) -> dict[str, str]:
+        """Input name -> the upstream stage whose artifact it is (fixed per config)."""
+
+    def schema(self, cfg: StageConfig) -> Schema:
+        """The datasets the artifact must hold, with their shapes and dtype kinds."""
+
+    def run(self, cfg: StageConfig, inputs: Mapping[str, ArtifactReader], out: ArtifactWriter) -> None:
+        """Compute the artifact of one task from its inputs."""
 
 
 def check_stage_names(value: dict) -> dict:
@@ -36,14 +63,18 @@ def available_stages() -> list[str]:
     return [name for name in STAGE_ORDER if importlib.util.find_spec(f"moespec.stages.{name}")]
 
 
-def stage_module(name: str) -> ModuleType:
-    """Import and return the module of stage ``name``."""
+def stage_module(name: str) -> Stage:
+    """Import and return the module of stage ``name`` (a :class:`Stage`)."""
     if name not in STAGE_ORDER:
         raise KeyError(f"unknown stage {name!r}; stages are {', '.join(STAGE_ORDER)}")
-    return importlib.import_module(f"moespec.stages.{name}")
+    module = importlib.import_module(f"moespec.stages.{name}")
+    if not isinstance(module, Stage):
+        missing = [attr for attr in ("NAME", "SCHEMA_VERSION", "Config", "inputs", "schema", "run")
+                   if not hasattr(module, attr)]
+        raise TypeError(f"moespec.stages.{name} is not a stage: it lacks {', '.join(missing)}")
+    return module
 
 
 def num_shards(name: str, cfg: StageConfig) -> int:
-    """Number of shard tasks of a stage (1 unless the module says otherwise)."""
-    module = stage_module(name)
-    return int(module.num_shards(cfg)) if hasattr(module, "num_shards") else 1
+    """Number of shard tasks of a stage's task (``cfg.num_shards()``)."""
+    return cfg.num_shards()

@@ -53,7 +53,7 @@ from typing import Any, Literal, Optional, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from moespec.artifacts import DatasetSpec
+from moespec.artifacts import ArtifactReader, ArtifactWriter, DatasetSpec
 from moespec.data.sources import BuiltinSource, Source, load_texts, source_domains
 from moespec.data.textset import shard_bounds
 from moespec.errors import DataError
@@ -153,6 +153,9 @@ class Config(StageConfig):
     shards: int = Field(1, ge=1)
     storage_dtype: Literal["float32", "float16"] = "float32"
 
+    def num_shards(self) -> int:
+        return self.shards
+
     @field_validator("layer")
     @classmethod
     def _layer_list(cls, value: Union[int, list[int]]) -> Union[int, list[int]]:
@@ -187,10 +190,6 @@ def inputs(cfg: Config) -> dict[str, str]:
     return {}
 
 
-def num_shards(cfg: Config) -> int:
-    return cfg.shards
-
-
 #: Per-row metadata and its names tables: written here, carried unchanged by later stages (reduce).
 ROW_METADATA: dict[str, DatasetSpec] = {
     "domain": DatasetSpec(("N",), "int"),
@@ -211,7 +210,7 @@ def schema(cfg: Config) -> dict[str, DatasetSpec]:
     return spec
 
 
-def run(cfg: Config, inputs: dict[str, Any], out: Any) -> None:
+def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> None:
     """Embed this shard's rows and write them, their metadata and the summary through ``out``."""
     loaded = cfg.model.load(out.device, out.log)
     _write_model_attrs(cfg, loaded, out)

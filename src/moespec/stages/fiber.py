@@ -46,7 +46,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from moespec.artifacts import DatasetSpec
+from moespec.artifacts import ArtifactReader, ArtifactWriter, DatasetSpec
 from moespec.errors import ConfigError, DataError
 from moespec.stages.base import StageConfig
 
@@ -221,7 +221,7 @@ def schema(cfg: Config) -> dict[str, DatasetSpec]:
     return spec
 
 
-def run(cfg: Config, inputs: dict[str, Any], out: Any) -> None:
+def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> None:
     """Test, calibrate, stratify, and write everything with its headline numbers."""
     from moespec.geometry import fiber_bundle_test, null_calibration
 

@@ -41,7 +41,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 from pydantic import Field, model_validator
 
-from moespec.artifacts import DatasetSpec
+from moespec.artifacts import ArtifactReader, ArtifactWriter, DatasetSpec
 from moespec.errors import ConfigError, DataError
 from moespec.stages.base import StageConfig
 from moespec.stages.embed import ROW_METADATA
@@ -130,7 +130,7 @@ def schema(cfg: Config) -> dict[str, DatasetSpec]:
     return spec
 
 
-def run(cfg: Config, inputs: dict[str, Any], out: Any) -> None:
+def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> None:
     """Fit the PCA on the embeddings, write the reduced data, the carried rows and the ID estimates."""
     from moespec.geometry import StreamingPCA
 
