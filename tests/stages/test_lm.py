@@ -151,3 +151,26 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_an_error_naming_the_key
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": 280})})
     with pytest.raises(ConfigError, match=r"lm.model.vocab_size: 280 is smaller than the tokenizer's vocabulary"):
         run_lm(cfg, tmp_path / "out")
+
+
+def test_ablate_runs_on_an_lm_artifact_through_the_pretrained_path(tmp_path):
+    from moespec.launch.runner import run_inline
+
+    settings = lm_config(max_steps=4, eval_every=4).model_dump(mode="json")
+    experiment = {"experiment": "lm-ablate", "lm": settings,
+                  "ablate": {"source": {"kind": "lm", "max_length": 64, "batch_size": 4}, "by": ["domain", "token"],
+                             "bootstrap": 20, "modes": ["mask"]}}
+    with one_torch_thread():
+        folders = run_inline(experiment, root=tmp_path)
+    ablate_folder = next(folder for (stage, _), folder in folders.items() if stage == "ablate")
+    summary = json.loads((ablate_folder / "summary.json").read_text())
+    assert summary["source"] == "lm" and summary["task"] == "lm"
+    with open_artifact(ablate_folder / "ablate.h5") as reader:
+        assert reader["ablations/expert"].shape == (2 * 4,)  # every expert of both MoE layers
+        assert reader["ablation/mask/values"].shape[0] == 8
+        assert [str(n) for n in reader.read("names/domain")] == ["movies", "news"]
+
+
+def test_ablate_of_an_lm_artifact_rejects_class_groups():
+    with pytest.raises(ConfigError, match="by: 'class' needs labels"):
+        load_experiment({"experiment": "x", "lm": {}, "ablate": {"source": {"kind": "lm"}, "by": ["class"]}})
