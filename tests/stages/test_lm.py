@@ -174,3 +174,17 @@ def test_ablate_runs_on_an_lm_artifact_through_the_pretrained_path(tmp_path):
 def test_ablate_of_an_lm_artifact_rejects_class_groups():
     with pytest.raises(ConfigError, match="by: 'class' needs labels"):
         load_experiment({"experiment": "x", "lm": {}, "ablate": {"source": {"kind": "lm"}, "by": ["class"]}})
+
+
+@pytest.mark.parametrize("name,n_tasks", [("moe_lm_architectures.yaml", 10), ("moe_lm_experts.yaml", 54)])
+def test_the_shipped_lm_sweeps_plan_to_their_task_counts(name, n_tasks, tmp_path):
+    from pathlib import Path
+
+    from moespec.launch.plan import make_plan
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "experiments" / name
+    plan = make_plan(load_experiment(path, root=tmp_path))
+    tasks = [task for task in plan.tasks if task.stage == "lm"]
+    assert len(tasks) == n_tasks == len({task.uid for task in tasks})
+    twins = [task.config.model.dense_twin for task in tasks]
+    assert twins.count(None) == (9 if n_tasks == 10 else 18)
