@@ -20,9 +20,9 @@ from typing import Any, Optional
 from moespec.errors import ArtifactError
 
 #: Stage order of the pipeline (upstream first).
-STAGES = ("embed", "reduce", "fiber", "train", "ablate")
+STAGES = ("embed", "reduce", "fiber", "train", "lm", "ablate")
 #: Stages that close a run when nothing downstream of them exists.
-_CLOSING = ("ablate", "train", "fiber", "reduce", "embed")
+_CLOSING = ("ablate", "lm", "train", "fiber", "reduce", "embed")
 
 
 @dataclass
