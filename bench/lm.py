@@ -170,7 +170,8 @@ def main() -> None:
           f"d={BASE['hidden_size']}, {BASE['num_layers']} blocks; median of {rounds} x {steps} alternating steps")
     for n_experts in (8, 16):
         chosen, seconds = chosen_implementation(n_experts, device)
-        print(f"E={n_experts} top-2: auto picks {chosen} ({', '.join(f'{k} {1e3 * v:.0f} ms' for k, v in seconds.items())})")
+        timings = ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in seconds.items())
+        print(f"E={n_experts} top-2: auto picks {chosen} ({timings})")
         cases = {f"MoE E={n_experts} top-2, {chosen} (chosen)": (n_experts, None, chosen),
                  f"MoE E={n_experts} top-2, eager": (n_experts, None, "eager")}
         if n_experts == 8:

@@ -164,7 +164,7 @@ def sweep_curves(named_runs: list[tuple[str, Any]]) -> Optional[dict[str, Any]]:
     from moespec.errors import ArtifactError
 
     curves = {}
-    for experiment, run in named_runs:
+    for _, run in named_runs:
         task = run.tasks.get("lm")
         if task is None or task.status != "done":
             continue

@@ -117,7 +117,7 @@ class LMModelConfig(BaseModel):
         if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
             problems.append(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if not self.moe_layers():
-            problems.append(f"no MoE block: every block is in mlp_only_layers or between sparse steps")
+            problems.append("no MoE block: every block is in mlp_only_layers or between sparse steps")
         if problems:
             raise ValueError("; ".join(problems))
         return self
