@@ -48,6 +48,7 @@ Side folder ``model/``. Summary: ``val_loss``, ``val_perplexity``, ``val_bits_pe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -67,6 +68,8 @@ from moespec.stages.base import StageConfig
 NAME = "lm"
 SCHEMA_VERSION = 1
 
+#: Training steps below this many FLOP run on one CPU thread (see ``_threads_for``).
+SMALL_STEP_FLOPS = 2e9
 #: Per-layer token-level measures written under ``specialisation/`` (fields of LayerSpecialisation).
 SPECIALISATION_MEASURES = ("mi_token", "nmi_token", "mi_domain", "nmi_domain", "cmi_domain_given_token",
                            "cmi_null_mean", "cmi_null_std", "cmi_p_value", "vocab_specialisation",
@@ -248,18 +251,19 @@ def run(cfg: Config, inputs: dict[str, Any], out: Any) -> None:
     objective = LMObjective(data.train, data.val, data.val_domain, data.val_bytes, len(data.domain_names),
                             data.eot_id, cfg.batch_size, cfg.seed, device, cfg.balance_loss_weight,
                             cfg.z_loss_weight, autocast, cfg.specialisation.max_tokens if cfg.model.is_moe else 0)
-    implementation = _experts_implementation(cfg, model, objective, out)
-    _add_dropout(cfg, model)
-    optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer)
-    checkpoint = Checkpointer(out.work_dir / "checkpoint.pt", {"config": config_dict(cfg)}, NAME)
-    clock = _Clock(objective)
-    torch.manual_seed(cfg.seed)  # dropout draws; a resumed run restores the generator from its checkpoint
-    state = fit(model, optimizer, scheduler, objective, _loop(cfg), checkpoint=checkpoint, log=out.log,
-                progress=clock.tick, on_evaluation=lambda record: _on_evaluation(record, objective, out, clock))
-    tokens_per_s = clock.tokens_per_s(cfg.batch_size * cfg.grad_accumulation * cfg.seq_len)
-    if cfg.model.is_moe and objective.last_routing is None:
-        objective.evaluate(model)  # resumed after the final evaluation: its routing, recomputed (eval is exact)
+    with _threads_for(cfg, active, device, out.log):
+        implementation = _experts_implementation(cfg, model, objective, out)
+        _add_dropout(cfg, model)
+        optimizer = make_optimizer(cfg, model)
+        scheduler = make_scheduler(cfg, optimizer)
+        checkpoint = Checkpointer(out.work_dir / "checkpoint.pt", {"config": config_dict(cfg)}, NAME)
+        clock = _Clock(objective)
+        torch.manual_seed(cfg.seed)  # dropout draws; a resumed run restores the generator from its checkpoint
+        state = fit(model, optimizer, scheduler, objective, _loop(cfg), checkpoint=checkpoint, log=out.log,
+                    progress=clock.tick, on_evaluation=lambda record: _on_evaluation(record, objective, out, clock))
+        tokens_per_s = clock.tokens_per_s(cfg.batch_size * cfg.grad_accumulation * cfg.seq_len)
+        if cfg.model.is_moe and objective.last_routing is None:
+            objective.evaluate(model)  # resumed after the final evaluation: its routing, recomputed (eval is exact)
     _write_outputs(cfg, data, state, objective, (total, active), tokens_per_s, implementation, out)
     _save_model(model, data.tokenizer, out)
     checkpoint.remove()
@@ -401,6 +405,32 @@ def _experts_implementation(cfg: Config, model: Any, objective: Any, out: Any) -
         record.write_text(json.dumps({"chosen": name, "seconds": seconds}))
     model.set_experts_implementation(name)
     return name
+
+
+@contextlib.contextmanager
+def _threads_for(cfg: Config, params_active: int, device: Any, log: Any):
+    """One CPU thread for training steps too small to share (restored afterwards).
+
+    A step of a few hundred MFLOP per thread spends its time in OpenMP barriers: on the shared
+    2-core development machine a d=64, 2-block model's step (0.8 GFLOP) took 100 ms on one
+    thread and 940-2,200 ms on two (docs/lm.md). Larger steps keep the threads they were given.
+    """
+    import torch
+
+    from moespec.models.lm import flops_per_token
+
+    step_flops = flops_per_token(params_active, cfg.model.num_layers, cfg.seq_len, cfg.model.hidden_size) \
+        * cfg.batch_size * cfg.seq_len
+    threads = torch.get_num_threads()
+    small = device.type == "cpu" and threads > 1 and step_flops < SMALL_STEP_FLOPS
+    if small:
+        log.info("training step of %.2g FLOP on the CPU: 1 thread instead of %d (barrier-bound)", step_flops, threads)
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if small:
+            torch.set_num_threads(threads)
 
 
 def _add_dropout(cfg: Config, model: Any) -> None:
