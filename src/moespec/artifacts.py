@@ -431,7 +431,7 @@ class ArtifactWriter:
         return path
 
     def side_file(self, name: str) -> Path:
-        """A temporary path for a side file or folder (checkpoint, plot, HF model); renamed to ``dir/name`` on success."""
+        """A temporary path for a side file or folder (checkpoint, plot, HF model); ``dir/name`` at commit."""
         if "/" in name or name.startswith("."):
             raise ValueError(f"side file names are plain file names, got {name!r}")
         final = self.dir / name

@@ -20,12 +20,12 @@ from typing import Any, Optional
 import numpy as np
 
 from moespec.analysis.report import run_metrics
-from moespec.analysis.results import Run, discover, flat_config, varied_parameters
+from moespec.analysis.results import STAGES, Run, discover, flat_config, varied_parameters
 from moespec.errors import MoespecError
 
 #: The default ranking metric: the first of these the runs have.
-DEFAULT_SORT = ("train.val_accuracy", "ablate.baseline.accuracy", "ablate.nmi_class[0]", "fiber.rejection_rate",
-                "reduce.variance_retained")
+DEFAULT_SORT = ("train.val_accuracy", "ablate.baseline.accuracy", "ablate.nmi_class[0]", "lm.val_loss",
+                "fiber.rejection_rate", "reduce.variance_retained")
 #: Fewer runs than this leave a correlation undefined (n/a), rather than a meaningless ±1.
 MIN_RUNS_FOR_CORRELATION = 3
 
@@ -54,12 +54,14 @@ class Comparison:
     correlation_metrics: list[str] = field(default_factory=list)
     correlation: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     correlation_counts: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=int))
+    lm_curves: Optional[dict[str, Any]] = None  # validation-loss curves of the lm runs (analysis.lm)
 
 
 def lower_is_better(metric: str) -> bool:
     """Losses, rejection rates on null data and dead experts are better low; everything else high."""
     name = metric.split(".", 1)[-1]
-    return any(word in name for word in ("loss", "dead", "load_cv", "davies_bouldin", "null_"))
+    return any(word in name for word in ("loss", "dead", "load_cv", "davies_bouldin", "null_", "bits_per_byte",
+                                         "perplexity"))
 
 
 def collect_runs(experiment_dirs: list[Path | str]) -> list[tuple[str, Run]]:
@@ -119,12 +121,15 @@ def compare(experiment_dirs: list[Path | str], *, sort_by: Optional[str] = None,
             improvement = (value - base_value) if higher else (base_value - value)
         rows.append({"run": run.name, "experiment": experiment, **{p: config.get(p) for p in parameters},
                      sort_by: value, "improvement": improvement, "baseline": runs[base_index].name,
-                     **{f"status.{s}": run.status(s) for s in ("embed", "reduce", "fiber", "train", "ablate")}})
+                     **{f"status.{s}": run.status(s) for s in STAGES}})
     rows.sort(key=lambda r: (r[sort_by] is None, -(r[sort_by] or 0) if higher else (r[sort_by] or 0)))
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank if row[sort_by] is not None else None
     comparison = Comparison(sort_by, higher, runs[base_index].name, parameters, metrics, rows)
     _correlate(comparison, configs, metrics_of)
+    from moespec.analysis.lm import sweep_curves
+
+    comparison.lm_curves = sweep_curves(named_runs)
     return comparison
 
 
@@ -163,7 +168,7 @@ def _correlate(comparison: Comparison, configs: list[dict], metrics_of: list[dic
 
 def columns(comparison: Comparison) -> list[str]:
     return ["rank", "run", "experiment", *comparison.parameters, comparison.metric, "improvement", "baseline",
-            *[f"status.{s}" for s in ("embed", "reduce", "fiber", "train", "ablate")]]
+            *[f"status.{s}" for s in STAGES]]
 
 
 def to_csv(comparison: Comparison) -> str:
@@ -227,4 +232,10 @@ def write_comparison(comparison: Comparison, out: Path | str) -> dict[str, Path]
         rows, cols = comparison.correlation.shape
         save_figure(Figure("correlation", plots.plot_heatmap, correlation_figure_data(comparison), "correlation",
                            size=(max(6.4, 0.35 * cols + 3), max(3.0, 0.4 * rows + 2.5))), written["figure"])
+    if comparison.lm_curves:
+        from moespec.analysis.lm import plot_sweep_curves
+
+        written["lm_curves"] = out / "lm_loss_curves.png"
+        save_figure(Figure("lm_curves", plot_sweep_curves, comparison.lm_curves, "lm validation loss"),
+                    written["lm_curves"])
     return written

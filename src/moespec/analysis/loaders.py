@@ -354,7 +354,14 @@ def _ablation(section: Section, source: _Source, mode: str, metric: str, layers:
 # entry
 
 
-_SECTIONS = {"reduce": reduce_section, "fiber": fiber_section, "train": train_section, "ablate": ablate_section}
+def _lm_section(source: _Source) -> Section:
+    from moespec.analysis.lm import lm_section  # imports this module
+
+    return lm_section(source)
+
+
+_SECTIONS = {"reduce": reduce_section, "fiber": fiber_section, "train": train_section, "lm": _lm_section,
+             "ablate": ablate_section}
 
 
 def _lora_sections(stage: str) -> Callable[[_Source], Section]:

@@ -29,7 +29,8 @@ HEADLINE_METRICS = ("reduce.variance_retained", "reduce.id_twonn", "fiber.reject
                     "fiber.fiber_rejection_rate", "fiber.null_fiber_rejection_rate", "fiber.silhouette",
                     "train.val_accuracy", "train.best_val_loss", "ablate.baseline.accuracy", "ablate.baseline.reconstruction",
                     "ablate.nmi_class[0]",
-                    "ablate.nmi_domain[0]", "ablate.dead_experts")
+                    "ablate.nmi_domain[0]", "ablate.dead_experts", "lm.val_loss", "lm.val_bits_per_byte",
+                    "lm.params_active")
 
 
 #: Bumped when a plot changes, so that figures drawn by older code are redrawn.

@@ -20,9 +20,9 @@ from typing import Any, Optional
 from moespec.errors import ArtifactError
 
 #: Stage order of the pipeline (upstream first).
-STAGES = ("embed", "reduce", "fiber", "train", "lora", "route", "ablate")
+STAGES = ("embed", "reduce", "fiber", "train", "lm", "lora", "route", "ablate")
 #: Stages that close a run when nothing downstream of them exists.
-_CLOSING = ("ablate", "route", "train", "lora", "fiber", "reduce", "embed")
+_CLOSING = ("ablate", "route", "lm", "train", "lora", "fiber", "reduce", "embed")
 
 
 @dataclass
