@@ -1,6 +1,7 @@
 """The lora stage: one LoRA adapter per domain over a shared, frozen base causal LM.
 
-The texts come from the sources in ``data`` (the same sources as ``embed``; each source is a
+The base is a HF model or folder (``base: {kind: hf, name: ...}``) or the model of the experiment's
+``lm`` stage (``base: {kind: lm}``). The texts come from the sources in ``data`` (the same sources as ``embed``; each source is a
 domain). Every domain's texts are split, seeded and stratified by domain, into training, validation
 and test texts (:func:`text_splits`); the test texts are left to the ``route`` stage, which judges
 routers over these adapters. The stage is sharded by domain: task ``i`` of the array trains the
@@ -41,7 +42,7 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -89,6 +90,35 @@ class HFBase(_Section):
         if folder is not None and not (folder / "config.json").is_file():
             raise ConfigError(f"lora.base.name: {self.name!r} is not a HF model folder (no config.json)")
         return str(folder) if folder is not None else self.name
+
+
+class LMBase(_Section):
+    """The model an ``lm`` stage of the same experiment trained (its HF folder ``model/``).
+
+    Attributes
+    ----------
+    dtype : {"auto", "float32", "bfloat16"}
+    """
+
+    kind: Literal["lm"] = "lm"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        return "lm artifact"
+
+    def local_folder(self) -> Optional[Path]:
+        return None  # known once the lm task has run: its adapters are checked when the task loads it
+
+    def path(self, inputs: dict[str, ArtifactReader]) -> str:
+        reader = inputs["lm"]
+        return str(reader.path.parent / str(reader.attrs.get("model_folder", "model")))
+
+
+#: The base of the adapters: a HF model or folder, or the lm stage's model.
+Base = Annotated[Union[HFBase, LMBase], Field(discriminator="kind")]
 
 
 class AdapterSettings(_Section):
@@ -160,7 +190,8 @@ class Config(StageConfig):
 
     Attributes
     ----------
-    base : HFBase
+    base : HFBase or LMBase
+        ``{kind: hf, name: ...}`` or ``{kind: lm}`` (the experiment's lm stage; lora then reads it).
     data : list of Source
         Each source is one domain, and gets one adapter.
     adapter : AdapterSettings
@@ -173,7 +204,7 @@ class Config(StageConfig):
         Splits, batch order, adapter initialisation and dropout.
     """
 
-    base: HFBase
+    base: Base
     data: list[Source] = Field(default_factory=lambda: [BuiltinSource()], min_length=1)
     adapter: AdapterSettings = AdapterSettings()
     training: TrainingSettings = TrainingSettings()
@@ -280,8 +311,8 @@ def adapter_folder_name(index: int, domain: str) -> str:
 
 
 def inputs(cfg: Config) -> dict[str, str]:
-    """lora reads no upstream artifact (its base is a HF model or folder)."""
-    return {}
+    """The lm artifact when the base is the lm stage's model; nothing for a HF model or folder."""
+    return {"lm": "lm"} if cfg.base.kind == "lm" else {}
 
 
 def schema(cfg: Config) -> dict[str, DatasetSpec]:
@@ -383,7 +414,7 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
     counts = {"n_train": len(train), "n_val": len(val), "n_test": len(test)}
     _write_row(cfg, out, domain, folder, state, base_val_loss, sum(p.numel() for p in view.parameters()),
                counts, seconds, texts.domain_names)
-    out.attrs["base"] = cfg.base.name
+    out.attrs["base"] = cfg.base.name if cfg.base.kind == "hf" else f"lm {inputs['lm'].uid}"
     out.attrs["base_path"] = base_path
     out.attrs["split_digest"] = split_digest(texts.text_id, text_splits(texts.domain, cfg)[2])
     out.attrs["total_params"] = sum(p.numel() for p in model.parameters())
