@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{', '.join(TARGETS)}")
     train = compare_training(args)
     memory = "peak GPU memory allocated" if args.device.startswith("cuda") else "peak resident memory"
-    print(f"\n{'training step':<14} {'trainable':>12} {'ms / step':>10} {memory + ' (MiB)':>32} {'of it training (MiB)':>22}")
+    print(f"\n{'training step':<14} {'trainable':>12} {'ms / step':>10} {memory + ' (MiB)':>32} "
+          f"{'of it training (MiB)':>22}")
     for side in ("full", "lora"):
         result = train[side]
         print(f"{side:<14} {result['trainable']:>12,} {1e3 * result['step_s']:>10.1f} "

@@ -37,7 +37,8 @@ def test_gain_recovered_is_zero_for_the_base_one_for_the_oracle_and_paired_in_th
     loss = nll.sum(1) / tokens.sum()
     np.testing.assert_allclose(result.gain[2], (loss[0] - loss[2]) / (loss[0] - loss[1]))
     assert 0.0 < result.gain_low[2] <= result.gain[2] <= result.gain_high[2] < 1.0
-    assert (result.domain_loss_low <= result.domain_loss).all() and (result.domain_loss <= result.domain_loss_high).all()
+    assert (result.domain_loss_low <= result.domain_loss).all()
+    assert (result.domain_loss <= result.domain_loss_high).all()
     empty = metrics.router_losses(nll, tokens, domain, 2, 0, 1, rng=np.random.default_rng(0), n_resamples=0)
     assert np.isnan(empty.loss_low).all() and np.isfinite(empty.loss).all()
 

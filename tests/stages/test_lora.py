@@ -254,3 +254,38 @@ def test_route_refuses_a_learned_layer_the_base_lacks(setup, pipeline, tmp_path)
         with write_artifact(writer), one_torch_thread():
             route.run(cfg, {"lora": reader}, writer)
     assert not list(tmp_path.glob("*.h5"))
+
+
+# --------------------------------------------------------------------------------------------------
+# a base this pipeline trained
+
+
+def test_adapters_over_the_lm_stages_model(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = {"experiment": "lm-base",
+              "lm": {"data": [{"kind": "builtin", "n_per_domain": 20, "domains": ["movies", "medical"]}],
+                     "tokenizer": {"kind": "bpe", "vocab_size": 300},
+                     "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_experts": 4, "top_k": 2,
+                               "expert_size": 32},
+                     "seq_len": 32, "batch_size": 4, "max_steps": 4, "warmup_steps": 1, "eval_every": 2},
+              "lora": {"base": {"kind": "lm"},
+                       "data": [{"kind": "builtin", "n_per_domain": 10, "domains": ["movies", "medical"], "seed": 1}],
+                       "adapter": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+                       "training": {"max_steps": 2, "batch_size": 4, "eval_every": 2}, "max_length": 24},
+              "route": {"routers": [{"kind": "oracle"}, {"kind": "base"}], "bootstrap": 0}}
+    assert "lora: reads the lm stage (lm) but the experiment has no lm section" in _problems(
+        {k: v for k, v in config.items() if k != "lm"})
+    with one_torch_thread():
+        dirs = run_inline(config, root=tmp_path)
+    lm_dir = next(v for k, v in dirs.items() if k[0] == "lm")
+    lora_dir = next(v for k, v in dirs.items() if k[0] == "lora")
+    with open_artifact(lora_dir) as reader:
+        assert reader.h5.attrs["base"] == f"lm {lm_dir.name}"
+        assert reader.h5.attrs["base_path"] == str(lm_dir / "model")
+        folder = lora_dir / reader.read("adapter_folder")[0]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lm_dir / "model"), folder)
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+    summary = json.loads((next(v for k, v in dirs.items() if k[0] == "route") / "summary.json").read_text())
+    assert summary["gain_recovered"]["oracle"] == 1.0

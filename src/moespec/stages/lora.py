@@ -1,9 +1,9 @@
 """The lora stage: one LoRA adapter per domain over a shared, frozen base causal LM.
 
 The base is a HF model or folder (``base: {kind: hf, name: ...}``) or the model of the experiment's
-``lm`` stage (``base: {kind: lm}``). The texts come from the sources in ``data`` (the same sources as ``embed``; each source is a
-domain). Every domain's texts are split, seeded and stratified by domain, into training, validation
-and test texts (:func:`text_splits`); the test texts are left to the ``route`` stage, which judges
+``lm`` stage (``base: {kind: lm}``). The texts come from the sources in ``data`` (the same sources
+as ``embed``; each source is a domain). Every domain's texts are split, seeded and stratified by
+domain, into training, validation and test texts (:func:`text_splits`); the test texts are left to the ``route`` stage, which judges
 routers over these adapters. The stage is sharded by domain: task ``i`` of the array trains the
 adapter of domain ``i`` on that domain's training texts, with PEFT's ``LoraConfig`` (``adapter``)
 and the shared training loop (:func:`moespec.models.training.fit`), keeping the weights with the
