@@ -31,12 +31,13 @@ domain_names              (n_domains,) str
 ========================  ====================  ==================================================
 
 Attributes: ``base`` (the model as configured), ``base_path`` (where it was loaded from, for
-``route``), ``split_digest`` (a hash of the test texts' ids, checked by
+``route``), ``experts_implementation`` (an lm base's, as the lm stage chose it), ``split_digest`` (a hash of the test texts' ids, checked by
 ``route``), ``total_params``. Summary: the domain, its base and best validation loss, steps run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import re
@@ -331,8 +332,11 @@ def schema(cfg: Config) -> dict[str, DatasetSpec]:
 # loading the base
 
 
-def load_base(cfg: Config, path: str, device: str, log: Any) -> tuple[Any, Any]:
+def load_base(cfg: Config, path: str, device: str, log: Any, experts_implementation: str = "") -> tuple[Any, Any]:
     """The frozen base causal LM at ``path`` (eval mode, on ``device``) and its tokenizer (with a pad token).
+
+    ``experts_implementation`` (an MoE base the lm stage trained: the one it measured fastest,
+    e.g. ``sorted_mm``) replaces transformers' default, ``grouped_mm``, a per-expert loop on the CPU.
 
     Raises
     ------
@@ -360,6 +364,11 @@ def load_base(cfg: Config, path: str, device: str, log: Any) -> tuple[Any, Any]:
         raise ConfigError(problems)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # pads are masked out of attention and loss
+    if experts_implementation not in ("", "none"):
+        from moespec.models.experts import register
+
+        register()  # moespec's sorted_mm joins transformers' registry
+        model.set_experts_implementation(experts_implementation)
     log.info("base %s: %s, %.1fM parameters, %s on %s", cfg.base.name, type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6, str(dtype).removeprefix("torch."), device)
     return model.to(device).eval(), tokenizer
@@ -392,7 +401,8 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
     texts = domain_texts(cfg, out.log)
     train, val, test = (split[texts.domain[split] == index] for split in text_splits(texts.domain, cfg))
     base_path = cfg.base.path(inputs)
-    base, tokenizer = load_base(cfg, base_path, out.device, out.log)
+    experts = str(inputs["lm"].attrs.get("experts_implementation", "")) if cfg.base.kind == "lm" else ""
+    base, tokenizer = load_base(cfg, base_path, out.device, out.log, experts)
     torch.manual_seed(cfg.seed * 1_000_003 + index)  # A's initialisation; B starts at zero
     model = get_peft_model(base, lora_config(cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.dropout,
                                              cfg.adapter.target_modules))
@@ -406,7 +416,8 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
                  index + 1, len(cfg.domains), len(train), len(val), base_val_loss)
     checkpoint = Checkpointer(out.work_dir / "checkpoint.pt", {"config": config_dict(cfg), "domain": domain}, NAME)
     started = time.perf_counter()
-    state = fit(view, optimizer, scheduler, objective, _loop(cfg.training), checkpoint=checkpoint, log=out.log)
+    with threads_for(cfg, sum(p.numel() for p in model.parameters()), out.device, out.log):
+        state = fit(view, optimizer, scheduler, objective, _loop(cfg.training), checkpoint=checkpoint, log=out.log)
     seconds = time.perf_counter() - started
     view.load_state_dict(state.best_state)
     folder = adapter_folder_name(index, domain)
@@ -416,9 +427,34 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
                counts, seconds, texts.domain_names)
     out.attrs["base"] = cfg.base.name if cfg.base.kind == "hf" else f"lm {inputs['lm'].uid}"
     out.attrs["base_path"] = base_path
+    out.attrs["experts_implementation"] = experts
     out.attrs["split_digest"] = split_digest(texts.text_id, text_splits(texts.domain, cfg)[2])
     out.attrs["total_params"] = sum(p.numel() for p in model.parameters())
     checkpoint.remove()
+
+
+@contextlib.contextmanager
+def threads_for(cfg: Config, n_params: int, device: str, log: Any):
+    """One CPU thread for training steps too small to share, as the lm stage does (restored afterwards).
+
+    A step of a few hundred MFLOP spends its time in OpenMP barriers when split over threads
+    (docs/lm.md); the bound is the lm stage's, the FLOPs ``6 N`` per token (Kaplan et al. 2020).
+    """
+    import torch
+
+    from moespec.stages.lm import SMALL_STEP_FLOPS
+
+    step_flops = 6.0 * n_params * cfg.training.batch_size * cfg.max_length
+    threads = torch.get_num_threads()
+    small = device == "cpu" and threads > 1 and step_flops < SMALL_STEP_FLOPS
+    if small:
+        log.info("training step of %.2g FLOP on the CPU: 1 thread instead of %d", step_flops, threads)
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if small:
+            torch.set_num_threads(threads)
 
 
 def _optimiser(training: TrainingSettings, view: Any) -> tuple[Any, Any]:

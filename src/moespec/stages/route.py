@@ -240,14 +240,17 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
     if lora.split_digest(texts.text_id, test) != reader.attrs.get("split_digest"):
         raise ArtifactError(f"{reader.path}: the test texts recomputed from the lora config differ from those the "
                             f"adapters were trained around (data sources changed since?)")
-    base, tokenizer = lora.load_base(lora_cfg, str(reader.attrs["base_path"]), out.device, out.log)
+    base, tokenizer = lora.load_base(lora_cfg, str(reader.attrs["base_path"]), out.device, out.log,
+                                     str(reader.attrs.get("experts_implementation", "")))
     model, model_names = _load_adapters(reader, base, any(r.kind == "merge" for r in cfg.routers))
     test_texts = [texts.texts[i] for i in test]
     tokens = _tokenize(tokenizer, test_texts, lora_cfg.max_length)
-    nll, n_tokens, base_seconds = _score_models(model, model_names, tokens, cfg.batch_size, out)
+    with lora.threads_for(lora_cfg, sum(p.numel() for p in base.parameters()), out.device, out.log):
+        nll, n_tokens, base_seconds = _score_models(model, model_names, tokens, cfg.batch_size, out)
+        decisions = [_route(router, model, tokenizer, texts, train, test, lora_cfg, cfg, out)
+                     for router in cfg.routers]
     domain = texts.domain[test]
     n_domains = len(lora_cfg.domains)
-    decisions = [_route(router, model, tokenizer, texts, train, test, lora_cfg, cfg, out) for router in cfg.routers]
     _write(cfg, out, lora_cfg.domains, model_names, [texts.text_id[i] for i in test], domain, n_tokens, nll,
            decisions, n_domains, base_seconds)
 
