@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from moespec.artifacts import ArtifactReader, ArtifactWriter, DatasetSpec
 from moespec.data.sources import BuiltinSource, Source, source_domains
@@ -118,8 +118,13 @@ class LMBase(_Section):
         return str(reader.path.parent / str(reader.attrs.get("model_folder", "model")))
 
 
+def _base_kind(value: Any) -> str:
+    """``kind`` of a base, ``hf`` when not given (``base: {name: google/gemma-3-270m}``)."""
+    return value.get("kind", "hf") if isinstance(value, dict) else getattr(value, "kind", "hf")
+
+
 #: The base of the adapters: a HF model or folder, or the lm stage's model.
-Base = Annotated[Union[HFBase, LMBase], Field(discriminator="kind")]
+Base = Annotated[Union[Annotated[HFBase, Tag("hf")], Annotated[LMBase, Tag("lm")]], Discriminator(_base_kind)]
 
 
 class AdapterSettings(_Section):
