@@ -133,3 +133,24 @@ def test_the_trainable_view_holds_only_the_adapter(base_folder):
         changed = {key: torch.full_like(value, 0.5) for key, value in state.items()}
         view.load_state_dict(changed)
         assert all(torch.equal(view.state_dict()[key], changed[key]) for key in state)
+
+
+def test_the_uniform_merge_adds_the_mean_of_the_adapters_updates(base_folder, tmp_path):
+    """route's merge baseline: add_weighted_adapter with "cat" and weights 1/n gives exactly mean(ΔW_i)."""
+    from peft import PeftModel
+
+    with one_torch_thread():
+        for index in range(2):
+            model = _peft(_load(base_folder)[0])
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if "lora_B" in name:
+                        param.normal_()
+            model.save_pretrained(tmp_path / f"adapter{index}")
+        merged = PeftModel.from_pretrained(_load(base_folder)[0], tmp_path / "adapter0", adapter_name="a0")
+        merged.load_adapter(tmp_path / "adapter1", adapter_name="a1")
+        merged.add_weighted_adapter(["a0", "a1"], [0.5, 0.5], "merge", combination_type="cat")
+        layer = merged.base_model.model.model.layers[1].mlp.down_proj
+        deltas = [layer.get_delta_weight(name) for name in ("a0", "a1", "merge")]
+    assert deltas[0].abs().max() > 0.1
+    torch.testing.assert_close(deltas[2], (deltas[0] + deltas[1]) / 2, rtol=1e-5, atol=1e-6)
