@@ -36,8 +36,8 @@ def test_the_report_has_the_lora_and_route_sections_and_figures(experiment, tmp_
     page = result.index.read_text()
     assert "Routers over domain adapters (route)" in page and "Domain LoRA adapters (lora)" in page
     route_figures = sorted(p.name for p in (tmp_path / "report" / "figures").glob("route-*/*.png"))
-    assert route_figures == ["confusion_2.png", "confusion_3.png", "loss_matrix.png", "router_domain_gain.png",
-                             "router_domain_loss.png"]
+    assert route_figures == ["confusion_2.png", "confusion_3.png", "loss_matrix.png", "router_domain_delta.png",
+                             "router_domain_gain.png"]
     assert list((tmp_path / "report" / "figures").glob("lora-*/adapter_val_loss.png"))
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     metrics = summary["runs"][0]["metrics"]

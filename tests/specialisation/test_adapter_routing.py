@@ -39,6 +39,10 @@ def test_gain_recovered_is_zero_for_the_base_one_for_the_oracle_and_paired_in_th
     assert 0.0 < result.gain_low[2] <= result.gain[2] <= result.gain_high[2] < 1.0
     assert (result.domain_loss_low <= result.domain_loss).all()
     assert (result.domain_loss <= result.domain_loss_high).all()
+    # The paired difference from the base: exactly 0 for the base, its interval excludes 0 for the oracle.
+    np.testing.assert_array_equal(result.domain_delta[0], 0.0)
+    assert (result.domain_delta_high[1] < 0).all()
+    np.testing.assert_allclose(result.domain_delta, result.domain_loss - result.domain_loss[0])
     empty = metrics.router_losses(nll, tokens, domain, 2, 0, 1, rng=np.random.default_rng(0), n_resamples=0)
     assert np.isnan(empty.loss_low).all() and np.isfinite(empty.loss).all()
 

@@ -72,6 +72,7 @@ def plot_router_bars(data: Mapping[str, Any], ax) -> None:
         colour = plots.SERIES[index % len(plots.SERIES)][0]
         ax.bar(position, np.nan_to_num(value[index]), width, label=router, color=colour, hatch=plots.hatch(index),
                edgecolor="black", linewidth=0.5)
+        ax.axhline(0.0, color="black", linewidth=0.8)
         has = np.isfinite(low[index]) & np.isfinite(high[index])
         ax.errorbar(position[has], value[index][has], yerr=[value[index][has] - low[index][has],
                                                            high[index][has] - value[index][has]],
@@ -128,7 +129,8 @@ def route_section(source: Any) -> Any:
                 "counts": confusion[index], "domains": domains, "router": router, "accuracy": accuracy[index]},
                 f"confusion matrix of the {router} router"))
     interval = f"{100 * source.reader.h5.attrs.get('confidence', 0.95):.0f}% bootstrap intervals"
-    for name, label in (("router_domain_loss", "test loss (nats/token)"), ("router_domain_gain", "gain recovered")):
+    for name, label in (("router_domain_delta", "loss − base loss (nats/token)"),
+                        ("router_domain_gain", "gain recovered")):
         section.figures.append(Figure(name, plot_router_bars, {
             "domains": domains, "routers": routers, "value": source.array(name),
             "low": source.array(name + "_low"), "high": source.array(name + "_high"), "ylabel": label,

@@ -62,6 +62,8 @@ class RouterLosses:
         Over all texts (token-weighted).
     domain_gain, domain_gain_low, domain_gain_high : ndarray of shape (n_rows, n_domains)
     gain, gain_low, gain_high : ndarray of shape (n_rows,)
+    domain_delta, domain_delta_low, domain_delta_high : ndarray of shape (n_rows, n_domains)
+        Loss minus the base row's loss on the same texts (paired: its interval is the difference's).
     """
 
     domain_loss: np.ndarray
@@ -76,6 +78,9 @@ class RouterLosses:
     gain: np.ndarray
     gain_low: np.ndarray
     gain_high: np.ndarray
+    domain_delta: np.ndarray
+    domain_delta_low: np.ndarray
+    domain_delta_high: np.ndarray
 
 
 def router_losses(nll: np.ndarray, tokens: np.ndarray, domain: np.ndarray, n_domains: int, base_row: int,
@@ -121,7 +126,9 @@ def router_losses(nll: np.ndarray, tokens: np.ndarray, domain: np.ndarray, n_dom
     return RouterLosses(point_loss, *interval(boot_loss, point_loss.shape), point_all,
                         *interval(boot_all, point_all.shape), gains(point_loss, -2),
                         *interval(gains(boot_loss, -2), point_loss.shape), gains(point_all, -1),
-                        *interval(gains(boot_all, -1), point_all.shape))
+                        *interval(gains(boot_all, -1), point_all.shape),
+                        point_loss - point_loss[base_row], *interval(boot_loss - boot_loss[:, base_row:base_row + 1],
+                                                                     point_loss.shape))
 
 
 def _resampled_sums(nll: np.ndarray, tokens: np.ndarray, domain: np.ndarray, n_domains: int,

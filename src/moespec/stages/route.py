@@ -43,6 +43,7 @@ router_domain_loss[_low,_high] (R, D) float64      loss per domain under the rou
 router_domain_perplexity       (R, D) float64      exp of the loss (bounds: exp of the loss bounds)
 router_loss[_low,_high]        (R,) float64        over all test texts
 router_domain_gain[_low,_high] (R, D) float64      gain recovered per domain
+router_domain_delta[...]       (R, D) float64      loss minus the base's on the same texts (paired)
 gain_recovered[_low,_high]     (R,) float64        over all test texts
 router_accuracy                (R,) float64        share of texts routed to their domain (NaN: none)
 router_domain_accuracy         (R, D) float64
@@ -219,7 +220,7 @@ def schema(cfg: Config) -> dict[str, DatasetSpec]:
     }
     for name, shape in (("loss_matrix", ("M", "D")), ("router_domain_loss", ("R", "D")), ("router_loss", ("R",)),
                         ("router_domain_gain", ("R", "D")), ("gain_recovered", ("R",)),
-                        ("router_domain_perplexity", ("R", "D"))):
+                        ("router_domain_delta", ("R", "D")), ("router_domain_perplexity", ("R", "D"))):
         for suffix in ("", "_low", "_high"):
             spec[name + suffix] = DatasetSpec(shape, "float")
     return spec
@@ -424,7 +425,8 @@ def _write(cfg: Config, out: ArtifactWriter, domains: list[str], model_names: li
 def _loss_arrays(losses: Any) -> dict[str, np.ndarray]:
     arrays = {}
     for name, field in (("router_domain_loss", "domain_loss"), ("router_loss", "loss"),
-                        ("router_domain_gain", "domain_gain"), ("gain_recovered", "gain")):
+                        ("router_domain_gain", "domain_gain"), ("gain_recovered", "gain"),
+                        ("router_domain_delta", "domain_delta")):
         for suffix in ("", "_low", "_high"):
             arrays[name + suffix] = getattr(losses, field + suffix)
     for suffix in ("", "_low", "_high"):
