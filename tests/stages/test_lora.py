@@ -277,6 +277,11 @@ def test_adapters_over_the_lm_stages_model(tmp_path):
               "route": {"routers": [{"kind": "oracle"}, {"kind": "base"}], "bootstrap": 0}}
     assert "lora: reads the lm stage (lm) but the experiment has no lm section" in _problems(
         {k: v for k, v in config.items() if k != "lm"})
+    # The lm section describes the base: targets and rank are checked against it before anything runs.
+    wrong = {**config, "lora": {**config["lora"], "adapter": {"rank": 40, "target_modules": ["q_proj", "c_attn"]}}}
+    message = _problems(wrong)
+    assert "lora.adapter.target_modules: the base model has no linear layer named 'c_attn'" in message
+    assert "lora.adapter.rank: 40 is above the width 32 of the 'q_proj' layers" in message
     with one_torch_thread():
         dirs = run_inline(config, root=tmp_path)
     lm_dir = next(v for k, v in dirs.items() if k[0] == "lm")

@@ -316,6 +316,26 @@ def adapter_folder_name(index: int, domain: str) -> str:
     return f"adapter-{index:02d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', domain)}"
 
 
+def experiment_problems(experiment: Any) -> list[str]:
+    """An lm base checked against the lm section: the model it describes, built on the ``meta`` device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moespec.models.adapters import adapter_target_problems, linear_widths
+    from moespec.models.lm import hf_config
+
+    cfg, lm_cfg = experiment.lora, getattr(experiment, "lm", None)
+    if cfg.base.kind != "lm" or lm_cfg is None:
+        return []
+    # The vocabulary sets only the embedding and output widths; the tokenizer's is the best guess here.
+    vocab = lm_cfg.model.vocab_size or getattr(lm_cfg.tokenizer, "vocab_size", None) or 256
+    config = hf_config(lm_cfg.model, vocab, lm_cfg.model.max_positions or lm_cfg.seq_len, 0)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return adapter_target_problems(linear_widths(model), cfg.adapter.target_modules, cfg.adapter.rank,
+                                   "lora.adapter")
+
+
 def inputs(cfg: Config) -> dict[str, str]:
     """The lm artifact when the base is the lm stage's model; nothing for a HF model or folder."""
     return {"lm": "lm"} if cfg.base.kind == "lm" else {}
