@@ -38,6 +38,7 @@ Attributes: ``base`` (the model as configured), ``base_path`` (where it was load
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import re
@@ -318,22 +319,32 @@ def adapter_folder_name(index: int, domain: str) -> str:
 
 def experiment_problems(experiment: Any) -> list[str]:
     """An lm base checked against the lm section: the model it describes, built on the ``meta`` device."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from moespec.models.adapters import adapter_target_problems, linear_widths
-    from moespec.models.lm import hf_config
+    from moespec.models.adapters import adapter_target_problems
 
     cfg, lm_cfg = experiment.lora, getattr(experiment, "lm", None)
     if cfg.base.kind != "lm" or lm_cfg is None:
         return []
     # The vocabulary sets only the embedding and output widths; the tokenizer's is the best guess here.
     vocab = lm_cfg.model.vocab_size or getattr(lm_cfg.tokenizer, "vocab_size", None) or 256
-    config = hf_config(lm_cfg.model, vocab, lm_cfg.model.max_positions or lm_cfg.seq_len, 0)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return adapter_target_problems(linear_widths(model), cfg.adapter.target_modules, cfg.adapter.rank,
-                                   "lora.adapter")
+    widths = _lm_widths(lm_cfg.model.model_dump_json(), vocab, lm_cfg.model.max_positions or lm_cfg.seq_len)
+    return adapter_target_problems(widths, cfg.adapter.target_modules, cfg.adapter.rank, "lora.adapter")
+
+
+@functools.lru_cache(maxsize=16)
+def _lm_widths(model_json: str, vocab: int, positions: int) -> dict[str, tuple[int, int]]:
+    """Linear layer widths of the lm section's model (sweep points that share it build it once)."""
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moespec.models.adapters import linear_widths
+    from moespec.models.lm import LMModelConfig, hf_config
+
+    config = hf_config(LMModelConfig.model_validate_json(model_json), vocab, positions, 0)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zero-width parts (no shared expert) warn on the meta device
+        return linear_widths(AutoModelForCausalLM.from_config(config))
 
 
 def inputs(cfg: Config) -> dict[str, str]:
