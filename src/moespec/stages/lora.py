@@ -1,13 +1,14 @@
 """The lora stage: one LoRA adapter per domain over a shared, frozen base causal LM.
 
-The base is a HF model or folder (``base: {kind: hf, name: ...}``) or the model of the experiment's
-``lm`` stage (``base: {kind: lm}``). The texts come from the sources in ``data`` (the same sources
-as ``embed``; each source is a domain). Every domain's texts are split, seeded and stratified by
-domain, into training, validation and test texts (:func:`text_splits`); the test texts are left to the ``route`` stage, which judges
-routers over these adapters. The stage is sharded by domain: task ``i`` of the array trains the
-adapter of domain ``i`` on that domain's training texts, with PEFT's ``LoraConfig`` (``adapter``)
-and the shared training loop (:func:`moespec.models.training.fit`), keeping the weights with the
-lowest validation loss. Checkpoints hold the adapter's weights only and resume bit for bit.
+The base is a HF model or folder (``base: {kind: hf, name: ...}``) or the model of the
+experiment's ``lm`` stage (``base: {kind: lm}``). The texts come from the sources in ``data`` (the
+same sources as ``embed``; each source is a domain). Every domain's texts are split, seeded and
+stratified by domain, into training, validation and test texts (:func:`text_splits`); the test
+texts are left to the ``route`` stage, which judges routers over these adapters. The stage is
+sharded by domain: task ``i`` of the array trains the adapter of domain ``i`` on that domain's
+training texts, with PEFT's ``LoraConfig`` (``adapter``) and the shared training loop
+(:func:`moespec.models.training.fit`), keeping the weights with the lowest validation loss.
+Checkpoints hold the adapter's weights only and resume bit for bit.
 
 Each task writes its adapter as a PEFT folder ``adapter-<ii>-<domain>/`` beside the artifact
 (``PeftModel.from_pretrained(base, folder)`` loads it unchanged) and one row of:
@@ -31,8 +32,9 @@ domain_names              (n_domains,) str
 ========================  ====================  ==================================================
 
 Attributes: ``base`` (the model as configured), ``base_path`` (where it was loaded from, for
-``route``), ``experts_implementation`` (an lm base's, as the lm stage chose it), ``split_digest`` (a hash of the test texts' ids, checked by
-``route``), ``total_params``. Summary: the domain, its base and best validation loss, steps run.
+``route``), ``experts_implementation`` (an lm base's, as the lm stage chose it), ``split_digest``
+(a hash of the test texts' ids, checked by ``route``), ``total_params``. Summary: the domain, its
+base and best validation loss, steps run.
 """
 
 from __future__ import annotations
