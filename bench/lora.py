@@ -6,7 +6,7 @@ PEFT adapter (rank ``--rank`` on q/k/v/o) through ``TrainableView``, the full si
 the base. Step times: both sides in one process, their steps alternating (so that load from other
 processes hits both alike), the median of ``--steps`` steps after two warm-up steps. Peak memory:
 three steps of each side in a fresh process of its own, peak resident memory on the CPU
-(``ru_maxrss``, the Python runtime and weights included), ``torch.cuda.max_memory_allocated`` on a
+(``VmHWM``, the Python runtime and weights included), ``torch.cuda.max_memory_allocated`` on a
 GPU; and what training added to it over the loaded model (gradients, optimiser state, activations).
 
 Routing: the learned router's feature pass (``pooled_hidden``: a forward pass stopped after block
@@ -93,6 +93,18 @@ def _step(model, optimizer, objective, batch, device) -> float:
     return time.perf_counter() - started
 
 
+def _peak_resident_bytes() -> int:
+    """This process's peak resident memory: ``VmHWM`` (``ru_maxrss`` of a spawned child starts at its parent's)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _peak_memory(side: str, args: argparse.Namespace, results) -> None:
     """In a fresh process: three training steps of one side, then its peak memory."""
     import torch
@@ -103,10 +115,10 @@ def _peak_memory(side: str, args: argparse.Namespace, results) -> None:
     model, optimizer, objective, params, base = _setup_side(side, args)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = torch.cuda.memory_allocated() if cuda else _peak_resident_bytes()
     for batch in objective.batches(0)[:3]:
         _step(model, optimizer, objective, batch, args.device)
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else _peak_resident_bytes()
     # The increment is what training adds to the loaded weights: gradients, optimiser state, activations.
     results[side] = {"peak_bytes": peak, "increment_bytes": peak - before, "trainable": sum(p.numel() for p in params),
                      "total": sum(p.numel() for p in base.parameters())}
