@@ -1,27 +1,29 @@
-"""Benchmark of ``moespec sync --from-hpc`` against ``rsync -a`` over ssh, measured in the same run.
+"""Benchmark of ``moespec sync --from-hpc`` as a user runs it against ``rsync -a`` over the same ssh.
 
-Everything runs on 127.0.0.1: a throw-away sshd (``moespec.sync.loopback``, private keys and
-known_hosts, nothing under ``~/.ssh`` touched), the same remote tree for every method, a fresh
-destination for every timed copy, and a byte-for-byte check of every result after its timing.
+Every timed run is a fresh process: ``python -m moespec.cli sync --from-hpc --remote bench ...``
+started in a project folder with a ``sync/remotes.yaml`` (so interpreter start-up, imports and
+reading the remotes file count, as they do for a user), and ``rsync -a -e "ssh -F CONFIG"`` with
+the same ssh config, keys and server. Everything runs on 127.0.0.1: a throw-away sshd from the
+test harness (``tests/sync/loopback.py``; this script puts the repository root on ``sys.path``
+to import it), private keys and known_hosts, nothing under ``~/.ssh`` touched.
 
-Three parts, with the goals of issue 7:
+Three parts, each with the goal of issue 16 (at most 1.3x rsync's wall time, start-up included):
 
-1. bulk: a mixed tree (many small JSON files in nested folders, some checkpoints, two large HDF5
-   files) into an empty folder. Goal: within 1.5x of rsync's time;
-2. no change: the same pull again into the complete copy. Goal: within 1.5x of rsync;
-3. small files at 20 ms: the small-file part of the tree through a delay line that adds a 20 ms
-   round trip (a separate process, so it does not share the client's GIL). Goal: within 3x.
+1. first pull: a mixed tree (small JSON summaries in nested folders, checkpoints, large HDF5
+   files) into an empty folder;
+2. no change: the same pull again into the complete copy;
+3. incremental: a tenth of the small files and one checkpoint rewritten on the cluster, a few
+   files added; pulled into a copy of the tree as it was before.
 
-moespec runs in-process (``session.run_sync``), as the engine costs; the no-change part also
-times the whole ``moespec sync`` command in a new process (interpreter start-up and imports
-included), which is what a user waits for. rsync runs over the same ssh config (a fresh ssh
-connection per run, like moespec's fresh connection). Rows are medians over the repeats;
-methods are interleaved so that load changes on a shared machine hit them alike.
+Optionally (``--rtt-ms``), the first pull of the small-file part through a delay line (a
+separate process) that adds a round trip. Rows are medians over the repeats; the methods are
+interleaved so that load changes on a shared machine hit them alike; every copy is compared
+byte for byte (and whole-second mtime) with its source after its timing.
 
 Usage::
 
-    python bench/sync.py --quick     # ~40 MiB tree, 1 repeat (a minute or two)
-    python bench/sync.py             # 502 MiB tree as in shared/research/sync.md, 3 repeats
+    python bench/sync.py --quick     # ~40 MiB tree, 3 repeats (a few minutes)
+    python bench/sync.py             # ~500 MiB tree, 3 repeats
 
 Needs: ``openssh-server`` and ``rsync`` (``tests/sync/ensure_sshd.sh``), paramiko.
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -39,16 +42,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from moespec.sync.engine import EngineSettings
-from moespec.sync.loopback import DelayLine, LoopbackSsh, missing_tools
-from moespec.sync.session import SyncRequest, run_sync
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the ssh harness lives with the tests: tests/sync/loopback.py
+
+from tests.sync.loopback import DelayLine, LoopbackSsh, missing_tools  # noqa: E402
 
 MiB = 1 << 20
-FULL = dict(n_small=200, small_kb=10, n_medium=20, medium_mb=5, n_large=2, large_mb=200,
-            rtt_small=200, rtt_medium=2, rtt_medium_mb=5, repeats=3, rtt_repeats=3)
-QUICK = dict(n_small=100, small_kb=10, n_medium=4, medium_mb=2, n_large=1, large_mb=32,
-             rtt_small=100, rtt_medium=2, rtt_medium_mb=1, repeats=1, rtt_repeats=1)
-GOALS = {"bulk": 1.5, "no change": 1.5, "small files, 20 ms RTT": 3.0}
+FULL = dict(n_small=400, small_kb=10, n_medium=20, medium_mb=5, n_large=2, large_mb=200, repeats=3)
+QUICK = dict(n_small=200, small_kb=10, n_medium=4, medium_mb=2, n_large=1, large_mb=32, repeats=3)
+GOAL = 1.3
 
 
 # --------------------------------------------------------------------------------------------------
@@ -73,13 +75,18 @@ def mixed_tree(root: Path, p: dict) -> Path:
     return root
 
 
-def small_tree(root: Path, p: dict) -> Path:
-    """The small-file part: summaries in ~100 folders plus two checkpoints."""
-    for i in range(p["rtt_small"]):
-        _write(root / f"run_{i % 50:03d}" / f"step_{i % 2}" / f"summary_{i:04d}.json", p["small_kb"] * 1024)
-    for i in range(p["rtt_medium"]):
-        _write(root / "ckpt" / f"ckpt_{i}.pt", p["rtt_medium_mb"] * MiB)
-    return root
+def changed_tree(source: Path, target: Path, p: dict) -> Path:
+    """A copy of ``source`` as the cluster has it later: every tenth summary and one checkpoint rewritten
+    (new content and mtime), five new summaries."""
+    shutil.copytree(source, target, copy_function=shutil.copy2)
+    later = time.time() + 100
+    changed = [f for f in sorted(target.rglob("summary_*.json"))[::10]] + sorted(target.rglob("ckpt_*.pt"))[:1]
+    for path in changed:
+        _write(path, path.stat().st_size)
+        os.utime(path, (later, later))
+    for i in range(5):
+        _write(target / "run_000" / "logs" / "new" / f"summary_new_{i}.json", p["small_kb"] * 1024)
+    return target
 
 
 def tree_size(root: Path) -> tuple[int, int]:
@@ -100,148 +107,135 @@ def verify(source: Path, copy: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# methods
+# methods: each a fresh process
 
 
-class Bench:
-    def __init__(self, work: Path, config: Path):
-        self.work = work
+class Methods:
+    """``rsync -a`` and ``moespec sync`` (both transports) over one ssh config."""
+
+    def __init__(self, project: Path, config: Path, transports: list[str]):
+        self.project = project
         self.config = config
-        self.env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+        # as a user runs it: no agent, and bytecode cached as an installed package has it
+        self.env = {k: v for k, v in os.environ.items() if k not in ("SSH_AUTH_SOCK", "PYTHONDONTWRITEBYTECODE")}
+        self.env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), self.env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        self.names = ["rsync -a", *(f"moespec ({t})" for t in transports)]
 
-    def rsync(self, host: str, remote: Path, dest: Path) -> None:
-        subprocess.run(["rsync", "-a", "-e", f"ssh -F {self.config}", f"{host}:{remote}/", f"{dest}/"],
-                       check=True, env=self.env, stdout=subprocess.DEVNULL)
+    def write_remotes(self, host: str, root: Path) -> None:
+        """The user's ``sync/remotes.yaml``: one remote per transport, all reading ``root`` on ``host``."""
+        (self.project / "sync").mkdir(parents=True, exist_ok=True)
+        lines = ["remotes:"]
+        for transport in ("paramiko", "openssh"):
+            lines += [f"  {transport}:", f"    host: {host}", f"    root: {root}", f"    transport: {transport}",
+                      f"    ssh_config: {self.config}"]
+        (self.project / "sync" / "remotes.yaml").write_text("\n".join(lines) + "\n")
 
-    def moespec(self, host: str, remote: Path, dest: Path, transport: str) -> None:
-        request = SyncRequest("pull", host, str(remote), dest, transport=transport, ssh_config=self.config,
-                              retries=0, engine=EngineSettings())
-        report = run_sync(request)
-        if not report.ok:
-            raise RuntimeError(f"moespec sync failed: {report.failed[:3]} {report.problems}")
-
-    def moespec_cli(self, host: str, remote: Path, dest: Path) -> None:
-        subprocess.run([sys.executable, "-m", "moespec.cli", "sync", "--from-hpc", "--host", host, "--remote-root",
-                        str(remote), "--local-root", str(dest), "--ssh-config", str(self.config), "--batch",
-                        "--no-progress"],
-                       check=True, env=self.env, stdout=subprocess.DEVNULL, cwd=self.work)
+    def run(self, name: str, host: str, remote: Path, dest: Path) -> None:
+        if name == "rsync -a":
+            argv = ["rsync", "-a", "-e", f"ssh -F {self.config}", f"{host}:{remote}/", f"{dest}/"]
+        else:
+            transport = name.split("(")[1].rstrip(")")
+            argv = [sys.executable, "-m", "moespec.cli", "sync", "--from-hpc", "--remote", transport,
+                    "--local-root", str(dest), "--batch", "--no-progress"]
+        subprocess.run(argv, check=True, env=self.env, cwd=self.project, stdout=subprocess.DEVNULL)
 
 
-def measure(part: str, methods: list[tuple[str, str, object]], source: Path, work: Path, repeats: int,
-            results: dict) -> None:
-    """Run each (key, setup, fn) ``repeats`` times, interleaved; setup is 'empty' or 'populated'."""
+def measure(part: str, methods: Methods, host: str, source: Path, work: Path, repeats: int, results: dict,
+            start_from: Path | None) -> None:
+    """Time every method ``repeats`` times, interleaved; each starts from ``start_from`` (None: empty)
+    or, for the no-change part, from its own complete copy."""
+    methods.write_remotes(host, source)
     for rep in range(repeats):
-        for key, setup, run in methods:
-            dest = work / f"dst-{key}"
-            if setup == "empty":
+        for name in methods.names:
+            dest = work / "dst" / name.replace(" ", "_").replace("(", "").replace(")", "")
+            if part != "no change":
                 shutil.rmtree(dest, ignore_errors=True)
-                dest.mkdir(parents=True)
-            elif not dest.exists():
-                raise RuntimeError(f"{key}: no populated destination")
+                if start_from is None:
+                    dest.mkdir(parents=True)
+                else:
+                    shutil.copytree(start_from, dest, copy_function=shutil.copy2)
             os.sync()
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             started = time.perf_counter()
-            run(dest)
+            methods.run(name, host, source, dest)
             elapsed = time.perf_counter() - started
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
             verify(source, dest)
-            results.setdefault((part, key), []).append(elapsed)
-            print(f"  [{part}, rep {rep + 1}/{repeats}] {key:28s} {elapsed:7.2f} s", file=sys.stderr, flush=True)
+            results.setdefault((part, name), []).append((elapsed, cpu))
+            print(f"  [{part}, rep {rep + 1}/{repeats}] {name:20s} {elapsed:7.2f} s, client CPU {cpu:5.2f} s",
+                  file=sys.stderr, flush=True)
 
 
-def table(results: dict, sizes: dict) -> None:
-    """Print the results with ratios against rsync of the same part."""
+def table(results: dict, goal: float) -> None:
+    """Print the medians with their ratio to rsync's median in the same part."""
     print()
-    header = f"| {'part':24s} | {'method':38s} | {'median s':>8s} | {'min-max s':>11s} | {'MiB/s':>7s} " \
-             f"| {'x rsync':>7s} | {'goal':>8s} |"
+    header = (f"| {'part':22s} | {'method':20s} | {'median s':>8s} | {'min-max s':>11s} | {'x rsync':>7s} "
+              f"| {'goal':>8s} | {'client CPU s':>12s} |")
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
-    for (part, key), times in results.items():
-        base = statistics.median(results[(part, "rsync -a")])
+    for (part, name), runs in results.items():
+        times = [wall for wall, _ in runs]
+        base = statistics.median(wall for wall, _ in results[(part, "rsync -a")])
         median = statistics.median(times)
         ratio = median / base
-        nbytes = sizes[part]
-        rate = f"{nbytes / MiB / median:7.1f}" if part != "no change" else "    n/a"
-        goal = ""
-        if key.startswith("moespec") and "CLI" not in key and part in GOALS:
-            goal = ("ok" if ratio <= GOALS[part] else "MISS") + f" {GOALS[part]}"
-        print(f"| {part:24s} | {key:38s} | {median:8.2f} | {min(times):5.2f}-{max(times):<5.2f} | {rate} "
-              f"| {ratio:7.2f} | {goal:>8s} |")
-    print("(x rsync: median wall time / rsync's median in the same part; goal: the issue's bound on that ratio)")
+        verdict = "" if name == "rsync -a" else ("ok" if ratio <= goal else "MISS") + f" {goal}"
+        cpu = statistics.median(cpu for _, cpu in runs)
+        print(f"| {part:22s} | {name:20s} | {median:8.2f} | {min(times):5.2f}-{max(times):<5.2f} | {ratio:7.2f} "
+              f"| {verdict:>8s} | {cpu:12.2f} |")
+    print("(x rsync: median wall time of the whole command, a fresh process, over rsync's median in the same part;\n"
+          " client CPU: user + system time of the command and its children, e.g. ssh; the server's is not counted)")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small tree, one repeat")
+    parser.add_argument("--quick", action="store_true", help="small tree")
     parser.add_argument("--repeats", type=int, help="override the number of repeats")
-    parser.add_argument("--rtt-ms", type=float, default=20.0, help="round trip added in part 3 (0: skip)")
+    parser.add_argument("--rtt-ms", type=float, default=0.0, help="also a first pull through a delay line (0: skip)")
     parser.add_argument("--transports", default="paramiko,openssh", help="moespec transports to measure")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
     missing = missing_tools() + ([] if shutil.which("rsync") else ["rsync (apt-get install rsync)"])
     if missing:
         print("bench/sync.py needs: " + ", ".join(missing), file=sys.stderr)
         return 2
     p = dict(QUICK if args.quick else FULL)
-    if args.repeats:
-        p["repeats"] = p["rtt_repeats"] = args.repeats
-    transports = [t for t in args.transports.split(",") if t]
+    repeats = args.repeats or p["repeats"]
     work = Path(tempfile.mkdtemp(prefix="moespec-syncbench-"))
     lab = LoopbackSsh(work / "ssh")
     delay = None
     try:
         server = lab.add_server("main")
         config = lab.write_config([lab.host_block("bench", server.port)])
-        bench = Bench(work, config)
-        tree = mixed_tree(work / "remote" / "results", p)
-        n_files, n_bytes = tree_size(tree)
+        methods = Methods(work / "project", config, [t for t in args.transports.split(",") if t])
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "src" / "moespec")], check=True,
+                       env=methods.env)  # what pip does on install; untimed
+        before = mixed_tree(work / "remote" / "v1", p)
+        after = changed_tree(before, work / "remote" / "v2", p)
+        n_files, n_bytes = tree_size(before)
         print(f"host: {os.cpu_count()} CPUs, load {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
               f"{subprocess.run(['ssh', '-V'], capture_output=True, text=True).stderr.strip()}; "
               f"{subprocess.run(['rsync', '--version'], capture_output=True, text=True).stdout.splitlines()[0]}")
-        print(f"mixed tree: {n_files} files, {n_bytes / MiB:.1f} MiB; repeats {p['repeats']}", flush=True)
+        print(f"tree: {n_files} files, {n_bytes / MiB:.1f} MiB; incremental: {tree_size(after)[0] - n_files} new "
+              f"and {len(sorted(before.rglob('summary_*.json'))[::10]) + 1} rewritten files; repeats {repeats}",
+              flush=True)
         results: dict = {}
-        bulk = [("rsync -a", "empty", lambda d: bench.rsync("bench", tree, d))]
-        bulk += [(f"moespec ({t})", "empty", lambda d, t=t: bench.moespec("bench", tree, d, t)) for t in transports]
-        measure("bulk", bulk, tree, work, p["repeats"], results)
-        # the bulk destinations are complete copies now: re-sync them
-        nochange = [("rsync -a", "populated", lambda d: bench.rsync("bench", tree, d))]
-        nochange += [(f"moespec ({t})", "populated", lambda d, t=t: bench.moespec("bench", tree, d, t))
-                     for t in transports]
-        nochange.append(("moespec CLI process (paramiko)", "populated", lambda d: bench.moespec_cli("bench", tree, d)))
-        _populate(work, "moespec CLI process (paramiko)", "rsync -a")
-        measure("no change", nochange, tree, work, p["repeats"], results)
-        sizes = {"bulk": n_bytes, "no change": n_bytes}
+        measure("first pull", methods, "bench", before, work, repeats, results, start_from=None)
+        measure("no change", methods, "bench", before, work, repeats, results, start_from=None)
+        measure("incremental", methods, "bench", after, work, repeats, results, start_from=before)
         if args.rtt_ms > 0:
-            small = small_tree(work / "remote" / "small", p)
-            n_small, small_bytes = tree_size(small)
             delay = DelayLine(server.port, args.rtt_ms)
             lab.write_config([lab.host_block("bench-rtt", delay.port, HostKeyAlias=f"[127.0.0.1]:{server.port}"),
                               lab.host_block("bench", server.port)])
-            print(f"small tree: {n_small} files, {small_bytes / MiB:.1f} MiB through a {args.rtt_ms:.0f} ms "
-                  f"delay line; repeats {p['rtt_repeats']}", flush=True)
-            part = f"small files, {args.rtt_ms:.0f} ms RTT"
-            rtt = [("rsync -a", "empty", lambda d: bench.rsync("bench-rtt", small, d))]
-            rtt += [(f"moespec ({t})", "empty", lambda d, t=t: bench.moespec("bench-rtt", small, d, t))
-                    for t in transports]
-            GOALS.setdefault(part, 3.0)
-            measure(part, rtt, small, work, p["rtt_repeats"], results)
-            sizes[part] = small_bytes
-        table(results, sizes)
+            measure(f"first pull, {args.rtt_ms:.0f} ms RTT", methods, "bench-rtt", before, work, repeats, results,
+                    start_from=None)
+        table(results, GOAL)
         print(f"load at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         if delay is not None:
             delay.close()
         lab.stop()
-        if args.keep:
-            print(f"kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     return 0
-
-
-def _populate(work: Path, key: str, from_key: str) -> None:
-    """Give a method of the no-change part a complete copy made by another one (same size and mtime)."""
-    dest = work / f"dst-{key}"
-    shutil.rmtree(dest, ignore_errors=True)
-    shutil.copytree(work / f"dst-{from_key}", dest, symlinks=True, copy_function=shutil.copy2)
 
 
 if __name__ == "__main__":

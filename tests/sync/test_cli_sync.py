@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from moespec.cli import build_parser, main
+from moespec.errors import ConfigError
 from moespec.sync.cli import build_request
 
 REMOTES = """\
@@ -48,6 +49,13 @@ def test_pull_request_from_remotes_file(project):
     assert request_for("--from-hpc", "--all").filters.selects("demo/r/x.h5")
 
 
+def test_max_delete_from_the_remote_or_the_flag(project):
+    assert request_for("--from-hpc").max_delete == 0.5
+    assert request_for("--from-hpc", "--max-delete", "0.9").max_delete == 0.9
+    with pytest.raises(ConfigError, match="--max-delete: must be a share between 0 and 1, got 2"):
+        request_for("--from-hpc", "--max-delete", "2")
+
+
 def test_push_request_defaults_to_existing_push_paths(project):
     request = request_for("--to-hpc")
     assert request.direction == "push" and request.remote_root == "/home/a/moespec"
@@ -71,11 +79,12 @@ def test_direction_is_required(project):
         build_parser().parse_args(["sync"])
 
 
-def test_sync_never_imports_torch_and_paramiko_only_to_connect():
+def test_sync_never_imports_torch_and_paramiko_only_for_sftp_or_its_transport():
     code = ("import sys, argparse; import moespec.sync.cli as c, moespec.sync.plan, moespec.sync.remotes; "
-            "c.register(argparse.ArgumentParser().add_subparsers()); light = 'paramiko' not in sys.modules; "
-            "import moespec.sync.session, moespec.sync.engine, moespec.sync.transport_openssh, "
-            "moespec.sync.transport_paramiko; print(light, 'torch' in sys.modules)")
+            "c.register(argparse.ArgumentParser().add_subparsers()); "
+            "import moespec.sync.session, moespec.sync.engine, moespec.sync.transport_openssh; "
+            "light = 'paramiko' not in sys.modules; "
+            "import moespec.sync.transport_paramiko; print(light, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "False"]
 

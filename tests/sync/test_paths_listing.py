@@ -7,7 +7,7 @@ import os
 import pytest
 
 from moespec.errors import SyncError
-from moespec.sync.listing import LISTING_MARKER, find_command, list_local, parse_find_output, walk_sftp
+from moespec.sync.listing import LISTING_MARKER, find_command, list_local, parse_find_output, walk_names
 from moespec.sync.paths import LocalRoot, UnsafePath, check_relpath, link_escapes, part_name
 from tests.sync.trees import make_tree
 
@@ -102,7 +102,7 @@ class _HostileSftp:
     def stat(self, path):
         return _Attr("", 0o040755)
 
-    def listdir_attr(self, path):
+    def listdir(self, path):
         return [_Attr("..", 0o100644), _Attr("a/../../x", 0o100644), _Attr("ok.json", 0o100644, 3)]
 
     def readlink(self, path):
@@ -110,5 +110,20 @@ class _HostileSftp:
 
 
 def test_sftp_walk_refuses_hostile_names():
-    got = walk_sftp(_HostileSftp(), "/r", ("",))
+    got = walk_names(_HostileSftp(), "/r", ("",))
     assert list(got.entries) == ["ok.json"] and len(got.refused) == 2
+
+
+class _LockedSftp(_HostileSftp):
+    """A server where one folder cannot be read."""
+
+    def listdir(self, path):
+        if path == "/r/locked":
+            raise PermissionError(13, "Permission denied")
+        return [_Attr("locked", 0o040755), _Attr("ok.json", 0o100644, 3)] if path == "/r" else []
+
+
+def test_sftp_walk_reports_unreadable_folders():
+    got = walk_names(_LockedSftp(), "/r", ("",))
+    assert sorted(got.entries) == ["locked", "ok.json"]
+    assert got.warnings == ["cannot read /r/locked: Permission denied"]

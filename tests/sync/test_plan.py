@@ -64,8 +64,31 @@ def test_delete_only_when_asked_protects_excluded_and_refused():
     source = listing(f("keep"), refused=[Refusal("link", "leaves the root")])
     dest = listing(f("keep"), f("gone"), f("mine.tmp"), f("link"), Entry("old", "dir"), f("old/x"))
     assert not plan_sync(source, dest, Filters.build()).deletes
-    plan = plan_sync(source, dest, Filters.build(), delete=True)
+    plan = plan_sync(source, dest, Filters.build(), delete=True, force=True)  # force: old/ is emptied
     assert [a.path for a in plan.deletes] == ["old/x", "gone", "old"]  # contents before their folder
+
+
+def test_delete_never_empties_an_experiment_nor_takes_more_than_the_share():
+    dest = listing(*(f(f"a/{i}") for i in range(4)), *(f(f"b/{i}") for i in range(4)), *(f(f"c/{i}") for i in range(4)))
+    source = listing(f("a/0"), f("a/1"), f("a/2"), f("b/0"), Entry("c", "dir"))  # a: 1 gone, b: 3 gone, c: empty
+    plan = plan_sync(source, dest, Filters.build(), delete=True)
+    assert [a.path for a in plan.deletes] == ["a/3"]
+    assert [line.split(":")[0] for line in plan.deletes_refused] == ["b", "c"]
+    assert "no files there" in plan.deletes_refused[1] and "--force" in plan.deletes_refused[1]
+    assert len(plan_sync(source, dest, Filters.build(), delete=True, max_delete=0.8).deletes) == 4  # a/3 and b/*
+    assert len(plan_sync(source, dest, Filters.build(), delete=True, force=True).deletes) == 8
+
+
+def test_links_are_resolved_through_the_links_of_the_tree():
+    source = listing(Entry("demo/up", "link", target=".."), Entry("demo/x", "dir"),
+                     Entry("demo/chain", "link", target="up/x/up/x/../../../../etc"),
+                     Entry("demo/fine", "link", target="up/demo/x"))
+    plan = plan_sync(source, listing(Entry("demo/out", "link", target="/elsewhere")), Filters.build())
+    assert [r.path for r in plan.refused] == ["demo/chain"]
+    assert sorted(a.path for a in plan.links) == ["demo/fine", "demo/up"]
+    through_local = listing(Entry("demo/via", "link", target="out/x"))
+    assert [r.path for r in plan_sync(through_local, listing(Entry("demo/out", "link", target="/elsewhere")),
+                                      Filters.build()).refused] == ["demo/via"]
 
 
 def test_incomplete_source_listing_deletes_nothing():

@@ -142,17 +142,17 @@ def test_push_configs_to_hpc(ssh_lab, tmp_path, transport):
 
 @pytest.mark.parametrize("transport", ["paramiko", "openssh"])
 def test_several_channels_share_the_work(setup, transport, monkeypatch):
-    from moespec.sync import engine
+    from moespec.sync import sftp_channels
 
     remote, local, config = setup
     channels = []
-    original = engine.PullChannel.__init__
+    original = sftp_channels.PullChannel.__init__
 
     def counting_init(self, *args, **kwargs):
         channels.append(self)
         original(self, *args, **kwargs)
 
-    monkeypatch.setattr(engine.PullChannel, "__init__", counting_init)
+    monkeypatch.setattr(sftp_channels.PullChannel, "__init__", counting_init)
     # one channel per byte (so: as many as allowed) and two files in flight each
     settings = EngineSettings(channels=3, bytes_per_channel=1, files_per_channel=2, stall_timeout=30)
     report = run_sync(pull(remote, local, config, transport=transport, engine=settings))

@@ -10,17 +10,11 @@ import pytest
 
 from moespec.cli import main as moespec_main
 from moespec.errors import SyncError
-from moespec.sync.loopback import free_port
-from moespec.sync.session import SyncRequest, run_sync
-from tests.sync.trees import make_tree, snapshot
+from moespec.sync.session import run_sync
+from tests.sync.loopback import free_port, keygen
+from tests.sync.trees import make_tree, pull_request as pull, snapshot
 
 pytestmark = pytest.mark.ssh
-
-
-def pull(host, remote, local, config, **options) -> SyncRequest:
-    defaults = dict(direction="pull", host=host, remote_root=str(remote), local_root=local, ssh_config=config,
-                    retries=0, connect_timeout=10)
-    return SyncRequest(**{**defaults, **options})
 
 
 @pytest.mark.parametrize("host,transport", [("hpc-via-jump", "paramiko"), ("hpc-via-2-jumps", "paramiko"),
@@ -85,49 +79,30 @@ def test_cli_dry_run_then_pull(ssh_lab, tmp_path, capsys, monkeypatch):
     assert sorted(snapshot(tmp_path / "results")) == ["demo/a.json"]
 
 
-def test_host_certificates_need_the_openssh_transport(tmp_path):
+def test_host_certificates_need_the_openssh_transport(new_lab, tmp_path):
     """A centre that signs host keys publishes one @cert-authority line; paramiko cannot check it."""
     from moespec.sync.hostkeys import HostKeyError
-    from moespec.sync.loopback import LoopbackSsh, keygen
-    from tests.sync.sshd_fixture import require_ssh_tools
 
-    require_ssh_tools()
     ca_public = keygen(tmp_path / "host_ca", "moespec-test-ca")
-    lab = LoopbackSsh(tmp_path / "lab")
-    try:
-        server = lab.add_server("signed", trusted=False, certificate_authority=tmp_path / "host_ca")
-        lab.known_hosts.write_text(f"@cert-authority * {ca_public}\n")
-        config = lab.write_config([lab.host_block("signed", server.port)], tmp_path / "ssh_config")
-        remote = make_tree(tmp_path / "remote", {"demo/a.json": b"{}"})
-        with pytest.raises(HostKeyError, match="transport: openssh"):
-            run_sync(pull("signed", remote, tmp_path / "paramiko", config))
-        assert run_sync(pull("signed", remote, tmp_path / "openssh", config, transport="openssh")).ok
-    finally:
-        lab.stop()
+    server = new_lab.add_server("signed", trusted=False, certificate_authority=tmp_path / "host_ca")
+    new_lab.known_hosts.write_text(f"@cert-authority * {ca_public}\n")
+    config = new_lab.write_config([new_lab.host_block("signed", server.port)], tmp_path / "ssh_config")
+    remote = make_tree(tmp_path / "remote", {"demo/a.json": b"{}"})
+    with pytest.raises(HostKeyError, match="transport: openssh"):
+        run_sync(pull("signed", remote, tmp_path / "paramiko", config))
+    assert run_sync(pull("signed", remote, tmp_path / "openssh", config, transport="openssh")).ok
 
 
-def test_openssh_transport_reuses_the_users_control_master(ssh_lab, tmp_path):
-    """One login (one 2FA prompt) for the whole run: an existing ControlMaster is used, no new one."""
+def test_openssh_transport_multiplexes_over_its_own_master(ssh_lab, tmp_path):
+    """One login (one 2FA prompt) for the whole run, on moespec's own master, whatever the config says."""
     from moespec.sync.transport import ConnectOptions, connect
 
-    socket_path = tmp_path / "cm"
-    config = ssh_lab.config(tmp_path, ssh_lab.block("muxed", ControlMaster="auto", ControlPath=str(socket_path)))
-    master = subprocess.Popen(["ssh", "-F", str(config), "-M", "-N", "-n", "muxed"], stdin=subprocess.DEVNULL)
+    users_socket = tmp_path / "cm"
+    config = ssh_lab.config(tmp_path, ssh_lab.block("muxed", ControlMaster="auto", ControlPath=str(users_socket)))
+    transport = connect("openssh", ConnectOptions("muxed", config))
     try:
-        deadline = time.monotonic() + 15
-        while not socket_path.exists():
-            if master.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("the test's ControlMaster did not start")
-            time.sleep(0.05)
-        transport = connect("openssh", ConnectOptions("muxed", config))
-        try:
-            assert transport._master is None  # nothing started: the user's master carries everything
-            assert transport.run("echo via-master").stdout == b"via-master\n"
-        finally:
-            transport.close()
-        remote = make_tree(tmp_path / "remote", {"demo/a.json": b"{}"})
-        assert run_sync(pull("muxed", remote, tmp_path / "local", config, transport="openssh")).ok
-        assert master.poll() is None  # and it was left running, as the user configured
+        assert transport._master is not None and transport._master.poll() is None
+        assert transport.run("echo via-master").stdout == b"via-master\n"
+        assert not users_socket.exists()  # the config's ControlPath was not used
     finally:
-        master.terminate()
-        master.wait(10)
+        transport.close()

@@ -11,17 +11,11 @@ import pytest
 from moespec.errors import SyncError
 from moespec.sync.engine import EngineSettings
 from moespec.sync.hostkeys import HostKeyError
-from moespec.sync.loopback import LoopbackSsh, TcpProxy, keygen
-from moespec.sync.session import SyncRequest, run_sync
-from tests.sync.trees import make_tree, parts, snapshot
+from moespec.sync.session import run_sync
+from tests.sync.loopback import TcpProxy, free_port, keygen
+from tests.sync.trees import make_tree, parts, pull_request as pull, snapshot
 
 pytestmark = pytest.mark.ssh
-
-
-def pull(host, remote, local, config, **options) -> SyncRequest:
-    defaults = dict(direction="pull", host=host, remote_root=str(remote), local_root=local, ssh_config=config,
-                    retries=0, connect_timeout=10, engine=EngineSettings(stall_timeout=30))
-    return SyncRequest(**{**defaults, **options})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,25 +140,18 @@ printf '/elsewhere\0f\0%s\0%s\0%s\0%s\0\0' 5 1600000000.0 644 'x.txt'
 """
 
 
-def test_hostile_remote_names_are_refused(tmp_path):
-    from tests.sync.sshd_fixture import require_ssh_tools
-
-    require_ssh_tools()
+def test_hostile_remote_names_are_refused(new_lab, tmp_path):
     fake_bin = tmp_path / "fakebin"
     fake_bin.mkdir()
     (fake_bin / "find").write_text(FAKE_FIND)
     (fake_bin / "find").chmod(0o755)
-    lab = LoopbackSsh(tmp_path / "lab")
-    try:
-        server = lab.add_server("hostile", set_env={"PATH": f"{fake_bin}:/usr/bin:/bin"})
-        config = lab.write_config([lab.host_block("hostile", server.port)], tmp_path / "ssh_config")
-        base = tmp_path / "srv"
-        remote = make_tree(base / "results", {"demo/a.json": b"{}"})
-        (base / "escape.txt").write_text("outside the remote root: must never be fetched")
-        local = tmp_path / "client" / "results"
-        report = run_sync(pull("hostile", remote, local, config, scopes=("demo",)))
-    finally:
-        lab.stop()
+    server = new_lab.add_server("hostile", set_env={"PATH": f"{fake_bin}:/usr/bin:/bin"})
+    config = new_lab.write_config([new_lab.host_block("hostile", server.port)], tmp_path / "ssh_config")
+    base = tmp_path / "srv"
+    remote = make_tree(base / "results", {"demo/a.json": b"{}"})
+    (base / "escape.txt").write_text("outside the remote root: must never be fetched")
+    local = tmp_path / "client" / "results"
+    report = run_sync(pull("hostile", remote, local, config, scopes=("demo",)))
     refused = {r.path for r in report.plan.refused}
     assert len(refused) == 6, refused
     assert sorted(snapshot(local)) == ["demo/a.json"]
@@ -184,8 +171,6 @@ def test_local_symlinked_folder_cannot_carry_writes_outside(ssh_lab, tmp_path):
 
 
 def test_unreachable_host_is_a_sync_error(ssh_lab, tmp_path):
-    from moespec.sync.loopback import free_port
-
     config = ssh_lab.config(tmp_path, ssh_lab.block("down", free_port()))
     with pytest.raises(SyncError, match="cannot connect"):
         run_sync(pull("down", tmp_path, tmp_path / "local", config))

@@ -1,9 +1,12 @@
-"""Small file trees built in code for the sync tests, and helpers to compare them."""
+"""Shared builders of the sync tests: small file trees built in code, requests, and tree comparisons."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from moespec.sync.engine import EngineSettings
+from moespec.sync.session import SyncRequest
 
 #: A results tree like the pipeline writes: summaries, plots, an embedding, a checkpoint.
 RESULTS = {
@@ -45,3 +48,10 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
 def parts(root: Path) -> list[Path]:
     """Every ``.part`` file left under ``root``."""
     return [p for p in root.rglob("*.part")] if root.exists() else []
+
+
+def pull_request(host: str, remote: Path, local: Path, config: Path, **options) -> SyncRequest:
+    """A pull of ``remote`` on ``host`` into ``local`` through the ssh ``config``: no retries, short timeouts."""
+    defaults = dict(direction="pull", host=host, remote_root=str(remote), local_root=local, ssh_config=config,
+                    retries=0, connect_timeout=10, engine=EngineSettings(stall_timeout=30))
+    return SyncRequest(**{**defaults, **options})

@@ -8,8 +8,10 @@ How the pieces fit (each module's docstring says more):
 - ``transport`` (interface), ``transport_paramiko``, ``transport_openssh``: one connection that
   runs commands and opens SFTP channels; ``sshconfig`` and ``hostkeys`` serve the paramiko one;
 - ``engine``: pipelined SFTP transfers over several channels, ``*.part`` files, resume, verify;
-- ``session``: one run (connect, list, plan, transfer, retry, report); ``cli``: the command;
-- ``loopback``: a throw-away sshd and TCP proxies for the tests and the benchmark.
+- ``session``: one run (connect, list, plan, transfer, retry, report); ``cli``: the command.
+
+The throw-away sshd of the tests and the benchmark is ``tests/sync/loopback.py``; design notes
+and measurements are in ``docs/sync.md``.
 
 Nothing here imports torch; paramiko is imported only when a connection is made.
 """

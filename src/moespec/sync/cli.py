@@ -49,10 +49,12 @@ def register(subparsers) -> None:
                    help="experiments (--from-hpc; default: all) or project paths (--to-hpc)")
     p.add_argument("--remote", metavar="NAME", help="remote from the remotes file (default: its `default`)")
     p.add_argument("--remotes", type=Path, metavar="FILE", help="remotes file (default: sync/remotes.yaml)")
-    p.add_argument("--host", metavar="ALIAS", help="ssh host alias (overrides the remote's; with --remote-root no remotes file "
-                                  "is needed)")
-    p.add_argument("--remote-root", metavar="PATH", help="remote root for this direction (overrides the remotes file)")
-    p.add_argument("--local-root", type=Path, metavar="DIR", help="local root (default: results/ for --from-hpc, . for --to-hpc)")
+    p.add_argument("--host", metavar="ALIAS",
+                   help="ssh host alias (overrides the remote's; with --remote-root no remotes file is needed)")
+    p.add_argument("--remote-root", metavar="PATH",
+                   help="remote root for this direction (overrides the remotes file)")
+    p.add_argument("--local-root", type=Path, metavar="DIR",
+                   help="local root (default: results/ for --from-hpc, . for --to-hpc)")
     p.add_argument("--include", action=_FilterAction, const="include", metavar="GLOB", dest="filter_rules",
                    help="transfer what matches (repeatable; first matching rule wins)")
     p.add_argument("--exclude", action=_FilterAction, const="exclude", metavar="GLOB", dest="filter_rules",
@@ -62,14 +64,20 @@ def register(subparsers) -> None:
     p.add_argument("-c", "--checksum", action="store_true",
                    help="compare equal-size files by SHA-256 instead of mtime, and verify copies by it")
     p.add_argument("--delete", action="store_true", help="delete destination files that the source lacks")
-    p.add_argument("--force", action="store_true", help="overwrite destination files that are newer")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite destination files that are newer; let --delete go past --max-delete")
+    p.add_argument("--max-delete", type=float, metavar="SHARE",
+                   help="--delete refuses to remove more than this share of an experiment's files, and never "
+                        "all of them (default: the remote's max_delete, else 0.5)")
     p.add_argument("--transport", choices=["paramiko", "openssh"], help="override the remote's transport")
     p.add_argument("--ssh-config", type=Path, metavar="FILE", help="ssh client config (default: ~/.ssh/config)")
-    p.add_argument("--known-hosts", type=Path, action="append", metavar="FILE", help="known_hosts file (repeatable; default: "
-                                                                       "the ssh config's UserKnownHostsFile)")
+    p.add_argument("--known-hosts", type=Path, action="append", metavar="FILE",
+                   help="known_hosts file (repeatable; default: the ssh config's UserKnownHostsFile)")
     p.add_argument("--channels", type=int, metavar="N", help="parallel SFTP channels (default: the remote's, else 4)")
-    p.add_argument("--retries", type=int, metavar="N", help="retries after a lost connection (default: the remote's, else 2)")
-    p.add_argument("--stall-timeout", type=float, metavar="SECONDS", help="seconds without progress before reconnecting")
+    p.add_argument("--retries", type=int, metavar="N",
+                   help="retries after a lost connection (default: the remote's, else 2)")
+    p.add_argument("--stall-timeout", type=float, metavar="SECONDS",
+                   help="seconds without progress before reconnecting")
     p.add_argument("--batch", action="store_true", help="never prompt (passphrases, 2FA); fail instead")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="list every action")
@@ -84,13 +92,15 @@ def _remote_settings(args):
     from moespec.sync.remotes import DEFAULT_REMOTES_FILE, Remote, load_remotes
 
     path = args.remotes or DEFAULT_REMOTES_FILE
-    if args.host is not None and (not args.host.strip() or args.host.startswith("-") or any(c.isspace() for c in args.host)):
+    host = args.host
+    if host is not None and (not host.strip() or host.startswith("-") or any(c.isspace() for c in host)):
         raise ConfigError(f"--host: '{args.host}' is not a host alias")
     if args.host and args.remote_root and args.remotes is None and not Path(path).exists():
         try:
             return "--host/--remote-root", Remote(host=args.host, root=args.remote_root)
         except ValidationError as e:
-            raise ConfigError([f"--remote-root: {err['msg'].removeprefix('Value error, ')}" for err in e.errors()]) from e
+            problems = [f"--remote-root: {err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
+            raise ConfigError(problems) from e
     remotes = load_remotes(path)
     remote = remotes.get(args.remote, str(path))
     name = args.remote or remotes.default or next(iter(remotes.remotes))
@@ -141,6 +151,8 @@ def build_request(args):
 
     if args.channels is not None and not 1 <= args.channels <= 32:
         raise ConfigError(f"--channels: must be between 1 and 32, got {args.channels}")
+    if args.max_delete is not None and not 0 <= args.max_delete <= 1:
+        raise ConfigError(f"--max-delete: must be a share between 0 and 1, got {args.max_delete}")
     source, remote = _remote_settings(args)
     remote_root, local_root, scopes = _roots_and_scopes(args, source, remote)
     known_hosts = args.known_hosts or remote.known_hosts
@@ -149,6 +161,7 @@ def build_request(args):
         local_root=local_root, scopes=scopes, filters=_filters(args, remote),
         transport=args.transport or remote.transport, dry_run=args.dry_run, checksum=args.checksum,
         delete=args.delete, force=args.force,
+        max_delete=remote.max_delete if args.max_delete is None else args.max_delete,
         ssh_config=args.ssh_config or (Path(remote.ssh_config).expanduser() if remote.ssh_config else None),
         known_hosts=tuple(Path(p).expanduser() for p in known_hosts) if known_hosts else None,
         engine=EngineSettings(channels=args.channels or remote.channels,
@@ -162,37 +175,77 @@ def _print_plan(plan, verbose: bool, dry_run: bool) -> None:
 
     if dry_run or verbose:
         for action in plan.actions():
-            print(("would " if dry_run else "") + describe_action(action))
+            print(("would " if dry_run else "") + describe_action(action))  # names escaped there
         if dry_run and plan.is_empty():
             print("nothing to do")
 
 
 def _print_report(report) -> None:
+    from moespec.sync.paths import printable
+
     plan = report.plan
-    for skip in plan.kept:
-        print(f"kept: {skip.path}: {skip.reason}", file=sys.stderr)
-    for refusal in plan.refused:
-        print(f"REFUSED: {refusal.path}: {refusal.reason} (use --exclude to silence)", file=sys.stderr)
-    for note in plan.notes:
-        print(f"note: {note}", file=sys.stderr)
-    for problem in report.problems:
-        print(f"MISSING: {problem}", file=sys.stderr)
-    for failure in report.failed:
-        hint = " (run again to resume)" if failure.retryable else ""
-        print(f"FAILED: {failure.path}: {failure.reason}{hint}", file=sys.stderr)
+    lines = _grouped("kept", plan.kept, lambda group: "")
+    lines += [f"REFUSED: {refusal.path}: {refusal.reason} (use --exclude to silence)" for refusal in plan.refused]
+    lines += [f"note: {note}" for note in plan.notes]
+    lines += [f"ERROR: {problem}" for problem in report.problems]
+    lines += _grouped("FAILED", report.failed, _hint)
+    for line in lines:
+        print(printable(line), file=sys.stderr)  # remote names may hold terminal escapes
     print(report.summary())
+
+
+def _grouped(label: str, items, hint) -> list[str]:
+    """One line per file, or one per reason that many files share (a read-only folder, a file
+    where a folder should be...); ``items`` have ``path`` and ``reason``."""
+    by_reason: dict[str, list] = {}
+    for item in items:
+        by_reason.setdefault(item.reason, []).append(item)
+    lines = []
+    for reason, group in by_reason.items():
+        if len(group) > 3:
+            lines.append(f"{label}: {len(group)} files ({group[0].path}, ...): {reason}{hint(group)}")
+        else:
+            lines += [f"{label}: {item.path}: {reason}{hint([item])}" for item in group]
+    return lines
+
+
+def _hint(failures) -> str:
+    if all(f.resumable for f in failures):
+        return " (run again to resume)"
+    if all(f.retryable for f in failures):
+        return " (run again to retry)"
+    return ""
+
+
+def _keep_invoke_out() -> None:
+    """Spare the command the import of ``invoke`` (0.1-0.2 s, a third of paramiko's import).
+
+    ``paramiko.config`` imports it only to run ``Match exec`` lines, and moespec reads ssh_config
+    itself (``sshconfig``); paramiko takes a failed import as "invoke is not installed". Done only
+    in the command's own process, before paramiko is imported, so that library users are unaffected.
+    """
+    if "paramiko" not in sys.modules:
+        sys.modules.setdefault("invoke", None)
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
     """Run ``moespec sync``."""
-    from moespec.sync.session import run_sync
-
+    _keep_invoke_out()
     request = build_request(args)
+    from moespec.sync.transport import start_early
+
+    early = start_early(request.transport, request.connect_options())  # ssh logs in while we import
+    try:
+        from moespec.sync.session import run_sync
+    except BaseException:
+        if early is not None:
+            early.close()
+        raise
     arrow = "->" if request.direction == "pull" else "<-"
     what = ", ".join(s for s in request.scopes if s) or "everything"
     print(f"{request.direction} {request.host}:{request.remote_root} {arrow} {request.local_root} ({what}, "
           f"{request.transport}{', dry run' if request.dry_run else ''})")
     report = run_sync(request, show_progress=not args.no_progress and sys.stderr.isatty(),
-                      on_plan=lambda plan: _print_plan(plan, args.verbose, request.dry_run))
+                      on_plan=lambda plan: _print_plan(plan, args.verbose, request.dry_run), transport=early)
     _print_report(report)
     return EXIT_OK if report.ok and not report.plan.refused else EXIT_FAILED

@@ -110,15 +110,22 @@ def _entry_from_stat(rel: str, st: os.stat_result, target: str = "") -> Entry:
 
 
 def list_local(root: Path, scopes: Iterable[str] = ("",)) -> Listing:
-    """List ``root/scope`` for each scope, without following symlinks."""
+    """List ``root/scope`` for each scope, without following symlinks below the root.
+
+    The root itself is followed when it is a link (``results -> /data/results``), as ``find -H``
+    follows the remote one.
+    """
     listing = Listing(method="local")
     root = Path(root)
     for scope in scopes:
         top = root.joinpath(*scope.split("/")) if scope else root
         try:
-            st = os.lstat(top)
+            st = os.lstat(top) if scope else os.stat(top)
         except FileNotFoundError:
             listing.missing.append(scope)
+            continue
+        except OSError as e:
+            listing.warnings.append(f"cannot read {top}: {e.strerror}")
             continue
         if scope:
             target = os.readlink(top) if stat.S_ISLNK(st.st_mode) else ""
@@ -136,7 +143,7 @@ def _walk_local(top: Path, scope: str, listing: Listing) -> None:
             with os.scandir(folder) as it:
                 children = list(it)
         except OSError as e:
-            listing.warnings.append(f"{folder}: {e.strerror}")
+            listing.warnings.append(f"cannot read {folder}: {e.strerror}")
             continue
         for child in children:
             rel = join_scope(rel_folder, child.name)
@@ -144,7 +151,7 @@ def _walk_local(top: Path, scope: str, listing: Listing) -> None:
                 st = child.stat(follow_symlinks=False)
                 target = os.readlink(child.path) if child.is_symlink() else ""
             except OSError as e:
-                listing.warnings.append(f"{child.path}: {e.strerror}")
+                listing.warnings.append(f"cannot read {child.path}: {e.strerror}")
                 continue
             entry = _entry_from_stat(rel, st, target)
             listing.add(entry)
@@ -199,10 +206,10 @@ def parse_find_output(data: bytes, root: str, scopes: Iterable[str]) -> Listing:
             path = check_relpath(join_scope(scope, rel))
             entry = Entry(path, _FIND_KINDS.get(kind_char, "other"), int(size), float(mtime), int(mode, 8), target)
         except UnsafePath as e:
-            listing.refused.append(Refusal(repr(shown), str(e)))
+            listing.refused.append(Refusal(shown, str(e)))
             continue
         except ValueError:
-            listing.refused.append(Refusal(repr(shown), "malformed listing record"))
+            listing.refused.append(Refusal(shown, "malformed listing record"))
             continue
         listing.add(entry)
     listing.missing = [scope for scope in scopes if scope not in seen]
@@ -227,6 +234,68 @@ def _sftp_entry(rel: str, attr, target: str = "") -> Entry:
                  stat.S_IMODE(mode), target)
 
 
+def remote_bytes(path: str) -> bytes:
+    """A remote path as the bytes SFTP carries (names that are not UTF-8 were decoded with surrogateescape)."""
+    return path.encode("utf-8", "surrogateescape")
+
+
+class RawNames:
+    """STAT, READDIR and READLINK on a ``paramiko.SFTPClient`` with names as bytes.
+
+    paramiko decodes the names a server sends as strict UTF-8 (``listdir_attr`` raises
+    ``UnicodeDecodeError`` on any other byte); SFTP names are opaque bytes (draft-ietf-secsh-filexfer-02,
+    section 6.1), so these requests are sent through paramiko's request layer and the names are
+    decoded with ``surrogateescape``, as ``os.listdir`` does.
+    """
+
+    def __init__(self, sftp):
+        self.sftp = sftp
+
+    def stat(self, path: str):
+        from paramiko.sftp import CMD_ATTRS, CMD_STAT
+        from paramiko.sftp_attr import SFTPAttributes
+
+        kind, msg = self.sftp._request(CMD_STAT, remote_bytes(path))
+        if kind != CMD_ATTRS:
+            raise OSError(f"unexpected SFTP answer {kind} to STAT")
+        return SFTPAttributes._from_msg(msg)
+
+    def listdir(self, path: str) -> list:
+        """Attributes of every entry of a folder, each with ``filename`` set (``.`` and ``..`` left out)."""
+        from paramiko.sftp import CMD_CLOSE, CMD_HANDLE, CMD_NAME, CMD_OPENDIR, CMD_READDIR
+        from paramiko.sftp_attr import SFTPAttributes
+
+        kind, msg = self.sftp._request(CMD_OPENDIR, remote_bytes(path))
+        if kind != CMD_HANDLE:
+            raise OSError(f"unexpected SFTP answer {kind} to OPENDIR")
+        handle = msg.get_binary()
+        entries = []
+        try:
+            while True:
+                try:
+                    kind, msg = self.sftp._request(CMD_READDIR, handle)
+                except EOFError:  # SSH_FX_EOF: the end of the folder
+                    return entries
+                if kind != CMD_NAME:
+                    raise OSError(f"unexpected SFTP answer {kind} to READDIR")
+                for _ in range(msg.get_int()):
+                    name = msg.get_string().decode("utf-8", "surrogateescape")
+                    longname = msg.get_string().decode("utf-8", "replace")
+                    attrs = SFTPAttributes._from_msg(msg, name, longname)  # read even when skipped
+                    if name not in (".", ".."):
+                        entries.append(attrs)
+        finally:
+            self.sftp._request(CMD_CLOSE, handle)
+
+    def readlink(self, path: str) -> str:
+        from paramiko.sftp import CMD_NAME, CMD_READLINK
+
+        kind, msg = self.sftp._request(CMD_READLINK, remote_bytes(path))
+        if kind != CMD_NAME or msg.get_int() != 1:
+            raise OSError(f"unexpected SFTP answer {kind} to READLINK")
+        return msg.get_string().decode("utf-8", "surrogateescape")
+
+
 def walk_sftp(sftp, root: str, scopes: Iterable[str]) -> Listing:
     """List the scopes with SFTP requests only (for servers without a shell or GNU find).
 
@@ -234,47 +303,57 @@ def walk_sftp(sftp, root: str, scopes: Iterable[str]) -> Listing:
     ----------
     sftp : paramiko.SFTPClient
     """
+    return walk_names(RawNames(sftp), root, scopes)
+
+
+def walk_names(names, root: str, scopes: Iterable[str]) -> Listing:
+    """``walk_sftp`` over any object with ``stat``, ``listdir`` and ``readlink`` as ``RawNames`` has."""
     listing = Listing(method="sftp-walk")
     for scope in scopes:
         top = remote_join(root, scope)
         try:
-            attr = sftp.stat(top)  # follows a symlinked scope root, like find -H
+            attr = names.stat(top)  # follows a symlinked scope root, like find -H
         except OSError as e:
             if getattr(e, "errno", None) == errno.ENOENT:
                 listing.missing.append(scope)
-                continue
-            raise
+            else:
+                listing.warnings.append(f"cannot read {top}: {_reason(e)}")
+            continue
         if scope:
             listing.add(_sftp_entry(scope, attr))
         if stat.S_ISDIR(attr.st_mode or 0):
-            _walk_sftp_folder(sftp, top, scope, listing)
+            _walk_sftp_folder(names, top, scope, listing)
     return listing
 
 
-def _walk_sftp_folder(sftp, top: str, scope: str, listing: Listing) -> None:
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+def _walk_sftp_folder(names, top: str, scope: str, listing: Listing) -> None:
     stack = [(top, scope)]
     while stack:
         folder, rel_folder = stack.pop()
         try:
-            children = sftp.listdir_attr(folder)
+            children = names.listdir(folder)
         except OSError as e:
-            listing.warnings.append(f"{folder}: {e}")
+            listing.warnings.append(f"cannot read {folder}: {_reason(e)}")
             continue
         for attr in children:
             name = attr.filename
             shown = join_scope(rel_folder, name)
             if "/" in name or name in (".", ".."):
-                listing.refused.append(Refusal(repr(shown), "server sent a name that is not a single component"))
+                listing.refused.append(Refusal(shown, "server sent a name that is not a single component"))
                 continue
             try:
                 rel = check_relpath(shown)
             except UnsafePath as e:
-                listing.refused.append(Refusal(repr(shown), str(e)))
+                listing.refused.append(Refusal(shown, str(e)))
                 continue
             target = ""
             if stat.S_ISLNK(attr.st_mode or 0):
                 try:
-                    target = sftp.readlink(posixpath.join(folder, name)) or ""
+                    target = names.readlink(posixpath.join(folder, name)) or ""
                 except OSError:
                     target = ""
             entry = _sftp_entry(rel, attr, target)

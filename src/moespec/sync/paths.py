@@ -2,16 +2,21 @@
 
 A remote listing is data from a machine we do not control. Every name in it is checked by
 ``check_relpath`` before it reaches the planner, links are refused when their target leaves the
-root (``link_escapes``), and ``LocalRoot`` creates folders one component at a time so that a
-symlinked folder can never carry a write outside the root.
+root (``link_escapes``: resolved component by component through the other links of the tree, as
+path resolution does, path_resolution(7)), and ``LocalRoot`` creates folders one component at a
+time so that a symlinked folder can never carry a write outside the root. ``printable`` escapes
+what a name may hold that a terminal would act on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import threading
+import unicodedata
 from pathlib import Path
+from typing import Mapping
 
 from moespec.errors import SyncError
 
@@ -40,12 +45,43 @@ def check_relpath(path: str) -> str:
     return path
 
 
-def link_escapes(link_path: str, target: str) -> bool:
-    """Whether a symlink at ``link_path`` (relative to the root) points outside the root."""
+#: Links followed while resolving one path before giving up, as Linux does (MAXSYMLINKS, path_resolution(7)).
+MAX_LINK_FOLLOWS = 40
+
+
+def link_escapes(link_path: str, target: str, links: Mapping[str, str] | None = None) -> bool:
+    """Whether a symlink at ``link_path`` (relative to the root) points outside the root.
+
+    The target is resolved one component at a time, as the kernel does: a component that is
+    itself a link in ``links`` (relative path -> target, the links of the tree being built) is
+    replaced by its target, and ``..`` above the root is an escape even when later components
+    would come back in (``up/x/../..`` through ``up -> ..``). Absolute targets, empty ones and
+    chains longer than ``MAX_LINK_FOLLOWS`` count as escaping.
+    """
+    links = links or {}
     if not target or target.startswith("/") or "\x00" in target:
         return True
-    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(link_path), target))
-    return resolved == ".." or resolved.startswith("../")
+    folder = [part for part in posixpath.dirname(link_path).split("/") if part]
+    pending = target.split("/")
+    follows = 0
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not folder:
+                return True
+            folder.pop()
+            continue
+        inner = links.get("/".join([*folder, part]))
+        if inner is None:
+            folder.append(part)
+            continue
+        follows += 1
+        if follows > MAX_LINK_FOLLOWS or not inner or inner.startswith("/"):
+            return True
+        pending = inner.split("/") + pending
+    return False
 
 
 def part_name(name: str, size: int, mtime: float) -> str:
@@ -54,13 +90,38 @@ def part_name(name: str, size: int, mtime: float) -> str:
     The tag (size and whole-second mtime of the file being copied) lets the next run resume only
     a partial file of the same remote version.
     """
-    candidate = f".{name}.{size}-{int(mtime)}.part"
+    return hidden_name(name, f".{size}-{int(mtime)}.part")
+
+
+def hidden_name(name: str, suffix: str) -> str:
+    """``.<name><suffix>``, or ``.<hash of name><suffix>`` where that would pass NAME_MAX (255 bytes)."""
+    candidate = f".{name}{suffix}"
     if len(candidate.encode("utf-8", "surrogateescape")) <= 255:
         return candidate
-    import hashlib
-
     digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return f".{digest}.{size}-{int(mtime)}.part"
+    return f".{digest}{suffix}"
+
+
+def printable(name: str) -> str:
+    """``name`` safe to print: control and format characters, and undecodable bytes, as escapes.
+
+    Names are str decoded with ``surrogateescape``; a byte that was not UTF-8 shows as ``\\xff``,
+    a control character as ``\\x1b`` (a terminal would act on it), a backslash as ``\\\\``.
+    """
+    if name.isprintable() and "\\" not in name:
+        return name
+    out = []
+    for char in name:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif char == "\\":
+            out.append("\\\\")
+        elif char == " " or unicodedata.category(char)[0] not in "CZ":
+            out.append(char)
+        else:
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+    return "".join(out)
 
 
 def part_prefix(name: str) -> str:
@@ -122,6 +183,11 @@ class LocalRoot:
                     raise SyncError(f"{current}: resolves outside {self.root}; refusing to write through it")
                 self._checked.add(key)
             return current
+
+    def link_stays_inside(self, link: Path, target: str) -> bool:
+        """Whether a link at ``link`` to ``target`` resolves inside the root through what is on disk now."""
+        self.ensure_folder("")
+        return self._inside(os.path.join(os.path.dirname(link), target))
 
     def check_parent(self, rel: str) -> Path:
         """Path of ``rel`` after making sure its folder exists inside the root."""

@@ -1,6 +1,6 @@
 """The sync planner: two listings and the filters in, the list of actions out. Pure: no I/O.
 
-Rules (rsync's quick check, plus the safety rules of issue 7):
+Rules (rsync's quick check, plus the safety rules of docs/sync.md):
 
 - a file moves when it is new, or when its size or whole-second mtime differs; with checksums,
   equal-size files move only when their contents differ (equal contents with another mtime only
@@ -9,6 +9,9 @@ Rules (rsync's quick check, plus the safety rules of issue 7):
 - links are recreated only when their target stays inside the root; others are refused;
 - nothing is deleted unless ``delete``; excluded paths are never deleted, and a side whose
   listing was incomplete (missing scope, unreadable folder) deletes nothing;
+- a wrong or purged source path must not wipe the destination: deletions in an experiment (the
+  first path component) are refused, unless ``force``, when the source has nothing there or when
+  more than ``max_delete`` of the experiment's destination files would go;
 - a folder where a file should go, or a file or link where a folder should be, is reported as a
   conflict and left alone;
 - partial files of this tool (``.name.<size>-<mtime>.part``) on the destination that no copy of
@@ -66,6 +69,7 @@ class Plan:
     refused: list[Refusal] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    deletes_refused: list[str] = field(default_factory=list)
     unchanged: int = 0
     excluded: int = 0
 
@@ -125,8 +129,8 @@ def _plan_file(src: Entry, dst: Entry | None, force: bool, window: int,
     return Action("copy", src.path, reason, src, dst)
 
 
-def _plan_link(src: Entry, dst: Entry | None, force: bool) -> Action | Skip | Refusal | None:
-    if link_escapes(src.path, src.target):
+def _plan_link(src: Entry, dst: Entry | None, force: bool, links: Mapping[str, str]) -> Action | Skip | Refusal | None:
+    if link_escapes(src.path, src.target, links):
         return Refusal(src.path, f"link to '{src.target}' leaves the root")
     if dst is None:
         return Action("link", src.path, "new", src)
@@ -140,7 +144,7 @@ def _plan_link(src: Entry, dst: Entry | None, force: bool) -> Action | Skip | Re
 
 
 def plan_sync(source: Listing, dest: Listing, filters: Filters, *, delete: bool = False, force: bool = False,
-              modify_window: int = 0,
+              max_delete: float = 0.5, modify_window: int = 0,
               checksums: tuple[Mapping[str, str], Mapping[str, str]] | None = None) -> Plan:
     """Compare two listings of the same scopes and return what to do on the destination.
 
@@ -153,7 +157,11 @@ def plan_sync(source: Listing, dest: Listing, filters: Filters, *, delete: bool 
     delete : bool
         Delete destination entries that the source lacks.
     force : bool
-        Overwrite destination files that are newer than the source.
+        Overwrite destination files that are newer than the source, and delete past ``max_delete``.
+    max_delete : float
+        Largest share of an experiment's selected destination files (and links) that ``delete``
+        may remove; an experiment that the source has nothing of is never emptied (without
+        ``force``).
     modify_window : int
         mtimes within this many seconds count as equal.
     checksums : (dict, dict) or None
@@ -161,6 +169,7 @@ def plan_sync(source: Listing, dest: Listing, filters: Filters, *, delete: bool 
         equal-size files are compared by content instead of mtime.
     """
     plan = Plan(refused=list(source.refused), missing=list(source.missing))
+    links = _links_after(source, dest, filters)
     for path in sorted(source.entries):
         src = source.entries[path]
         if src.kind == "dir":
@@ -176,15 +185,34 @@ def plan_sync(source: Listing, dest: Listing, filters: Filters, *, delete: bool 
         if src.kind == "file":
             result = _plan_file(src, dst, force, modify_window, checksums)
         elif src.kind == "link":
-            result = _plan_link(src, dst, force)
+            result = _plan_link(src, dst, force, links)
         else:
             result = Skip(path, "not a regular file, folder or link")
         _record(plan, result)
     if delete:
         _plan_deletes(plan, source, dest, filters)
+        if not force:
+            _refuse_mass_deletes(plan, source, dest, filters, max_delete)
     plan.copies.sort(key=lambda a: (-a.size, a.path))
     plan.stale_parts = _stale_parts(dest, plan.copies)
     return plan
+
+
+def _links_after(source: Listing, dest: Listing, filters: Filters) -> dict[str, str]:
+    """Path -> target of every link of the destination as the sync would leave it.
+
+    The destination's links, replaced where a selected source entry takes their place; a new link
+    is checked against these, so that a link through a link is followed as the kernel would.
+    """
+    links = {path: entry.target for path, entry in dest.entries.items() if entry.kind == "link"}
+    for path, entry in source.entries.items():
+        if entry.kind == "dir" or filters.selects(path):
+            kept_folder = path in dest.entries and dest.entries[path].kind == "dir"  # a link never replaces one
+            if entry.kind == "link" and not kept_folder:
+                links[path] = entry.target
+            else:
+                links.pop(path, None)
+    return links
 
 
 def _stale_parts(dest: Listing, copies: list[Action]) -> list[str]:
@@ -231,3 +259,35 @@ def _plan_deletes(plan: Plan, source: Listing, dest: Listing, filters: Filters) 
         doomed.append(Action("delete", path, "not on the source", dest=entry))
     # contents before their folder; a folder that still holds protected files is left by rmdir
     plan.deletes = sorted(doomed, key=lambda a: (-a.path.count("/"), a.path))
+
+
+def _experiment(path: str) -> str:
+    return path.split("/", 1)[0] if "/" in path else ""
+
+
+def _refuse_mass_deletes(plan: Plan, source: Listing, dest: Listing, filters: Filters, max_delete: float) -> None:
+    """Drop the deletions of every experiment where they look like a wrong path, not a cleanup."""
+    doomed: dict[str, int] = {}
+    for action in plan.deletes:
+        if action.dest.kind != "dir":
+            doomed[_experiment(action.path)] = doomed.get(_experiment(action.path), 0) + 1
+    if not doomed:
+        return
+    held: dict[str, int] = {}
+    for path, entry in dest.entries.items():
+        if entry.kind != "dir" and filters.selects(path):
+            held[_experiment(path)] = held.get(_experiment(path), 0) + 1
+    offered = {_experiment(path) for path, entry in source.entries.items() if entry.kind != "dir"}
+    refused = set()
+    for experiment, count in sorted(doomed.items()):
+        where = experiment or "the root"
+        if experiment not in offered:
+            why = "the source has no files there (a wrong or purged path?)"
+        elif count > max_delete * held[experiment]:
+            why = f"that is more than --max-delete {max_delete:.0%} of its {held[experiment]} files"
+        else:
+            continue
+        refused.add(experiment)
+        plan.deletes_refused.append(f"{where}: --delete would remove {count} of its {held[experiment]} files, and "
+                                    f"{why}; nothing deleted there (check the path, or pass --force)")
+    plan.deletes = [a for a in plan.deletes if _experiment(a.path) not in refused]

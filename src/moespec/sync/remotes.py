@@ -12,7 +12,6 @@ import posixpath
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moespec.errors import ConfigError
@@ -103,6 +102,9 @@ class Remote(_Strict):
     transport : {"paramiko", "openssh"}
         ``openssh`` runs the SFTP sessions over the system ``ssh`` (ControlMaster, Include, host
         certificates, every ssh_config option); ``paramiko`` speaks SSH in-process.
+    max_delete : float
+        ``--delete`` refuses (without ``--force``) to remove more than this share of an
+        experiment's files, and never empties an experiment that the source has nothing of.
     """
 
     host: str
@@ -115,6 +117,7 @@ class Remote(_Strict):
     connect_timeout: float = Field(20.0, gt=0)
     stall_timeout: float = Field(120.0, gt=0)
     retries: int = Field(2, ge=0, le=20)
+    max_delete: float = Field(0.5, ge=0, le=1)
     pull: FilterSet = Field(default_factory=FilterSet)
     push: PushSettings = Field(default_factory=PushSettings)
 
@@ -190,6 +193,8 @@ def load_remotes(path: Path | str = DEFAULT_REMOTES_FILE) -> RemotesFile:
         example = path.with_name("remotes.example.yaml")
         hint = f"; copy {example} to {path} and edit it" if example.exists() else ""
         raise ConfigError(f"{path}: not found{hint} (or pass --host and --remote-root)")
+    import yaml  # here: `--host` with `--remote-root` reads no file and need not pay for the import
+
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

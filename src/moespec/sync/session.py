@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -21,8 +22,9 @@ from moespec.errors import SyncError
 from moespec.sync import engine
 from moespec.sync.engine import EngineSettings, Failure, Outcome, Progress
 from moespec.sync.filters import Filters
-from moespec.sync.listing import Listing, find_command, list_local, parse_find_output, remote_join, walk_sftp
-from moespec.sync.paths import LocalRoot, check_relpath
+from moespec.sync.listing import (Listing, find_command, list_local, parse_find_output, remote_bytes, remote_join,
+                                  walk_sftp)
+from moespec.sync.paths import LocalRoot, check_relpath, hidden_name, printable
 from moespec.sync.plan import Action, Plan, Skip, checksum_candidates, plan_sync
 from moespec.sync.transport import ConnectOptions, Transport, TransportKind, connect
 
@@ -44,6 +46,9 @@ class SyncRequest:
     scopes : tuple of str
         Paths relative to both roots that are synced (experiments, or project folders); ``""``
         is the whole root.
+    max_delete : float
+        With ``delete``: the largest share of an experiment's destination files that may be
+        deleted without ``force`` (see ``plan.plan_sync``).
     """
 
     direction: Direction
@@ -57,6 +62,7 @@ class SyncRequest:
     checksum: bool = False
     delete: bool = False
     force: bool = False
+    max_delete: float = 0.5
     ssh_config: Path | None = None
     known_hosts: tuple[Path, ...] | None = None
     engine: EngineSettings = field(default_factory=EngineSettings)
@@ -98,13 +104,15 @@ class SyncReport:
         if self.request.dry_run:
             verb = f"would have {verb}"
             files, size = len(plan.copies), plan.bytes
+            links, touched, deleted = len(plan.links), len(plan.touches), len(plan.deletes)
         else:
             files, size = self.files, self.bytes
+            links, touched, deleted = self.links, self.touched, self.deleted
         rate = f", {_human(size / self.seconds)}/s" if self.seconds > 0 and size and not self.request.dry_run else ""
         parts = [f"{verb} {files} file{'s' if files != 1 else ''} ({_human(size)}) in {self.seconds:.2f} s{rate}",
                  f"{plan.unchanged} unchanged", f"{plan.excluded} excluded"]
-        for count, label in ((len(plan.kept), "kept"), (len(plan.refused), "refused"), (self.links, "links"),
-                             (self.touched, "mtimes set"), (self.deleted, "deleted"), (len(self.failed), "failed")):
+        for count, label in ((len(plan.kept), "kept"), (len(plan.refused), "refused"), (links, "links"),
+                             (touched, "mtimes set"), (deleted, "deleted"), (len(self.failed), "failed")):
             if count:
                 parts.append(f"{count} {label}")
         return "; ".join(parts)
@@ -137,7 +145,8 @@ def remote_listing(transport: Transport, root: str, scopes: tuple[str, ...], tim
             listing.warnings += [line for line in errors if "No such file or directory" not in line]
             return listing
         reason = result.error_text or f"status {result.status}"
-    log.warning("remote `find` listing unavailable (%s); walking the tree over SFTP instead (slower)", reason)
+    log.warning("remote `find` listing unavailable (%s); walking the tree over SFTP instead (slower)",
+                printable(reason))
     sftp = transport.open_sftp()
     try:
         return walk_sftp(sftp, root, scopes)
@@ -170,7 +179,7 @@ def remote_checksums(transport: Transport, root: str, paths: list[str]) -> dict[
     """SHA-256 of remote files, computed on the remote in one command."""
     if not paths:
         return {}
-    names = b"".join(remote_join(root, p).encode("utf-8", "surrogateescape") + b"\0" for p in paths)
+    names = b"".join(remote_bytes(remote_join(root, p)) + b"\0" for p in paths)
     result = transport.run("xargs -0 sha256sum --", stdin=names, timeout=_CHECKSUM_TIMEOUT)
     sums = parse_sha256sum(result.stdout, root)
     if not sums and result.status != 0:
@@ -188,25 +197,35 @@ def local_checksums(root: Path, paths: list[str]) -> dict[str, str]:
 
 
 def _apply_local_actions(plan: Plan, local: LocalRoot, report: SyncReport) -> list[Failure]:
-    """Links and mtimes on the local side (pull); returns the links that could not be made."""
+    """Links and mtimes on the local side (pull); returns what could not be done."""
     failures = []
     for action in plan.links:
-        final = local.check_parent(action.path)
-        temporary = final.with_name(f".{final.name}.linktmp")
         try:
-            if os.path.lexists(temporary):
-                os.unlink(temporary)
-            os.symlink(action.source.target, temporary)
-            os.replace(temporary, final)  # atomic, also over an older link
-        except OSError as e:  # e.g. no symlink privilege on Windows
+            _make_link(local, action.path, action.source.target)
+        except (OSError, SyncError) as e:  # e.g. no symlink privilege on Windows, a planted link
             failures.append(Failure(action.path, f"cannot create the link: {e}", retryable=False))
             continue
         report.links += 1
     for action in plan.touches:
-        path = local.path(action.path)
-        os.utime(path, (action.source.mtime, action.source.mtime), follow_symlinks=False)
+        try:
+            os.utime(local.path(action.path), (action.source.mtime, action.source.mtime), follow_symlinks=False)
+        except OSError as e:
+            failures.append(Failure(action.path, f"cannot set the mtime: {e.strerror}", retryable=False))
+            continue
         report.touched += 1
     return failures
+
+
+def _make_link(local: LocalRoot, path: str, target: str) -> None:
+    """Create (or replace) the link ``path`` -> ``target`` atomically, if it resolves inside the root."""
+    final = local.check_parent(path)
+    if not local.link_stays_inside(final, target):
+        raise SyncError(f"'{target}' would leave {local.root} through a link that is already there")
+    temporary = final.with_name(hidden_name(final.name, ".linktmp"))  # a long name must not overflow NAME_MAX
+    if os.path.lexists(temporary):
+        os.unlink(temporary)
+    os.symlink(target, temporary)
+    os.replace(temporary, final)  # atomic, also over an older link
 
 
 def _remove_stale_parts(plan: Plan, request: SyncRequest, local: LocalRoot, transport: Transport) -> None:
@@ -224,7 +243,7 @@ def _remove_stale_parts(plan: Plan, request: SyncRequest, local: LocalRoot, tran
     try:
         for path in plan.stale_parts:
             try:
-                sftp.remove(remote_join(request.remote_root, path))
+                sftp.remove(remote_bytes(remote_join(request.remote_root, path)))
             except OSError:
                 pass
     finally:
@@ -241,7 +260,7 @@ def _apply_local_deletes(plan: Plan, local: LocalRoot, report: SyncReport) -> No
                 os.unlink(path)
             report.deleted += 1
         except OSError as e:  # a folder that still holds excluded files stays
-            log.info("not deleted: %s (%s)", path, e.strerror)
+            log.info("not deleted: %s (%s)", printable(str(path)), e.strerror)
 
 
 def _apply_remote_actions(plan: Plan, transport: Transport, root: str, report: SyncReport) -> None:
@@ -251,21 +270,23 @@ def _apply_remote_actions(plan: Plan, transport: Transport, root: str, report: S
     sftp = transport.open_sftp()
     try:
         for action in plan.touches:
-            sftp.utime(remote_join(root, action.path), (action.source.mtime_s, action.source.mtime_s))
+            sftp.utime(remote_bytes(remote_join(root, action.path)), (action.source.mtime_s, action.source.mtime_s))
             report.touched += 1
         for action in plan.deletes:
             path = remote_join(root, action.path)
             try:
-                sftp.rmdir(path) if action.dest.kind == "dir" else sftp.remove(path)
+                sftp.rmdir(remote_bytes(path)) if action.dest.kind == "dir" else sftp.remove(remote_bytes(path))
                 report.deleted += 1
             except OSError as e:
-                log.info("not deleted on the remote: %s (%s)", path, e)
+                log.info("not deleted on the remote: %s (%s)", printable(path), e)
     finally:
         sftp.close()
 
 
 def _progress_bar(total: int, description: str, enabled: bool, progress: Progress, n_files: int):
     """A tqdm bar (bytes, rate, ETA) and the tick function that feeds it from ``progress``."""
+    if not enabled:  # no terminal: not even the import (start-up time counts on small pulls)
+        return _NoBar(), lambda: None
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, file=sys.stderr,
@@ -279,18 +300,25 @@ def _progress_bar(total: int, description: str, enabled: bool, progress: Progres
     return bar, tick
 
 
+class _NoBar:
+    def close(self) -> None:
+        pass
+
+
 def _transfer(plan: Plan, request: SyncRequest, transport: Transport, progress: Progress, show_progress: bool,
               expected_sums: dict[str, str], warm: engine.WarmChannel | None) -> Outcome:
+    from moespec.sync import sftp_channels  # paramiko: only once there is something to copy
+
     local = LocalRoot(request.local_root)
     if request.direction == "pull":
         def make_channel(sftp, shared):
-            return engine.PullChannel(sftp, shared, local, request.remote_root, expected_sums)
+            return sftp_channels.PullChannel(sftp, shared, local, request.remote_root, expected_sums)
     else:
         folders: set[str] = set()
         lock = threading.Lock()
 
         def make_channel(sftp, shared):
-            return engine.PushChannel(sftp, shared, local, request.remote_root, folders, lock)
+            return sftp_channels.PushChannel(sftp, shared, local, request.remote_root, folders, lock)
     bar, tick = _progress_bar(plan.bytes, f"{request.direction} {request.host}", show_progress, progress,
                               len(plan.copies))
     try:
@@ -300,10 +328,18 @@ def _transfer(plan: Plan, request: SyncRequest, transport: Transport, progress: 
         bar.close()
 
 
-def _plan(request: SyncRequest, transport: Transport) -> tuple[Plan, dict[str, str], str]:
-    """List both sides and plan; returns the plan, the source checksums and the listing method."""
-    remote = remote_listing(transport, request.remote_root, request.scopes, request.engine.stall_timeout)
-    local = list_local(request.local_root, request.scopes)
+def _plan(request: SyncRequest, transport: Transport) -> tuple[Plan, dict[str, str], str, list[str]]:
+    """List both sides and plan.
+
+    Returns the plan, the source checksums, the listing method, and one line per folder that
+    could not be read (on either side).
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync-list-local") as pool:
+        local_listed = pool.submit(list_local, request.local_root, request.scopes)  # while the remote answers
+        remote = remote_listing(transport, request.remote_root, request.scopes, request.engine.stall_timeout)
+        local = local_listed.result()
+    unreadable = [f"on {request.host}: {line}" for line in remote.warnings]
+    unreadable += [f"here: {line}" for line in local.warnings]
     source, dest = (remote, local) if request.direction == "pull" else (local, remote)
     sums = None
     source_sums: dict[str, str] = {}
@@ -313,11 +349,12 @@ def _plan(request: SyncRequest, transport: Transport) -> tuple[Plan, dict[str, s
         local_sums = local_checksums(request.local_root, candidates)
         sums = (remote_sums, local_sums) if request.direction == "pull" else (local_sums, remote_sums)
         source_sums = sums[0]
-    plan = plan_sync(source, dest, request.filters, delete=request.delete, force=request.force, checksums=sums)
+    plan = plan_sync(source, dest, request.filters, delete=request.delete, force=request.force,
+                     max_delete=request.max_delete, checksums=sums)
     if request.direction == "push":
         plan.kept += [Skip(a.path, "links are not pushed") for a in plan.links]
         plan.links = []
-    return plan, source_sums, remote.method
+    return plan, source_sums, remote.method, unreadable
 
 
 def _missing_problems(request: SyncRequest, plan: Plan) -> list[str]:
@@ -329,8 +366,40 @@ def _missing_problems(request: SyncRequest, plan: Plan) -> list[str]:
     return [f"{scope or 'the root'}: not found {where}" for scope in plan.missing]
 
 
+def _check_local_root(request: SyncRequest) -> None:
+    """One clear error, before connecting, when the local root cannot serve (not one per file later).
+
+    A pull needs a folder it can write in (or a writable folder to create it in); a push needs a
+    folder to read. A root that is a link to a folder is fine.
+    """
+    root = Path(request.local_root)
+    if os.path.lexists(root) and not os.path.isdir(root):
+        raise SyncError(f"local root {root}: exists and is not a folder")
+    if request.direction == "push":
+        if not os.path.isdir(root):
+            raise SyncError(f"local root {root}: no such folder")
+        return
+    if request.dry_run:
+        return
+    existing = root.absolute()
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not os.path.isdir(existing):
+        raise SyncError(f"local root {root}: {existing} exists and is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only_mount(existing) else "permission denied"
+        raise SyncError(f"local root {root}: cannot write in {existing} ({why})")
+
+
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
 def run_sync(request: SyncRequest, *, show_progress: bool = False,
-             on_plan: Callable[[Plan], None] | None = None) -> SyncReport:
+             on_plan: Callable[[Plan], None] | None = None, transport: Transport | None = None) -> SyncReport:
     """Carry out one sync and report what happened.
 
     Parameters
@@ -340,19 +409,28 @@ def run_sync(request: SyncRequest, *, show_progress: bool = False,
         Draw a progress bar (bytes, rate, ETA) on stderr.
     on_plan : callable or None
         Called with the first plan, before anything is transferred (the CLI prints it).
+    transport : Transport or None
+        A connection already under way for ``request`` (``transport.start_early``); closed here.
 
     Raises
     ------
     SyncError
         The host cannot be reached or refused us; files that fail are in the report instead.
     """
-    for scope in request.scopes:
-        if scope:
-            check_relpath(scope)
     started = time.monotonic()
+    try:
+        for scope in request.scopes:
+            if scope:
+                check_relpath(scope)
+        _check_local_root(request)
+        transport = transport or connect(request.transport, request.connect_options())
+        transport.ready()
+    except BaseException:
+        if transport is not None:
+            transport.close()
+        raise
     report = SyncReport(request)
     progress = Progress()
-    transport = connect(request.transport, request.connect_options())
     report.transport = transport.description
     log.debug("connected to %s in %.2f s", transport.description, time.monotonic() - started)
     try:
@@ -360,7 +438,7 @@ def run_sync(request: SyncRequest, *, show_progress: bool = False,
             report.attempts = attempt + 1
             warm = None if request.dry_run else engine.WarmChannel(transport)
             try:
-                plan, source_sums, report.listing_method = _plan(request, transport)
+                plan, source_sums, report.listing_method, unreadable = _plan(request, transport)
             except BaseException:
                 if warm is not None:
                     warm.close()
@@ -368,7 +446,7 @@ def run_sync(request: SyncRequest, *, show_progress: bool = False,
             log.debug("listed and planned at %.2f s: %d copies", time.monotonic() - started, len(plan.copies))
             if report.plan is None:
                 report.plan = plan
-                report.problems = _missing_problems(request, plan)
+                report.problems = _missing_problems(request, plan) + unreadable + plan.deletes_refused
                 if on_plan is not None:
                     on_plan(plan)
             if request.dry_run:
@@ -378,7 +456,7 @@ def run_sync(request: SyncRequest, *, show_progress: bool = False,
             if not retryable or attempt == request.retries:
                 report.failed = outcome.failed
                 break
-            log.warning("%d file(s) to retry (%s); attempt %d of %d", len(retryable), retryable[0].reason,
+            log.warning("%d file(s) to retry (%s); attempt %d of %d", len(retryable), printable(retryable[0].reason),
                         attempt + 2, request.retries + 1)
             time.sleep(min(2.0 ** attempt, 10.0))
             if outcome.connection_error is not None:
@@ -416,11 +494,12 @@ def _run_pass(plan: Plan, request: SyncRequest, transport: Transport, progress: 
 
 
 def describe_action(action: Action) -> str:
-    """One line of the itemised (dry-run / verbose) plan."""
+    """One line of the itemised (dry-run / verbose) plan, names escaped (``paths.printable``)."""
+    path = printable(action.path)
     if action.kind == "copy":
-        return f"copy    {action.path}  ({_human(action.size)}, {action.reason})"
+        return f"copy    {path}  ({_human(action.size)}, {action.reason})"
     if action.kind == "link":
-        return f"link    {action.path} -> {action.source.target}  ({action.reason})"
+        return f"link    {path} -> {printable(action.source.target)}  ({action.reason})"
     if action.kind == "touch":
-        return f"touch   {action.path}  ({action.reason})"
-    return f"delete  {action.path}"
+        return f"touch   {path}  ({action.reason})"
+    return f"delete  {path}"

@@ -64,6 +64,9 @@ class Transport(ABC):
     #: ``user@host:port`` or similar, for messages.
     description: str = ""
 
+    def ready(self) -> None:
+        """Wait until the connection is up (a no-op for a transport whose ``connect`` already waited)."""
+
     @abstractmethod
     def run(self, command: str, stdin: bytes = b"", timeout: float | None = None) -> CommandResult:
         """Run ``command`` through the remote user's shell and collect its output.
@@ -75,6 +78,13 @@ class Transport(ABC):
     @abstractmethod
     def open_sftp(self):
         """A new ``paramiko.SFTPClient`` on its own channel (one per thread)."""
+
+    def start_sftp(self) -> "PendingSftp":
+        """Begin opening an SFTP channel (the slow, remote part); ``finish()`` the result to use it.
+
+        By default the channel is opened completely here.
+        """
+        return PendingSftp(self.open_sftp())
 
     @abstractmethod
     def abort(self) -> None:
@@ -89,6 +99,31 @@ class Transport(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class PendingSftp:
+    """An SFTP channel being opened: ``finish()`` returns the client (once), ``close()`` drops it."""
+
+    def __init__(self, sftp):
+        self._sftp = sftp
+
+    def finish(self):
+        return self._sftp
+
+    def close(self) -> None:
+        self._sftp.close()
+
+
+def start_early(kind: TransportKind, options: ConnectOptions) -> Transport | None:
+    """Begin connecting in the background where the transport can (``openssh``: the master is
+    another process), so that the caller's imports overlap the login; None where it cannot.
+    Call ``ready()`` on the result before using it.
+    """
+    if kind != "openssh":
+        return None
+    from moespec.sync.transport_openssh import OpenSSHTransport
+
+    return OpenSSHTransport.start(options)
 
 
 def connect(kind: TransportKind, options: ConnectOptions) -> Transport:

@@ -4,12 +4,14 @@
 agent, host-key checking and the crypto (in C, in another process). paramiko only speaks SFTP
 over the pipes of ``ssh -s HOST sftp`` (``SFTPClient`` accepts any object with
 ``send``/``recv``), the escape hatch rclone also added (rclone#7012). Measured on loopback, this
-was the fastest paramiko variant (shared/research/sync.md, B1).
+was the fastest paramiko variant (docs/sync.md, "Measurements").
 
 One master connection is opened first (one password or 2FA prompt, read by ``ssh`` from the
-terminal); every channel and command then multiplexes over it. If the user's config already
-sets ``ControlMaster``/``ControlPath``, that socket is used, so an existing master is reused.
-Host keys are checked with ``StrictHostKeyChecking=yes``: nothing is ever added automatically.
+terminal); every channel and command then multiplexes over it. The master is always moespec's
+own, on a socket in a private folder: a master that the user (or anything else) opened may have
+been started with host-key checking off (``-o StrictHostKeyChecking=no``), and a client that
+multiplexes over it never sees the host key (ssh_config(5), ControlMaster). Host keys are checked
+with ``StrictHostKeyChecking=yes``: nothing is ever added automatically.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import subprocess
 import tempfile
 import threading
 import time
-
-import paramiko
+from typing import TYPE_CHECKING
 
 from moespec.errors import SyncError
 from moespec.sync.hostkeys import HostKeyError
-from moespec.sync.transport import CommandResult, ConnectOptions, Transport
+from moespec.sync.transport import CommandResult, ConnectOptions, PendingSftp, Transport
+
+if TYPE_CHECKING:
+    import paramiko
 
 
 class PipeSocket:
@@ -123,20 +127,9 @@ def _widen_pipe(fd: int) -> None:
             pass  # above /proc/sys/fs/pipe-max-size: keep the default
 
 
-def _ssh_settings(base: list[str], host: str) -> dict[str, str]:
-    """The effective config for ``host`` as ``ssh -G`` prints it."""
-    result = subprocess.run([*base, "-G", host], capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
-    if result.returncode != 0:
-        raise SyncError(f"ssh cannot read its config for {host}: {result.stderr.decode(errors='replace').strip()}")
-    settings = {}
-    for line in result.stdout.decode(errors="replace").splitlines():
-        key, _, value = line.partition(" ")
-        settings.setdefault(key, value)
-    return settings
-
-
 def _master_error(host: str, status: int, stderr: str) -> SyncError:
-    if "IDENTIFICATION HAS CHANGED" in stderr or "Host key verification failed" in stderr or "host key is known" in stderr:
+    signs = ("IDENTIFICATION HAS CHANGED", "Host key verification failed", "host key is known")
+    if any(sign in stderr for sign in signs):
         kind = "CHANGED" if "CHANGED" in stderr else "not known"
         return HostKeyError(
             f"the host key of {host} is {kind} (ssh: {stderr.splitlines()[-1] if stderr else ''}).\n"
@@ -158,11 +151,25 @@ class OpenSSHTransport(Transport):
         self._private_dir: str | None = None
         self._pipes: list[PipeSocket] = []
         self._closed = False
+        self._ready = False
+        self._socket = ""
         self._lock = threading.Lock()
         self.description = f"{options.host} (system ssh)"
 
     @classmethod
     def connect(cls, options: ConnectOptions) -> "OpenSSHTransport":
+        """Start the master and wait until it is up (``start`` then ``ready``)."""
+        transport = cls.start(options)
+        transport.ready()
+        return transport
+
+    @classmethod
+    def start(cls, options: ConnectOptions) -> "OpenSSHTransport":
+        """Launch the master connection and return at once; ``ready`` waits for it.
+
+        The command calls this before it imports the rest of the tool, so that ``ssh``
+        connects (another process) while Python imports.
+        """
         if options.host.startswith("-") or any(c.isspace() for c in options.host):
             raise SyncError(f"'{options.host}' is not a host alias")  # ssh would read it as an option
         if shutil.which("ssh") is None:
@@ -178,42 +185,45 @@ class OpenSSHTransport(Transport):
             base += ["-o", "BatchMode=yes"]
         transport = cls(options, base)
         try:
-            transport._start_master()
+            transport._launch_master()
         except BaseException:
             transport.close()
             raise
         return transport
 
-    def _start_master(self) -> None:
-        settings = _ssh_settings(self._base, self.host)
-        path = settings.get("controlpath", "none")
-        if path == "none" or settings.get("controlmaster", "false") == "false":
-            self._private_dir = tempfile.mkdtemp(prefix="moespec-ssh-")
-            path = os.path.join(self._private_dir, "cm")  # short: unix socket paths max out near 104 bytes
-            self._mux = ["-o", f"ControlPath={path}", "-o", "ControlMaster=no"]
-        else:
-            self._mux = ["-o", f"ControlPath={path}", "-o", "ControlMaster=no"]
-            if self._check_master():
-                return  # the user's own master is already up: no new login, no new 2FA prompt
+    def _launch_master(self) -> None:
+        """Start moespec's own master on a private socket (never one from the user's config)."""
+        self._private_dir = tempfile.mkdtemp(prefix="moespec-ssh-")
+        self._socket = os.path.join(self._private_dir, "cm")  # short: unix socket paths max out near 104 bytes
+        # command-line options win over the config's ControlPath / ControlMaster (ssh(1))
+        self._mux = ["-o", f"ControlPath={self._socket}", "-o", "ControlMaster=no"]
         self._master = subprocess.Popen(
-            [*self._base, "-M", "-N", "-n", "-o", f"ControlPath={path}", "-o", "ControlMaster=yes",
+            [*self._base, "-M", "-N", "-n", "-o", f"ControlPath={self._socket}", "-o", "ControlMaster=yes",
              "-o", "ControlPersist=no", "-o", "ServerAliveInterval=15", self.host],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def ready(self) -> None:
+        """Wait until the master is up; raise ``HostKeyError`` / ``SyncError`` (and close) if it is not."""
+        if self._ready:
+            return
+        try:
+            self._wait_for_master()
+        except BaseException:
+            self.close()
+            raise
+        self._ready = True
+
+    def _wait_for_master(self) -> None:
         wait = self.options.connect_timeout + (120 if self.options.interactive else 0)  # room for a 2FA prompt
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self._master.poll() is not None:
                 stderr = self._master.stderr.read().decode(errors="replace").strip()
                 raise _master_error(self.host, self._master.returncode, stderr)
-            if os.path.exists(path):  # ssh binds the socket under a temporary name, then renames it
+            if os.path.exists(self._socket):  # ssh binds the socket under a temporary name, then renames it
                 return
-            time.sleep(0.02)
+            time.sleep(0.01)
         raise SyncError(f"ssh to {self.host}: no connection after {wait:.0f} s")
-
-    def _check_master(self) -> bool:
-        result = subprocess.run([*self._base, *self._mux, "-O", "check", self.host],
-                                capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
-        return result.returncode == 0
 
     def run(self, command: str, stdin: bytes = b"", timeout: float | None = None) -> CommandResult:
         total = None if timeout is None else 10 * timeout
@@ -226,7 +236,15 @@ class OpenSSHTransport(Transport):
             raise _master_error(self.host, 255, result.stderr.decode(errors="replace").strip())
         return CommandResult(result.returncode, result.stdout, result.stderr)
 
-    def open_sftp(self) -> paramiko.SFTPClient:
+    def open_sftp(self) -> "paramiko.SFTPClient":
+        return self._handshake(self._spawn_sftp())
+
+    def start_sftp(self) -> PendingSftp:
+        """Start the ``ssh -s sftp`` session (the remote shell runs now); the SFTP client is made by
+        ``finish()``, so that a run with nothing to copy never imports paramiko."""
+        return _PendingPipe(self, self._spawn_sftp())
+
+    def _spawn_sftp(self) -> PipeSocket:
         pipe = PipeSocket([*self._base, *self._mux, "-T", "-s", self.host, "sftp"])
         with self._lock:
             self._pipes.append(pipe)
@@ -234,6 +252,11 @@ class OpenSSHTransport(Transport):
         if closed:  # closed meanwhile (a background channel that is no longer wanted)
             pipe.close()
             raise SyncError(f"the connection to {self.host} is closed")
+        return pipe
+
+    def _handshake(self, pipe: PipeSocket) -> "paramiko.SFTPClient":
+        import paramiko  # here: listing and planning need no SFTP client
+
         try:
             sftp = paramiko.SFTPClient(pipe)
             pipe.established = True
@@ -268,3 +291,18 @@ class OpenSSHTransport(Transport):
         if self._private_dir is not None:
             shutil.rmtree(self._private_dir, ignore_errors=True)
             self._private_dir = None
+
+
+class _PendingPipe(PendingSftp):
+    """An ``ssh -s sftp`` session already started, waiting for its SFTP version exchange."""
+
+    def __init__(self, transport: OpenSSHTransport, pipe: PipeSocket):
+        super().__init__(None)
+        self._transport = transport
+        self._pipe = pipe
+
+    def finish(self):
+        return self._transport._handshake(self._pipe)
+
+    def close(self) -> None:
+        self._pipe.close()

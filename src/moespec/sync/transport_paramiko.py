@@ -165,7 +165,8 @@ def _tunnel(via: paramiko.Transport, spec: HostSpec, timeout: float, hop_name: s
                         "does it allow TCP forwarding?") from e
 
 
-def _open(spec: HostSpec, options: ConnectOptions, chain: list[paramiko.Transport], depth: int = 0) -> paramiko.Transport:
+def _open(spec: HostSpec, options: ConnectOptions, chain: list[paramiko.Transport],
+          depth: int = 0) -> paramiko.Transport:
     """Connect to ``spec``, through its ProxyJump hops or ProxyCommand if it has any."""
     if depth > _MAX_HOPS:
         raise SyncError(f"ProxyJump chain for {spec.alias} is longer than {_MAX_HOPS} hops (a loop?)")
@@ -173,7 +174,8 @@ def _open(spec: HostSpec, options: ConnectOptions, chain: list[paramiko.Transpor
     if spec.proxy_jump:
         via, via_name = None, ""
         for hop in spec.proxy_jump:
-            hop_spec = resolve_host(hop.host, options.ssh_config, options.known_hosts and list(options.known_hosts), hop)
+            known_hosts = options.known_hosts and list(options.known_hosts)
+            hop_spec = resolve_host(hop.host, options.ssh_config, known_hosts, hop)
             if via is None:  # the first hop is reached the way its own config says
                 via = _open(hop_spec, options, chain, depth + 1)
             else:

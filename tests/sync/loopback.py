@@ -1,18 +1,19 @@
-"""A throw-away OpenSSH server on 127.0.0.1, and TCP proxies that delay, cut or freeze a connection.
+"""Test harness: a throw-away OpenSSH server on 127.0.0.1, and TCP proxies that delay, cut or freeze.
 
-Tests (``tests/sync``) and the benchmark (``bench/sync.py``) use these to exercise the real
-protocol stack without touching the user's ``~/.ssh``: every key, ``known_hosts`` and
-``ssh_config`` lives in a private folder, the server accepts only a throw-away client key, and
-every process started here is stopped by its PID.
+Part of the test suite, not of the package: the ``ssh`` tests (``tests/sync``, fixtures in
+``conftest.py``) and the benchmark (``bench/sync.py``, which puts the repository root on
+``sys.path`` and imports ``tests.sync.loopback``) use it to exercise the real protocol stack
+without touching the user's ``~/.ssh``: every key, ``known_hosts`` and ``ssh_config`` lives in a
+private folder, the server accepts only a throw-away client key, and every process started here
+is stopped by its PID.
 
-The recipe follows ``shared/research/sync_bench.sh`` (Debian's OpenSSH 9.2): ``sshd`` must be
-started by its absolute path (it re-executes itself), and when it runs as root it needs the
-privilege-separation folder ``/run/sshd``. Run by another user, the server can only log in that
-user, and uses PAM for the account check.
+``sshd`` must be started by its absolute path (it re-executes itself, sshd(8)), and when it runs
+as root Debian's build needs the privilege-separation folder ``/run/sshd``. Run by another user,
+the server can only log in that user, and uses PAM for the account check.
 
-Run ``python -m moespec.sync.loopback delay LISTEN_PORT TARGET_PORT RTT_MS`` to start a delay
-line in its own process (the benchmark does, so that the proxy does not share a GIL with the
-client it measures).
+Run ``python tests/sync/loopback.py delay LISTEN_PORT TARGET_PORT RTT_MS`` to start a delay line
+in its own process (the benchmark does, so that the proxy does not share a GIL with the client
+it measures).
 """
 
 from __future__ import annotations
@@ -53,6 +54,23 @@ def missing_tools() -> list[str]:
         if shutil.which(tool) is None:
             missing.append(f"{tool} (apt-get install openssh-client)")
     return missing
+
+
+def require_ssh_tools() -> None:
+    """Skip (developer machine) or fail (CI) when sshd, ssh or paramiko are missing."""
+    import pytest  # here: the benchmark imports this module without pytest
+
+    missing = missing_tools()
+    try:
+        import paramiko  # noqa: F401
+    except ImportError:
+        missing.append("paramiko (pip install -e '.[sync]')")
+    if not missing:
+        return
+    message = "ssh tests need: " + ", ".join(missing)
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+        pytest.fail(message + " — CI must run the ssh tests, not skip them (see tests/sync/ensure_sshd.sh)")
+    pytest.skip(message)
 
 
 def free_port() -> int:
@@ -448,7 +466,7 @@ class DelayLine:
     def __init__(self, target_port: int, rtt_ms: float):
         self.port = free_port()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "moespec.sync.loopback", "delay", str(self.port), str(target_port), str(rtt_ms)],
+            [sys.executable, os.path.abspath(__file__), "delay", str(self.port), str(target_port), str(rtt_ms)],
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent())
         assert self.process.stdout is not None
@@ -465,4 +483,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "delay":
         _delay_line_main(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
     else:
-        sys.exit("usage: python -m moespec.sync.loopback delay LISTEN_PORT TARGET_PORT RTT_MS")
+        sys.exit("usage: python tests/sync/loopback.py delay LISTEN_PORT TARGET_PORT RTT_MS")
