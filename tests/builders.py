@@ -157,3 +157,25 @@ def save_tiny_moe(kind: str, folder: Path, seed: int = 0, n_layers: int = 2) -> 
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return Path(folder)
+
+
+# --------------------------------------------------------------------------------------------------
+# tiny HF causal LMs (bases for LoRA adapters)
+
+
+def save_tiny_llama(folder: Path, seed: int = 0, hidden: int = 32, n_layers: int = 2) -> Path:
+    """A tiny random LLaMA (q/k/v/o and gate/up/down projections) and its word tokenizer, saved in ``folder``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tokenizer = word_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)

@@ -18,6 +18,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -93,6 +94,15 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync a file, or every file of a folder and the folder itself."""
+    if path.is_dir():
+        for child in path.rglob("*"):
+            if child.is_file():
+                fsync_path(child)
+    fsync_path(path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -457,7 +467,7 @@ class ArtifactWriter:
         return path
 
     def side_file(self, name: str) -> Path:
-        """A temporary path for a side file (checkpoint, plot); renamed to ``dir/name`` on success."""
+        """A temporary path for a side file or folder (checkpoint, plot, HF model); ``dir/name`` at commit."""
         if "/" in name or name.startswith("."):
             raise ValueError(f"side file names are plain file names, got {name!r}")
         final = self.dir / name
@@ -498,7 +508,9 @@ class ArtifactWriter:
         for name, tmp in self._side_files.items():
             if not tmp.exists():
                 raise ArtifactError(f"{self.dir / name}: side file was requested but never written")
-            fsync_path(tmp)
+            _fsync_tree(tmp)
+            if tmp.is_dir() and (self.dir / name).is_dir():
+                shutil.rmtree(self.dir / name)  # a recomputed folder replaces the old one whole (mode force)
             os.replace(tmp, self.dir / name)
         os.replace(self.tmp_path, self.path)
 
@@ -509,7 +521,9 @@ class ArtifactWriter:
                 self.h5.close()
             self.h5 = None
         for tmp in [self.tmp_path, *self._side_files.values()]:
-            with contextlib.suppress(FileNotFoundError):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 tmp.unlink()
 
 

@@ -549,6 +549,8 @@ def _dependency_problems(config: ExperimentBase, name: str) -> list[str]:
             if upstream not in present:
                 problems.append(f"{name}: {stage}: reads the {upstream} stage ({input_name}) but the "
                                 f"experiment has no {upstream} section")
+        if not problems and hasattr(module, "experiment_problems"):  # checks across sections (route vs lora)
+            problems += [f"{name}: {problem}" for problem in module.experiment_problems(config)]
     return problems
 
 

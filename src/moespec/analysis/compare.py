@@ -22,12 +22,12 @@ from typing import Any, Optional
 import numpy as np
 
 from moespec.analysis.report import run_metrics
-from moespec.analysis.results import Run, discover, flat_config, varied_parameters
+from moespec.analysis.results import STAGES, Run, discover, flat_config, varied_parameters
 from moespec.errors import MoespecError
 
 #: The default ranking metric: the first of these the runs have.
-DEFAULT_SORT = ("train.val_accuracy", "ablate.baseline.accuracy", "ablate.nmi_class[0]", "fiber.rejection_rate",
-                "reduce.variance_retained")
+DEFAULT_SORT = ("train.val_accuracy", "ablate.baseline.accuracy", "ablate.nmi_class[0]", "lm.val_loss",
+                "fiber.rejection_rate", "reduce.variance_retained")
 #: Fewer runs than this leave a correlation undefined (n/a), rather than a meaningless ±1.
 MIN_RUNS_FOR_CORRELATION = 3
 #: The correlation figure is drawn only with at least this many runs and a parameter taking at least
@@ -63,12 +63,14 @@ class Comparison:
     correlation_counts: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=int))
     distinct_values: dict[str, int] = field(default_factory=dict)
     curves: dict[str, dict[str, Any]] = field(default_factory=dict)
+    lm_curves: Optional[dict[str, Any]] = None  # validation-loss curves of the lm runs (analysis.lm)
 
 
 def lower_is_better(metric: str) -> bool:
     """Losses, rejection rates on null data and dead experts are better low; everything else high."""
     name = metric.split(".", 1)[-1]
-    return any(word in name for word in ("loss", "dead", "load_cv", "davies_bouldin", "null_"))
+    return any(word in name for word in ("loss", "dead", "load_cv", "davies_bouldin", "null_", "bits_per_byte",
+                                         "perplexity"))
 
 
 def collect_runs(experiment_dirs: list[Path | str]) -> list[tuple[str, Run]]:
@@ -129,13 +131,16 @@ def compare(experiment_dirs: list[Path | str], *, sort_by: Optional[str] = None,
             improvement = (value - base_value) if higher else (base_value - value)
         rows.append({"run": run.name, "experiment": experiment, **{p: config.get(p) for p in parameters},
                      sort_by: value, "improvement": improvement, "baseline": runs[base_index].name,
-                     **{f"status.{s}": run.status(s) for s in ("embed", "reduce", "fiber", "train", "ablate")}})
+                     **{f"status.{s}": run.status(s) for s in STAGES}})
     rows.sort(key=lambda r: (r[sort_by] is None, -(r[sort_by] or 0) if higher else (r[sort_by] or 0)))
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank if row[sort_by] is not None else None
     comparison = Comparison(sort_by, higher, runs[base_index].name, parameters, metrics, rows)
     _correlate(comparison, configs, metrics_of)
     comparison.curves = _curves(runs, parameters, configs)
+    from moespec.analysis.lm import sweep_curves
+
+    comparison.lm_curves = sweep_curves(named_runs)
     return comparison
 
 
@@ -211,7 +216,7 @@ def correlation_figure_reason(comparison: Comparison) -> Optional[str]:
 
 def columns(comparison: Comparison) -> list[str]:
     return ["rank", "run", "experiment", *comparison.parameters, comparison.metric, "improvement", "baseline",
-            *[f"status.{s}" for s in ("embed", "reduce", "fiber", "train", "ablate")]]
+            *[f"status.{s}" for s in STAGES]]
 
 
 def to_csv(comparison: Comparison) -> str:
@@ -281,6 +286,12 @@ def write_comparison(comparison: Comparison, out: Path | str) -> dict[str, Path]
     for name, figure in overlay_figures(comparison).items():
         written[name] = out / f"{name}.png"
         save_figure(figure, written[name])
+    if comparison.lm_curves:
+        from moespec.analysis.lm import plot_sweep_curves
+
+        written["lm_curves"] = out / "lm_loss_curves.png"
+        save_figure(Figure("lm_curves", plot_sweep_curves, comparison.lm_curves, "lm validation loss"),
+                    written["lm_curves"])
     return written
 
 

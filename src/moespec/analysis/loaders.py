@@ -587,7 +587,26 @@ def _ablation(section: Section, source: _Source, mode: str, metric: str, layers:
 # entry
 
 
-_SECTIONS = {"reduce": reduce_section, "fiber": fiber_section, "train": train_section, "ablate": ablate_section}
+def _lm_section(source: _Source) -> Section:
+    from moespec.analysis.lm import lm_section  # imports this module
+
+    return lm_section(source)
+
+
+_SECTIONS = {"reduce": reduce_section, "fiber": fiber_section, "train": train_section, "lm": _lm_section,
+             "ablate": ablate_section}
+
+
+def _lora_sections(stage: str) -> Callable[[_Source], Section]:
+    """The lora and route sections live in :mod:`moespec.analysis.lora` (imported when drawn)."""
+    def build(source: _Source) -> Section:
+        from moespec.analysis import lora
+
+        return getattr(lora, f"{stage}_section")(source)
+    return build
+
+
+_SECTIONS.update({stage: _lora_sections(stage) for stage in ("lora", "route")})
 
 
 def load_section(task: TaskRecord) -> Section:

@@ -31,7 +31,10 @@ HEADLINE_METRICS = ("reduce.variance_retained", "reduce.id_pca_count", "reduce.i
                     "fiber.rejection_rate", "fiber.null_rejection_rate", "fiber.fiber_rejection_rate",
                     "fiber.null_fiber_rejection_rate", "fiber.silhouette", "train.val_accuracy", "train.best_val_loss",
                     "ablate.baseline.accuracy", "ablate.baseline.reconstruction", "ablate.nmi_class[0]",
-                    "ablate.nmi_domain[0]", "ablate.load_cv[0]", "ablate.dead_experts")
+                    "ablate.nmi_domain[0]", "ablate.load_cv[0]", "ablate.dead_experts",
+                    "train.dense_val_accuracy", "lm.val_loss", "lm.val_bits_per_byte", "lm.params_active",
+                    "route.router_accuracy.learned", "route.router_accuracy.keyword", "route.gain_recovered.learned",
+                    "route.gain_recovered.keyword", "route.gain_recovered.merge")
 
 
 #: Bumped when a plot changes, so that figures drawn by older code are redrawn.

@@ -20,11 +20,11 @@ from typing import Any, Optional
 from moespec.errors import ArtifactError
 
 #: Stage order of the pipeline (upstream first).
-STAGES = ("embed", "reduce", "fiber", "train", "ablate")
+STAGES = ("embed", "reduce", "fiber", "train", "lm", "lora", "route", "ablate")
 #: Statuses of a task that finished (its summary.json holds its results).
 FINISHED = ("done", "not pulled")
 #: Stages that close a run when nothing downstream of them exists.
-_CLOSING = ("ablate", "train", "fiber", "reduce", "embed")
+_CLOSING = ("ablate", "route", "lm", "train", "lora", "fiber", "reduce", "embed")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from moespec.artifacts import ArtifactReader, ArtifactWriter, Schema
 
 #: Stage names in pipeline order. A stage's upstream stages always come earlier in this list.
-STAGE_ORDER: tuple[str, ...] = ("embed", "reduce", "fiber", "train", "ablate")
+STAGE_ORDER: tuple[str, ...] = ("embed", "reduce", "fiber", "train", "lm", "lora", "route", "ablate")
 
 
 class StageConfig(BaseModel):

@@ -20,6 +20,8 @@ Modules
     The model of the ``train`` stage on the rows it held out (batched E-way ablation).
 ``pretrained``
     A Hugging Face MoE on texts (router hooks; next-token loss or a frozen probe).
+``lm``
+    The MoE language model of the ``lm`` stage on its validation texts, through ``pretrained``.
 """
 
 from __future__ import annotations
@@ -161,6 +163,39 @@ class PretrainedSource(_Section):
         return self
 
 
+class LMSource(_Section):
+    """Ablate the MoE language model of an ``lm`` artifact on its own validation texts.
+
+    The ``lm`` stage saved a standard HF folder (``model/``) and its validation texts
+    (``val/texts``, ``val/domain``); they go through the pretrained-model path unchanged
+    (:mod:`moespec.stages.ablate.lm`): next-token loss per text, router hooks, batched masking.
+
+    Attributes
+    ----------
+    max_length, batch_size, tokens_per_pass : int
+        As for :class:`PretrainedSource`.
+    dtype : {"auto", "float32", "bfloat16", "float16"}
+    device : {"auto", "cpu", "cuda"}
+    """
+
+    kind: Literal["lm"] = "lm"
+    extra_group_keys: ClassVar[tuple[str, ...]] = ("token",)
+    routes_tokens: ClassVar[bool] = True
+    default_random_sets: ClassVar[int] = 1
+    #: Next-token loss per text; no probe.
+    task: ClassVar[str] = "lm"
+    metric: ClassVar[str] = "nll"
+    probe: ClassVar[ProbeConfig] = ProbeConfig()
+    max_length: int = Field(256, ge=2)
+    batch_size: int = Field(8, ge=1)
+    tokens_per_pass: int = Field(8192, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def inputs(self, by: list[str]) -> dict[str, str]:
+        return {"lm": "lm"}
+
+
 class Controls(_Section):
     """Controls of the ablation deltas.
 
@@ -183,7 +218,7 @@ class Config(StageConfig):
 
     Attributes
     ----------
-    source : TrainedSource or PretrainedSource
+    source : TrainedSource, PretrainedSource or LMSource
         Chosen by ``kind``.
     modes : list of {"mask", "zero", "renormalise"}
         Interventions to run (the summary's table is for the first).
@@ -210,7 +245,7 @@ class Config(StageConfig):
         Seeds the bootstrap, the control sets and the shuffled-token baseline.
     """
 
-    source: Annotated[Union[TrainedSource, PretrainedSource], Field(discriminator="kind")] = TrainedSource()
+    source: Annotated[Union[TrainedSource, PretrainedSource, LMSource], Field(discriminator="kind")] = TrainedSource()
     modes: list[ModeName] = Field(default_factory=lambda: ["mask"])
     experts: Optional[list[Annotated[int, Field(ge=0)]]] = None
     layers: Optional[list[Annotated[int, Field(ge=0)]]] = None
@@ -237,6 +272,9 @@ class Config(StageConfig):
                  "stratum": "fiber strata, which only a trained source has"}
         for key in set(self.by) & set(needs) - set(self.source.extra_group_keys):
             raise ValueError(f"by: {key!r} needs {needs[key]}")
+        if self.source.kind == "lm" and "class" in self.by:
+            raise ValueError("by: 'class' needs labels; an lm artifact's validation texts have domains only "
+                             "(e.g. by: [domain, token])")
         return self
 
     @property

@@ -32,6 +32,15 @@ def run(cfg: Any, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> Non
     texts = load_texts(src.data, out.log)
     if len(texts) == 0:
         raise DataError("ablate.source.data: the sources gave no texts")
+    ablate_texts(cfg, loaded, texts, device, out, src.model.name, src.model.revision or "")
+
+
+def ablate_texts(cfg: Any, loaded: Any, texts: Any, device: str, out: ArtifactWriter, model_name: str,
+                 model_revision: str) -> None:
+    """Routing, specialisation and every ablation of a loaded HF MoE on texts (``pretrained`` and ``lm`` sources)."""
+    from moespec.embedding import hf_moe
+
+    src = cfg.source
     sites = loaded.sites
     if len({site.n_experts for site in sites}) > 1:
         raise ConfigError(f"ablate.source.model.name: the MoE layers have different numbers of experts "
@@ -40,7 +49,7 @@ def run(cfg: Any, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> Non
     text_codes, names = _text_groups(cfg, texts)
     train_rows, eval_rows = _probe_split(cfg, texts)
     out.log.info("ablate %s (%d MoE layers x %d experts, top-%d) on %d texts (%d evaluated), task %s, modes %s",
-                 src.model.name, len(sites), sites[0].n_experts, sites[0].top_k, len(texts), len(eval_rows),
+                 model_name, len(sites), sites[0].n_experts, sites[0].top_k, len(texts), len(eval_rows),
                  src.task, ", ".join(cfg.modes))
     measure = _measure(src)
 
@@ -88,12 +97,12 @@ def run(cfg: Any, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> Non
                                                     base_values)
     tables.update(seed_tables)
     common.write_tables(out, tables)
-    for key, value in {"source": "pretrained", "model_name": src.model.name, "model_revision": src.model.revision or "",
+    for key, value in {"source": src.kind, "model_name": model_name, "model_revision": model_revision,
                        "model_commit": loaded.commit, "model_class": type(loaded.model).__name__, "task": src.task,
                        "device": device, "dtype": str(loaded.dtype).removeprefix("torch.")}.items():
         out.attrs[key] = value
     common.summarise(cfg, out, plan, routing, results, metric, groups, float(tables[f"baseline/{metric}"]),
-                     {"source": "pretrained", "model": src.model.name, "task": src.task, "n_eval": len(eval_rows),
+                     {"source": src.kind, "model": model_name, "task": src.task, "n_eval": len(eval_rows),
                       "n_tokens": int(len(tokens.text)), **seed_summary})
 
 
