@@ -80,7 +80,8 @@ def fake_done_artifact(task) -> None:
                 h5.create_dataset(name, data=np.full(shape, "x", dtype=object), dtype=h5py.string_dtype())
             else:
                 h5.create_dataset(name, data=np.zeros(shape, dtype={"float": "f4", "int": "i8", "bool": "?"}[spec.dtype]))
-        h5.attrs.update({"stage": task.stage, "uid": task.uid, "complete": True})
+        h5.attrs.update({"stage": task.stage, "uid": task.uid, "complete": True,
+                         "code_version": task.code_version, "stage_code": task.stage_code})
 
 
 def plan_once(config: dict) -> dict[str, float]:

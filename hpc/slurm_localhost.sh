@@ -19,7 +19,7 @@
 # another user) is used as is and never stopped.
 #
 # Knobs (environment):
-#   SLURM_PARTITION=debug        partition name (moespec's hpc/clusters/localhost.yaml uses "debug")
+#   SLURM_PARTITION=debug        partition name (moespec's built-in localhost profile uses "debug")
 #   SLURM_CPUS=N                 CPUs to advertise (default: what `slurmd -C` detects)
 #   SLURM_MEM_MB=N               RealMemory (default: detected minus 5%, so the node is never
 #                                drained for "Low RealMemory")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+import yaml
 
 from moespec.config import load_experiment
 from moespec.errors import ConfigError
@@ -134,3 +135,137 @@ def test_unknown_key_in_a_tagged_union_lists_the_keys_of_the_chosen_member(tmp_p
     (problem,) = info.value.problems
     assert "embed.data[0].zzz: unknown key (allowed: " in problem
     assert "text_field" in problem and "n_per_domain" not in problem
+
+
+# --------------------------------------------------------------------------------------------------
+# issue #17: strict types, every problem at once, messages that name keys and choices
+
+
+def _problems(data) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_experiment(data)
+    return info.value.problems
+
+
+def test_a_boolean_is_not_an_integer_and_a_string_is_not_a_number():
+    problems = _problems({**BASE, "reduce": {"n_components": "16"}, "train": {"input": "embed", "epochs": True}})
+    assert "<dict>: train.epochs: Input should be a valid integer, got true" in problems
+    assert any(p.startswith("<dict>: reduce.n_components:") and "'16'" in p and "without quotes" in p
+               for p in problems), problems
+    # what JSON needs stays accepted: an integer for a float, a list for a tuple
+    fiber = {"input": "embed", "vol_max": 60, "window": 10, "strata": {"method": "kmeans", "k_range": [2, 4]}}
+    experiment = load_experiment({**BASE, "reduce": {"n_components": 4, "id_threshold": 1}, "fiber": fiber})
+    assert experiment.base.reduce.id_threshold == 1.0 and experiment.base.fiber.strata.k_range == (2, 4)
+
+
+def test_sweep_problems_do_not_hide_the_other_problems():
+    problems = _problems({**BASE, "embed": {**BASE["embed"], "batch_size": 0},
+                          "sweep": {"grid": {"colour.hue": [1, 2], "embed.pooling": ["mean"]}}})
+    text = "\n".join(problems)
+    assert "embed.batch_size: Input should be greater than or equal to 1, got 0" in text
+    assert "sweep.grid.colour.hue: a sweep key must start with a stage section" in text
+
+
+def test_a_bad_sweep_value_is_reported_beside_the_base_problems_once():
+    problems = _problems({**BASE, "embed": {**BASE["embed"], "batch_size": 0},
+                          "sweep": {"grid": {"embed.pooling": ["mean", "median"]}}})
+    assert sum("embed.batch_size" in p for p in problems) == 1, problems
+    assert any("embed.pooling: Input should be 'mean', 'cls' or 'last', got 'median' (sweep point 1;" in p
+               for p in problems), problems
+
+
+def test_sweeping_inside_a_union_without_kind_names_the_kinds():
+    problems = _problems({**BASE, "train": {"input": "embed"}, "sweep": {"grid": {"train.model.n_experts": [2, 4]}}})
+    assert len(problems) == 1 and "Unable to extract tag" not in problems[0]
+    assert "train.model: 'kind' is missing: set train.model.kind (one of dictionary, topk)" in problems[0]
+
+
+def test_sweeping_a_stage_the_file_does_not_run_is_refused():
+    problems = _problems({**BASE, "sweep": {"grid": {"fiber.window": [5, 10]}}})
+    assert problems == ["<dict>: sweep.grid.fiber.window: the experiment has no fiber section; add 'fiber:' to "
+                        "the file to run that stage, or remove this sweep key"]
+
+
+def test_unknown_resource_key_lists_the_allowed_keys():
+    problems = _problems({**BASE, "infra": {"resources": {"embed": {"timeout_mins": 5}}}})
+    assert problems[0].startswith("<dict>: infra.resources.embed.timeout_mins: unknown key (allowed: ")
+    assert problems[0].endswith(" timeout_min)")
+
+
+def test_a_section_that_is_not_a_mapping_names_its_keys():
+    problems = _problems({**BASE, "reduce": 5})
+    assert problems[0].startswith("<dict>: reduce: must be a mapping of settings (keys: ")
+    assert "n_components" in problems[0] and problems[0].endswith("got 5")
+    assert "instance of" not in problems[0] and "Input should be an object" not in problems[0]
+
+
+def test_fiber_parameter_problems_come_one_per_line_with_their_keys():
+    problems = _problems({**BASE, "fiber": {"input": "embed", "vol_max": 0, "alpha": 2}})
+    assert problems == ["<dict>: fiber.vol_max: must exceed vol_min (10), got 0",
+                        "<dict>: fiber.alpha: must be in (0, 1), got 2.0"]
+
+
+def test_the_value_is_named_once():
+    from pydantic import BaseModel, ValidationError, field_validator
+
+    from moespec.config import format_validation_error
+
+    class Section(BaseModel):
+        paths: list[str]
+
+        @field_validator("paths")
+        @classmethod
+        def _check(cls, value):
+            raise ValueError(f"paths must be absolute, got {value}")
+
+    with pytest.raises(ValidationError) as info:
+        Section(paths=["a"])
+    lines = format_validation_error(info.value, {"paths": ["a"]}, "x.yaml", Section)
+    assert lines == ["x.yaml: paths: paths must be absolute, got ['a']"]
+
+
+def test_relative_files_paths_are_taken_from_the_config_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    path = _write(folder, """
+        experiment: t
+        embed:
+          model: {name: ./models/mine}
+          data: [{kind: files, paths: [data/notes.jsonl, ../shared.jsonl]}]
+    """)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    embed = load_experiment(path).base.embed
+    assert embed.data[0].paths == [str(folder / "data" / "notes.jsonl"), str(tmp_path / "shared.jsonl")]
+    assert embed.model.name == str(folder / "models" / "mine")
+
+
+def test_relative_paths_in_sweep_values_and_copies_elsewhere_keep_their_meaning(tmp_path):
+    from moespec.config import read_yaml, resolve_relative_paths
+
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    path = _write(folder, """
+        experiment: t
+        embed:
+          data: [{kind: builtin, n_per_domain: 2}]
+        sweep:
+          grid:
+            embed.data: [[{kind: files, paths: a.jsonl}], [{kind: files, paths: [$SCRATCH/b.jsonl]}]]
+    """)
+    experiment = load_experiment(path)
+    assert [c.embed.data[0].paths for c in experiment.configs] == [[str(folder / "a.jsonl")], ["$SCRATCH/b.jsonl"]]
+    copy = tmp_path / "elsewhere" / "experiment.yaml"  # what --emit-sbatch writes
+    copy.parent.mkdir()
+    copy.write_text(yaml.safe_dump(resolve_relative_paths(read_yaml(path), folder)))
+    assert [c.embed.data[0].paths for c in load_experiment(copy).configs] == [[str(folder / "a.jsonl")],
+                                                                             ["$SCRATCH/b.jsonl"]]
+
+
+def test_sweep_points_are_described_as_yaml():
+    from moespec.launch.plan import describe_point
+
+    experiment = load_experiment({**BASE, "reduce": {"n_components": 4}, "train": {},
+                                  "sweep": {"grid": {"train.model": [{"kind": "topk", "target": "label"}]}}})
+    assert describe_point(experiment, (0,)) == "#0 model={kind: topk, target: label}"

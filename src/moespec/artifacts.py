@@ -22,6 +22,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -113,6 +114,30 @@ def atomic_write_text(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+#: Seconds between two records of a progress bar's count (see :meth:`ArtifactWriter.progress`).
+PROGRESS_INTERVAL_S = 2.0
+
+
+def _recorded(bar: Any, path: Path) -> Iterable:
+    """Iterate ``bar``, writing ``{"desc", "n", "total", "elapsed_s"}`` to ``path`` every few seconds."""
+    last = started = time.monotonic()
+    try:
+        for count, item in enumerate(bar, start=1):
+            yield item
+            now = time.monotonic()
+            if now - last >= PROGRESS_INTERVAL_S:
+                last = now
+                # our own count: tqdm updates bar.n only when it redraws (every 30 s in a batch log)
+                record = {"desc": bar.desc, "n": count, "total": bar.total, "elapsed_s": round(now - started, 1)}
+                with contextlib.suppress(OSError):  # progress is informative; never fail a task for it
+                    path.with_name(path.name + ".tmp").write_text(json.dumps(record), encoding="utf-8")
+                    os.replace(path.with_name(path.name + ".tmp"), path)
+    finally:
+        bar.close()
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -411,12 +436,23 @@ class ArtifactWriter:
         return dataset
 
     def progress(self, iterable: Iterable | None = None, total: int | None = None, desc: str | None = None):
-        """A tqdm progress bar that updates rarely when stderr is not a terminal (batch logs)."""
+        """A tqdm progress bar that updates rarely when stderr is not a terminal (batch logs).
+
+        Iterating it also records the count in :attr:`progress_path` every couple of seconds,
+        which ``moespec submit --executor local`` reads to show each running task's progress.
+        """
         from tqdm.auto import tqdm
 
         interactive = sys.stderr.isatty()
-        return tqdm(iterable, total=total, desc=desc or self.stage, mininterval=0.5 if interactive else 30.0,
-                    disable=None if interactive else False, file=sys.stderr)
+        bar = tqdm(iterable, total=total, desc=desc or self.stage, mininterval=0.5 if interactive else 30.0,
+                   disable=None if interactive else False, file=sys.stderr)
+        return bar if iterable is None else _recorded(bar, self.progress_path)
+
+    @property
+    def progress_path(self) -> Path:
+        """Where the progress of a running bar is recorded (removed when the bar ends)."""
+        suffix = f".shard-{self.shard_index:05d}" if self.num_shards > 1 else ""
+        return self.dir / f"progress{suffix}.json"
 
     @property
     def work_dir(self) -> Path:

@@ -14,8 +14,33 @@ from typing import Sequence
 
 from moespec import __version__
 from moespec.errors import ConfigError, MoespecError
+from moespec.stages.base import STAGE_ORDER
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+DESCRIPTION = """\
+moespec: embedding-space stratification and Mixture-of-Experts experiments, from one YAML file.
+
+An experiment file names the stages to run (embed, reduce, fiber, train, ablate), their settings,
+a sweep and where to run. moespec validates it, plans it as tasks (one per stage and sweep point,
+shared where settings are equal), runs only what is missing, and stores each result as an HDF5
+artifact under <root>/<experiment>/<stage>/<uid>/.
+"""
+
+EPILOG = """\
+typical session:
+  moespec validate configs/experiments/demo.yaml            check the file and the inputs it names
+  moespec plan     configs/experiments/demo.yaml            the tasks, done or to run
+  moespec submit   configs/experiments/demo.yaml --executor local
+  moespec report   results/demo                             HTML report of the results
+
+`moespec COMMAND --help` describes each command; README.md explains the numbers it prints.
+"""
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 task``, ``2 tasks``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -34,19 +59,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from moespec.config import load_experiment
     from moespec.launch.plan import make_plan
 
+    from moespec.preflight import input_problems
+
     status = EXIT_OK
     for path in args.files:
         try:
             plan = make_plan(load_experiment(path, root=args.root))
+            problems = [] if args.schema_only else input_problems(plan.experiment)
+            if problems:
+                raise ConfigError(problems)
         except ConfigError as e:
-            print(f"{path}: INVALID ({len(e.problems)} problem{'s' if len(e.problems) != 1 else ''})", file=sys.stderr)
+            print(f"{path}: INVALID ({_count(len(e.problems), 'problem')})", file=sys.stderr)
             for problem in e.problems:
                 print(f"  {problem}", file=sys.stderr)
             status = EXIT_FAILED
             continue
-        n_points = len(plan.experiment.points)
-        print(f"{path}: ok ({n_points} sweep point{'s' if n_points != 1 else ''}, {len(plan.tasks)} tasks: "
-              + ", ".join(f"{s} {len(plan.tasks_for(s))}" for s in plan.stages()) + ")")
+        print(f"{path}: ok ({_count(len(plan.experiment.points), 'sweep point')}, {_count(len(plan.tasks), 'task')}: "
+              + ", ".join(f"{s} {len(plan.tasks_for(s))}" for s in plan.stages())
+              + (")" if args.schema_only else "; data files and models found)"))
     return status
 
 
@@ -62,27 +92,48 @@ def _task_rows(plan, with_state: bool = True) -> list[list[str]]:
     return rows
 
 
+def _why_short(task, reason: str) -> str:
+    """The table's one-word-ish reason a task is to run (the full text is printed below the table)."""
+    if reason.startswith("stale"):
+        return reason.split(" (", 1)[0]
+    if reason:
+        return "unreadable artifact (below)"
+    return "failed before" if task.failed_path.exists() else "no artifact"
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from moespec.launch.arrays import compress_indices, task_key
     from moespec.launch.slurm import describe_arrays, load_plan, planned_arrays
 
-    plan, cluster = load_plan(args.file, root=args.root, cluster=args.cluster)
-    done, arrays = planned_arrays(plan, cluster)
+    plan, cluster = load_plan(args.file, root=args.root, cluster=args.cluster, away_ok=True)
+    why, arrays = planned_arrays(plan, cluster)
+    done = {key for key, reason in why.items() if reason == "done"}
     rows = _task_rows(plan, with_state=False)
+    problems = []
     for row, task in zip(rows, [t for s in plan.stages() for t in plan.tasks_for(s)]):
-        row[5] = "done" if task_key(task) in done else "to run"
-    print(f"experiment {plan.experiment.name}: {len(plan.experiment.points)} sweep point(s), "
-          f"{len(plan.tasks)} unique tasks, artifacts under {plan.experiment.root / plan.experiment.name}")
-    print(_table(rows, ["stage", "task", "uid", "shard", "sweep point", "state"]))
+        reason = why[task_key(task)]
+        row[5] = "done" if reason == "done" else "to run"
+        row.append("-" if reason == "done" else "not checked here" if plan.root_unavailable
+                   else _why_short(task, reason))
+        if reason not in ("", "done"):
+            problems.append(f"  {task.label}: {reason}")
+    print(f"experiment {plan.experiment.name}: {_count(len(plan.experiment.points), 'sweep point')}, "
+          f"{_count(len(plan.tasks), 'unique task')}, artifacts under {plan.experiment.root / plan.experiment.name}")
+    if plan.root_unavailable:
+        print(f"note: {plan.root_unavailable}")
+    print(_table(rows, ["stage", "task", "uid", "shard", "sweep point", "state", "why"]))
+    if problems:
+        print("\nwhy these are to run although an artifact is there:\n" + "\n".join(problems))
     print("\njobs that `moespec submit` would run (one array per stage, each after its upstream stages):")
     for stage in plan.stages():
         todo = [i for i, t in enumerate(plan.tasks_for(stage)) if task_key(t) not in done]
         upstream = sorted({i.stage for t in plan.tasks_for(stage) for i in t.inputs.values()})
         after = f" after {', '.join(upstream)}" if upstream else ""
-        print(f"  {stage}: {len(todo)} task(s)" + (f" [indices {compress_indices(todo)}]" if todo else " (all done)")
-              + after)
+        state = f" [indices {compress_indices(todo)}]" if todo else " (all done)"
+        print(f"  {stage}: {_count(len(todo), 'task')}{state}{after}")
     where = f"cluster {cluster.name}" if cluster else "no cluster profile"
-    print(f"\nSlurm job arrays ({where}; chunked to MaxArraySize, each after the arrays it reads):")
+    print(f"\nSlurm job arrays ({where}; chunked to MaxArraySize; aftercorr: array task i waits for upstream "
+          f"array task i only, afterok: for the whole array):")
     for line in describe_arrays(arrays):
         print(line)
     return EXIT_OK
@@ -102,10 +153,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     counts = {state: sum(s.state == state for s in statuses) for state in STATES}
     print("\n" + ", ".join(f"{n} {state}" for state, n in counts.items() if n))
     for status in statuses:
-        if status.state in ("failed", "unknown"):
-            print("\n" + "\n".join(failure_report(status) if status.state == "failed"
-                                   else [f"{status.state.upper()} {status.task.label}: {status.detail}"]))
-    return EXIT_OK
+        if status.state == "failed":
+            print("\n" + "\n".join(failure_report(status)))
+        elif status.state in ("unknown", "cancelling") or (status.state == "not submitted" and status.detail):
+            print(f"\n{status.state.upper()} {status.task.label}: {status.detail}")
+    return EXIT_FAILED if counts["failed"] else EXIT_OK
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -125,7 +177,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
               "every missing task, failed ones included)", file=sys.stderr)
         return EXIT_USAGE
     root = plan.experiment.root / plan.experiment.name
-    print(f"experiment {plan.experiment.name}: {len(plan.tasks)} tasks, executor {executor}, mode {mode}, "
+    _check_inputs(plan, args.stages)
+    print(f"experiment {plan.experiment.name}: {_count(len(plan.tasks), 'task')}, executor {executor}, mode {mode}, "
           f"results under {root}")
     if executor == "inline":
         outcomes = run_plan_inline(plan, mode, args.stages)
@@ -133,9 +186,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
         outcomes = run_plan_local(plan, mode, args.stages)
     _print_outcomes(outcomes)
     summary_path = root / "summary.json"
-    _write_experiment_summary(summary_path, outcomes)
+    _write_experiment_summary(summary_path, outcomes, plan)
     print(f"\nresults: {root}\nsummary: {summary_path}")
     return EXIT_FAILED if any(o.status in ("failed", "skipped") for o in outcomes) else EXIT_OK
+
+
+def _check_inputs(plan, stages: list[str] | None) -> None:
+    """Refuse to start when a data file or model of the stages to run is missing (``moespec validate``'s checks)."""
+    from moespec.preflight import input_problems
+
+    problems = input_problems(plan.experiment)
+    if stages:
+        problems = [p for p in problems if p.split(": ", 2)[1].split(".")[0] in stages]
+    if problems:
+        raise ConfigError(problems)
 
 
 def _print_outcomes(outcomes) -> None:
@@ -152,18 +216,36 @@ def _print_outcomes(outcomes) -> None:
             continue
         if task.num_shards > 1 and task.shard_index != task.num_shards - 1:
             continue
-        print(f"  {task.stage:<7} {task.uid}  {headline(task.stage, outcome.summary)}")
+        prefix = f"  {task.stage:<7} {task.uid}  "
+        print(prefix + headline(task.stage, outcome.summary, width=120, indent=len(prefix)))
 
 
-def _write_experiment_summary(path: Path, outcomes) -> None:
+def _write_experiment_summary(path: Path, outcomes, plan) -> None:
+    """Write the outcome of every task of the plan: this run's, and earlier runs' for tasks it did not touch.
+
+    A ``--stages`` run thus updates its own tasks without dropping the others; tasks no longer in
+    the plan (a changed config) are dropped.
+    """
     from moespec.artifacts import atomic_write_text
 
     if not path.parent.exists():
         return
-    data = [{"stage": o.task.stage, "uid": o.task.uid, "shard": o.task.shard_index, "status": o.status,
-             "points": list(o.task.points), "summary": o.summary, "error": o.error,
-             "artifact": str(o.task.dir)} for o in outcomes]
+    entries = {(e.get("stage"), e.get("uid"), e.get("shard")): e for e in _read_tasks(path)}
+    for o in outcomes:
+        entries[(o.task.stage, o.task.uid, o.task.shard_index)] = {
+            "stage": o.task.stage, "uid": o.task.uid, "shard": o.task.shard_index, "status": o.status,
+            "points": list(o.task.points), "summary": o.summary, "error": o.error, "artifact": str(o.task.dir)}
+    planned = [(t.stage, t.uid, t.shard_index) for t in plan.tasks]
+    data = [entries[key] for key in planned if key in entries]
     atomic_write_text(path, json.dumps({"tasks": data}, indent=2, default=str))
+
+
+def _read_tasks(path: Path) -> list[dict]:
+    try:
+        tasks = json.loads(path.read_text(encoding="utf-8")).get("tasks", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [t for t in tasks if isinstance(t, dict)]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -196,35 +278,45 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moespec", description=__doc__)
+    parser = argparse.ArgumentParser(prog="moespec", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"moespec {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_root(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--root", help="results root (overrides the file's `root`)")
+        p.add_argument("--root", metavar="DIR", help="results root (overrides the file's `root`)")
         return p
 
-    p = with_root(sub.add_parser("validate", help="check experiment files; report every problem"))
-    p.add_argument("files", nargs="+")
+    experiment_help = "experiment file (YAML), e.g. configs/experiments/demo.yaml"
+    mode_help = ("cached: skip tasks whose artifact is complete (default); force: compute again; "
+                 "read-only: compute nothing, fail on a missing artifact")
+    cluster_help = "cluster profile: a name in hpc/clusters/ or a YAML path (default: infra.cluster)"
+
+    p = with_root(sub.add_parser("validate", help="check experiment files and the inputs they name; report every "
+                                                  "problem"))
+    p.add_argument("files", nargs="+", metavar="FILE", help="experiment files (YAML)")
+    p.add_argument("--schema-only", action="store_true",
+                   help="check the files only, not the data files and models they name (e.g. on a laptop for a "
+                        "cluster run)")
     p.set_defaults(func=cmd_validate)
 
-    cluster_help = "cluster profile: a name in hpc/clusters/ or a YAML path (default: infra.cluster)"
     p = with_root(sub.add_parser("plan", help="print the task table and the job arrays that would be submitted"))
-    p.add_argument("file")
+    p.add_argument("file", metavar="FILE", help=experiment_help)
     p.add_argument("--cluster", help=cluster_help)
     p.set_defaults(func=cmd_plan)
 
     p = with_root(sub.add_parser("status", help="each task's state from the artifacts and the scheduler"))
-    p.add_argument("file")
+    p.add_argument("file", metavar="FILE", help=experiment_help)
     p.add_argument("--cluster", help=cluster_help)
     p.set_defaults(func=cmd_status)
 
     p = with_root(sub.add_parser("submit", help="run the missing tasks, stage by stage"))
-    p.add_argument("file")
+    p.add_argument("file", metavar="FILE", help=experiment_help)
     p.add_argument("--executor", choices=["local", "slurm", "inline"],
-                   help="local: submitit local jobs (default); slurm: job arrays; inline: this process")
-    p.add_argument("--mode", choices=["cached", "force", "read-only"])
-    p.add_argument("--stages", nargs="+", help="only these stages")
+                   help="local: one subprocess per task on this machine (default: infra.executor); slurm: job "
+                        "arrays; inline: every task in this process (debugging, notebooks)")
+    p.add_argument("--mode", choices=["cached", "force", "read-only"], help=mode_help + " (default: infra.mode)")
+    p.add_argument("--stages", nargs="+", metavar="STAGE", help="only these stages (e.g. --stages train ablate)")
     p.add_argument("--cluster", help=cluster_help)
     p.add_argument("--dry-run", action="store_true",
                    help="print the arrays and their sbatch scripts; submit nothing")
@@ -234,10 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_submit)
 
     p = with_root(sub.add_parser("run", help="run one task in this process (what an array task calls)"))
-    p.add_argument("stage")
-    p.add_argument("--config", required=True)
-    p.add_argument("--task", type=int, help="task index (default: $SLURM_ARRAY_TASK_ID)")
-    p.add_argument("--mode", choices=["cached", "force", "read-only"], default="cached")
+    p.add_argument("stage", metavar="STAGE", help=f"stage of the task: {', '.join(STAGE_ORDER)}")
+    p.add_argument("--config", required=True, metavar="FILE", help=experiment_help)
+    p.add_argument("--task", type=int, help="task index within the stage, as `moespec plan` numbers them "
+                                            "(default: $SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--mode", choices=["cached", "force", "read-only"], default="cached", help=mode_help)
     p.set_defaults(func=cmd_run)
 
     # Subsystems with their own commands register them here (e.g. `moespec sync`), so that their
@@ -257,6 +350,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`moespec plan X | head`): stop quietly, as other command-line tools do.
+        # stdout is pointed at devnull so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except ConfigError as e:
         print(f"moespec {args.command}: invalid configuration ({len(e.problems)} problem(s)):", file=sys.stderr)
         for problem in e.problems:

@@ -12,6 +12,7 @@ import copy
 import hashlib
 import itertools
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -154,7 +155,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    """A value as YAML spells it (``true``, ``null``, ``'16'``), cut to 80 characters."""
+    text = {True: "true", False: "false"}.get(value, repr(value)) if isinstance(value, bool) else repr(value)
+    text = "null" if value is None else text
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -180,23 +183,57 @@ def _dotted(loc: tuple, raw: Any, missing: bool) -> str:
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple, raw: Any) -> list[str]:
-    """Field names allowed where an unknown key was found (best effort, for the error message).
+    """Field names allowed where an unknown key was found (best effort, for the error message)."""
+    annotation, node = _annotation_at(model, loc[:-1], raw)
+    return sorted(getattr(_pick_model(annotation, node), "model_fields", {}) or [])
+
+
+def _annotation_at(model: type[BaseModel], loc: tuple, raw: Any) -> tuple[Any, Any]:
+    """The annotation and the user's data at ``loc`` (best effort: ``(None, None)`` when lost).
 
     Walks the annotations along the user's data, so that in a tagged union the member named by
-    the raw ``kind`` is the one whose keys are listed.
+    the raw ``kind`` is followed, and through ``dict[str, Model]`` values (``infra.resources.embed``).
     """
     annotation: Any = model
     node = raw
-    for part in loc[:-1]:
+    for part in loc:
         if isinstance(node, dict) and isinstance(part, str) and part in node:
             current = _pick_model(annotation, node)
-            field = getattr(current, "model_fields", {}).get(part)
-            if field is None:
-                return []
-            annotation, node = field.annotation, node[part]
+            if current is not None:
+                field = current.model_fields.get(part)
+                annotation = field.annotation if field is not None else None
+            else:
+                annotation = _mapping_value_type(annotation)
+            if annotation is None:
+                return None, None
+            node = node[part]
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             annotation, node = _element_type(annotation), node[part]
-    return sorted(getattr(_pick_model(annotation, node), "model_fields", {}) or [])
+    return annotation, node
+
+
+def _mapping_value_type(annotation: Any) -> Any:
+    """The value type of ``dict[K, V]`` (through Optional/Annotated), else None."""
+    import typing
+
+    if typing.get_origin(annotation) is dict:
+        return typing.get_args(annotation)[1]
+    for arg in typing.get_args(annotation):
+        found = _mapping_value_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _union_kinds(model: type[BaseModel], loc: tuple, raw: Any) -> list[str]:
+    """The ``kind`` values of the tagged union at ``loc`` (for "kind is missing" messages)."""
+    annotation, _ = _annotation_at(model, loc, raw)
+    kinds = []
+    for member in _models_in(annotation):
+        field = member.model_fields.get("kind")
+        if field is not None and isinstance(field.default, str):
+            kinds.append(field.default)
+    return kinds
 
 
 def _element_type(annotation: Any) -> Any:
@@ -237,24 +274,51 @@ def _pick_model(annotation: Any, raw: Any) -> type[BaseModel] | None:
 
 def format_validation_error(error: ValidationError, raw: dict[str, Any], source: str,
                             model: type[BaseModel]) -> list[str]:
-    """One line per problem: ``FILE: dotted.key: what is wrong, got VALUE``; duplicates merged."""
+    """One line per problem: ``FILE: dotted.key: what is wrong, got VALUE``; duplicates merged.
+
+    A check of a whole section that finds several problems raises one ``ValueError`` whose lines
+    read ``key: problem``; each becomes its own line under ``section.key``.
+    """
     merged: dict[str, list[str]] = {}
     for item in error.errors():
-        kind = item["type"]
-        key = _dotted(tuple(item["loc"]), raw, missing=kind == "missing")
-        if kind == "extra_forbidden":
-            allowed = _allowed_keys(model, tuple(item["loc"]), raw)
-            message = "unknown key" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
-        elif kind == "missing":
-            message = "required key is missing"
-        else:
-            message = item["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
-            if not isinstance(item.get("input"), dict):  # a whole-section check: the section is the key
-                message += f", got {_short(item.get('input'))}"
-        merged.setdefault(key, [])
-        if message not in merged[key]:
-            merged[key].append(message)
+        loc = tuple(item["loc"])
+        key = _dotted(loc, raw, missing=item["type"] == "missing")
+        for subkey, message in _messages(item, loc, raw, model):
+            full = f"{key}.{subkey}" if subkey and key != "(top level)" else (subkey or key)
+            merged.setdefault(full, [])
+            if message not in merged[full]:
+                merged[full].append(message)
     return [f"{source}: {key}: {' | '.join(messages)}" for key, messages in merged.items()]
+
+
+_SUBKEY_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\[\]]*): (.+)$")
+
+
+def _messages(item: dict[str, Any], loc: tuple, raw: Any, model: type[BaseModel]) -> list[tuple[str, str]]:
+    """``(sub-key, message)`` pairs of one pydantic error (the sub-key is "" for the error's own key)."""
+    kind = item["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(model, loc, raw)
+        return [("", "unknown key" + (f" (allowed: {', '.join(allowed)})" if allowed else ""))]
+    if kind == "missing":
+        return [("", "required key is missing")]
+    if kind == "union_tag_not_found":
+        kinds = _union_kinds(model, loc, raw)
+        choices = f" (one of {', '.join(kinds)})" if kinds else ""
+        return [("", f"'kind' is missing: set {_dotted(loc, raw, False)}.kind{choices} to say which it is")]
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        allowed = sorted(getattr(_pick_model(_annotation_at(model, loc, raw)[0], None), "model_fields", {}) or [])
+        keys = f" (keys: {', '.join(allowed)})" if allowed else ""
+        return [("", f"must be a mapping of settings{keys}, got {_short(item.get('input'))}")]
+    message = item["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    lines = [line for line in message.splitlines() if line.strip()]
+    if len(lines) > 1 and all(_SUBKEY_RE.match(line) for line in lines):
+        return [_SUBKEY_RE.match(line).groups() for line in lines]
+    if not isinstance(item.get("input"), dict) and "got " not in message:
+        message += f", got {_short(item.get('input'))}"  # the value, unless the message already names it
+    if kind in ("int_type", "float_type", "int_parsing", "float_parsing") and isinstance(item.get("input"), str):
+        message += " (a quoted string; write the number without quotes)"
+    return [("", message)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,7 +348,7 @@ def sweep_points(sweep: SweepConfig) -> list[dict[str, Any]]:
     return [{**g, **z} for g in grid for z in zipped]
 
 
-def _sweep_problems(sweep: SweepConfig, source: str) -> list[str]:
+def _sweep_problems(sweep: SweepConfig, source: str, raw: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     for section, axes in (("grid", sweep.grid), ("zip", sweep.zip)):
         for key, values in axes.items():
@@ -292,6 +356,10 @@ def _sweep_problems(sweep: SweepConfig, source: str) -> list[str]:
             if head in ("sweep", "infra", "experiment", "root") or head not in STAGE_ORDER:
                 problems.append(f"{source}: sweep.{section}.{key}: a sweep key must start with a stage "
                                 f"section ({', '.join(STAGE_ORDER)}), got {head!r}")
+            elif not isinstance(raw.get(head), dict):
+                # Setting the key would add a stage the file does not run.
+                problems.append(f"{source}: sweep.{section}.{key}: the experiment has no {head} section; "
+                                f"add '{head}:' to the file to run that stage, or remove this sweep key")
             if not values:
                 problems.append(f"{source}: sweep.{section}.{key}: must list at least one value, got []")
     both = sorted(set(sweep.grid) & set(sweep.zip))
@@ -302,6 +370,13 @@ def _sweep_problems(sweep: SweepConfig, source: str) -> list[str]:
         detail = ", ".join(f"{k}={n}" for k, n in lengths.items())
         problems.append(f"{source}: sweep.zip: lists must have equal lengths, got {detail}")
     return problems
+
+
+def format_point_value(value: Any) -> str:
+    """A sweep value as the user would write it in YAML (``{kind: topk, target: label}``, not a Python dict)."""
+    if isinstance(value, (dict, list)):
+        return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6).strip()
+    return str(value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,35 +427,91 @@ def load_experiment(source: Path | str | dict[str, Any], *, root: Path | str | N
     root : path, optional
         Overrides the file's ``root``. A relative root is taken relative to the current directory
         at load time and made absolute, so that jobs never depend on their working directory.
+        Relative paths inside stage sections (``files`` sources, local model folders) are taken
+        relative to the folder of the YAML file (the current directory for a dict).
     """
     if isinstance(source, dict):
-        raw, name = copy.deepcopy(source), "<dict>"
+        raw, name, config_dir = copy.deepcopy(source), "<dict>", Path.cwd()
     else:
-        raw, name = read_yaml(Path(source)), str(source)
+        raw, name, config_dir = read_yaml(Path(source)), str(source), Path(source).absolute().parent
     model = experiment_model()
     problems: list[str] = []
     unknown_stages = [k for k in raw if k in STAGE_ORDER and k not in model.model_fields]
     for key in unknown_stages:
         problems.append(f"{name}: {key}: the {key} stage is not available in this version of moespec")
         raw.pop(key)
+    base: ExperimentBase | None = None
     try:
-        base = model.model_validate(raw)
+        base = validate_data(model, raw, config_dir)
     except ValidationError as e:
-        raise ConfigError(problems + format_validation_error(e, raw, name, model)) from None
-    problems += _dependency_problems(base, name)
-    problems += _sweep_problems(base.sweep, name)
-    if problems:
+        problems += format_validation_error(e, raw, name, model)
+    sweep = base.sweep if base is not None else _sweep_or_none(raw)
+    sweep_problems = _sweep_problems(sweep, name, raw) if sweep is not None else []
+    if base is not None:
+        problems += _dependency_problems(base, name)
+    problems += sweep_problems
+    configs: list[ExperimentBase] = []
+    points = sweep_points(sweep) if sweep is not None and not sweep_problems else [{}]
+    if sweep is not None and not sweep_problems and points != [{}]:
+        configs, point_problems = _validate_points(raw, points, name, model, config_dir, set(problems))
+        problems += point_problems
+    if problems or base is None:
         raise ConfigError(problems)
-    points = sweep_points(base.sweep)
-    configs = _validate_points(raw, points, name, model)
     resolved_root = Path(root if root is not None else base.root).expanduser().resolve()
-    return Experiment(name, base, points, configs, resolved_root)
+    return Experiment(name, base, points, configs or [base], resolved_root)
 
 
-def _validate_points(raw: dict[str, Any], points: list[dict[str, Any]], name: str,
-                     model: type[ExperimentBase]) -> list[ExperimentBase]:
-    if points == [{}]:
-        return [model.model_validate(raw)]
+def validate_data(model: type[ExperimentBase], data: dict[str, Any], config_dir: Path) -> ExperimentBase:
+    """Validate an experiment's data as pydantic's strict mode reads JSON.
+
+    YAML gives JSON's types, and strict mode refuses the coercions that hide a mistake (``true``
+    for an integer, ``"16"`` for a number) while keeping those JSON needs (a list for a tuple, an
+    integer for a float). Relative paths are first made absolute against ``config_dir``.
+    """
+    text = json.dumps(resolve_relative_paths(data, config_dir), default=str)
+    return model.model_validate_json(text, strict=True)
+
+
+def resolve_relative_paths(data: Any, config_dir: Path) -> Any:
+    """A copy of an experiment's data with its relative paths taken from ``config_dir`` (the file's folder).
+
+    The paths of a ``files`` source, and a ``name`` written ``./x`` or ``../x`` (a local model or
+    dataset folder; hub names never start with a dot), wherever they are: in stage sections and in
+    sweep values. Paths starting with ``~`` or ``$`` are left for the machine that reads the files.
+    A job's working directory differs between the laptop that validates and the node that runs,
+    the file's folder does not; and a copy of the file elsewhere (``--emit-sbatch``) keeps its meaning.
+    """
+    if isinstance(data, list):
+        return [resolve_relative_paths(item, config_dir) for item in data]
+    if not isinstance(data, dict):
+        return data
+    resolved = {key: resolve_relative_paths(value, config_dir) for key, value in data.items()}
+    if data.get("kind") == "files" and isinstance(data.get("paths"), (str, list)):
+        paths = resolved["paths"]
+        resolved["paths"] = ([_absolute(p, config_dir) for p in paths] if isinstance(paths, list)
+                             else _absolute(paths, config_dir))
+    if isinstance(data.get("name"), str) and data["name"].startswith(("./", "../")):
+        resolved["name"] = _absolute(data["name"], config_dir)
+    return resolved
+
+
+def _absolute(path: Any, config_dir: Path) -> Any:
+    if not isinstance(path, str) or path.startswith(("~", "$")) or Path(path).is_absolute():
+        return path
+    return str(Path(os.path.normpath(Path(config_dir) / path)))
+
+
+def _sweep_or_none(raw: dict[str, Any]) -> SweepConfig | None:
+    """The sweep section on its own, when the rest of the file is invalid (its problems are reported already)."""
+    try:
+        return SweepConfig.model_validate_json(json.dumps(raw.get("sweep") or {}, default=str), strict=True)
+    except ValidationError:
+        return None
+
+
+def _validate_points(raw: dict[str, Any], points: list[dict[str, Any]], name: str, model: type[ExperimentBase],
+                     config_dir: Path, known: set[str]) -> tuple[list[ExperimentBase], list[str]]:
+    """Each sweep point's config, and the problems only some points have (``known`` ones are not repeated)."""
     configs: list[ExperimentBase] = []
     failures: dict[str, list[int]] = {}
     for index, point in enumerate(points):
@@ -388,7 +519,7 @@ def _validate_points(raw: dict[str, Any], points: list[dict[str, Any]], name: st
         try:
             for key, value in point.items():
                 _set_dotted(data, key, value)
-            config = model.model_validate(data)
+            config = validate_data(model, data, config_dir)
             configs.append(config)
             for problem in _dependency_problems(config, name):
                 failures.setdefault(problem, []).append(index)
@@ -397,14 +528,14 @@ def _validate_points(raw: dict[str, Any], points: list[dict[str, Any]], name: st
         except ValidationError as e:
             for problem in format_validation_error(e, data, name, model):
                 failures.setdefault(problem, []).append(index)
-    if failures:
-        lines = []
-        for problem, indices in failures.items():
-            shown = ", ".join(map(str, indices[:8])) + (", ..." if len(indices) > 8 else "")
-            example = ", ".join(f"{k}={v!r}" for k, v in points[indices[0]].items())
-            lines.append(f"{problem} (sweep point{'s' if len(indices) > 1 else ''} {shown}; e.g. {example})")
-        raise ConfigError(lines)
-    return configs
+    lines = []
+    for problem, indices in failures.items():
+        if problem in known:
+            continue
+        shown = ", ".join(map(str, indices[:8])) + (", ..." if len(indices) > 8 else "")
+        example = ", ".join(f"{k}={format_point_value(v)}" for k, v in points[indices[0]].items())
+        lines.append(f"{problem} (sweep point{'s' if len(indices) > 1 else ''} {shown}; e.g. {example})")
+    return configs, lines
 
 
 def _dependency_problems(config: ExperimentBase, name: str) -> list[str]:

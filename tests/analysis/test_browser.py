@@ -42,12 +42,25 @@ def _browser() -> str:
     pytest.skip(message)
 
 
+def _above_four(fd: int) -> int:
+    import fcntl
+
+    if fd > 4:
+        return fd
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+    os.close(fd)
+    return moved
+
+
 class DevTools:
     """A Chromium started with ``--remote-debugging-pipe``: JSON messages ending in NUL on fds 3 (in) and 4 (out)."""
 
     def __init__(self, executable: str, profile: Path, timeout: float = 60.0):
         to_browser_read, self._to_browser = os.pipe()
         self._from_browser, from_browser_write = os.pipe()
+        # The child's ends move to fds 3 and 4 below: take them off low numbers first, or a pipe end
+        # that already is fd 3 or 4 would be closed by the redirections that place the other one.
+        to_browser_read, from_browser_write = (_above_four(fd) for fd in (to_browser_read, from_browser_write))
         # The shell puts the two pipe ends on the fds the DevTools pipe protocol reads and writes.
         command = (f'exec "$0" "$@" 3<&{to_browser_read} 4>&{from_browser_write} '
                    f'{to_browser_read}<&- {from_browser_write}>&-')
@@ -111,20 +124,38 @@ class DevTools:
         os.close(self._from_browser)
 
 
-def open_page(index: Path, profile: Path) -> tuple[list[dict], list[str]]:
-    """Load ``index`` in headless Chromium; return its images (src, loaded) and its console errors."""
+#: Window of the screenshots and layout checks: a laptop browser at 100 % zoom.
+VIEWPORT = (1280, 900)
+#: Height of one screenshot tile (full pages are tens of thousands of pixels; one GPU texture is not).
+TILE = 6000
+_LAYOUT = """JSON.stringify({
+  pageWidth: document.documentElement.scrollWidth, viewWidth: window.innerWidth,
+  height: document.documentElement.scrollHeight,
+  images: Array.from(document.images).map(i => ({src: i.getAttribute('src'), loaded: i.complete && i.naturalWidth > 0,
+                                                shown: i.clientWidth, natural: i.naturalWidth})),
+  tables: Array.from(document.querySelectorAll('table')).map(t => ({
+    caption: (t.previousElementSibling || {}).textContent || '', right: t.getBoundingClientRect().right}))})"""
+
+
+def open_page(index: Path, profile: Path, screenshots: Path | None = None) -> tuple[list[dict], list[str]]:
+    """Load ``index`` in headless Chromium; return its images (src, loaded, shown and natural width)
+    and its console errors; with ``screenshots``, save the whole page there as PNG tiles."""
     browser = DevTools(_browser(), profile)
     try:
         target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Runtime", "Log", "Page"):
             browser.send(f"{domain}.enable", session=session)
+        browser.send("Emulation.setDeviceMetricsOverride", {"width": VIEWPORT[0], "height": VIEWPORT[1],
+                                                            "deviceScaleFactor": 1, "mobile": False}, session=session)
         browser.send("Page.navigate", {"url": index.resolve().as_uri()}, session=session)
         browser.wait_event("Page.loadEventFired")
-        images = browser.send("Runtime.evaluate", {
-            "expression": "JSON.stringify(Array.from(document.images).map(i => "
-                          "({src: i.getAttribute('src'), loaded: i.complete && i.naturalWidth > 0})))",
-            "returnByValue": True}, session=session)["result"]["value"]
+        layout = json.loads(browser.send("Runtime.evaluate", {"expression": _LAYOUT, "returnByValue": True},
+                                         session=session)["result"]["value"])
+        open_page.layout = layout
+        if screenshots is not None:
+            _screenshots(browser, session, layout["height"], screenshots)
+        images = layout["images"]
         errors = []
         for event in browser.events:
             params = event.get("params", {})
@@ -134,9 +165,21 @@ def open_page(index: Path, profile: Path) -> tuple[list[dict], list[str]]:
                 errors.append(json.dumps(params.get("exceptionDetails")))
             elif event["method"] == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
                 errors.append(f"{params['entry'].get('text')} {params['entry'].get('url', '')}")
-        return json.loads(images), errors
+        return images, errors
     finally:
         browser.close()
+
+
+def _screenshots(browser: DevTools, session: str, height: int, folder: Path) -> None:
+    """The whole page at 100 % zoom, top to bottom, in tiles of at most TILE pixels."""
+    import base64
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for number, top in enumerate(range(0, height, TILE), 1):
+        clip = {"x": 0, "y": top, "width": VIEWPORT[0], "height": min(TILE, height - top), "scale": 1}
+        shot = browser.send("Page.captureScreenshot", {"format": "png", "clip": clip, "captureBeyondViewport": True},
+                            session=session)
+        (folder / f"page-{number:02d}.png").write_bytes(base64.b64decode(shot["data"]))
 
 
 @pytest.fixture(scope="module")
@@ -146,10 +189,20 @@ def report_index(tmp_path_factory) -> Path:
 
 
 def test_report_loads_with_every_image_and_no_console_error(report_index, tmp_path):
-    images, errors = open_page(report_index, tmp_path / "profile")
+    # MOESPEC_SCREENSHOTS: keep the full-page screenshots there (to look at them; docs/report.png)
+    folder = Path(os.environ.get("MOESPEC_SCREENSHOTS") or tmp_path / "screenshots")
+    images, errors = open_page(report_index, tmp_path / "profile", folder)
     assert errors == []
     assert len(images) >= 40
     assert [i["src"] for i in images if not i["loaded"]] == []
+    layout = open_page.layout
+    # at 100 % zoom in a laptop window: no sideways scrolling, every figure at its natural size
+    assert layout["pageWidth"] <= layout["viewWidth"], layout["pageWidth"]
+    assert [t["caption"] for t in layout["tables"] if t["right"] > layout["viewWidth"]] == []
+    assert [i["src"] for i in images if i["shown"] < i["natural"]] == []
+    tiles = sorted(folder.glob("page-*.png"))
+    assert len(tiles) == -(-layout["height"] // TILE)
+    assert all(t.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for t in tiles)
 
 
 def test_a_missing_figure_is_caught(report_index, tmp_path):

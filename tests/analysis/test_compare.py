@@ -10,7 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from moespec.analysis.compare import compare, lower_is_better, to_csv, to_json, write_comparison
+from moespec.analysis.compare import (Comparison, compare, correlation_figure_reason, lower_is_better, to_csv, to_json,
+                                      write_comparison)
 from moespec.analysis.results import discover
 from moespec.cli import main
 from moespec.errors import MoespecError
@@ -79,8 +80,26 @@ def test_csv_and_json_exports_hold_the_same_ranking(experiment, tmp_path):
     exported = json.loads(written["json"].read_text())
     assert exported == json.loads(json.dumps(to_json(comparison), default=str))
     assert exported["correlation"]["parameters"] == comparison.numeric_parameters
-    assert written["figure"].read_bytes()[:4] == b"\x89PNG"
+    # 4 runs, 2 values per parameter: no correlation figure, and the JSON says why
+    assert "figure" not in written and "4 runs" in exported["correlation"]["figure"]
+    # the sweep's runs overlaid, one line per run
+    for name in ("overlay_val_accuracy", "overlay_val_loss"):
+        assert written[name].read_bytes()[:4] == b"\x89PNG"
+    assert len(comparison.curves) == 4
+    for curve in comparison.curves.values():
+        assert len(curve["epoch"]) == len(curve["val_accuracy"]) in (2, 3)
     assert to_csv(comparison).splitlines()[0].startswith("rank,run,experiment,")
+
+
+def test_the_correlation_figure_needs_enough_runs_and_values():
+    def made(n_runs: int, distinct: int) -> Comparison:
+        comparison = Comparison("m", True, "run1", ["train.lr"], ["m"], [{"run": f"r{i}"} for i in range(n_runs)])
+        comparison.numeric_parameters, comparison.distinct_values = ["train.lr"], {"train.lr": distinct}
+        return comparison
+
+    assert correlation_figure_reason(made(6, 3)) is None
+    assert "5 runs" in correlation_figure_reason(made(5, 5))
+    assert "fewer than 3 values" in correlation_figure_reason(made(8, 2))
 
 
 def test_several_experiments_and_the_cli(experiment, tmp_path, capsys):

@@ -155,7 +155,11 @@ def test_numbers_in_the_html_are_the_artifacts(report, experiment):
             elif isinstance(value, (float, np.floating)) and math.isnan(value):
                 assert text == "n/a"
             else:
-                assert float(text) == pytest.approx(float(value), rel=1e-5, abs=1e-12), attrs
+                # the full value rides along in data-value; the text shows 3 significant digits
+                assert float(attrs["data-value"]) == pytest.approx(float(value), rel=1e-12, abs=1e-300), attrs
+                assert float(text.replace(",", "")) == pytest.approx(float(value), rel=5e-3, abs=1e-12), attrs
+                if isinstance(value, (int, np.integer)):
+                    assert text.replace(",", "") == str(int(value))   # counts print whole
     finally:
         for reader in files.values():
             reader.close()
@@ -165,7 +169,8 @@ def test_overview_metrics_are_the_stage_summaries(report, experiment):
     text = report.index.read_text(encoding="utf-8")
     for run in discover(experiment).runs:
         accuracy = json.loads((run.tasks["train"].dir / "summary.json").read_text())["val_accuracy"]
-        assert f'data-summary="train.val_accuracy" data-uid="{run.tasks["train"].uid}">{accuracy:.6g}<' in text
+        assert (f'data-summary="train.val_accuracy" data-uid="{run.tasks["train"].uid}" '
+                f'data-value="{float(accuracy)!r}">{accuracy:.3g}<') in text
 
 
 def test_missing_and_failed_stages_are_shown_not_filled(experiment, tmp_path):
@@ -241,3 +246,60 @@ def test_a_failed_train_and_its_skipped_ablate_stay_in_their_sweep_point(experim
     summary = json.loads((copy / "report" / "summary.json").read_text())
     broken_summary = next(r for r in summary["runs"] if r["points"] == list(run.points))
     assert not any(m.startswith(("train.", "ablate.")) for m in broken_summary["metrics"])
+
+
+def test_cli_report_says_what_it_reads_and_draws_as_it_goes(experiment, report, capsys):
+    assert main(["report", str(experiment), "--redraw"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("reading artifacts and drawing figures (all of them again)")
+    drawing = [line for line in out if line.endswith(": reading and drawing")]
+    assert {line.split()[0] for line in drawing} >= {"embed", "reduce", "train", "ablate"}
+    assert out.index(drawing[-1]) < next(i for i, line in enumerate(out) if line.startswith("report: "))
+
+
+def test_train_figures_follow_what_the_artifact_holds(experiment, tmp_path):
+    """Per-step curves are drawn when the train stage wrote them; validation accuracy has its chance level."""
+    import h5py
+
+    from moespec.analysis.loaders import load_section
+
+    copy = tmp_path / "sweep"
+    shutil.copytree(experiment, copy, ignore=shutil.ignore_patterns("report"))
+    task = next(r.tasks["train"] for r in discover(copy).runs if r.tasks["train"].config["model"]["kind"] == "topk")
+    section = load_section(task)
+    names = {f.name for f in section.figures}
+    assert {"curves_loss", "val_accuracy", "expert_load_curve", "curves_step"} <= names
+    loss = next(f for f in section.figures if f.name == "curves_loss").data
+    assert any(k.endswith("training") for k in loss["series"]) and any(k.endswith("validation") for k in loss["series"])
+    with h5py.File(task.h5_path, "r") as h5:
+        target = h5["heldout/target"][()]
+        epochs = h5["curves/epoch"][()]
+    chance = next(f for f in section.figures if f.name == "val_accuracy").data["reference"]
+    assert list(chance.values()) == [pytest.approx(np.bincount(target).max() / len(target))]
+    with h5py.File(task.h5_path, "r") as h5:
+        n_steps, step_epoch = len(h5["curves/step/index"]), h5["curves/step/epoch"][()]
+    steps_per_epoch = int((step_epoch == 1).sum())
+    step = next(f for f in section.figures if f.name == "curves_step").data
+    assert len(step["series"]["total, training (per step)"]) == n_steps
+    assert list(step["xs"]["total, validation (per epoch)"]) == list(steps_per_epoch * epochs)
+
+def test_no_text_of_any_figure_is_cut_off(experiment):
+    """Every title, label, tick label, legend and colour-bar label lies inside its saved figure."""
+    import matplotlib
+
+    from moespec.analysis.loaders import load_section
+    from moespec.analysis.plots import MIN_FONT, clipped_texts, new_figure
+
+    found = discover(experiment)
+    tasks = {(t.stage, t.uid): t for r in found.runs for t in r.tasks.values() if t.stage != "embed"}
+    checked = 0
+    for task in tasks.values():
+        for figure in load_section(task).figures:
+            with matplotlib.rc_context():
+                fig, ax = new_figure(*figure.size)
+                figure.plot(figure.data, ax)
+                assert clipped_texts(fig) == [], (task.stage, figure.name)
+                sizes = [t.get_fontsize() for t in fig.findobj(matplotlib.text.Text) if t.get_text().strip()]
+                assert min(sizes) >= MIN_FONT - 1, (task.stage, figure.name)   # cell values: 8 pt, the rest >= 9
+            checked += 1
+    assert checked >= 40

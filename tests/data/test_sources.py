@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -73,19 +74,22 @@ def test_empty_texts_are_skipped_and_logged_and_n_must_be_available(tmp_path, ca
 
 def test_missing_fields_and_empty_data_are_data_errors_naming_source_and_field(tmp_path):
     path = _write(tmp_path, "jsonl")
-    with pytest.raises(DataError, match=r"files:.*reviews\.jsonl: text field 'body' not found; the columns are"):
+    with pytest.raises(DataError, match=r"reviews\.jsonl line 1: no field\(s\) \['body'\] in the first record; "
+                                        r"its fields are \['text', 'stars', 'id'\]"):
         FilesSource(paths=[path], text_field="body").load()
-    with pytest.raises(DataError, match=r"label field 'rating' not found"):
-        FilesSource(paths=[path], label_field="rating").load()
+    with pytest.raises(DataError, match=r"reviews\.csv line 1: no field\(s\) \['rating'\] in the header"):
+        FilesSource(paths=[_write(tmp_path, "csv")], label_field="rating").load()
+    with pytest.raises(DataError, match=r"reviews\.parquet: no column\(s\) \['rating'\]"):
+        FilesSource(paths=[_write(tmp_path, "parquet")], label_field="rating").load()
     with pytest.raises(DataError, match=r"text field 'id' holds .*int64.*, not strings"):
         FilesSource(paths=[path], text_field="id").load()
     empty = tmp_path / "empty.parquet"
     import pandas as pd
 
     pd.DataFrame({"text": pd.Series([], dtype=str)}).to_parquet(empty)
-    with pytest.raises(DataError, match="empty"):
+    with pytest.raises(DataError, match="empty.parquet: has no rows"):
         FilesSource(paths=[str(empty)]).load()
-    with pytest.raises(DataError, match="file\\(s\\) not found"):
+    with pytest.raises(DataError, match="gone.jsonl: file not found"):
         FilesSource(paths=[str(tmp_path / "gone.jsonl")]).load()
 
 
@@ -122,7 +126,8 @@ def test_hf_source_reads_a_local_dataset_folder_without_network(tmp_path):
 
 
 def test_unknown_hf_dataset_is_a_data_error_naming_it():
-    with pytest.raises(DataError, match=r"source hf:nobody/no-such-dataset \(split train\): cannot load dataset"):
+    with pytest.raises(DataError, match=r"source hf:nobody/no-such-dataset \(split train\): dataset "
+                                        r"'nobody/no-such-dataset' is not in the cache .*HF_HUB_OFFLINE is set"):
         HFSource(name="nobody/no-such-dataset").load()
 
 
@@ -143,8 +148,8 @@ def test_source_configs_are_a_tagged_union_and_validate_paths():
     assert isinstance(adapter.validate_python({"kind": "hf", "name": "imdb"}), HFSource)
     assert adapter.validate_python({"kind": "files", "paths": "/d/x.jsonl.gz"}).resolved_format() == "jsonl"
     assert adapter.validate_python({"kind": "files", "paths": ["$SCRATCH/x.csv"]}).domain_name() == "x"
-    with pytest.raises(ValidationError, match="must be absolute"):
-        adapter.validate_python({"kind": "files", "paths": ["data/x.jsonl"]})
+    relative = {"kind": "files", "paths": ["data/x.jsonl"]}  # built in Python: the current folder
+    assert adapter.validate_python(relative).paths[0] == os.path.join(os.getcwd(), "data", "x.jsonl")
     with pytest.raises(ValidationError, match="mix formats"):
         adapter.validate_python({"kind": "files", "paths": ["/a.csv", "/b.parquet"]})
     with pytest.raises(ValidationError, match="cannot tell the format"):
@@ -161,3 +166,74 @@ def test_shard_bounds_are_contiguous_and_balanced():
         sizes = [stop - start for start, stop in bounds]
         assert max(sizes) - min(sizes) <= 1
     assert np.array_equal(shard_bounds(2, 2, 3), (2, 2))  # more shards than rows: an empty slice
+
+
+# --------------------------------------------------------------------------------------------------
+# issue #17: files checked before reading, named by file and line; several domains in one file
+
+
+def test_unusable_files_are_named_with_file_and_line_before_datasets_reads_them(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_bytes(b"\n  \n")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("text,label\n")
+    not_json = tmp_path / "broken.jsonl"
+    not_json.write_text("{text: 1}\n")
+    cases = {empty: "empty.jsonl: the file is empty", blank: "blank.jsonl: has no records (only blank lines)",
+             latin: "latin.jsonl line 2: not UTF-8 text (byte 0xe9 at column 14); save the file as UTF-8",
+             header_only: "header.csv: has no records, only a header", not_json: "broken.jsonl line 1: not JSON ("}
+    for path, message in cases.items():
+        with pytest.raises(DataError) as info:
+            FilesSource(paths=[str(path)]).load()
+        assert message in str(info.value) and str(path) in str(info.value)
+        assert FilesSource(paths=[str(path)]).check()[0][0] == "paths[0]"
+
+
+def test_check_reads_only_the_head_of_a_file_and_names_missing_fields(tmp_path):
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(b'{"body": "x"}\n' * 10 + b'{"body": "\xff"}\n')
+    assert FilesSource(paths=[str(path)], text_field="body").check(max_bytes=40) == []
+    assert "line 11: not UTF-8" in FilesSource(paths=[str(path)], text_field="body").check(max_bytes=None)[0][1]
+    problems = FilesSource(paths=[str(path)], text_field="body", domain_field="topic").check(max_bytes=40)
+    assert problems == [("paths[0]", f"{path} line 1: no field(s) ['topic'] in the first record; its fields are "
+                                     "['body']")]
+
+
+def test_a_gzipped_jsonl_is_checked_through_gzip(tmp_path):
+    import gzip
+
+    path = tmp_path / "notes.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as stream:
+        stream.write('{"text": "a"}\n')
+    assert FilesSource(paths=[str(path)]).check() == []
+    assert "no field(s) ['body']" in FilesSource(paths=[str(path)], text_field="body").check()[0][1]
+
+
+def test_one_file_holds_several_domains_through_domain_field(tmp_path):
+    rows = [{"text": f"text {i}", "topic": ["news", "law", "news"][i % 3], "stars": ["bad", "good"][i % 2]}
+            for i in range(12)]
+    path = _write(tmp_path, "jsonl", rows, "mixed")
+    texts = FilesSource(paths=[path], domain_field="topic", label_field="stars").load()
+    assert texts.domain_names == ["law", "news"]  # sorted by name
+    law = [i for i, r in enumerate(rows) if r["topic"] == "law"]
+    assert [texts.text_id[i] for i in np.flatnonzero(texts.domain == 0)] == [f"law/{i}" for i in law]
+    assert texts.label_names == ["law/bad", "law/good", "news/bad", "news/good"]
+    for text, domain, label in zip(texts.texts, texts.domain, texts.label):
+        row = rows[int(text.split()[1])]
+        assert texts.domain_names[domain] == row["topic"]
+        assert texts.label_names[label] == f"{row['topic']}/{row['stars']}"
+        assert texts.label_domain[label] == domain
+    drawn = FilesSource(paths=[path], domain_field="topic", n=6, seed=3).load()
+    assert len(drawn) == 6 and set(drawn.domain_names) <= {"law", "news"}
+
+
+def test_domain_field_is_not_given_with_domain_and_must_be_filled(tmp_path):
+    with pytest.raises(ValidationError, match="domain_field: give domain .* or domain_field .*, not both"):
+        FilesSource(paths=["/a.jsonl"], domain="x", domain_field="topic")
+    path = _write(tmp_path, "jsonl", [{"text": "a", "topic": "x"}, {"text": "b", "topic": ""}], "gaps")
+    with pytest.raises(DataError, match=r"domain field 'topic' is empty in 1 row\(s\), e.g. row\(s\) \[1\]"):
+        FilesSource(paths=[path], domain_field="topic").load()

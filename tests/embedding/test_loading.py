@@ -50,11 +50,59 @@ def test_builtin_build_is_deterministic_and_safe_when_two_builders_race(tmp_path
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 
-def test_unknown_hub_model_is_a_config_error_naming_it():
-    with pytest.raises(ConfigError, match="cannot load model 'nobody-here/no-such-model-xyz'") as info:
+def _no_download(monkeypatch):
+    """Make any from_pretrained call fail the test: an uncached model must be refused before it."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("from_pretrained was called for a model that is not cached")
+
+    for cls in (transformers.AutoModel, transformers.AutoTokenizer):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+
+
+def test_uncached_hub_model_offline_is_refused_at_once_naming_the_fix_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    _no_download(monkeypatch)
+    with pytest.raises(ConfigError) as info:
         load_model("nobody-here/no-such-model-xyz")
-    assert isinstance(info.value.__cause__, OSError)
-    assert "HF_HUB_OFFLINE" in str(info.value)
+    text = str(info.value)
+    assert text.startswith("embed.model.name: model 'nobody-here/no-such-model-xyz' is not in the cache "
+                           f"{tmp_path / 'hf' / 'hub'}, and HF_HUB_OFFLINE is set")
+    assert "hpc/README.md" in text and "run with HF_HUB_OFFLINE=1" not in text and "moespec.embedding" not in text
+
+
+def test_uncached_hub_model_with_an_unreachable_hub_is_refused_without_retries(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    _no_download(monkeypatch)
+    with pytest.raises(ConfigError) as info:
+        load_model("nobody-here/no-such-model-xyz")
+    assert "the hub cannot be reached" in str(info.value)
+    assert str(info.value).count("HF_HUB_OFFLINE=1") == 1 and "hpc/README.md" in str(info.value)
+
+
+def fake_hub_cache(hf_home, repo_id: str, folder) -> None:
+    """Lay out ``folder``'s files as huggingface_hub caches a downloaded model (refs/main -> snapshot)."""
+    import shutil
+
+    repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
+
+
+def test_a_cached_hub_model_loads_from_the_cache_alone(tmp_path, monkeypatch):
+    fake_hub_cache(tmp_path / "hf", "someone/tiny-bert", builtin.builtin_model_dir("builtin:tiny-bert"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    loaded = load_model("someone/tiny-bert")
+    assert type(loaded.model).__name__ == "BertModel" and loaded.name == "someone/tiny-bert"
 
 
 def test_bad_local_models_are_config_errors(tmp_path):

@@ -1,5 +1,7 @@
-"""A real Slurm: sweeps through submitit arrays and emitted sbatch scripts, dependencies, failures,
-cancellation, refused submissions, and a training task preempted, requeued and resumed.
+"""A real Slurm: sweeps through submitit arrays and emitted sbatch scripts (run from a copied project
+with the profile's Python), afterok and aftercorr dependencies, failures and partial re-submissions,
+cancellation of pending and running tasks, refused submissions (time limit within the signal
+delay), the threads jobs compute with, and a training task preempted, requeued and resumed.
 
 Needs the single-node Slurm of ``hpc/slurm_localhost.sh`` (``bash hpc/slurm_localhost.sh start``).
 Skipped where ``sbatch`` is missing, except in CI (``$CI`` set), where a skip would hide a broken
@@ -18,97 +20,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from moespec.artifacts import open_artifact
 from moespec.cli import main
 from moespec.errors import ClusterError
 from moespec.launch import scheduler
-from moespec.launch.plan import Plan
 from moespec.launch.records import load_records
 from moespec.launch.runner import execute_task
 from moespec.launch.slurm import load_plan, prepare, submit, submit_command
 from moespec.launch.status import collect_status
 from tests.conftest import one_torch_thread, tiny_experiment
+from tests.launch.helpers import demo_sweep, sacct_times, wait_final, wait_for, write_config
 
-pytestmark = pytest.mark.cluster
-REPO = Path(__file__).resolve().parents[2]
-FINAL_WAIT_S = 240
-
-
-@pytest.fixture(scope="module", autouse=True)
-def slurm():
-    """Skip without Slurm on a developer machine; fail in CI, where Slurm must be there."""
-    problem = None
-    if shutil.which("sbatch") is None:
-        problem = "sbatch is not on PATH (start one with: bash hpc/slurm_localhost.sh start)"
-    elif subprocess.run(["scontrol", "ping"], capture_output=True).returncode != 0:
-        problem = "slurmctld does not answer `scontrol ping` (bash hpc/slurm_localhost.sh start)"
-    if problem:
-        if os.environ.get("CI"):
-            pytest.fail(f"cluster tests must run in CI: {problem}")
-        pytest.skip(problem)
-
-
-@pytest.fixture
-def cluster_profile():
-    """The profile of the local Slurm (hpc/clusters/localhost.yaml)."""
-    return str(REPO / "hpc" / "clusters" / "localhost.yaml")
-
-
-@pytest.fixture
-def cleanup():
-    """Cancel whatever the test's submissions left queued (job ids from their records)."""
-    roots: list[tuple[Path, str]] = []
-    yield roots.append
-    ids = [a["job_id"] for root, name in roots for r in load_records(root, name) for a in r.get("arrays", [])
-           if a.get("job_id")]
-    scheduler.cancel(ids)
-
-
-def write_config(tmp_path: Path, config: dict) -> Path:
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def demo_sweep(tmp_path: Path, poolings=("mean", "cls"), sizes=(2, 3), **infra) -> dict:
-    """The demo pipeline, tiny: embed on builtin:tiny-bert (3 texts per domain) -> reduce."""
-    config = tiny_experiment("clu", n_per_domain=3, reduce={"n_components": 2, "mle_k": 5})
-    config["embed"]["max_length"] = 32
-    config["root"] = str(tmp_path / "results")
-    config["sweep"] = {"grid": {"embed.pooling": list(poolings), "reduce.n_components": list(sizes)}}
-    config["infra"] = {"executor": "slurm", **infra}
-    return config
-
-
-def wait_final(plan: Plan, timeout_s: float = FINAL_WAIT_S) -> dict:
-    """Poll until no task is pending, running or unknown; returns {(stage, index): TaskStatus}."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        statuses = collect_status(plan)
-        if all(s.state not in ("pending", "running", "unknown") for s in statuses):
-            return {(s.task.stage, s.index): s for s in statuses}
-        if time.monotonic() > deadline:
-            raise AssertionError("still waiting: " + ", ".join(f"{s.task.label} {s.state} {s.detail}" for s in statuses))
-        time.sleep(1.0)
-
-
-def sacct_times(job_ids: list[str], expect: int = 0, timeout_s: float = 60.0) -> dict[str, tuple[str, str, str]]:
-    """JobID -> (state, start, end) from sacct, polled until ``expect`` finished tasks are recorded.
-
-    slurmdbd stores records asynchronously: right after the artifacts appear, sacct can still miss
-    the last task of an array (seen right after a fresh `slurm_localhost.sh start`).
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        text = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,Start,End", "-j", ",".join(job_ids)],
-                              capture_output=True, text=True, check=True).stdout
-        times = {line.split("|")[0]: tuple(line.split("|")[1:]) for line in text.splitlines() if line}
-        finished = sum(1 for state, start, end in times.values() if end not in ("", "Unknown"))
-        if finished >= expect or time.monotonic() > deadline:
-            return times
-        time.sleep(1.0)
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("slurm")]
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,66 +54,115 @@ def test_sweep_runs_as_dependent_job_arrays(tmp_path, cluster_profile, cleanup):
     times = sacct_times([embed_array["job_id"], reduce_array["job_id"]],
                         expect=len(embed_array["tasks"]) + len(reduce_array["tasks"]))
     embed_end = max(end for job, (state, start, end) in times.items() if job.startswith(embed_array["job_id"] + "_"))
-    reduce_starts = [start for job, (state, start, end) in times.items() if job.startswith(reduce_array["job_id"] + "_")]
+    reduce_starts = [start for job, (state, start, end) in times.items()
+                     if job.startswith(reduce_array["job_id"] + "_")]
     assert len(reduce_starts) == 4 and min(reduce_starts) >= embed_end
     # artifacts carry the array job ids; jobs ran the submission's code snapshot
     task = plan.tasks_for("reduce")[3]
     with open_artifact(task.dir) as reader:
         assert reader.attrs["slurm_array_job_id"] == reduce_array["job_id"]
         assert reader["reduced"].shape[1] == 3
+        recorded_threads = reader.attrs["threads"]
     log = final[("reduce", 3)].scheduler_log
     assert log is not None and f"{record['snapshot']}/moespec" in log.read_text()
+    # cpus_per_task 1: the job's BLAS started with one thread (set before numpy loaded), torch computed with one
+    started = json.loads(log.read_text().split("threads at start: ", 1)[1].splitlines()[0])
+    assert started and set(started.values()) == {1}, started
+    assert set(json.loads(recorded_threads).values()) == {1}
     # submitting again finds nothing to do; status says done with the job ids
     assert submit_command(plan, cluster, mode="cached", echo=messages.append)["arrays"] == []
     assert main(["status", str(path), "--cluster", cluster_profile]) == 0
 
 
-def test_emitted_sbatch_scripts_run_the_same_tasks(tmp_path, cluster_profile, cleanup, capsys):
-    path = write_config(tmp_path, demo_sweep(tmp_path, poolings=("mean",), sizes=(2, 4)))
-    out = tmp_path / "jobs"
-    assert main(["submit", str(path), "--emit-sbatch", str(out), "--cluster", cluster_profile]) == 0
-    plan, _ = load_plan(str(path), cluster=cluster_profile)
+def test_emitted_scripts_run_from_a_copied_project_with_the_profiles_python(tmp_path, cluster_profile, cleanup,
+                                                                           capsys, monkeypatch):
+    laptop, cluster_copy = tmp_path / "laptop", tmp_path / "cluster"
+    laptop.mkdir()
+    config = demo_sweep(laptop, poolings=("mean",), sizes=(2, 4))
+    config["root"] = "results"   # relative to the project folder
+    write_config(laptop, config)
+    monkeypatch.chdir(laptop)
+    assert main(["submit", "exp.yaml", "--emit-sbatch", "jobs/demo", "--cluster", cluster_profile]) == 0
+    # the project (scripts, results folder with the record) moves to the cluster: nothing points back
+    shutil.move(laptop, cluster_copy)
+    monkeypatch.chdir(cluster_copy)
+    plan, _ = load_plan("exp.yaml", cluster=cluster_profile)
     cleanup((plan.experiment.root, plan.experiment.name))
-    result = subprocess.run(["bash", str(out / "submit.sh")], capture_output=True, text=True, timeout=60)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+    submit_sh = cluster_copy / "jobs" / "demo" / "submit.sh"
+    result = subprocess.run(["bash", str(submit_sh)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    ids = dict(line.split() for line in (out / "job_ids.txt").read_text().splitlines())
+    ids = dict(line.split() for line in (submit_sh.parent / "job_ids.txt").read_text().splitlines())
     assert set(ids) == {"embed.0", "reduce.0"}
+    again = subprocess.run(["bash", str(submit_sh)], env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "submitted already" in again.stderr
     final = wait_final(plan)
     assert {s.state for s in final.values()} == {"done"}, [s.detail for s in final.values()]
     assert final[("reduce", 1)].job_id == f"{ids['reduce.0']}_1"
     with open_artifact(plan.tasks_for("reduce")[1].dir) as reader:
         assert reader["reduced"].shape[1] == 4 and reader.attrs["slurm_array_task_id"] == "1"
+    assert (cluster_copy / "jobs" / "demo" / "logs").is_dir() and not laptop.exists()
     capsys.readouterr()
-    assert main(["status", str(path), "--cluster", cluster_profile]) == 0
+    assert main(["status", "exp.yaml", "--cluster", cluster_profile]) == 0
     assert "3 done" in capsys.readouterr().out
 
 
-def test_failure_cancels_dependants_and_retry_failed_resubmits_them(tmp_path, cluster_profile, cleanup, capsys):
-    texts = tmp_path / "texts.jsonl"   # missing at first: the embed task fails
+def texts_source(path: Path) -> list[dict]:
+    return [{"kind": "files", "paths": [str(path)], "text_field": "text", "domain": "mine"}]
+
+
+def write_texts(path: Path) -> None:
+    from moespec.data.corpus import tokenizer_training_texts
+
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in tokenizer_training_texts(2)[:12]))
+
+
+def test_a_failure_cancels_only_its_own_dependants_and_retries_are_tracked(tmp_path, cluster_profile, cleanup,
+                                                                            capsys):
+    texts = [tmp_path / f"texts{i}.jsonl" for i in range(3)]
+    write_texts(texts[0])   # texts1 and texts2 are missing at first: those two embed tasks fail
     config = demo_sweep(tmp_path, poolings=("mean",), sizes=(2,))
-    config["embed"]["data"] = [{"kind": "files", "paths": [str(texts)], "text_field": "text", "domain": "mine"}]
     config["reduce"]["mle_k"] = 3
+    config["sweep"] = {"grid": {"embed.data": [texts_source(p) for p in texts]}}
     path = write_config(tmp_path, config)
     plan, cluster = load_plan(str(path), cluster=cluster_profile)
     cleanup((plan.experiment.root, plan.experiment.name))
-    submit_command(plan, cluster, mode="cached", echo=lambda line: None)
+    record = submit_command(plan, cluster, mode="cached", echo=lambda line: None)
+    assert record["arrays"][1]["after_corresponding"] == [0] and record["arrays"][1]["after"] == []  # aftercorr
     final = wait_final(plan)
-    assert final[("embed", 0)].state == "failed" and final[("embed", 0)].detail.startswith("FAILED")
-    assert final[("reduce", 0)].state == "failed" and final[("reduce", 0)].detail.startswith("CANCELLED")
-    assert main(["status", str(path), "--cluster", cluster_profile]) == 0
+    assert final[("embed", 0)].state == "done" and final[("reduce", 0)].state == "done"   # its own embed succeeded
+    for i in (1, 2):
+        assert final[("embed", i)].state == "failed" and final[("embed", i)].detail.startswith("FAILED")
+        assert final[("reduce", i)].state == "failed" and final[("reduce", i)].detail.startswith("CANCELLED")
+    assert main(["status", str(path), "--cluster", cluster_profile]) == 1   # tasks failed: non-zero
     out = capsys.readouterr().out
-    assert "1 failed" not in out and "2 failed" in out
-    assert "texts.jsonl" in out and "scheduler log:" in out   # the last lines of the error
-    from moespec.data.corpus import tokenizer_training_texts
-
-    texts.write_text("".join(json.dumps({"text": text}) + "\n" for text in tokenizer_training_texts(2)[:12]))
+    assert "2 done, 4 failed" in out and "texts1.jsonl" in out and "scheduler log:" in out
+    # fixing a task by changing its config gives it a new uid: --retry-failed says so
+    write_texts(tmp_path / "elsewhere.jsonl")
+    config["sweep"]["grid"]["embed.data"][1] = texts_source(tmp_path / "elsewhere.jsonl")
+    write_config(tmp_path, config)
+    assert main(["submit", str(path), "--cluster", cluster_profile, "--retry-failed", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "2 task(s) were never submitted (embed 1, reduce 1) and are left out; 2 task(s) of earlier submissions " \
+           "(embed, reduce) are no longer in the plan" in out and "(without --retry-failed)" in out
+    # the fix in place instead: only tasks 1 and 2 of each stage are resubmitted, as arrays numbered 0..1
+    config["sweep"]["grid"]["embed.data"][1] = texts_source(texts[1])
+    write_config(tmp_path, config)
+    write_texts(texts[1])
+    write_texts(texts[2])
     assert main(["submit", str(path), "--cluster", cluster_profile, "--retry-failed"]) == 0
-    assert "2 to submit" in capsys.readouterr().out
+    assert "4 to submit" in capsys.readouterr().out
+    embed_retry, reduce_retry = load_records(plan.experiment.root, plan.experiment.name)[-1]["arrays"]
+    assert [task[2:] for task in embed_retry["tasks"]] == [[1, 0], [2, 1]]   # [task index, array index]
+    waiting = {(s.task.stage, s.index): s for s in collect_status(plan)}
+    assert waiting[("embed", 2)].job_id == f"{embed_retry['job_id']}_1"
+    assert waiting[("embed", 2)].state in ("pending", "running", "done"), waiting[("embed", 2)].detail
     final = wait_final(plan)
     assert {s.state for s in final.values()} == {"done"}, [s.detail for s in final.values()]
+    assert final[("reduce", 1)].job_id == f"{reduce_retry['job_id']}_0"
 
 
-def test_cancelling_a_task_cancels_its_dependants(tmp_path, cluster_profile, cleanup):
+def test_cancelling_pending_and_running_tasks(tmp_path, cluster_profile, cleanup, capsys):
     # embed waits 5 minutes before it may start, so there is time to cancel it
     config = demo_sweep(tmp_path, resources={"embed": {"slurm_additional_parameters": {"begin": "now+300"}}})
     path = write_config(tmp_path, config)
@@ -197,19 +171,40 @@ def test_cancelling_a_task_cancels_its_dependants(tmp_path, cluster_profile, cle
     record = submit_command(plan, cluster, mode="cached", echo=lambda line: None)
     embed_id, reduce_id = (a["job_id"] for a in record["arrays"])
     subprocess.run(["scancel", f"{embed_id}_0"], check=True)
-    # afterok on an array is decided when the whole array has ended: let the other embed task run.
-    subprocess.run(["scontrol", "update", f"JobId={embed_id}_1", "StartTime=now"], check=True)
-    deadline = time.monotonic() + 90
-    while True:
-        states = scheduler.job_states([reduce_id]) or {}
-        if states and all(s.state == "CANCELLED" for s in states.values()):
-            break
-        assert time.monotonic() < deadline, f"dependants not cancelled: {states}"
-        time.sleep(1.0)
-    statuses = wait_final(plan)
+    # at once, although sacct may still say PENDING for seconds
+    statuses = {(s.task.stage, s.index): s for s in collect_status(plan)}
     assert statuses[("embed", 0)].state == "failed", statuses[("embed", 0)].detail
-    assert statuses[("embed", 1)].state == "done"
-    assert all(statuses[("reduce", i)].state == "failed" for i in range(4))
+    # a running task cancelled: submitit's job ignores SIGTERM until KillWait ends it, COMPLETING meanwhile
+    subprocess.run(["scontrol", "update", f"JobId={embed_id}_1", "StartTime=now"], check=True)
+    log = wait_for(lambda: {(s.task.stage, s.index): s for s in collect_status(plan)}[("embed", 1)].scheduler_log,
+                   "embed task 1 to be submitted")
+    wait_for(lambda: log.exists() and "attempt 1" in log.read_text(), "embed task 1 to run its task", 60, 0.2)
+    subprocess.run(["scancel", f"{embed_id}_1"], check=True)
+    seen = []   # running (sacct may lag behind the cancellation), then cancelling; never failed meanwhile
+
+    def cancelling():
+        seen.append({(s.task.stage, s.index): s for s in collect_status(plan)}[("embed", 1)].state)
+        return seen[-1] == "cancelling"
+
+    wait_for(cancelling, "embed task 1 to be cancelling", 8, 0.2)
+    assert set(seen) <= {"running", "cancelling"}, seen
+    assert main(["status", str(path), "--cluster", cluster_profile]) == 1
+    assert "CANCELLING embed" in capsys.readouterr().out
+    final = wait_final(plan)
+    # task 1 may finish its artifact during KillWait (it was already computing); its job is CANCELLED
+    assert final[("embed", 0)].state == "failed" and final[("embed", 1)].state in ("failed", "done")
+    assert all(final[("reduce", i)].state == "failed" and "CANCELLED" in final[("reduce", i)].detail for i in range(4))
+
+
+def test_time_limit_within_the_signal_delay_is_refused_at_submit(tmp_path, cluster_profile, capsys):
+    config = demo_sweep(tmp_path, poolings=("mean",), sizes=(2,),
+                        resources={"reduce": {"timeout_min": 1, "slurm_signal_delay_s": 60}})
+    path = write_config(tmp_path, config)
+    assert main(["submit", str(path), "--cluster", cluster_profile]) == 1
+    err = capsys.readouterr().err
+    assert "infra.resources.reduce.timeout_min: 1 min leaves 0 s of work before the checkpoint signal" in err
+    assert "set timeout_min >= 2" in err
+    assert not (tmp_path / "results" / "clu" / ".submissions").exists()
 
 
 def test_unknown_partition_and_refused_sbatch_leave_nothing_queued(tmp_path, cluster_profile, cleanup):

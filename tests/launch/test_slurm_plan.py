@@ -12,41 +12,21 @@ from moespec.config import Resources, load_experiment
 from moespec.errors import ClusterError, ConfigError
 from moespec.launch.arrays import compress_indices, plan_arrays, task_key
 from moespec.launch.plan import make_plan
-from moespec.launch.profiles import apply_scratch_root, check_resources, load_profile, stage_resources
+from moespec.launch.profiles import (apply_scratch_root, builtin_profiles_dir, check_resources, load_profile,
+                                     stage_resources)
 from moespec.launch.slurm import load_plan, planned_arrays, prepare
 from tests.conftest import tiny_experiment
+from tests.launch.helpers import sweep_experiment
 
-
-def sweep_experiment(root, **infra) -> dict:
-    """embed (2 poolings) -> reduce (3 sizes): 2 embed tasks shared by 6 reduce tasks."""
-    config = tiny_experiment("sw", n_per_domain=3, reduce={"n_components": 2, "mle_k": 5})
-    config["root"] = str(root)
-    config["sweep"] = {"grid": {"embed.pooling": ["mean", "cls"], "reduce.n_components": [2, 3, 4]}}
-    if infra:
-        config["infra"] = infra
-    return config
-
-
-@pytest.fixture
-def profile_file(tmp_path):
-    path = tmp_path / "clusters" / "tiny.yaml"
-    path.parent.mkdir()
-    path.write_text(yaml.safe_dump({
-        "partition": "debug", "account": "proj", "gpus_per_node": 1, "cpus_per_node": 8, "mem_gb_per_node": 16,
-        "max_timeout_min": 120, "max_array_size": 4, "array_parallelism": 3,
-        "setup": ["module load python"],
-        "defaults": {"timeout_min": 20, "mem_gb": 2},
-        "stages": {"reduce": {"cpus_per_task": 4, "slurm_qos": "short"}},
-    }))
-    return path
+REPO_PROFILES = Path(__file__).resolve().parents[2] / "hpc" / "clusters"
 
 
 # ---------------------------------------------------------------------------------------- profiles
 
 
 def test_every_profile_in_the_repository_is_valid():
-    folder = Path(__file__).resolve().parents[2] / "hpc" / "clusters"
-    names = sorted(p.stem for p in folder.glob("*.yaml"))
+    folder = builtin_profiles_dir()
+    names = sorted(p.stem for p in folder.glob("*.yaml")) + sorted(p.stem for p in REPO_PROFILES.glob("*.yaml"))
     assert {"localhost", "example"} <= set(names)
     for name in names:
         assert load_profile(str(folder / f"{name}.yaml")).name == name
@@ -112,13 +92,19 @@ def test_scratch_root(tmp_path, monkeypatch):
     cluster_path = tmp_path / "c.yaml"
     cluster_path.write_text("scratch_root: $MYSCRATCH/moespec\n")
     config = sweep_experiment("results")
-    experiment = apply_scratch_root(load_experiment(config), load_profile(str(cluster_path)), None)
+    cluster = load_profile(str(cluster_path))
+    experiment = load_experiment(config)
+    assert apply_scratch_root(experiment, cluster, None) == ""
     assert experiment.root == tmp_path / "scratch" / "moespec" / "results"
-    absolute = apply_scratch_root(load_experiment(sweep_experiment(tmp_path / "abs")), load_profile(str(cluster_path)), None)
+    absolute = load_experiment(sweep_experiment(tmp_path / "abs"))
+    apply_scratch_root(absolute, cluster, None)
     assert absolute.root == tmp_path / "abs"
     monkeypatch.delenv("MYSCRATCH")
     with pytest.raises(ConfigError, match=r"uses \$MYSCRATCH, which is not set"):
-        apply_scratch_root(load_experiment(config), load_profile(str(cluster_path)), None)
+        apply_scratch_root(load_experiment(config), cluster, None)
+    away = load_experiment(config)
+    assert "their states are not checked" in apply_scratch_root(away, cluster, None, unset_ok=True)
+    assert str(away.root) == "$MYSCRATCH/moespec/results"
 
 
 def test_load_plan_selects_cluster_only_for_slurm(tmp_path, profile_file):
@@ -161,13 +147,14 @@ def test_chunks_respect_max_array_size_and_index_mapping(tmp_path):
     missing = [reduce_tasks[i] for i in (0, 2, 3, 5)]
     arrays = plan_arrays(plan, missing, resources=resources, max_array_size=2,
                          done={task_key(t) for t in plan.tasks_for("embed")})
-    assert [a.name for a in arrays] == ["reduce.0", "reduce.1", "reduce.2"]
+    assert [a.name for a in arrays] == ["reduce.0", "reduce.1"]
     for array in arrays:
-        assert all(0 <= i < 2 for i in array.array_indices)   # every index below MaxArraySize
-        for task, index, array_index in zip(array.tasks, array.task_indices, array.array_indices):
-            assert reduce_tasks[array_index + array.offset] is task and reduce_tasks[index] is task
+        assert array.array_indices == tuple(range(len(array.tasks)))   # positions, below MaxArraySize
+        for task, index in zip(array.tasks, array.task_indices):
+            assert reduce_tasks[index] is task
         assert array.after == ()                               # upstream is done
-    assert [a.array_spec() for a in arrays] == ["0%1", "0-1%2", "1%1"]
+    assert [a.task_indices for a in arrays] == [(0, 2), (3, 5)]
+    assert [a.array_spec() for a in arrays] == ["0-1%2", "0-1%2"]
 
 
 def test_chunk_depends_only_on_chunks_it_reads(tmp_path):
@@ -214,9 +201,9 @@ def test_planned_arrays_skip_done_tasks(tmp_path):
 
     plan = make_plan(load_experiment(sweep_experiment(tmp_path)))
     execute_task(plan.tasks_for("embed")[1])
-    done, arrays = planned_arrays(plan, None)
-    assert done == {task_key(plan.tasks_for("embed")[1])}
-    assert [(a.name, a.array_indices) for a in arrays] == [("embed.0", (0,)), ("reduce.0", (0, 1, 2, 3, 4, 5))]
+    why, arrays = planned_arrays(plan, None)
+    assert {key for key, reason in why.items() if reason == "done"} == {task_key(plan.tasks_for("embed")[1])}
+    assert [(a.name, a.task_indices) for a in arrays] == [("embed.0", (0,)), ("reduce.0", (0, 1, 2, 3, 4, 5))]
 
 
 def test_planning_a_large_sweep_is_cheap(tmp_path):
@@ -225,7 +212,50 @@ def test_planning_a_large_sweep_is_cheap(tmp_path):
     config["sweep"] = {"grid": {"embed.pooling": ["mean", "cls"], "reduce.seed": list(range(250))}}
     started = time.perf_counter()
     plan = make_plan(load_experiment(config))
-    done, arrays = planned_arrays(plan, load_profile("localhost"))
+    _, arrays = planned_arrays(plan, load_profile("localhost"))
     elapsed = time.perf_counter() - started
     assert len(plan.tasks) == 502 and [len(a.tasks) for a in arrays] == [2, 500]
     assert elapsed < 20, f"planning 500 points took {elapsed:.1f} s"
+
+
+def test_one_to_one_stages_wait_per_task_with_aftercorr(tmp_path):
+    from moespec.launch.sbatch import ScriptContext, render_submit
+
+    config = sweep_experiment(tmp_path)
+    config["sweep"] = {"zip": {"embed.pooling": ["mean", "cls", "last"], "reduce.n_components": [2, 3, 4]}}
+    plan = make_plan(load_experiment(config))
+    resources = {s: Resources() for s in plan.stages()}
+    embed_array, reduce_array = plan_arrays(plan, plan.tasks, resources=resources, max_array_size=1001)
+    assert reduce_array.after_corresponding == (0,) and reduce_array.after == ()
+    # reduce task i reads embed task i of the upstream array, position for position
+    assert [t.inputs["embed"].uid for t in reduce_array.tasks] == [t.uid for t in embed_array.tasks]
+    assert reduce_array.dependency(["11", "12"]) == "aftercorr:11"
+    assert reduce_array.waits_for([embed_array, reduce_array]) == "aftercorr embed.0"
+    context = ScriptContext("sw", "c", Path("jobs/experiment.yaml"), Path("jobs"), "python -m moespec.cli", (),
+                            "cached")
+    submit_sh = render_submit([embed_array, reduce_array], context)
+    assert 'submit reduce.0 --dependency="aftercorr:${job_embed_0}"' in submit_sh
+    # a partial re-submission: embed task 1 is done, so reduce task 1 has nothing to correspond to
+    embed_tasks, reduce_tasks = plan.tasks_for("embed"), plan.tasks_for("reduce")
+    todo = [embed_tasks[0], embed_tasks[2], *reduce_tasks]
+    embeds, reduces = plan_arrays(plan, todo, resources=resources, max_array_size=1001,
+                                  done={task_key(embed_tasks[1])})
+    assert embeds.task_indices == (0, 2) and reduces.after == (0,) and reduces.after_corresponding == ()
+    assert reduces.dependency(["11", "12"]) == "afterok:11"
+    # the two that do correspond, alone: aftercorr, ordered like their upstream array
+    embeds, reduces = plan_arrays(plan, [embed_tasks[2], embed_tasks[0], reduce_tasks[2], reduce_tasks[0]],
+                                  resources=resources, max_array_size=1001, done={task_key(embed_tasks[1])})
+    assert reduces.after_corresponding == (0,) and reduces.task_indices == (0, 2) == embeds.task_indices
+
+
+def test_a_time_limit_within_the_signal_delay_is_refused(tmp_path, profile_file):
+    config = sweep_experiment(tmp_path, resources={"embed": {"timeout_min": 1},
+                                                   "reduce": {"timeout_min": 2, "slurm_signal_delay_s": 90}})
+    experiment = load_experiment(config)
+    with pytest.raises(ConfigError) as error:
+        check_resources(load_profile(str(profile_file)), experiment, ["embed", "reduce"])
+    embed_problem, reduce_problem = error.value.problems
+    assert "infra.resources.embed.timeout_min: 1 min leaves 0 s of work" in embed_problem
+    assert embed_problem.endswith("set timeout_min >= 3")   # submitit's default delay: 90 s
+    assert "2 min leaves 30 s" in reduce_problem
+    assert reduce_problem.endswith("set timeout_min >= 3 or slurm_signal_delay_s <= 60")

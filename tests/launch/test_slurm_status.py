@@ -10,9 +10,9 @@ from moespec.launch import scheduler
 from moespec.launch.plan import make_plan
 from moespec.launch.records import RecordedTask, latest_entries, load_records, write_record
 from moespec.launch.runner import execute_task
-from moespec.launch.scheduler import JobState, expand_job_ids, parse_sacct
+from moespec.launch.scheduler import JobState, expand_job_ids, merge_states, parse_sacct, parse_squeue
 from moespec.launch.status import classify, collect_status, failure_report
-from tests.launch.test_slurm_plan import sweep_experiment
+from tests.launch.helpers import sweep_experiment
 
 SACCT = """\
 41_0|COMPLETED|0:0|None
@@ -52,6 +52,8 @@ def test_parse_sacct_expands_array_ranges_and_drops_steps():
     (False, "42", JobState("42_0", "CANCELLED"), True, False, "failed"),
     (False, "42", JobState("42_0", "OUT_OF_MEMORY"), True, False, "failed"),
     (False, "42", JobState("42_0", "COMPLETED"), True, False, "failed"),
+    (False, "42", JobState("42_0", "COMPLETING", ending="CANCELLED"), True, False, "cancelling"),
+    (False, "42", JobState("42_0", "COMPLETING"), True, False, "running"),
 ])
 def test_classify(done, recorded, job, reachable, marker, expected):
     recorded_entry = None if recorded is None else entry(None if recorded == "none" else recorded)
@@ -62,6 +64,19 @@ def test_classify(done, recorded, job, reachable, marker, expected):
     assert state == expected
     if job is not None and job.state == "COMPLETED":
         assert "artifact is missing" in detail
+
+
+def test_live_states_correct_sacct_lag_and_cancelling():
+    accounted = parse_sacct("9_0|CANCELLED by 0|0:0|None\n9_1|PENDING|0:0|None\n9_2|PENDING|0:0|None\n"
+                            "9_3|FAILED|1:0|None\n")
+    live = parse_squeue("9_0|COMPLETING|None\n9_2|PENDING|Dependency\n9_3|FAILED|NonZeroExitCode\n")
+    merged = merge_states(accounted, live)
+    assert (merged["9_0"].state, merged["9_0"].ending) == ("COMPLETING", "CANCELLED")  # processes still ending
+    assert (merged["9_1"].state, merged["9_1"].reason) == ("CANCELLED", "no longer queued")  # sacct lags
+    assert merged["9_2"].reason == "Dependency" and merged["9_3"].exit_code == "1:0"
+    assert merge_states(accounted, None) == accounted       # squeue no longer knows these jobs
+    assert merge_states({}, parse_squeue("9_0|PENDING|None\n"))["9_0"].phase == "pending"  # not in accounting yet
+    assert classify(False, entry("9", 1), merged["9_1"], scheduler_reachable=True, failed_marker=False)[0] == "failed"
 
 
 def test_recorded_task_ids_and_logs():
@@ -88,13 +103,14 @@ def test_collect_status_asks_sacct_once_and_newest_record_wins(tmp_path, monkeyp
     execute_task(plan.tasks_for("embed")[1])
     calls = []
 
-    def fake_sacct(args, **kwargs):
+    def fake_slurm(args, **kwargs):
         calls.append(args)
-        return SACCT
+        return SACCT if args[0] == "sacct" else "42_0|RUNNING|None\n42_1|CANCELLED|None\n"
 
-    monkeypatch.setattr(scheduler, "run_slurm", fake_sacct)
+    monkeypatch.setattr(scheduler, "run_slurm", fake_slurm)
     statuses = collect_status(plan)
-    assert len(calls) == 1 and calls[0][-1] == "42"   # only jobs of tasks that are not done
+    # one sacct and one squeue call, about the jobs of tasks that are not done only
+    assert [(c[0], c[-1]) for c in calls] == [("sacct", "42"), ("squeue", "42")]
     by_stage = {(s.task.stage, s.index): s for s in statuses}
     assert by_stage[("embed", 0)].state == "running" and by_stage[("embed", 0)].job_id == "42_0"
     assert by_stage[("embed", 1)].state == "done"      # the artifact wins over CANCELLED

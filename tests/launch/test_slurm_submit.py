@@ -5,13 +5,14 @@ from __future__ import annotations
 import pickle
 
 import pytest
+import yaml
 
 from moespec import artifacts
 from moespec.errors import ClusterError
 from moespec.launch import slurm
 from moespec.launch.records import load_records
 from moespec.launch.slurm import TaskJob, print_dry_run, snapshot_package, submit
-from tests.launch.test_sbatch import assert_golden, golden_submission
+from tests.launch.helpers import assert_golden, golden_submission, sweep_experiment
 
 
 def test_dry_run_prints_submitit_scripts(tmp_path, monkeypatch):
@@ -38,7 +39,7 @@ def test_sbatch_refusal_cancels_what_this_submission_queued(tmp_path, monkeypatc
     def fake_submit_array(sub, array, dependency):
         if array.name == "reduce.1":
             raise ClusterError("sbatch refused it: Batch job submission failed: Invalid qos specification")
-        submitted.append((array.name, tuple(dependency)))
+        submitted.append((array.name, dependency))
         return str(100 + len(submitted))
 
     monkeypatch.setattr(slurm, "_submit_array", fake_submit_array)
@@ -49,7 +50,7 @@ def test_sbatch_refusal_cancels_what_this_submission_queued(tmp_path, monkeypatc
     text = str(error.value)
     assert "stopped at array reduce.1" in text and "Invalid qos specification" in text
     assert "cancelled the 2 array(s) it had already queued (101, 102)" in text
-    assert submitted == [("embed.0", ()), ("reduce.0", ("101",))]
+    assert submitted == [("embed.0", ""), ("reduce.0", "afterok:101")]
     assert cancelled == ["101", "102"]
     (record,) = load_records(experiment.root, "sw")
     assert record["state"] == "aborted" and record["cancelled"] == ["101", "102"]
@@ -79,14 +80,14 @@ def test_cli_plan_dry_run_and_usage_errors(tmp_path, capsys):
     import yaml
 
     from moespec.cli import main
-    from tests.launch.test_slurm_plan import sweep_experiment
+    from tests.launch.helpers import sweep_experiment
 
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(sweep_experiment(tmp_path / "results")))
     assert main(["plan", str(path), "--cluster", "localhost"]) == 0
     out = capsys.readouterr().out
-    assert "reduce: 6 task(s) [indices 0-5] after embed" in out
-    assert "reduce.0" in out and "after: embed.0" in out
+    assert "reduce: 6 tasks [indices 0-5] after embed" in out
+    assert "reduce.0" in out and "after: afterok embed.0" in out
     assert main(["submit", str(path), "--executor", "slurm", "--cluster", "localhost", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "nothing is submitted" in out and "#SBATCH --partition=debug" in out
@@ -95,3 +96,50 @@ def test_cli_plan_dry_run_and_usage_errors(tmp_path, capsys):
     assert "need --executor slurm" in capsys.readouterr().err
     assert main(["submit", str(path), "--executor", "slurm", "--cluster", "nowhere"]) == 1
     assert "--cluster: unknown cluster profile 'nowhere'" in capsys.readouterr().err
+
+
+def test_dry_run_without_a_controller_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+    import subprocess
+
+    from moespec.cli import main
+    from moespec.launch import scheduler
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(sweep_experiment(tmp_path / "results")))
+    dns_error = ("scontrol: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host\n"
+                 "scontrol: error: fetch_config: DNS SRV lookup failed\n"
+                 "scontrol: error: _establish_config_source: failed to fetch config\n"
+                 "scontrol: fatal: Could not establish a configuration source\n")
+
+    class Done:
+        returncode, stdout, stderr = 1, "", dns_error
+
+    calls = []
+    monkeypatch.setattr(scheduler, "available", lambda: True)
+    monkeypatch.setattr(scheduler.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(subprocess, "run", lambda args, **kwargs: calls.append(args) or Done())
+    assert main(["submit", str(path), "--executor", "slurm", "--cluster", "localhost", "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert "note: the Slurm controller does not answer (`scontrol ping...` failed: scontrol: error: " \
+           "resolve_ctls_from_dns_srv: res_nsearch error: Unknown host (+3 more line(s)))" in captured.out
+    assert "fetch_config" not in captured.out + captured.err and "retrying" not in captured.err
+    assert len(calls) == 1 and "#SBATCH --array=0-5%2" in captured.out
+    # a real submission retries, then refuses, naming the problem in one line
+    monkeypatch.setattr(scheduler.time, "sleep", lambda s: None)
+    assert main(["submit", str(path), "--executor", "slurm", "--cluster", "localhost"]) == 1
+    captured = capsys.readouterr()
+    assert "the Slurm controller does not answer" in captured.err and len(calls) == 1 + 3
+    assert captured.err.count("fetch_config") == 0
+
+
+def test_plan_for_a_cluster_whose_scratch_is_not_here(tmp_path, capsys, monkeypatch):
+    from moespec.cli import main
+
+    monkeypatch.delenv("SCRATCH", raising=False)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(sweep_experiment("results")))
+    assert main(["plan", str(path), "--cluster", "example"]) == 0
+    out = capsys.readouterr().out
+    assert "uses $SCRATCH, which is not set in this environment: artifacts are on the cluster, under " \
+           "$SCRATCH/moespec/results; their states are not checked" in out
+    assert "not checked here" in out and "embed.0" in out

@@ -35,8 +35,11 @@ def test_routing_entropy_normalised_by_log_e():
     # Router information: every token one-hot on a different expert -> log E; identical tokens -> 0.
     assert spec.router_information(np.eye(4)) == pytest.approx(math.log(4))
     assert spec.router_information(np.tile([0.7, 0.1, 0.1, 0.1], (5, 1))) == pytest.approx(0.0)
-    by_expert = spec.mean_entropy_by_expert(np.array([0.2, 0.4, 0.9]), np.array([0, 0, 2]), 3)
-    np.testing.assert_allclose(by_expert, [0.3, np.nan, 0.9])
+    top1 = np.eye(3, dtype=bool)[[0, 0, 2]]
+    np.testing.assert_allclose(spec.mean_entropy_by_expert(np.array([0.2, 0.4, 0.9]), top1), [0.3, np.nan, 0.9])
+    # Top-2: expert 1 is only ever a second choice and still gets the entropy of its inputs.
+    top2 = top1 | np.eye(3, dtype=bool)[[1, 2, 1]]
+    np.testing.assert_allclose(spec.mean_entropy_by_expert(np.array([0.2, 0.4, 0.9]), top2), [0.3, 0.55, 0.65])
 
 
 def test_mutual_information_and_nmi_match_sklearn():

@@ -140,7 +140,7 @@ def test_nan_model_fails_the_task_and_writes_nothing(tmp_path):
 
 
 def test_unknown_model_fails_with_its_name(tmp_path):
-    with pytest.raises(StageError, match="cannot load model 'nobody-here/no-such-model'"):
+    with pytest.raises(StageError, match="model 'nobody-here/no-such-model' is not in the cache"):
         run_inline(_experiment(model={"name": "nobody-here/no-such-model"}), root=tmp_path)
     with pytest.raises(ConfigError, match="embed.model.name: unknown built-in model"):
         load_experiment(_experiment(model={"name": "builtin:gigantic"}))
@@ -152,7 +152,7 @@ def test_unknown_model_fails_with_its_name(tmp_path):
     ({"data": []}, "give at least one text source"),
     ({"layer": []}, "must be non-empty"),
     ({"shards": 0}, "embed.shards:"),
-    ({"data": [{"kind": "files", "paths": ["rel/x.jsonl"]}]}, "embed.data[0].paths: paths must be absolute"),
+    ({"data": [{"kind": "files", "paths": ["/x.jsonl", "/y.csv"]}]}, "embed.data[0]: paths mix formats"),
 ])
 def test_config_problems_are_reported_at_load_time(embed, message):
     with pytest.raises(ConfigError) as info:

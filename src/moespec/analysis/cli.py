@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
+import sys
 from pathlib import Path
 
 from moespec.errors import MoespecError
@@ -20,14 +22,43 @@ def cmd_report(args: argparse.Namespace) -> int:
     from moespec.analysis.report import write_report
 
     _need_matplotlib()
+    _say_progress("moespec.report")
+    print(f"report of {args.experiment}: reading artifacts and drawing figures"
+          + (" (all of them again)" if args.redraw else ""), flush=True)
     result = write_report(Path(args.experiment), args.out, redraw=args.redraw)
     print(result.table)
+    problems = _task_errors(result.summary)
+    if problems:
+        print("\ntasks without a usable artifact:\n" + "\n".join(f"  {line}" for line in problems))
     print(f"\nreport: {result.index.resolve()}")
     return 0
 
 
+def _task_errors(summary: dict) -> list[str]:
+    """``<stage> <uid>: <error>`` for each task of the report that has an error (once per task)."""
+    errors: dict[tuple[str, str], str] = {}
+    for run in summary.get("runs", []):
+        for stage, task in run.get("stages", {}).items():
+            if task.get("error"):
+                errors.setdefault((stage, task.get("uid", "?")), task["error"])
+    return [f"{stage} {uid}: {error}" for (stage, uid), error in errors.items()]
+
+
+def _say_progress(logger_name: str) -> None:
+    """Show a command's progress records (one line per artifact) on stdout as they come."""
+    logger = logging.getLogger(logger_name)
+    for old in [h for h in logger.handlers if getattr(h, "_moespec_progress", False)]:
+        logger.removeHandler(old)  # from an earlier command in this process: its stdout may be gone
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("  %(message)s"))
+    handler._moespec_progress = True
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    from moespec.analysis.compare import compare, format_comparison, write_comparison
+    from moespec.analysis.compare import compare, correlation_figure_reason, format_comparison, write_comparison
 
     _need_matplotlib()
     higher = {"higher": True, "lower": False, None: None}[args.better]
@@ -36,6 +67,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(format_comparison(comparison))
     out = Path(args.out) if args.out else Path(args.experiments[0]) / "compare"
     written = write_comparison(comparison, out)
+    reason = correlation_figure_reason(comparison)
+    if reason:
+        print(f"\nno correlation figure: {reason}")
     print("\n" + "\n".join(f"{kind}: {path.resolve()}" for kind, path in written.items()))
     return 0
 

@@ -4,7 +4,9 @@ Metrics are the scalars of each stage's ``summary.json`` (:func:`moespec.analysi
 parameters the config keys that differ between the runs. The comparison is data
 (:class:`Comparison`): a ranking, the improvement of each run over a baseline run, and the Pearson
 correlation across runs between every numeric swept parameter and every metric; it is written as
-CSV and JSON, and the correlation matrix is drawn by :func:`moespec.analysis.plots.plot_heatmap`.
+CSV and JSON. Figures: the runs' per-epoch validation curves overlaid, and the correlation matrix
+(:func:`moespec.analysis.plots.plot_heatmap`) only with enough runs to tell a correlation from
+noise (:func:`correlation_figure_reason` says why not otherwise).
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ DEFAULT_SORT = ("train.val_accuracy", "ablate.baseline.accuracy", "ablate.nmi_cl
                 "fiber.rejection_rate", "reduce.variance_retained")
 #: Fewer runs than this leave a correlation undefined (n/a), rather than a meaningless ±1.
 MIN_RUNS_FOR_CORRELATION = 3
+#: The correlation figure is drawn only with at least this many runs and a parameter taking at least
+#: MIN_DISTINCT_VALUES values: with n runs, |r| below about 2 / sqrt(n) is indistinguishable from
+#: zero (the 95 % bound of r under independence), so 3 or 4 runs can only show noise.
+MIN_RUNS_FOR_FIGURE = 6
+MIN_DISTINCT_VALUES = 3
 
 
 @dataclass
@@ -54,6 +61,8 @@ class Comparison:
     correlation_metrics: list[str] = field(default_factory=list)
     correlation: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     correlation_counts: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=int))
+    distinct_values: dict[str, int] = field(default_factory=dict)
+    curves: dict[str, dict[str, Any]] = field(default_factory=dict)
     lm_curves: Optional[dict[str, Any]] = None  # validation-loss curves of the lm runs (analysis.lm)
 
 
@@ -109,7 +118,8 @@ def compare(experiment_dirs: list[Path | str], *, sort_by: Optional[str] = None,
     if sort_by is None:
         sort_by = next((m for m in DEFAULT_SORT if m in metrics), metrics[0] if metrics else "")
     if sort_by not in metrics:
-        raise MoespecError(f"no run has metric {sort_by!r}; metrics: {', '.join(metrics) or '(none: no stage finished)'}")
+        raise MoespecError(f"no run has metric {sort_by!r}; metrics: "
+                           f"{', '.join(metrics) or '(none: no stage finished)'}")
     higher = (not lower_is_better(sort_by)) if higher_is_better is None else higher_is_better
     base_index = _baseline_index(runs, baseline)
     base_value = metrics_of[base_index].get(sort_by)
@@ -127,10 +137,31 @@ def compare(experiment_dirs: list[Path | str], *, sort_by: Optional[str] = None,
         row["rank"] = rank if row[sort_by] is not None else None
     comparison = Comparison(sort_by, higher, runs[base_index].name, parameters, metrics, rows)
     _correlate(comparison, configs, metrics_of)
+    comparison.curves = _curves(runs, parameters, configs)
     from moespec.analysis.lm import sweep_curves
 
     comparison.lm_curves = sweep_curves(named_runs)
     return comparison
+
+
+def _curves(runs: list[Run], parameters: list[str], configs: list[dict]) -> dict[str, dict[str, Any]]:
+    """Per-epoch validation curves of every run with a train artifact here, labelled by its parameters."""
+    from moespec.analysis.loaders import train_curves
+
+    curves = {}
+    for run, config in zip(runs, configs):
+        task = run.tasks.get("train")
+        loaded = train_curves(task) if task is not None and task.status == "done" else None
+        if loaded is not None:
+            shown = ", ".join(f"{p.split('.')[-1]}={_label(config.get(p))}" for p in parameters
+                              if p.startswith("train.") and p in config)
+            curves[f"{run.name}" + (f" ({shown})" if shown else "")] = loaded
+    return curves
+
+
+def _label(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 16 else text[:15] + "…"
 
 
 def _baseline_index(runs: list[Run], baseline: Optional[str]) -> int:
@@ -160,6 +191,23 @@ def _correlate(comparison: Comparison, configs: list[dict], metrics_of: list[dic
             correlation[i, j], counts[i, j] = _pearson(x, [_number(v.get(metric)) for v in metrics_of])
     comparison.numeric_parameters, comparison.correlation_metrics = numeric, metric_names
     comparison.correlation, comparison.correlation_counts = correlation, counts
+    comparison.distinct_values = {p: len({_number(c.get(p)) for c in configs if p in c}) for p in numeric}
+
+
+def correlation_figure_reason(comparison: Comparison) -> Optional[str]:
+    """Why no correlation figure is drawn (None: it is drawn)."""
+    n_runs = len(comparison.rows)
+    if not comparison.numeric_parameters:
+        return "no numeric swept parameter to correlate with the metrics"
+    if n_runs < MIN_RUNS_FOR_FIGURE:
+        bound = 2 / math.sqrt(max(n_runs, 1))
+        chance = f"|r| below {bound:.2f} is within chance" if bound < 1 else "any |r| up to 1 arises by chance"
+        return (f"{n_runs} runs: a correlation across fewer than {MIN_RUNS_FOR_FIGURE} runs cannot be told from "
+                f"noise ({chance}); the values are in compare.json")
+    if max(comparison.distinct_values.values(), default=0) < MIN_DISTINCT_VALUES:
+        return (f"every numeric parameter takes fewer than {MIN_DISTINCT_VALUES} values: a correlation with two "
+                "values is a difference of means (see the ranking)")
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,7 +239,8 @@ def to_json(comparison: Comparison) -> dict[str, Any]:
                             "pearson": [[plain(v) for v in row] for row in comparison.correlation.tolist()],
                             "n_runs": comparison.correlation_counts.tolist(),
                             "note": f"Pearson r across runs; null: fewer than {MIN_RUNS_FOR_CORRELATION} runs "
-                                    "or a constant column"}}
+                                    "or a constant column",
+                            "figure": correlation_figure_reason(comparison) or "correlation.png"}}
 
 
 def format_comparison(comparison: Comparison) -> str:
@@ -212,7 +261,8 @@ def correlation_figure_data(comparison: Comparison) -> dict[str, Any]:
     """What :func:`~moespec.analysis.plots.plot_heatmap` draws for the correlation matrix."""
     n_runs = len(comparison.rows)
     return {"values": comparison.correlation, "rows": [p.split(".", 1)[-1] for p in comparison.numeric_parameters],
-            "columns": comparison.correlation_metrics, "center": 0.0, "limits": (-1.0, 1.0), "xlabel": "metric", "ylabel": "swept parameter",
+            "columns": comparison.correlation_metrics, "center": 0.0, "limits": (-1.0, 1.0), "xlabel": "metric",
+            "ylabel": "swept parameter",
             "colorbar": "Pearson r (blank: undefined)",
             "title": f"parameter × metric correlation across {n_runs} runs"}
 
@@ -227,11 +277,15 @@ def write_comparison(comparison: Comparison, out: Path | str) -> dict[str, Path]
     written = {"csv": out / "compare.csv", "json": out / "compare.json"}
     _write_text(written["csv"], to_csv(comparison))
     _write_text(written["json"], json.dumps(to_json(comparison), indent=2, default=str))
-    if comparison.correlation.size:
+    if comparison.correlation.size and correlation_figure_reason(comparison) is None:
         written["figure"] = out / "correlation.png"
         rows, cols = comparison.correlation.shape
+        labels = max((len(p.split(".", 1)[-1]) for p in comparison.numeric_parameters), default=8)
         save_figure(Figure("correlation", plots.plot_heatmap, correlation_figure_data(comparison), "correlation",
-                           size=(max(6.4, 0.35 * cols + 3), max(3.0, 0.4 * rows + 2.5))), written["figure"])
+                           size=plots.heatmap_size(rows, cols, labels)), written["figure"])
+    for name, figure in overlay_figures(comparison).items():
+        written[name] = out / f"{name}.png"
+        save_figure(figure, written[name])
     if comparison.lm_curves:
         from moespec.analysis.lm import plot_sweep_curves
 
@@ -239,3 +293,23 @@ def write_comparison(comparison: Comparison, out: Path | str) -> dict[str, Path]
         save_figure(Figure("lm_curves", plot_sweep_curves, comparison.lm_curves, "lm validation loss"),
                     written["lm_curves"])
     return written
+
+
+def overlay_figures(comparison: Comparison) -> dict[str, Any]:
+    """One figure per validation curve with every run's curve overlaid (when two or more runs have one)."""
+    from moespec.analysis import plots
+    from moespec.analysis.loaders import Figure
+
+    figures = {}
+    for key, ylabel, ylim in (("val_accuracy", "validation accuracy (fraction)", (0, 1)),
+                              ("val_loss", "validation loss, total (mean per row)", None)):
+        runs = {name: c for name, c in comparison.curves.items() if c.get(key) is not None}
+        if len(runs) < 2:
+            continue
+        longest = max(runs.values(), key=lambda c: len(c["epoch"]))["epoch"]
+        figures[f"overlay_{key}"] = Figure(f"overlay_{key}", plots.plot_curves, {
+            "x": longest, "xs": {name: c["epoch"] for name, c in runs.items()},
+            "series": {name: c[key] for name, c in runs.items()}, "xlabel": "epoch", "ylabel": ylabel, "ylim": ylim,
+            "title": f"{ylabel.split(' (')[0]} per epoch, {len(runs)} runs of the sweep", "legend_below": True},
+            f"{key} of every run", size=(10.8, 4.4 + 0.22 * len(runs)))
+    return figures

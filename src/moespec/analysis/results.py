@@ -21,6 +21,8 @@ from moespec.errors import ArtifactError
 
 #: Stage order of the pipeline (upstream first).
 STAGES = ("embed", "reduce", "fiber", "train", "lm", "ablate")
+#: Statuses of a task that finished (its summary.json holds its results).
+FINISHED = ("done", "not pulled")
 #: Stages that close a run when nothing downstream of them exists.
 _CLOSING = ("ablate", "lm", "train", "fiber", "reduce", "embed")
 
@@ -31,10 +33,13 @@ class TaskRecord:
 
     Attributes
     ----------
-    status : {"done", "failed", "incomplete", "missing"}
-        ``done``: ``<stage>.h5`` opens and is complete; ``failed``: ``FAILED.txt`` is there;
-        ``incomplete``: the folder exists without a complete file (running, or interrupted);
-        ``missing``: referenced by another artifact (or the experiment summary) but not on disk.
+    status : {"done", "not pulled", "failed", "incomplete", "missing"}
+        ``done``: ``<stage>.h5`` opens and is complete; ``not pulled``: the task finished (its
+        ``summary.json``, written only after the artifact is complete, is here) but its HDF5 file
+        is not (left on the cluster by ``moespec sync``'s filters); ``failed``: ``FAILED.txt`` is
+        there; ``incomplete``: the folder exists without a complete file (running, or
+        interrupted); ``missing``: referenced by another artifact (or the experiment summary) but
+        not on disk.
     """
 
     stage: str
@@ -59,6 +64,8 @@ class Run:
     name: str
     tasks: dict[str, TaskRecord]
     points: tuple[int, ...] = ()
+    #: Upstream artifacts whose downstream runs cannot be told here (see :func:`discover`).
+    unlinked: bool = False
 
     def task(self, stage: str) -> Optional[TaskRecord]:
         return self.tasks.get(stage)
@@ -69,16 +76,30 @@ class Run:
         return any(t.input_uids or t.points for t in self.tasks.values()) or "embed" in self.tasks
 
     def status(self, stage: str) -> str:
-        """``done``, ``failed``, ``incomplete``, ``missing``; ``not run`` when the run has no such task
-        (``unknown`` when the run's inputs are not recorded yet: a task still running)."""
+        """``done``, ``not pulled``, ``failed``, ``incomplete``, ``missing``; ``not run`` when the run has
+        no such task; ``unknown`` when the run's inputs are not recorded here (a task still running,
+        or one whose HDF5 file, which records its inputs, was not pulled)."""
         task = self.tasks.get(stage)
         if task is not None:
             return task.status
-        return "not run" if self.linked else "unknown"
+        if not self.linked or self.unlinked or self.unlinked_below(stage):
+            return "unknown"
+        return "not run"
+
+    def unlinked_below(self, stage: str) -> bool:
+        """Whether a task of this run downstream of ``stage`` does not record its inputs here."""
+        order = STAGES.index(stage) if stage in STAGES else -1
+        return any(STAGES.index(t.stage) > order and not t.input_uids and not t.points
+                   for t in self.tasks.values() if t.stage in STAGES and t.stage != "embed")
 
     def done(self, stage: str) -> bool:
         task = self.tasks.get(stage)
         return task is not None and task.status == "done"
+
+    def finished(self, stage: str) -> bool:
+        """Done, here or on the cluster (its summary is here even when its arrays were not pulled)."""
+        task = self.tasks.get(stage)
+        return task is not None and task.status in FINISHED
 
 
 @dataclass
@@ -107,6 +128,8 @@ def _read_record(stage: str, folder: Path) -> TaskRecord:
     if (folder / "FAILED.txt").exists():
         record.status = "failed"
         record.error = (folder / "FAILED.txt").read_text(encoding="utf-8", errors="replace").strip()
+    elif summary is not None and not (folder / f"{stage}.h5").exists():
+        record.status = "not pulled"
     if (folder / f"{stage}.h5").exists():
         try:
             with open_artifact(folder / f"{stage}.h5") as reader:
@@ -146,7 +169,7 @@ def discover(experiment_dir: Path | str) -> Experiment:
         if record is None:
             record = tasks[key] = TaskRecord(key[0], key[1], experiment_dir / key[0] / key[1], "missing")
         record.points = tuple(entry.get("points") or ())
-        if entry.get("status") in ("failed", "skipped") and record.status != "done":
+        if entry.get("status") in ("failed", "skipped") and record.status not in FINISHED:
             record.status = "failed" if entry["status"] == "failed" else "missing"
             record.error = record.error or (entry.get("error") or entry["status"])
     # An input recorded by an artifact but absent from disk (deleted, or not synced) is shown as missing.
@@ -161,11 +184,15 @@ def discover(experiment_dir: Path | str) -> Experiment:
 
 def _ancestors(record: TaskRecord, tasks: dict[tuple[str, str], TaskRecord]) -> dict[str, TaskRecord]:
     chain = {record.stage: record}
-    for uid in record.input_uids.values():
-        found = [t for (s, u), t in tasks.items() if u == uid]
-        for parent in found:
-            for stage, task in _ancestors(parent, tasks).items():
-                chain.setdefault(stage, task)
+    parents = [t for uid in record.input_uids.values() for (s, u), t in tasks.items() if u == uid]
+    if not record.input_uids and record.points and record.stage in STAGES:
+        # inputs not recorded here (HDF5 file not pulled, or failed): a sweep point has one task per
+        # stage, so an upstream task sharing a sweep point with this one is its input
+        parents = [t for t in tasks.values() if t.stage in STAGES and STAGES.index(t.stage) < STAGES.index(
+            record.stage) and set(t.points) & set(record.points)]
+    for parent in parents:
+        for stage, task in _ancestors(parent, tasks).items():
+            chain.setdefault(stage, task)
     return chain
 
 
@@ -202,9 +229,17 @@ def _group_runs(tasks: dict[tuple[str, str], TaskRecord]) -> list[Run]:
     runs = [r for r in runs if not any(
         {f"{t.stage}/{t.uid}" for t in r.tasks.values()} < {f"{t.stage}/{t.uid}" for t in o.tasks.values()}
         for o in runs)]
-    for index, run in enumerate(runs):
+    # A chain cut short by a task whose inputs are not recorded here leaves its upstream artifacts
+    # without a run: they are listed apart (``unlinked-``), never joined to a run they may not belong to.
+    cut = any(r.unlinked_below("embed") for r in runs)
+    number = 0
+    for run in runs:
         last = list(run.tasks.values())[-1]
-        run.name = f"run{index + 1}-{last.stage}-{last.uid[:8]}"
+        if cut and last.stage in ("embed", "reduce") and len(runs) > 1 and not run.points:
+            run.name, run.unlinked = f"unlinked-{last.stage}-{last.uid[:8]}", True
+        else:
+            number += 1
+            run.name = f"run{number}-{last.stage}-{last.uid[:8]}"
     return runs
 
 

@@ -12,7 +12,12 @@ coded per source, so classes of different datasets never share a code (see ``Tex
 
 from __future__ import annotations
 
+import bz2
+import csv
+import gzip
+import json
 import logging
+import lzma
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Sequence, Union
@@ -26,14 +31,27 @@ from moespec.errors import DataError
 
 _log = logging.getLogger("moespec")
 
-#: Hint appended to loading errors: on a cluster the compute nodes usually have no internet.
-OFFLINE_HINT = ("On a compute node without internet, pre-fetch the dataset on a login node into the same "
-                "HF_HOME and run with HF_DATASETS_OFFLINE=1 (see moespec.embedding.loading).")
 
 _FORMAT_OF_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv",
                      ".parquet": "parquet", ".pq": "parquet"}
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 _BUILDER_OF_FORMAT = {"jsonl": "json", "csv": "csv", "parquet": "parquet"}
+_PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
+#: Bytes of each local file that ``moespec validate`` reads (encoding, first record); a load reads all.
+CHECK_BYTES = 8 << 20
+
+
+def config_relative_path(path: str) -> str:
+    """An absolute path: a relative one is taken relative to the current directory.
+
+    The experiment loader has already made the relative paths of a file absolute against the
+    file's folder (:func:`moespec.config.resolve_relative_paths`); this covers configs built in
+    Python. Paths starting with ``~`` or ``$`` are kept as written and expanded when the files are
+    read, so that ``$SCRATCH/texts.jsonl`` means the node's scratch.
+    """
+    if path.startswith(("~", "$")) or os.path.isabs(path):
+        return path
+    return os.path.normpath(os.path.join(os.getcwd(), path))
 
 
 class _SourceConfig(BaseModel):
@@ -93,6 +111,8 @@ class _TableSource(_SourceConfig):
     separator: str = "\n"
     label_field: Optional[str] = None
     domain: Optional[str] = None
+    #: A column naming each row's domain, so that one file or dataset holds several domains.
+    domain_field: Optional[str] = None
     n: Optional[int] = Field(None, ge=1)
     seed: int = 0
 
@@ -103,13 +123,24 @@ class _TableSource(_SourceConfig):
             raise ValueError("must name at least one field")
         return value
 
+    @model_validator(mode="after")
+    def _domain_or_domain_field(self) -> "_TableSource":
+        if self.domain is not None and self.domain_field is not None:
+            raise ValueError("domain_field: give domain (one name for every row) or domain_field (a column naming "
+                             "each row's domain), not both")
+        return self
+
+    def fields(self) -> list[str]:
+        """Every column the source reads: text, label and domain fields."""
+        return [*self.text_fields(), *(f for f in (self.label_field, self.domain_field) if f is not None)]
+
     def text_fields(self) -> list[str]:
         return [self.text_field] if isinstance(self.text_field, str) else list(self.text_field)
 
     def _texts(self, dataset: Any, where: str, log: logging.Logger, provenance: dict[str, Any]) -> TextSet:
         return texts_from_dataset(dataset, where=where, domain=self.domain_name(), text_fields=self.text_fields(),
                                   separator=self.separator, label_field=self.label_field, n=self.n,
-                                  seed=self.seed, provenance=provenance, log=log)
+                                  seed=self.seed, provenance=provenance, log=log, domain_field=self.domain_field)
 
     def domain_name(self) -> str:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -133,9 +164,11 @@ class HFSource(_TableSource):
     label_field : str, optional
         Column holding the class label (ClassLabel, int, bool or str).
     domain : str, optional
-        Domain name (default: ``name``).
+        Domain name of every row (default: ``name``).
+    domain_field : str, optional
+        Column naming each row's domain instead (one source, several domains; not with ``domain``).
     n : int, optional
-        Texts to draw by a seeded shuffle (default: every row).
+        Texts to draw by a seeded shuffle, from all domains together (default: every row).
     seed : int
         Seed of the shuffle.
     """
@@ -149,15 +182,27 @@ class HFSource(_TableSource):
     def domain_name(self) -> str:
         return self.domain or self.name
 
+    def check(self, max_bytes: Optional[int] = None) -> list[tuple[str, str]]:
+        """``[("name", problem)]`` when the dataset is neither a local folder, nor cached, nor on a reachable hub."""
+        from moespec.hub import availability_problem
+
+        if Path(self.name).expanduser().is_dir() or self.name in _PACKAGED_BUILDERS:
+            return []
+        problem = availability_problem(self.name, "dataset", self.revision)
+        return [("name", problem)] if problem else []
+
     def load(self, log: logging.Logger = _log) -> TextSet:
         import datasets
 
         where = f"hf:{self.name}" + (f"/{self.config}" if self.config else "") + f" (split {self.split})"
+        unavailable = self.check()  # at once, instead of a minute of network retries on an offline node
+        if unavailable:
+            raise DataError(f"source {where}: {unavailable[0][1]}")
         try:
             dataset = datasets.load_dataset(self.name, self.config, split=self.split, revision=self.revision)
         except (OSError, ValueError, KeyError, datasets.exceptions.DatasetsError) as e:
             raise DataError(f"source {where}: cannot load dataset {self.name!r} "
-                            f"({type(e).__name__}: {_first_line(e)}). {OFFLINE_HINT}") from e
+                            f"({type(e).__name__}: {_first_line(e)}). {_offline_hint()}") from e
         provenance = {"kind": "hf", "name": self.name, "config": self.config, "split": self.split,
                       "revision": self.revision, "fingerprint": getattr(dataset, "_fingerprint", "")}
         return self._texts(dataset, where, log, provenance)
@@ -169,15 +214,23 @@ class FilesSource(_TableSource):
     Attributes
     ----------
     paths : list of str
-        Absolute paths (``~`` and ``$VARS`` are expanded when the files are read, so
-        ``$SCRATCH/texts.jsonl`` works on a cluster); all of one format.
+        Files, all of one format. A relative path is taken relative to the experiment file's
+        folder when the file is loaded; ``~`` and ``$VARS`` are expanded when the files are read,
+        so ``$SCRATCH/texts.jsonl`` works on a cluster.
     format : {"auto", "jsonl", "csv", "parquet"}
         ``auto`` reads it from the file suffix (``.jsonl``/``.json``, ``.csv``/``.tsv``, ``.parquet``,
         optionally compressed, ``.jsonl.gz``).
-    text_field, separator, label_field, n, seed
-        As for :class:`HFSource`.
+    text_field : str or list of str
+        Field(s) (jsonl keys, csv columns) holding the text; several are joined with ``separator``
+        (default ``"\\n"``).
+    label_field : str, optional
+        Field holding the class label (int, bool or str).
     domain : str, optional
-        Domain name (default: the first file's name without its suffixes).
+        Domain name of every row (default: the first file's name without its suffixes).
+    domain_field : str, optional
+        Field naming each row's domain instead (one file, several domains; not with ``domain``).
+    n, seed
+        As for :class:`HFSource`.
     """
 
     kind: Literal["files"] = "files"
@@ -192,12 +245,7 @@ class FilesSource(_TableSource):
     @field_validator("paths")
     @classmethod
     def _absolute(cls, value: list[str]) -> list[str]:
-        # A relative path would depend on the working directory of the job, which differs
-        # between the laptop that validates and the node that runs.
-        relative = [p for p in value if not (p.startswith(("~", "$")) or os.path.isabs(p))]
-        if relative:
-            raise ValueError(f"paths must be absolute (or start with ~ or $VAR), got {relative}")
-        return value
+        return [config_relative_path(p) for p in value]
 
     @model_validator(mode="after")
     def _one_format(self) -> "FilesSource":
@@ -213,21 +261,38 @@ class FilesSource(_TableSource):
     def domain_name(self) -> str:
         return self.domain or _stem(self.paths[0])
 
+    def local_paths(self) -> list[str]:
+        """The paths with ``~`` and ``$VARS`` expanded (as they are read on this machine)."""
+        return [os.path.expandvars(os.path.expanduser(p)) for p in self.paths]
+
+    def check(self, max_bytes: Optional[int] = CHECK_BYTES) -> list[tuple[str, str]]:
+        """Problems found without loading: ``(sub-key, message)`` pairs, empty when the files look usable.
+
+        Each file must exist, be readable and non-empty, be UTF-8 text (jsonl, csv) and hold the
+        named fields in its first record or header; only the first ``max_bytes`` of each file are
+        read (None: all of it).
+        """
+        problems = []
+        for index, path in enumerate(self.local_paths()):
+            problem = check_file(path, self.resolved_format(), self.fields(), max_bytes)
+            if problem:
+                problems.append((f"paths[{index}]", problem))
+        return problems
+
     def load(self, log: logging.Logger = _log) -> TextSet:
         import datasets
 
-        paths = [os.path.expandvars(os.path.expanduser(p)) for p in self.paths]
+        paths = self.local_paths()
         where = f"files:{paths[0]}" + (f" (+{len(paths) - 1} more)" if len(paths) > 1 else "")
-        missing = [p for p in paths if not Path(p).is_file()]
-        if missing:
-            raise DataError(f"source {where}: file(s) not found: {', '.join(missing)}")
+        problems = self.check(max_bytes=None)
+        if problems:
+            raise DataError("source files: " + "; ".join(message for _, message in problems))
         fmt = self.resolved_format()
         extra = {"delimiter": "\t"} if fmt == "csv" and _stem_suffix(paths[0]) == ".tsv" else {}
         try:
             dataset = datasets.load_dataset(_BUILDER_OF_FORMAT[fmt], data_files=paths, split="train", **extra)
-        except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
-            raise DataError(f"source {where}: cannot read the {fmt} file(s) ({type(e).__name__}: "
-                            f"{_first_line(e)})") from e
+        except Exception as e:  # noqa: BLE001 - datasets raises many kinds (StopIteration on an empty file)
+            raise DataError(f"source {where}: cannot read the {fmt} file(s) ({_root_cause(e)})") from e
         provenance = {"kind": "files", "paths": list(self.paths), "format": fmt,
                       "files": [{"path": p, "bytes": os.path.getsize(p), "mtime": int(os.path.getmtime(p))}
                                 for p in paths],
@@ -240,8 +305,10 @@ Source = Annotated[Union[BuiltinSource, HFSource, FilesSource], Field(discrimina
 
 
 def source_domains(source: BuiltinSource | HFSource | FilesSource) -> list[str]:
-    """The domain names a source contributes (known from its config alone)."""
-    return source.domain_names() if isinstance(source, BuiltinSource) else [source.domain_name()]
+    """The domain names a source contributes, as far as its config tells (none for a ``domain_field``)."""
+    if isinstance(source, BuiltinSource):
+        return source.domain_names()
+    return [] if source.domain_field is not None else [source.domain_name()]
 
 
 def load_texts(sources: Sequence[BuiltinSource | HFSource | FilesSource], log: logging.Logger = _log) -> TextSet:
@@ -263,7 +330,7 @@ def load_texts(sources: Sequence[BuiltinSource | HFSource | FilesSource], log: l
 
 def texts_from_dataset(dataset: Any, *, where: str, domain: str, text_fields: list[str], separator: str,
                        label_field: Optional[str], n: Optional[int], seed: int, provenance: dict[str, Any],
-                       log: logging.Logger = _log) -> TextSet:
+                       log: logging.Logger = _log, domain_field: Optional[str] = None) -> TextSet:
     """Draw the texts (and labels) of one domain from a ``datasets.Dataset``.
 
     Parameters
@@ -280,13 +347,16 @@ def texts_from_dataset(dataset: Any, *, where: str, domain: str, text_fields: li
     seed : int
     provenance : dict
         Updated with the rows available, drawn and skipped.
+    domain_field : str, optional
+        A column naming each row's domain: the drawn rows are split into one domain per value
+        (sorted by name), each with its own classes; ``domain`` is then unused.
 
     Raises
     ------
     DataError
         A field is missing or not text, the dataset is empty, or it has fewer than ``n`` non-empty texts.
     """
-    _check_fields(dataset, where, text_fields, label_field)
+    _check_fields(dataset, where, text_fields, label_field, domain_field)
     if len(dataset) == 0:
         raise DataError(f"source {where}: the dataset is empty (0 rows)")
     rows, texts, n_empty = _draw_rows(dataset, text_fields, separator, n, seed)
@@ -300,17 +370,53 @@ def texts_from_dataset(dataset: Any, *, where: str, domain: str, text_fields: li
     labels, class_names = (None, []) if label_field is None else _labels(dataset, rows, label_field, where)
     provenance = {**provenance, "domain": domain, "rows_available": len(dataset), "rows_drawn": int(rows.size),
                   "empty_skipped": n_empty, "n": n, "seed": seed, "text_fields": text_fields,
-                  "label_field": label_field}
+                  "label_field": label_field, "domain_field": domain_field}
+    if domain_field is not None:
+        return _split_domains(dataset, rows, texts, labels, class_names, domain_field, where, provenance, log)
     log.info("source %s: %d texts of %d rows (domain %s%s)", where, rows.size, len(dataset), domain,
              f", {len(class_names)} classes" if label_field else ", unlabelled")
     return TextSet.single_domain(domain, texts, rows.tolist(), labels, class_names, provenance)
 
 
-def _check_fields(dataset: Any, where: str, text_fields: list[str], label_field: Optional[str]) -> None:
+def _split_domains(dataset: Any, rows: np.ndarray, texts: list[str], labels: Optional[np.ndarray],
+                   class_names: list[str], domain_field: str, where: str, provenance: dict[str, Any],
+                   log: logging.Logger) -> TextSet:
+    """One single-domain text set per value of ``domain_field`` among the drawn rows, concatenated.
+
+    Each domain keeps only the classes its rows have, so that every label belongs to one domain
+    (:class:`TextSet`'s rule): the class "positive" of two domains gets two codes.
+    """
+    values = list(dataset.select(rows.tolist())[domain_field])
+    blank = [int(row) for row, value in zip(rows.tolist(), values) if value is None or not str(value).strip()]
+    if blank:
+        raise DataError(f"source {where}: domain field {domain_field!r} is empty in {len(blank)} row(s), e.g. "
+                        f"row(s) {blank[:5]}")
+    names = np.array([str(value) for value in values], dtype=object)
+    parts = []
+    for name in sorted(set(names.tolist())):
+        where_name = np.flatnonzero(names == name)
+        part_labels, part_classes = None, []
+        if labels is not None:
+            used = sorted({int(code) for code in labels[where_name] if code >= 0})
+            recode = {code: i for i, code in enumerate(used)}
+            part_labels = np.array([recode.get(int(code), -1) for code in labels[where_name]], dtype=np.int64)
+            part_classes = [class_names[code] for code in used]
+        parts.append(TextSet.single_domain(name, [texts[i] for i in where_name], rows[where_name].tolist(),
+                                           part_labels, part_classes,
+                                           {**provenance, "domain": name, "rows_drawn": int(where_name.size)}))
+    log.info("source %s: %d texts of %d rows in %d domains from field %r (%s)", where, rows.size, len(dataset),
+             len(parts), domain_field, ", ".join(f"{p.domain_names[0]} {len(p)}" for p in parts))
+    return concat(parts)
+
+
+def _check_fields(dataset: Any, where: str, text_fields: list[str], label_field: Optional[str],
+                  domain_field: Optional[str] = None) -> None:
     import datasets
 
     columns = list(dataset.column_names)
-    for role, field in [*(("text", f) for f in text_fields), *([("label", label_field)] if label_field else [])]:
+    named = [*(("text", f) for f in text_fields), *([("label", label_field)] if label_field else []),
+             *([("domain", domain_field)] if domain_field else [])]
+    for role, field in named:
         if field not in columns:
             raise DataError(f"source {where}: {role} field {field!r} not found; the columns are {columns}")
     for field in text_fields:
@@ -369,6 +475,105 @@ def _labels(dataset: Any, rows: np.ndarray, label_field: str, where: str) -> tup
 
 
 # --------------------------------------------------------------------------------------------------
+# checking local files before reading them
+
+
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def check_file(path: str, fmt: str, fields: list[str], max_bytes: Optional[int] = CHECK_BYTES) -> Optional[str]:
+    """The first problem of a local data file that shows without loading it, or None.
+
+    Parameters
+    ----------
+    path : str
+        With ``~`` and ``$VARS`` expanded.
+    fmt : {"jsonl", "csv", "parquet"}
+    fields : list of str
+        Fields the first record (jsonl) or the header (csv) or the schema (parquet) must have.
+    max_bytes : int, optional
+        Bytes of a text file to read (the encoding is checked that far); None reads all of it.
+    """
+    file = Path(path)
+    if "$" in path:
+        return f"{path}: the environment variable in this path is not set"
+    if not file.is_file():
+        return f"{path}: {'not a file' if file.exists() else 'file not found'}"
+    if not os.access(file, os.R_OK):
+        return f"{path}: not readable (permissions)"
+    if file.stat().st_size == 0:
+        return f"{path}: the file is empty"
+    if fmt == "parquet":
+        return _check_parquet(file, fields)
+    suffix = file.suffix.lower()
+    if suffix in _COMPRESSION_SUFFIXES and suffix not in _OPENERS:
+        return None  # .zst / .zip: datasets reads them, Python's standard library cannot
+    delimiter = "\t" if _stem_suffix(path) == ".tsv" else ","
+    try:
+        with (_OPENERS.get(suffix) or open)(file, "rb") as stream:
+            return _check_text(path, stream, fmt, fields, max_bytes, delimiter)
+    except (OSError, EOFError) as e:
+        return f"{path}: cannot read it ({type(e).__name__}: {_first_line(e)})"
+
+
+def _check_text(path: str, stream: Any, fmt: str, fields: list[str], max_bytes: Optional[int],
+                delimiter: str) -> Optional[str]:
+    """Decode lines as UTF-8 (naming the first bad line) and check the first record or header."""
+    read, records, columns = 0, 0, None
+    for number, raw in enumerate(stream, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return (f"{path} line {number}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                    f"save the file as UTF-8")
+        read += len(raw)
+        if line.strip():
+            if columns is None:
+                columns, problem = _first_record(path, number, line, fmt, delimiter)
+                if problem:
+                    return problem
+                missing = [f for f in fields if f not in columns]
+                if missing:
+                    what = "the first record" if fmt == "jsonl" else "the header"
+                    return (f"{path} line {number}: no field(s) {missing} in {what}; "
+                            f"its fields are {columns}")
+            records += 1
+        if max_bytes is not None and read >= max_bytes:
+            return None
+    needed = 1 if fmt == "jsonl" else 2
+    if records < needed:
+        return f"{path}: has no records" + (" (only blank lines)" if fmt == "jsonl" else ", only a header")
+    return None
+
+
+def _first_record(path: str, number: int, line: str, fmt: str, delimiter: str) -> tuple[list[str], Optional[str]]:
+    """The field names of a jsonl record or csv header line, or a problem."""
+    if fmt != "jsonl":
+        return next(csv.reader([line], delimiter=delimiter)), None
+    try:
+        record = json.loads(line)
+    except ValueError as e:
+        return [], f"{path} line {number}: not JSON ({_first_line(e)})"
+    if not isinstance(record, dict):
+        return [], f"{path} line {number}: a JSON {type(record).__name__}, not an object of fields"
+    return list(record), None
+
+
+def _check_parquet(file: Path, fields: list[str]) -> Optional[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.read_metadata(file)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for a file that is not parquet
+        return f"{file}: not a parquet file ({type(e).__name__}: {_first_line(e)})"
+    columns = list(metadata.schema.names)
+    missing = [f for f in fields if f not in columns]
+    if missing:
+        return f"{file}: no column(s) {missing}; the columns are {columns}"
+    return None if metadata.num_rows else f"{file}: has no rows"
+
+
+# --------------------------------------------------------------------------------------------------
 # file names
 
 
@@ -390,6 +595,28 @@ def _format_of(path: str) -> str:
 def _stem(path: str) -> str:
     name = Path(path).name
     return name.split(".")[0] or name
+
+
+def _offline_hint() -> str:
+    """What to do when a hub dataset cannot be loaded, said once and only where it applies."""
+    from moespec.hub import offline
+
+    if offline() or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "Offline mode is set: load it once on a machine with internet into the same HF_HOME (see hpc/README.md)."
+    return ("If this machine has no internet, load it once on one that has into the same HF_HOME and run with "
+            "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 (see hpc/README.md).")
+
+
+def _root_cause(error: BaseException) -> str:
+    """``Type: first line`` of an error and, when it wraps another, of the innermost one."""
+    root = error
+    for _ in range(20):  # a chain, not a cycle: bounded all the same
+        inner = root.__cause__ or root.__context__
+        if inner is None:
+            break
+        root = inner
+    text = f"{type(error).__name__}: {_first_line(error)}"
+    return text if root is error else f"{text}; cause: {type(root).__name__}: {_first_line(root)}"
 
 
 def _first_line(error: BaseException) -> str:

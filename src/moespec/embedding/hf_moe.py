@@ -359,22 +359,24 @@ def load_moe_model(name: str, *, task: Literal["lm", "probe"], revision: Optiona
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from moespec.embedding.loading import OFFLINE_HINT, resolve_dtype
+    from moespec.embedding.loading import hub_loading_options, offline_hint, resolve_dtype
 
     path = _model_path(name, key)
     torch_dtype = resolve_dtype(dtype, device)
     what = f"{name!r}" + (f" (revision {revision})" if revision else "")
     loader = AutoModelForCausalLM if task == "lm" else AutoModel
+    hub = hub_loading_options(name, revision, key) if path == name and not Path(path).is_dir() else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-        model = loader.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, **hub)
+        model = loader.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, dtype=torch_dtype,
+                                       **hub)
     except ValueError as e:
         if task == "lm" and "Unrecognized configuration class" in str(e):
             raise ConfigError(f"{key}.name: {what} is not a causal language model, so task 'lm' (next-token "
                               f"loss) does not apply; use task 'probe'") from e
         raise ConfigError(f"{key}.name: cannot load model {what}: {_first_line(e)}") from e
     except (OSError, KeyError, ImportError) as e:
-        raise ConfigError(f"{key}.name: cannot load model {what}: {_first_line(e)} {OFFLINE_HINT}") from e
+        raise ConfigError(f"{key}.name: cannot load model {what}: {_first_line(e)} {offline_hint()}") from e
     if task == "probe" and getattr(model.config, "is_encoder_decoder", False):
         model = model.get_encoder()
     try:

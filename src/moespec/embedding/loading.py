@@ -11,16 +11,16 @@ into a cache on a shared file system, then run the jobs offline from the same ca
 
     # login node (has internet)
     export HF_HOME=/scratch/$USER/hf           # models and datasets land here
-    huggingface-cli download meta-llama/Llama-3.2-1B --revision main   # (or: hf download ...)
+    hf download meta-llama/Llama-3.2-1B --revision main   # huggingface_hub's CLI
     python -c "import datasets; datasets.load_dataset('stanfordnlp/imdb', split='train')"
 
-    # job script (compute node, no internet)
+    # job script (compute node, no internet); more in hpc/README.md
     export HF_HOME=/scratch/$USER/hf
     export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1    # never try the network; fail fast instead
     moespec run embed --config exp.yaml --task $SLURM_ARRAY_TASK_ID
 
 A model given as a local folder (``embed.model.name: /scratch/me/models/my-bert``) needs no
-cache at all. Gated models (LLaMA) need ``huggingface-cli login`` on the login node first; pin
+cache at all. Gated models (LLaMA) need ``hf auth login`` on the login node first; pin
 ``embed.model.revision`` to a commit so every job reads the same weights. The built-in models
 are built into ``$MOESPEC_CACHE`` (default ``~/.cache/moespec``) on first use and need no
 network either.
@@ -38,8 +38,17 @@ from moespec.errors import ConfigError
 
 _log = logging.getLogger("moespec")
 
-OFFLINE_HINT = ("If this machine has no internet, pre-fetch the model on a login node into the same HF_HOME and "
-                "run with HF_HUB_OFFLINE=1 (see moespec.embedding.loading).")
+
+
+def offline_hint() -> str:
+    """What to do when a hub model cannot be loaded, said once and only where it applies."""
+    from moespec.hub import offline
+
+    if offline():
+        return ("HF_HUB_OFFLINE is set: fetch the whole model on a machine with internet into the same HF_HOME "
+                "(see hpc/README.md).")
+    return ("If this machine has no internet, fetch the model on one that has into the same HF_HOME and run with "
+            "HF_HUB_OFFLINE=1 (see hpc/README.md).")
 
 
 @dataclass
@@ -125,13 +134,15 @@ def load_model(name: str, *, revision: Optional[str] = None, trust_remote_code: 
     path = _model_path(name, revision)
     torch_dtype = resolve_dtype(dtype, device)
     what = f"{name!r}" + (f" (revision {revision})" if revision else "")
+    from_hub = not is_builtin(name) and not Path(path).is_dir()
+    hub = hub_loading_options(name, revision) if from_hub else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, **hub)
         model = AutoModel.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
-                                          dtype=torch_dtype)
+                                          dtype=torch_dtype, **hub)
     except (OSError, ValueError, KeyError, ImportError) as e:
         raise ConfigError(f"embed.model.name: cannot load model {what}: {_first_line(e)} "
-                          f"{'' if is_builtin(name) else OFFLINE_HINT}") from e
+                          f"{offline_hint() if from_hub else ''}".rstrip()) from e
     if getattr(model.config, "is_encoder_decoder", False):
         model = model.get_encoder()  # embed with the encoder; the decoder needs target tokens
     _ensure_pad_token(tokenizer, what, log)
@@ -140,6 +151,41 @@ def load_model(name: str, *, revision: Optional[str] = None, trust_remote_code: 
     log.info("model %s: %s, %.1fM parameters, %s on %s", what, type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6, str(torch_dtype).removeprefix("torch."), device)
     return LoadedModel(model, tokenizer, name, revision, commit, device, torch_dtype)
+
+
+def model_problem(name: str, revision: Optional[str] = None) -> Optional[str]:
+    """Why a model named in a config cannot be loaded here, found without loading it; None when it can.
+
+    A built-in model can always be built; a local folder must hold a ``config.json``; a hub name
+    must be in the cache or on a reachable hub (:func:`moespec.hub.availability_problem`).
+    """
+    from moespec.hub import availability_problem
+
+    if is_builtin(name):
+        return None
+    folder = Path(name).expanduser()
+    if name.startswith(("/", "./", "../", "~")) or folder.is_dir():
+        if not folder.is_dir():
+            return f"local model folder {name} does not exist"
+        return None if (folder / "config.json").is_file() else f"local model folder {name} has no config.json"
+    return availability_problem(name, "model", revision)
+
+
+def hub_loading_options(name: str, revision: Optional[str], key: str = "embed.model") -> dict[str, Any]:
+    """``from_pretrained`` options of a hub model; fails at once when it is neither cached nor downloadable.
+
+    A cached model is loaded from the cache alone (``local_files_only``): without this,
+    transformers asks the hub for newer files first and, on a node without internet, spends about
+    a minute in retries. ``cache_dir`` is the cache that was checked, even when ``HF_HOME`` was set
+    after transformers was imported.
+    """
+    from moespec.hub import availability_problem, hub_cache, is_cached
+
+    cached = is_cached(name, "model", revision)
+    problem = None if cached else availability_problem(name, "model", revision)
+    if problem:
+        raise ConfigError(f"{key}.name: {problem}")
+    return {"local_files_only": cached, "cache_dir": str(hub_cache())}
 
 
 def _model_path(name: str, revision: Optional[str]) -> str:

@@ -16,12 +16,14 @@ def check_parameters(*, vol_min: int, vol_max: int, window: int, alpha: float, m
     if vol_min < 1:
         problems.append(f"{prefix}vol_min: must be >= 1 (a ball around a point holds at least one other "
                         f"point), got {vol_min}")
+    if vol_max <= vol_min:
+        problems.append(f"{prefix}vol_max: must exceed vol_min ({vol_min}), got {vol_max}")
     if window < 1:
         problems.append(f"{prefix}window: must be >= 1, got {window}")
-    elif vol_max - vol_min <= 4 * window:
-        problems.append(f"{prefix}vol_max - {prefix}vol_min = {vol_max} - {vol_min} = {vol_max - vol_min} "
-                        f"must exceed 4 * {prefix}window = {4 * window}: the two windows and their guard "
-                        "gap need that many radii, otherwise no position can be tested")
+    elif vol_max > vol_min and vol_max - vol_min <= 4 * window:
+        problems.append(f"{prefix}window: {prefix}vol_max - {prefix}vol_min = {vol_max} - {vol_min} = "
+                        f"{vol_max - vol_min} must exceed 4 * {prefix}window = {4 * window}: the two windows and "
+                        "their guard gap need that many radii, otherwise no position can be tested")
     if not 0.0 < alpha < 1.0:
         problems.append(f"{prefix}alpha: must be in (0, 1), got {alpha}")
     if max_strata < 1:

@@ -1,14 +1,21 @@
 """From a plan to job arrays: pure, cheap planning of what a cluster submission contains.
 
 Each stage's tasks to run become one job array, split into chunks when the stage has more tasks
-than the scheduler's MaxArraySize allows. A chunk covers a fixed window of a stage's task list
-(``plan.tasks_for(stage)``): chunk ``k`` holds task indices ``[k*M, (k+1)*M)`` and its array
-indices are ``task index - k*M``, so ``moespec run STAGE --task $((SLURM_ARRAY_TASK_ID + OFFSET))``
-finds the same task, and every index stays below MaxArraySize as Slurm requires (submitit does
-not chunk for you: https://github.com/facebookincubator/submitit/issues/1624).
+than the scheduler's MaxArraySize allows. Array task ``i`` of an array runs ``array.tasks[i]``:
+indices are positions ``0..n-1`` in every array, whatever the tasks' indices in
+``plan.tasks_for(stage)`` (``array.task_indices``). That is what submitit's ``map_array`` does
+(it always numbers ``0..n-1``), and the emitted sbatch scripts look the task index up in a list
+(``tasks=(1 3 5)``), so both paths and the submission records agree on which array task runs
+which task, and every index stays below MaxArraySize as Slurm requires (submitit does not chunk
+for you: https://github.com/facebookincubator/submitit/issues/1624).
 
-A chunk depends (``afterok``) on exactly the chunks of this submission holding its tasks'
-upstream tasks, and on the jobs of earlier submissions still pending or running for them.
+Dependencies are per upstream array. Where a stage's tasks correspond one to one to the tasks of
+an upstream array (each reads exactly one task of it, and every task of it is read by exactly
+one), the downstream array lists its tasks in the upstream array's order and waits with
+``aftercorr``: array task ``i`` starts when upstream array task ``i`` has succeeded, so one failed
+training task cancels only the ablation that reads it. Any other upstream array is waited for
+with ``afterok`` (every task of it must succeed), and so are the jobs of earlier submissions still
+pending or running for the tasks read.
 """
 
 from __future__ import annotations
@@ -37,26 +44,27 @@ class ArrayJob:
     stage, chunk : str, int
         The stage and the chunk number within it (0 unless the stage is split).
     tasks : tuple of Task
-        The tasks, in array order.
+        The tasks, in array order: array task ``i`` runs ``tasks[i]``.
     task_indices : tuple of int
         Each task's index in ``plan.tasks_for(stage)`` (what ``moespec run --task`` takes).
-    offset : int
-        ``task index - array index`` (the chunk's first possible task index).
     resources : Resources
         What each array task asks the scheduler for.
     after : tuple of int
-        Positions (in the submission's array list) of the arrays this one waits for.
+        Positions (in the submission's array list) of the arrays every task of this one waits
+        for (``afterok``).
+    after_corresponding : tuple of int
+        Positions of arrays whose task ``i`` only task ``i`` of this one waits for (``aftercorr``).
     after_jobs : tuple of str
-        Job ids from earlier submissions this one waits for (``<array id>_<index>``).
+        Job ids from earlier submissions this one waits for (``<array id>_<index>``, ``afterok``).
     """
 
     stage: str
     chunk: int
     tasks: tuple[Task, ...]
     task_indices: tuple[int, ...]
-    offset: int
     resources: Resources
     after: tuple[int, ...] = ()
+    after_corresponding: tuple[int, ...] = ()
     after_jobs: tuple[str, ...] = ()
 
     @property
@@ -65,7 +73,7 @@ class ArrayJob:
 
     @property
     def array_indices(self) -> tuple[int, ...]:
-        return tuple(i - self.offset for i in self.task_indices)
+        return tuple(range(len(self.tasks)))
 
     @property
     def parallelism(self) -> int:
@@ -73,8 +81,31 @@ class ArrayJob:
         return max(1, min(wanted, len(self.tasks)))
 
     def array_spec(self) -> str:
-        """sbatch's ``--array`` value for these indices, throttled: ``0-3,7,9-10%4``."""
+        """sbatch's ``--array`` value, throttled: ``0-3%2``."""
         return f"{compress_indices(self.array_indices)}%{self.parallelism}"
+
+    def dependency(self, job_ids: list[str]) -> str:
+        """sbatch's ``--dependency`` value, given the job ids of the submission's arrays ('' if none).
+
+        Comma-separated conditions must all hold (``aftercorr:12,afterok:10:11``).
+        """
+        parts = []
+        if self.after_corresponding:
+            parts.append("aftercorr:" + ":".join(job_ids[i] for i in self.after_corresponding))
+        ok = [job_ids[i] for i in self.after] + list(self.after_jobs)
+        if ok:
+            parts.append("afterok:" + ":".join(ok))
+        return ",".join(parts)
+
+    def waits_for(self, arrays: list["ArrayJob"]) -> str:
+        """What the array waits for, for people: ``aftercorr train.0, afterok embed.0 123_4``."""
+        parts = []
+        if self.after_corresponding:
+            parts.append("aftercorr " + " ".join(arrays[i].name for i in self.after_corresponding))
+        ok = [arrays[i].name for i in self.after] + list(self.after_jobs)
+        if ok:
+            parts.append("afterok " + " ".join(ok))
+        return ", ".join(parts) or "-"
 
 
 def compress_indices(indices: Iterable[int]) -> str:
@@ -128,36 +159,40 @@ def plan_arrays(plan: Plan, to_submit: Iterable[Task], *, resources: Mapping[str
     """
     active_jobs = active_jobs or {}
     wanted = {task_key(t) for t in to_submit}
-    position_of: dict[TaskKey, int] = {}
-    by_stage: dict[str, list[tuple[int, Task]]] = {}
+    index_of: dict[TaskKey, int] = {}
+    by_stage: dict[str, list[Task]] = {}
     shards_of: dict[tuple[str, str], list[Task]] = {}
     for stage in plan.stages():
         for index, task in enumerate(plan.tasks_for(stage)):
+            index_of[task_key(task)] = index
             shards_of.setdefault((task.stage, task.uid), []).append(task)
             if task_key(task) in wanted:
-                by_stage.setdefault(stage, []).append((index, task))
+                by_stage.setdefault(stage, []).append(task)
     arrays: list[ArrayJob] = []
+    array_of: dict[TaskKey, int] = {}  # task -> position of its array in `arrays`
     unreachable: dict[str, list[str]] = {}  # upstream task -> tasks that read it
     for stage in plan.stages():
-        chunks: dict[int, list[tuple[int, Task]]] = {}
-        for index, task in by_stage.get(stage, []):
-            chunks.setdefault(index // max_array_size, []).append((index, task))
-        for chunk, members in sorted(chunks.items()):
+        members = by_stage.get(stage, [])
+        groups = _corresponding_groups(members, plan.stages(), arrays, array_of, shards_of) or [
+            (members[start:start + max_array_size], None) for start in range(0, len(members), max_array_size)]
+        for chunk, (group, corresponding) in enumerate(groups):
             after: set[int] = set()
             after_jobs: set[str] = set()
-            for _, task in members:
+            for task in group:
                 for upstream in _upstream_tasks(task, shards_of):
                     key = task_key(upstream)
-                    if key in position_of:
-                        after.add(position_of[key])
+                    if key in array_of:
+                        if array_of[key] != corresponding:
+                            after.add(array_of[key])
                     elif key in active_jobs:
                         after_jobs.add(active_jobs[key])
                     elif key not in done:
                         unreachable.setdefault(upstream.label, []).append(task.label)
-            array = ArrayJob(stage, chunk, tuple(t for _, t in members), tuple(i for i, _ in members),
-                             chunk * max_array_size, resources[stage], tuple(sorted(after)), tuple(sorted(after_jobs)))
-            for _, task in members:
-                position_of[task_key(task)] = len(arrays)
+            array = ArrayJob(stage, chunk, tuple(group), tuple(index_of[task_key(t)] for t in group), resources[stage],
+                             tuple(sorted(after)), () if corresponding is None else (corresponding,),
+                             tuple(sorted(after_jobs)))
+            for task in group:
+                array_of[task_key(task)] = len(arrays)
             arrays.append(array)
     if unreachable:
         lines = [f"{upstream} is not done and not submitted; {len(readers)} task(s) read it ({', '.join(readers[:3])}"
@@ -165,6 +200,36 @@ def plan_arrays(plan: Plan, to_submit: Iterable[Task], *, resources: Mapping[str
         shown = lines[:10] + ([f"... and {len(lines) - 10} more"] if len(lines) > 10 else [])
         raise ClusterError("some tasks could never start (submit their upstream stages too):\n  " + "\n  ".join(shown))
     return arrays
+
+
+def _corresponding_groups(members: list[Task], stages: list[str], arrays: list[ArrayJob],
+                          array_of: Mapping[TaskKey, int], shards_of: Mapping[tuple[str, str], list[Task]],
+                          ) -> list[tuple[list[Task], int]] | None:
+    """``members`` split and ordered like the upstream arrays they correspond to one to one, or None.
+
+    An upstream stage qualifies when every member reads exactly one of its tasks, submitted now,
+    no two members read the same one, and each upstream array touched (of two tasks or more:
+    submitit submits one task as a plain job) is read in full. The nearest such stage wins.
+    """
+    for upstream_stage in reversed(stages):
+        readers: dict[TaskKey, Task] = {}
+        for task in members:
+            read = [u for u in _upstream_tasks(task, shards_of) if u.stage == upstream_stage]
+            if len(read) != 1 or task_key(read[0]) not in array_of or task_key(read[0]) in readers:
+                break
+            readers[task_key(read[0])] = task
+        else:
+            if not readers:
+                continue
+            groups = []
+            for position in sorted({array_of[key] for key in readers}):
+                upstream_keys = [task_key(u) for u in arrays[position].tasks]
+                if len(upstream_keys) < 2 or any(key not in readers for key in upstream_keys):
+                    break
+                groups.append(([readers[key] for key in upstream_keys], position))
+            else:
+                return groups
+    return None
 
 
 def _upstream_tasks(task: Task, shards_of: Mapping[tuple[str, str], list[Task]]) -> list[Task]:

@@ -1,5 +1,8 @@
 """Cluster profiles: the facts of one cluster, kept apart from the science (``hpc/clusters/*.yaml``).
 
+A project keeps its clusters' profiles in ``hpc/clusters/``; ``localhost`` and ``example`` ship
+with the package (``moespec/launch/clusters/``), so they are found without a checkout.
+
 A profile names the cluster's partition, account, QOS and constraint, what a node offers (the
 limits a job is checked against before anything is submitted), the scratch root, the setup lines
 every job runs first, and the resources each stage asks for by default. Resource keys use
@@ -13,6 +16,8 @@ each layer overrides only the keys it sets.
 
 from __future__ import annotations
 
+import importlib.resources
+import math
 import os
 import re
 from pathlib import Path
@@ -26,6 +31,12 @@ from moespec.stages.base import check_stage_names
 
 #: Slurm's default MaxArraySize (indices 0..1000); used when neither the scheduler nor the profile says.
 DEFAULT_MAX_ARRAY_SIZE = 1001
+#: submitit's default ``slurm_signal_delay_s`` (the emitted scripts use it too).
+DEFAULT_SIGNAL_DELAY_S = 90
+#: The least work a job must get before its checkpoint signal (USR2): Slurm checks time limits on
+#: a 30-60 s cadence, so the signal can come up to a minute early, and a job that never gets to
+#: work is requeued until it runs out of requeues ("timed-out too many times").
+MIN_WORK_BEFORE_SIGNAL_S = 60
 _PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -55,7 +66,9 @@ class ClusterProfile(BaseModel):
     scratch_root: Optional[str] = None
     #: Shell lines every job runs first: module loads, activating the cluster's virtualenv, exports.
     setup: list[str] = Field(default_factory=list)
-    #: The Python that runs jobs; default: the interpreter that submits (submitit's default).
+    #: The Python that runs jobs on the cluster (a path relative to the project folder, where jobs
+    #: start, or a command found after ``setup``). Emitted sbatch scripts need it; submitit jobs
+    #: default to the interpreter that submits.
     python: Optional[str] = None
     defaults: Resources = Resources()
     stages: dict[str, Resources] = Field(default_factory=dict)
@@ -82,15 +95,20 @@ class Cluster:
 # finding and loading
 
 
+def builtin_profiles_dir() -> Path:
+    """The profiles shipped with the package (``localhost``, ``example``)."""
+    return Path(str(importlib.resources.files("moespec.launch") / "clusters"))
+
+
 def profile_dirs() -> list[Path]:
     """Where profiles are looked up by name, in order.
 
-    ``$MOESPEC_CLUSTERS`` (``os.pathsep``-separated folders), ``./hpc/clusters``, then the
-    ``hpc/clusters`` of the checkout moespec is installed from (editable installs).
+    ``$MOESPEC_CLUSTERS`` (``os.pathsep``-separated folders), the project's ``./hpc/clusters``,
+    then the profiles shipped with the package (``moespec/launch/clusters/``).
     """
     dirs = [Path(p).expanduser() for p in os.environ.get("MOESPEC_CLUSTERS", "").split(os.pathsep) if p]
     dirs.append(Path.cwd() / "hpc" / "clusters")
-    dirs.append(Path(__file__).resolve().parents[3] / "hpc" / "clusters")
+    dirs.append(builtin_profiles_dir())
     unique: list[Path] = []
     for folder in dirs:
         if folder.resolve() not in [u.resolve() for u in unique]:
@@ -182,16 +200,34 @@ def limit_problems(cluster: Cluster, stage: str, resources: Resources) -> list[s
         if limit is not None and asked > limit:
             problems.append(f"infra.resources.{stage}.{key}: asks for {asked:g} but {where} allows at most "
                             f"{limit_key}: {limit:g}")
-    return problems
+    return problems + signal_problems(stage, resources)
+
+
+def signal_problems(stage: str, resources: Resources) -> list[str]:
+    """A time limit that leaves less than a minute of work before the checkpoint signal (empty when fine)."""
+    delay = resources.slurm_signal_delay_s or DEFAULT_SIGNAL_DELAY_S
+    limit_s = resources.timeout_min * 60
+    if limit_s >= delay + MIN_WORK_BEFORE_SIGNAL_S:
+        return []
+    fixes = [f"timeout_min >= {math.ceil((delay + MIN_WORK_BEFORE_SIGNAL_S) / 60)}"]
+    if limit_s - MIN_WORK_BEFORE_SIGNAL_S >= 1:
+        fixes.append(f"slurm_signal_delay_s <= {limit_s - MIN_WORK_BEFORE_SIGNAL_S}")
+    return [f"infra.resources.{stage}.timeout_min: {resources.timeout_min} min leaves {max(0, limit_s - delay)} s "
+            f"of work before the checkpoint signal (sent slurm_signal_delay_s={delay} s before the limit; at least "
+            f"{MIN_WORK_BEFORE_SIGNAL_S} s needed), so each attempt would be requeued before it gets anywhere; "
+            f"set {' or '.join(fixes)}"]
 
 
 def check_resources(cluster: Cluster, experiment: Experiment, stages: list[str]) -> dict[str, Resources]:
     """Resolve every stage's resources and check them against the profile's limits, all at once.
 
+    Also refused: a time limit at or below the checkpoint signal delay plus a minute of work.
+
     Raises
     ------
     ConfigError
-        A stage asks for more than the cluster's nodes offer; one line per problem.
+        A stage asks for more than the cluster's nodes offer, or for a time limit that leaves no
+        time to work before the checkpoint signal; one line per problem.
     """
     resolved = {stage: stage_resources(cluster, experiment, stage) for stage in stages}
     problems = [p for stage in stages for p in limit_problems(cluster, stage, resolved[stage])]
@@ -213,16 +249,36 @@ def expand_path(text: str, what: str) -> Path:
     return Path(expanded)
 
 
-def apply_scratch_root(experiment: Experiment, cluster: Cluster | None, explicit_root: str | None) -> Experiment:
-    """Place a relative experiment root under the profile's ``scratch_root`` (in place; returns it).
+def apply_scratch_root(experiment: Experiment, cluster: Cluster | None, explicit_root: str | None, *,
+                       unset_ok: bool = False) -> str:
+    """Place a relative experiment root under the profile's ``scratch_root`` (in place).
 
     Nothing changes when ``--root`` was given, the file's ``root`` is absolute, or the profile
     has no ``scratch_root``. Jobs and ``moespec status`` then agree on where artifacts live.
+
+    Returns
+    -------
+    str
+        '' normally. With ``unset_ok`` (``moespec plan`` on a machine that is not the cluster),
+        a scratch root using an unset variable is kept as written (``$SCRATCH/moespec/results``)
+        and the returned note says so; the artifacts cannot be looked at from here.
+
+    Raises
+    ------
+    ConfigError
+        ``scratch_root`` uses an unset variable (and not ``unset_ok``).
     """
     if explicit_root or cluster is None or not cluster.profile.scratch_root:
-        return experiment
+        return ""
     if Path(experiment.base.root).expanduser().is_absolute():
-        return experiment
-    scratch = expand_path(cluster.profile.scratch_root, f"{cluster.path}: scratch_root")
+        return ""
+    what = f"{cluster.path}: scratch_root"
+    try:
+        scratch = expand_path(cluster.profile.scratch_root, what)
+    except ConfigError as e:
+        if not unset_ok:
+            raise
+        experiment.root = Path(cluster.profile.scratch_root) / experiment.base.root
+        return f"{e.problems[0]}: artifacts are on the cluster, under {experiment.root}; their states are not checked"
     experiment.root = (scratch / experiment.base.root).resolve()
-    return experiment
+    return ""

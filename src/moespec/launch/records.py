@@ -6,7 +6,8 @@ reads them to ask the scheduler about the right jobs; the newest record of a tas
 
 For scripts emitted with ``--emit-sbatch`` the job ids are only known when the user runs
 ``submit.sh``; it appends ``<array name> <job id>`` lines to ``job_ids.txt`` in the script folder,
-which the record points to.
+which the record points to (paths relative to the record, so that a project copied to a cluster
+with its scripts and results keeps them).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from moespec.launch.arrays import ArrayJob, TaskKey
 
 log = logging.getLogger("moespec.slurm")
 
-RECORD_VERSION = 1
+#: 2: array indices are positions in the array (version 1 stored ``task index - chunk offset``).
+RECORD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,9 @@ def array_entry(array: ArrayJob, job_id: str | None, log_pattern: str, *, single
     return {
         "name": array.name, "stage": array.stage, "chunk": array.chunk, "job_id": job_id, "single": single,
         "array_spec": array.array_spec(), "after": list(array.after), "after_jobs": list(array.after_jobs),
-        "log": log_pattern,
-        "tasks": [[t.uid, t.shard_index, index, index - array.offset] for t, index in zip(array.tasks, array.task_indices)],
+        "after_corresponding": list(array.after_corresponding), "log": log_pattern,
+        "tasks": [[t.uid, t.shard_index, index, position]
+                  for position, (t, index) in enumerate(zip(array.tasks, array.task_indices))],
     }
 
 
@@ -100,12 +103,17 @@ def load_records(root: Path, experiment: str) -> list[dict[str, Any]]:
     return records
 
 
+def _beside(record: dict[str, Any], path: str) -> str:
+    """A path of a record, relative to the record's folder (or absolute), as seen from here."""
+    return str(Path(record.get("path", ".")).parent / path) if path else ""
+
+
 def _emitted_job_ids(record: dict[str, Any]) -> dict[str, str]:
     path = record.get("job_ids_file")
     if not path:
         return {}
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(_beside(record, path)).read_text(encoding="utf-8").splitlines()
     except OSError:
         return {}
     found = {}
@@ -126,6 +134,7 @@ def latest_entries(records: list[dict[str, Any]]) -> dict[TaskKey, RecordedTask]
             for uid, shard, task_index, array_index in array["tasks"]:
                 key = (array["stage"], uid, int(shard))
                 latest[key] = RecordedTask(key, int(task_index), int(array_index), array["name"], job_id,
-                                           array.get("log", ""), record.get("id", ""), record.get("executor", ""),
+                                           _beside(record, array.get("log", "")), record.get("id", ""),
+                                           record.get("executor", ""),
                                            bool(array.get("single", False)))
     return latest

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -131,6 +132,9 @@ def _run_stage(task: Task, logger: logging.Logger) -> dict[str, Any]:
             "config": task.config_yaml(),
             "schema_version": module.SCHEMA_VERSION,
             "input_uids": json.dumps({name: i.uid for name, i in task.inputs.items()}, sort_keys=True),
+            # what decides that the artifact is current (launch/codeversion.py)
+            "code_version": task.code_version, "stage_code": task.stage_code,
+            "threads": json.dumps(thread_counts(), sort_keys=True),
         })
     inputs = _open_inputs(task)
     try:
@@ -141,7 +145,7 @@ def _run_stage(task: Task, logger: logging.Logger) -> dict[str, Any]:
     finally:
         for reader in inputs.values():
             reader.close()
-    summary_text = json.dumps(summary, indent=2, sort_keys=True)
+    summary_text = json.dumps(summary, indent=2)  # the stage's key order: a cached run prints what a fresh one did
     if task.num_shards == 1:
         artifacts.atomic_write_text(task.dir / "config.yaml", task.config_yaml())
         artifacts.atomic_write_text(task.dir / "summary.json", summary_text)
@@ -164,7 +168,8 @@ def _record_failure(task: Task, logger: logging.Logger, error: BaseException) ->
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     logger.error("FAILED %s: %s\n%s", task.label, error, text)
     with contextlib.suppress(OSError):
-        artifacts.atomic_write_text(task.failed_path, f"{task.label} failed at {artifacts.now_iso()}\n{error}\n\n{text}")
+        artifacts.atomic_write_text(task.failed_path,
+                                    f"{task.label} failed at {artifacts.now_iso()}\n{error}\n\n{text}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -205,14 +210,37 @@ def run_task_job(task: Task, mode: Mode, threads: int | None = None) -> dict[str
 
 
 def _configure_threads(threads: int | None) -> None:
+    """Hold BLAS, OpenMP and torch to ``threads`` in this process.
+
+    Cluster jobs already start with the thread variables set (before numpy loads, which is when
+    OpenBLAS reads them); local jobs inherit this machine's, so the pools are limited here too.
+    """
     if not threads:
         return
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
     with contextlib.suppress(ImportError):
+        import threadpoolctl
+
+        threadpoolctl.threadpool_limits(threads)
+    with contextlib.suppress(ImportError):
         import torch
 
         torch.set_num_threads(threads)
+
+
+def thread_counts() -> dict[str, int]:
+    """Threads this process computes with: each BLAS / OpenMP pool loaded so far, and torch's."""
+    counts: dict[str, int] = {}
+    with contextlib.suppress(ImportError):
+        import threadpoolctl
+
+        for pool in threadpoolctl.threadpool_info():
+            key = f"{pool.get('user_api')}:{pool.get('internal_api')}"
+            counts[key] = max(counts.get(key, 0), int(pool.get("num_threads") or 0))
+    if "torch" in sys.modules:
+        counts["torch"] = sys.modules["torch"].get_num_threads()
+    return counts
 
 
 def run_plan_inline(plan: Plan, mode: Mode = "cached", stages: list[str] | None = None) -> list[TaskOutcome]:
@@ -294,18 +322,108 @@ def run_plan_local(plan: Plan, mode: Mode = "cached", stages: list[str] | None =
                 todo.append(task)
         if not todo:
             continue
-        echo(f"[{stage}] running {len(todo)} task(s) as local jobs ({infra.local.max_parallel} at a time)")
+        echo(f"[{stage}] running {len(todo)} task{'s' if len(todo) != 1 else ''} as local jobs "
+             f"({infra.local.max_parallel} at a time)")
         resources = infra.resources_for(stage)
         executor = submitit.LocalExecutor(folder=str(folder))
         executor.update_parameters(timeout_min=resources.timeout_min)
         for start in range(0, len(todo), infra.local.max_parallel):
             wave = todo[start:start + infra.local.max_parallel]
+            watches = [TaskWatch(task) for task in wave]
             jobs = executor.map_array(run_task_job, wave, [mode] * len(wave), [threads] * len(wave))
+            _follow(watches, jobs, echo)
             for task, job in zip(wave, jobs):
                 outcomes.append(_collect(task, job, echo))
                 if outcomes[-1].status == "failed":
                     failed.add((task.stage, task.uid))
     return outcomes
+
+
+#: Seconds between two polls of the running local jobs.
+POLL_S = 1.0
+#: Seconds between two progress-bar lines of one task (its log records are shown as they come).
+PROGRESS_S = 3.0
+#: A running task gets a line at least this often, even when its log and progress say nothing new.
+HEARTBEAT_S = 5.0
+_LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (INFO|WARNING|ERROR|CRITICAL) (.*)$")
+
+
+class TaskWatch:
+    """What the parent shows of one running local job: its new log records, its progress bar, a heartbeat.
+
+    The job writes its log to ``log.txt`` and its progress bar's count to ``progress.json``
+    (:meth:`moespec.artifacts.ArtifactWriter.progress`); the parent reads both while it waits.
+    """
+
+    def __init__(self, task: Task, width: int = 120):
+        self.task = task
+        self.width = width
+        self.offset = task.log_path.stat().st_size if task.log_path.exists() else 0  # earlier attempts
+        self.started = self.last_line = time.monotonic()
+        self.last_progress = ""
+
+    def lines(self, now: float, final: bool = False) -> list[str]:
+        """The lines to print now (each at most ``width`` columns)."""
+        texts = self._new_records()
+        progress = self._progress()
+        if not final and progress and progress != self.last_progress and not texts \
+                and now - self.last_line >= PROGRESS_S:
+            texts.append(f"{progress}, {now - self.started:.0f} s")
+        elif not final and not texts and now - self.last_line >= HEARTBEAT_S:
+            texts.append(f"running, {now - self.started:.0f} s" + (f"; {progress}" if progress else ""))
+        if texts:
+            self.last_progress = progress or self.last_progress
+            self.last_line = now
+        prefix = f"    {self.task.label}: "
+        return [_clip(prefix + text, self.width) for text in texts]
+
+    def _new_records(self) -> list[str]:
+        try:
+            with open(self.task.log_path, "rb") as stream:
+                stream.seek(self.offset)
+                chunk = stream.read()
+        except OSError:
+            return []
+        complete = chunk[:chunk.rfind(b"\n") + 1]  # a record still being written waits for the next poll
+        self.offset += len(complete)
+        records = []
+        for line in complete.decode("utf-8", errors="replace").splitlines():
+            match = _LOG_RECORD.match(line)  # continuation lines (the config, a traceback) are in log.txt
+            if match and not match.group(2).startswith(("start ", "done ")):
+                level, message = match.groups()
+                records.append(message if level == "INFO" else f"{level} {message}")
+        return records
+
+    def _progress(self) -> str:
+        path = self.task.dir / ("progress.json" if self.task.num_shards == 1
+                                else f"progress.shard-{self.task.shard_index:05d}.json")
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return ""
+        total = record.get("total")
+        done = f"{record['n']}/{total} ({100 * record['n'] / total:.0f}%)" if total else f"{record['n']}"
+        return f"{record.get('desc') or 'progress'} {done}"
+
+
+def _clip(line: str, width: int) -> str:
+    return line if len(line) <= width else line[:width - 3] + "..."
+
+
+def _follow(watches: list[TaskWatch], jobs: list[Any], echo) -> None:
+    """Print each running job's progress until every job of the wave has ended."""
+    finished: set[int] = set()
+    while len(finished) < len(jobs):
+        time.sleep(POLL_S)
+        now = time.monotonic()
+        for index, (watch, job) in enumerate(zip(watches, jobs)):
+            if index in finished:
+                continue
+            done = job.done()
+            for line in watch.lines(now, final=done):
+                echo(line)
+            if done:
+                finished.add(index)
 
 
 def _collect(task: Task, job: Any, echo) -> TaskOutcome:
@@ -315,7 +433,7 @@ def _collect(task: Task, job: Any, echo) -> TaskOutcome:
     try:
         result = job.result()
     except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as e:
-        reason = _failure_reason(task) or str(e).strip().splitlines()[-1]
+        reason = _failure_reason(task) or _job_error(job) or str(e).strip().splitlines()[-1]
         echo(f"  FAILED {task.label}: {reason}\n    log: {task.log_path}")
         return TaskOutcome(task, "failed", time.perf_counter() - started, error=reason)
     echo(f"  done   {task.label} in {result['seconds']:.1f} s")
@@ -323,11 +441,24 @@ def _collect(task: Task, job: Any, echo) -> TaskOutcome:
 
 
 def _failure_reason(task: Task) -> str:
+    """The error of a failed task from its ``FAILED.txt``: the message, else the traceback's last line."""
     try:
         lines = task.failed_path.read_text(encoding="utf-8").splitlines()
     except OSError:
         return ""
-    return lines[1] if len(lines) > 1 else ""
+    if len(lines) > 1 and lines[1].strip():
+        return lines[1]
+    return next((line for line in reversed(lines) if line.strip()), "")
+
+
+def _job_error(job: Any) -> str:
+    """The last error line of a job that failed before the task could write ``FAILED.txt``."""
+    try:
+        text = job.stderr() or ""
+    except OSError:
+        return ""
+    errors = [line for line in text.splitlines() if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b", line)]
+    return errors[-1] if errors else ""
 
 
 def plan_from_file(path: Path | str, root: Path | str | None = None) -> Plan:

@@ -32,6 +32,14 @@ def available() -> bool:
     return shutil.which("sbatch") is not None and shutil.which("sacct") is not None
 
 
+def first_line(text: str) -> str:
+    """The first non-empty line of a (possibly multi-line) error, with a count of the rest."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return lines[0] + (f" (+{len(lines) - 1} more line(s))" if len(lines) > 1 else "")
+
+
 def run_slurm(args: list[str], *, retries: int = len(RETRY_DELAYS_S), timeout_s: float = 60.0) -> str:
     """Run a Slurm command and return its stdout, retrying failures.
 
@@ -48,7 +56,7 @@ def run_slurm(args: list[str], *, retries: int = len(RETRY_DELAYS_S), timeout_s:
             done = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s)
             if done.returncode == 0:
                 return done.stdout
-            problem = (done.stderr or done.stdout).strip() or f"exit status {done.returncode}"
+            problem = first_line(done.stderr or done.stdout) or f"exit status {done.returncode}"
         except subprocess.TimeoutExpired:
             problem = f"no answer within {timeout_s:.0f} s"
         if not delays:
@@ -56,6 +64,15 @@ def run_slurm(args: list[str], *, retries: int = len(RETRY_DELAYS_S), timeout_s:
         delay = delays.pop(0)
         log.warning("%s failed (%s); retrying in %.0f s", args[0], problem, delay)
         time.sleep(delay)
+
+
+def reachable(retries: int = 0, timeout_s: float = 10.0) -> tuple[bool, str]:
+    """Whether the controller answers ``scontrol ping``, and its problem in one line if not."""
+    try:
+        run_slurm(["scontrol", "ping"], retries=retries, timeout_s=timeout_s)
+    except ClusterError as e:
+        return False, str(e)
+    return True, ""
 
 
 def max_array_size() -> int | None:
@@ -87,12 +104,17 @@ def partitions() -> list[str] | None:
 
 @dataclass(frozen=True)
 class JobState:
-    """What sacct says about one array task (or job)."""
+    """What the scheduler says about one array task (or job).
+
+    ``ending`` is the final state (from sacct) of a job whose processes are still being ended
+    (``COMPLETING``, e.g. a task that ignores SIGTERM for ``KillWait`` seconds after ``scancel``).
+    """
 
     job_id: str
     state: str          # e.g. "RUNNING", "CANCELLED" (the "by <uid>" suffix removed)
     exit_code: str = ""
     reason: str = ""
+    ending: str = ""
 
     @property
     def phase(self) -> str:
@@ -146,6 +168,61 @@ def job_states(array_ids: list[str]) -> dict[str, JobState] | None:
         log.warning("cannot read job states from sacct: %s", e)
         return None
     return parse_sacct(text)
+
+
+def parse_squeue(text: str) -> dict[str, JobState]:
+    """Parse ``squeue -t all -r -h -o "%i|%T|%r"`` output into states by job id."""
+    states: dict[str, JobState] = {}
+    for line in text.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) >= 2 and fields[0]:
+            for job_id in expand_job_ids(fields[0]):
+                states[job_id] = JobState(job_id, fields[1].strip(), "", fields[2] if len(fields) > 2 else "")
+    return states
+
+
+def live_states(array_ids: list[str]) -> dict[str, JobState] | None:
+    """The controller's own view of the given arrays (``squeue``: no accounting lag), or None.
+
+    squeue knows jobs until ``MinJobAge`` after they end (300 s by default); it fails when none of
+    the ids is known any more, and then sacct alone is right.
+    """
+    if not array_ids:
+        return {}
+    try:
+        text = run_slurm(["squeue", "-t", "all", "-r", "-h", "-o", "%i|%T|%r", "-j", ",".join(sorted(set(array_ids)))],
+                         retries=0)
+    except ClusterError as e:
+        log.info("squeue does not know these jobs (%s); using sacct alone", e)
+        return None
+    return parse_squeue(text)
+
+
+def merge_states(accounted: dict[str, JobState], live: dict[str, JobState] | None) -> dict[str, JobState]:
+    """sacct's states corrected by the controller's live view.
+
+    sacct lags (slurmdbd stores records asynchronously: a task cancelled while pending reads
+    PENDING for seconds) and says CANCELLED as soon as ``scancel`` runs, while the task's
+    processes may still run for ``KillWait`` seconds (COMPLETING). Where squeue knows a job, its
+    state wins; a job sacct calls pending or running that squeue no longer lists was removed from
+    the queue (a pending array task cancelled on its own leaves no record at all).
+    """
+    if live is None:
+        return dict(accounted)
+    merged = dict(accounted)
+    for job_id, state in accounted.items():
+        if job_id not in live and state.phase != "finished":
+            merged[job_id] = JobState(job_id, "CANCELLED", state.exit_code, "no longer queued")
+    for job_id, state in live.items():
+        recorded = accounted.get(job_id)
+        if state.state == "COMPLETING":
+            ending = recorded.state if recorded is not None and recorded.phase == "finished" else ""
+            merged[job_id] = JobState(job_id, "COMPLETING", "", state.reason, ending)
+        elif recorded is not None and recorded.state == state.state:  # sacct's has the exit code
+            merged[job_id] = JobState(job_id, state.state, recorded.exit_code, state.reason or recorded.reason)
+        else:
+            merged[job_id] = state
+    return merged
 
 
 def cancel(job_ids: list[str]) -> None:

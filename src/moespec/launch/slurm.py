@@ -18,6 +18,7 @@ the artifact cache and the training stage resumes from the checkpoints in its ``
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -38,11 +39,18 @@ from moespec.launch.arrays import ArrayJob, TaskKey, plan_arrays, task_key
 from moespec.launch.plan import Plan, make_plan
 from moespec.launch.profiles import (DEFAULT_MAX_ARRAY_SIZE, Cluster, ClusterProfile, apply_scratch_root,
                                      check_resources, load_profile, stage_resources)
-from moespec.launch.records import array_entry, new_submission_id, records_dir, write_record
-from moespec.launch.runner import Mode, run_task_job
+from moespec.launch.records import (array_entry, latest_entries, load_records, new_submission_id, records_dir,
+                                    write_record)
+from moespec.launch.runner import Mode, run_task_job, thread_counts
 from moespec.launch.status import TaskStatus, collect_status
 
 log = logging.getLogger("moespec.slurm")
+
+#: Thread-count variables of BLAS / OpenMP / numba, set from ``SLURM_CPUS_PER_TASK`` before Python
+#: starts: OpenBLAS and MKL read them once, when numpy or torch is first imported, so setting them
+#: from Python inside the job is too late (and a 2-thread BLAS changes float sums at ~1e-14).
+THREAD_VARIABLES = ("OMP_NUM_THREADS MKL_NUM_THREADS OPENBLAS_NUM_THREADS NUMEXPR_NUM_THREADS "
+                    "VECLIB_MAXIMUM_THREADS NUMBA_NUM_THREADS")
 
 #: sbatch messages that mean "try again" rather than "this job is wrong".
 _TRANSIENT = ("temporarily", "timed out", "Socket", "try again", "Unable to contact slurm controller")
@@ -64,6 +72,8 @@ class TaskJob(submitit.helpers.Checkpointable):
         attempt = int(os.environ.get("SLURM_RESTART_COUNT") or 0) + 1
         print(f"moespec {moespec.__version__} from {Path(moespec.__file__).parent}: {task.label}, attempt {attempt}",
               file=sys.stderr, flush=True)
+        # numpy is loaded by now (unpickling the task): its BLAS pool shows what the job started with.
+        print(f"threads at start: {json.dumps(thread_counts(), sort_keys=True)}", file=sys.stderr, flush=True)
         result = run_task_job(task, mode, threads)
         donecheck.write_stamp(task)  # just committed and checked: planning need not open it again
         return result
@@ -77,12 +87,14 @@ DEFAULT_CLUSTER = Cluster("default", Path("(no profile: the scheduler's defaults
 
 
 def load_plan(file: str, *, root: str | None = None, cluster: str | None = None,
-              executor: str | None = None) -> tuple[Plan, Cluster | None]:
+              executor: str | None = None, away_ok: bool = False) -> tuple[Plan, Cluster | None]:
     """Load an experiment with its cluster profile and plan it.
 
     The profile is ``--cluster`` if given, else ``infra.cluster`` when the executor is Slurm
     (``--executor`` or ``infra.executor``); a Slurm run without a profile uses the scheduler's
-    defaults. A relative experiment root is placed under the profile's ``scratch_root``.
+    defaults. A relative experiment root is placed under the profile's ``scratch_root``; with
+    ``away_ok`` (planning on a laptop) a scratch root that cannot be resolved here is kept as
+    written and ``plan.root_unavailable`` says why.
     """
     experiment = load_experiment(file, root=root)
     executor = executor or experiment.infra.executor
@@ -93,8 +105,10 @@ def load_plan(file: str, *, root: str | None = None, cluster: str | None = None,
         selected = load_profile(experiment.infra.cluster, f"{experiment.source}: infra.cluster")
     elif executor == "slurm":
         selected = DEFAULT_CLUSTER
-    apply_scratch_root(experiment, selected, root)
-    return make_plan(experiment), selected
+    note = apply_scratch_root(experiment, selected, root, unset_ok=away_ok)
+    plan = make_plan(experiment)
+    plan.root_unavailable = note
+    return plan, selected
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,6 +127,9 @@ class Submission:
     max_array_size: int
     skipped_active: int = 0
     id: str = field(default_factory=new_submission_id)
+    retry_failed: bool = False
+    #: What the user should know about what is left out (printed before the arrays).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def experiment_dir(self) -> Path:
@@ -169,9 +186,15 @@ def prepare(plan: Plan, cluster: Cluster, *, mode: Mode = "cached", retry_failed
         raise ClusterError(f"the state of {len(unknown_states)} submitted task(s) is unknown "
                            f"({unknown_states[0].task.label}: {unknown_states[0].detail}); refusing to submit them "
                            f"again while they may still run. Check `moespec status` once sacct answers.")
+    cancelling = [s for s in statuses if s.state == "cancelling"]
+    if cancelling:
+        raise ClusterError(f"{len(cancelling)} task(s) are being cancelled and their processes still run "
+                           f"({cancelling[0].task.label}, job {cancelling[0].job_id}); submit again once "
+                           f"`moespec status` says they ended")
     active = {s.key: s.job_id for s in statuses if s.state in ("running", "pending")}
     done = {s.key for s in statuses if s.state == "done"} if mode != "force" else set()
     wanted = [s for s in statuses if s.key not in active and (not stages or s.task.stage in stages)]
+    notes = retry_notes(plan, wanted) if retry_failed else []
     if retry_failed:
         wanted = [s for s in wanted if s.state == "failed"]
     elif mode != "force":
@@ -182,7 +205,30 @@ def prepare(plan: Plan, cluster: Cluster, *, mode: Mode = "cached", retry_failed
     if ask_scheduler and arrays:
         check_partitions(arrays, cluster)
     skipped = sum(1 for s in statuses if s.key in active and (not stages or s.task.stage in stages))
-    return Submission(plan, cluster, mode, arrays, statuses, max_size, skipped)
+    return Submission(plan, cluster, mode, arrays, statuses, max_size, skipped, retry_failed=retry_failed, notes=notes)
+
+
+def retry_notes(plan: Plan, statuses: list[TaskStatus]) -> list[str]:
+    """What ``--retry-failed`` leaves out: tasks never submitted, often because a fix changed their uids.
+
+    A task's uid hashes its config, so fixing the value that made a task fail gives a new task:
+    the failed one is no longer in the plan and the new one was never submitted.
+    """
+    never = [s for s in statuses if s.state == "not submitted"]
+    if not never:
+        return []
+    experiment = plan.experiment
+    current = {s.key for s in statuses} | {task_key(t) for t in plan.tasks}
+    gone = [key for key in latest_entries(load_records(experiment.root, experiment.name)) if key not in current]
+    stages = sorted({s.task.stage for s in never}, key=plan.stages().index)
+    counts = ", ".join(f"{stage} {sum(s.task.stage == stage for s in never)}" for stage in stages)
+    note = (f"--retry-failed resubmits only tasks whose jobs failed; {len(never)} task(s) were never submitted "
+            f"({counts}) and are left out")
+    if gone:
+        gone_stages = sorted({key[0] for key in gone})
+        note += (f"; {len(gone)} task(s) of earlier submissions ({', '.join(gone_stages)}) are no longer in the plan: "
+                 f"their config changed since (a fix changes a task's uid), so they come back as new tasks")
+    return [note + f". Submit them with: moespec submit {experiment.source} (without --retry-failed)"]
 
 
 def check_partitions(arrays: list[ArrayJob], cluster: Cluster) -> None:
@@ -206,7 +252,7 @@ def mem_string(mem_gb: float) -> str:
     return f"{int(mem_gb)}GB" if mem_gb == int(mem_gb) else f"{int(mem_gb * 1024)}MB"
 
 
-def sbatch_parameters(array: ArrayJob, *, job_name: str, setup: list[str], dependency: list[str]) -> dict[str, Any]:
+def sbatch_parameters(array: ArrayJob, *, job_name: str, setup: list[str], dependency: str) -> dict[str, Any]:
     """``SlurmExecutor.update_parameters`` arguments of one array."""
     res: Resources = array.resources
     params: dict[str, Any] = {
@@ -223,13 +269,14 @@ def sbatch_parameters(array: ArrayJob, *, job_name: str, setup: list[str], depen
         if value is not None:
             params[key] = value
     if dependency:
-        params["dependency"] = "afterok:" + ":".join(dependency)
+        params["dependency"] = dependency
     return params
 
 
 def job_setup(submission: Submission) -> list[str]:
-    """Lines every job runs before Python: the profile's, then the code snapshot first on PYTHONPATH."""
+    """Lines every job runs before Python: the profile's, thread counts, the code snapshot first on PYTHONPATH."""
     lines = list(submission.cluster.profile.setup)
+    lines.append(f'for variable in {THREAD_VARIABLES}; do export "$variable=${{SLURM_CPUS_PER_TASK:-1}}"; done')
     lines.append(f"export PYTHONPATH={shlex.quote(str(submission.snapshot_dir))}${{PYTHONPATH:+:$PYTHONPATH}}")
     commit = artifacts.git_commit()
     if commit:
@@ -246,7 +293,7 @@ def python_command(cluster: Cluster) -> str:
     return cluster.profile.python or shlex.quote(sys.executable)
 
 
-def render_script(submission: Submission, array: ArrayJob, dependency: list[str]) -> str:
+def render_script(submission: Submission, array: ArrayJob, dependency: str) -> str:
     """The sbatch script submitit will write for ``array`` (for ``--dry-run``)."""
     from submitit.slurm.slurm import _make_sbatch_string  # what SlurmExecutor itself renders
 
@@ -270,11 +317,15 @@ def log_pattern(submission: Submission, array: ArrayJob) -> str:
 
 
 def describe(submission: Submission) -> list[str]:
-    """One line per array of a submission (or why there is none)."""
-    if not submission.arrays:
-        return ["nothing to submit: every task is done" + (f" or already queued ({submission.skipped_active})"
-                                                           if submission.skipped_active else "")]
-    return describe_arrays(submission.arrays)
+    """Notes, then one line per array of a submission (or why there is none)."""
+    if submission.arrays:
+        return submission.notes + describe_arrays(submission.arrays)
+    if submission.retry_failed:
+        nothing = "nothing to submit: no task's job failed"
+    else:
+        nothing = "nothing to submit: every task is done"
+    queued = f" (or already queued: {submission.skipped_active})" if submission.skipped_active else ""
+    return submission.notes + [nothing + queued]
 
 
 def describe_arrays(arrays: list[ArrayJob]) -> list[str]:
@@ -283,19 +334,14 @@ def describe_arrays(arrays: list[ArrayJob]) -> list[str]:
         return ["  (none: every task is done)"]
     lines = []
     for array in arrays:
-        after = [arrays[i].name for i in array.after] + list(array.after_jobs)
         res = array.resources
         extras = ", ".join(f"{k.removeprefix('slurm_')}={v}" for k, v in
                            (("slurm_partition", res.slurm_partition), ("slurm_account", res.slurm_account),
                             ("slurm_qos", res.slurm_qos)) if v)
-        lines.append(f"  {array.name:<10} {len(array.tasks):>5} task(s)  --array={array.array_spec():<18} "
-                     f"after: {', '.join(after) or '-':<14} time={res.timeout_min}m cpus={res.cpus_per_task} "
+        lines.append(f"  {array.name:<10} {len(array.tasks):>5} task(s)  --array={array.array_spec():<12} "
+                     f"after: {array.waits_for(arrays):<22} time={res.timeout_min}m cpus={res.cpus_per_task} "
                      f"mem={mem_string(res.mem_gb)} gpus={res.gpus_per_node}" + (f" {extras}" if extras else ""))
     return lines
-
-
-def dependency_ids(array: ArrayJob, job_ids: list[str]) -> list[str]:
-    return [job_ids[i] for i in array.after] + list(array.after_jobs)
 
 
 def print_dry_run(submission: Submission, echo: Callable[[str], None] = print) -> None:
@@ -308,7 +354,7 @@ def print_dry_run(submission: Submission, echo: Callable[[str], None] = print) -
     for array in submission.arrays:
         echo(f"\n# ---- sbatch script of array {array.name} ({len(array.tasks)} task(s): indices "
              f"{','.join(map(str, array.task_indices[:20]))}{',...' if len(array.task_indices) > 20 else ''})")
-        echo(render_script(submission, array, dependency_ids(array, placeholders)))
+        echo(render_script(submission, array, array.dependency(placeholders)))
 
 
 def snapshot_package(destination: Path) -> Path:
@@ -351,7 +397,7 @@ def submit(submission: Submission, echo: Callable[[str], None] = print) -> dict[
     write_record(submission.record_path, record)
     job_ids: list[str] = []
     for array in submission.arrays:
-        dependency = dependency_ids(array, job_ids)
+        dependency = array.dependency(job_ids)
         try:
             master = _submit_array(submission, array, dependency)
         except BaseException as e:  # refused, or interrupted (Ctrl-C): leave nothing half-submitted
@@ -366,16 +412,17 @@ def submit(submission: Submission, echo: Callable[[str], None] = print) -> dict[
                                f"Record: {submission.record_path}") from e
         job_ids.append(master)
         # submitit submits a single task as a plain job (id "123", not "123_0").
-        record["arrays"].append(array_entry(array, master, log_pattern(submission, array), single=len(array.tasks) == 1))
+        record["arrays"].append(array_entry(array, master, log_pattern(submission, array),
+                                            single=len(array.tasks) == 1))
         write_record(submission.record_path, record)
         echo(f"  submitted {array.name:<10} job {master:<8} {len(array.tasks)} task(s)"
-             + (f", after {' '.join(dependency)}" if dependency else ""))
+             + (f", {dependency}" if dependency else ""))
     record["state"] = "submitted"
     write_record(submission.record_path, record)
     return record
 
 
-def _submit_array(submission: Submission, array: ArrayJob, dependency: list[str]) -> str:
+def _submit_array(submission: Submission, array: ArrayJob, dependency: str) -> str:
     """One ``map_array`` call; returns the array's job id (a plain job id for a single task)."""
     params = sbatch_parameters(array, job_name=job_name(submission, array), setup=job_setup(submission),
                                dependency=dependency)
@@ -407,16 +454,22 @@ def _submit_array(submission: Submission, array: ArrayJob, dependency: list[str]
 # what the CLI calls
 
 
-def planned_arrays(plan: Plan, cluster: Cluster | None) -> tuple[set[TaskKey], list[ArrayJob]]:
-    """For ``moespec plan``: done tasks and the arrays of the rest, without asking any scheduler."""
-    done = {task_key(t) for t in plan.tasks if donecheck.is_done(t)}
+def planned_arrays(plan: Plan, cluster: Cluster | None) -> tuple[dict[TaskKey, str], list[ArrayJob]]:
+    """For ``moespec plan``: why each task is not done ('done' for done ones), and the arrays of the rest.
+
+    Asks no scheduler. Where the artifacts are not on this machine (``plan.root_unavailable``)
+    every task counts as to run.
+    """
+    checks = {task_key(t): (False, "") if plan.root_unavailable else donecheck.check(t) for t in plan.tasks}
+    done = {key for key, (is_done, _) in checks.items() if is_done}
     if cluster is not None:
         resources = check_resources(cluster, plan.experiment, plan.stages())
     else:
         resources = {s: stage_resources(None, plan.experiment, s) for s in plan.stages()}
     size = cluster.profile.max_array_size if cluster is not None else DEFAULT_MAX_ARRAY_SIZE
     todo = [t for t in plan.tasks if task_key(t) not in done]
-    return done, plan_arrays(plan, todo, resources=resources, max_array_size=size, done=done)
+    why = {key: "done" if is_done else reason for key, (is_done, reason) in checks.items()}
+    return why, plan_arrays(plan, todo, resources=resources, max_array_size=size, done=done)
 
 
 def submit_command(plan: Plan, cluster: Cluster, *, mode: Mode, stages: list[str] | None = None,
@@ -426,10 +479,21 @@ def submit_command(plan: Plan, cluster: Cluster, *, mode: Mode, stages: list[str
 
     Returns the submission record (None for a dry run or emitted scripts).
     """
+    if emit_dir:
+        from moespec.launch.sbatch import check_emit_dir
+
+        check_emit_dir(emit_dir)
     if not (emit_dir or dry_run or scheduler.available()):
         raise ClusterError("sbatch/sacct are not on PATH: run this on a Slurm login node, or use --dry-run, "
                            "or --emit-sbatch DIR to write scripts to submit there")
-    ask = scheduler.available() if (emit_dir or dry_run) else True
+    # A dry run or emitted scripts need no scheduler: one try; a submission retries a flaky one.
+    retries = 0 if (emit_dir or dry_run) else len(scheduler.RETRY_DELAYS_S)
+    ask, problem = scheduler.reachable(retries) if scheduler.available() else (False, "")
+    if problem and not (emit_dir or dry_run):
+        raise ClusterError(f"the Slurm controller does not answer ({problem}); nothing was submitted")
+    if problem:
+        echo(f"note: the Slurm controller does not answer ({problem}); MaxArraySize is the profile's, and "
+             f"partitions and earlier jobs are not checked")
     submission = prepare(plan, cluster, mode=mode, retry_failed=retry_failed, stages=stages, ask_scheduler=ask)
     experiment = plan.experiment
     echo(f"experiment {experiment.name}: {len(plan.tasks)} tasks; {submission.num_tasks} to submit"

@@ -1,11 +1,15 @@
 """Task states from the artifacts, the submission records and the scheduler (``moespec status``).
 
-A task is ``done`` when its artifact is complete, whatever the scheduler says. Otherwise its
-newest submission record names its job, and sacct says whether that job is ``running``,
-``pending`` (queued, held by a dependency, requeued after preemption) or ended without an
-artifact (``failed``: failed, cancelled, timed out, out of memory...). A task no record mentions
-is ``not submitted`` (or ``failed`` if a local run left a ``FAILED.txt``). When sacct cannot be
-reached the state of a submitted task is ``unknown``; that is logged, not fatal.
+A task is ``done`` when its artifact is complete and current (made by the code that would run it
+now), whatever the scheduler says. Otherwise its newest submission record names its job, and the
+scheduler says whether that job is ``running``, ``cancelling`` (cancelled, but its processes are
+still ending), ``pending`` (queued, held by a dependency, requeued after preemption) or ended
+without an artifact (``failed``: failed, cancelled, timed out, out of memory...). sacct is read
+for the history and squeue for the controller's live view, which has no accounting lag. A task
+no record mentions is ``not submitted`` (or ``failed`` if a local run left a ``FAILED.txt``);
+either way ``detail`` says why it is not done when an artifact is there (stale, unreadable).
+When the scheduler cannot be reached the state of a submitted task is ``unknown``; that is
+logged, not fatal.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from moespec.launch.plan import Plan, Task
 from moespec.launch.records import RecordedTask, latest_entries, load_records
 from moespec.launch.scheduler import JobState
 
-STATES = ("done", "running", "pending", "failed", "not submitted", "unknown")
+STATES = ("done", "running", "cancelling", "pending", "failed", "not submitted", "unknown")
 
 
 @dataclass(frozen=True)
@@ -73,10 +77,14 @@ def classify(done: bool, entry: RecordedTask | None, job: JobState | None, *, sc
         if array_known:
             return "failed", f"job {entry.job_id} is gone from its array (cancelled while pending?)"
         return "unknown", f"job {entry.job_id} is not known to sacct"
+    if job.state == "COMPLETING" and job.ending == "CANCELLED":
+        return "cancelling", "CANCELLED, its processes still ending (COMPLETING)"
     if job.phase == "running":
         return "running", job.state
     if job.phase == "pending":
         return "pending", job.state + (f" ({job.reason})" if job.reason and job.reason != "None" else "")
+    if job.state == "CANCELLED" and job.reason == "no longer queued":
+        return "failed", "CANCELLED while pending (no longer queued)"
     if job.state == "COMPLETED":
         return "failed", "job COMPLETED but the artifact is missing or invalid"
     exit_code = f", exit {job.exit_code}" if job.exit_code and job.exit_code != "0:0" else ""
@@ -88,11 +96,14 @@ def collect_status(plan: Plan, *, ask_scheduler: bool = True) -> list[TaskStatus
     experiment = plan.experiment
     entries = latest_entries(load_records(experiment.root, experiment.name))
     tasks = [(index, task) for stage in plan.stages() for index, task in enumerate(plan.tasks_for(stage))]
-    done = {task_key(task): donecheck.is_done(task) for _, task in tasks}
+    checks = {task_key(task): donecheck.check(task) for _, task in tasks}
+    done = {key: check[0] for key, check in checks.items()}
     waiting = [entries[task_key(t)] for _, t in tasks if not done[task_key(t)] and task_key(t) in entries]
     array_ids = sorted({e.array_job_id for e in waiting if e.array_job_id})
     states = scheduler.job_states(array_ids) if (ask_scheduler and array_ids) else {}
     reachable = states is not None
+    if states is not None and array_ids and ask_scheduler:  # new jobs may not be in accounting yet
+        states = scheduler.merge_states(states, scheduler.live_states(array_ids))
     known_arrays = {job_id.split("_")[0] for job_id in states or {}}
     statuses = []
     for index, task in tasks:
@@ -102,6 +113,9 @@ def collect_status(plan: Plan, *, ask_scheduler: bool = True) -> list[TaskStatus
         state, detail = classify(done[key], entry, job, scheduler_reachable=reachable and ask_scheduler,
                                  failed_marker=not done[key] and task.failed_path.exists(),
                                  array_known=bool(entry and entry.array_job_id in known_arrays))
+        why_not_done = checks[key][1]
+        if why_not_done and state in ("not submitted", "failed", "unknown"):
+            detail = f"{detail}; {why_not_done}" if detail else why_not_done
         statuses.append(TaskStatus(task, index, state, detail, (entry.job_id or "") if entry else "",
                                    entry.log_path if entry else None))
     return statuses

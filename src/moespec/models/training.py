@@ -103,8 +103,8 @@ class TrainState:
         One record per evaluation: ``step``, ``epoch``, ``lr``, ``train`` (term -> weighted mean
         since the previous evaluation), then what the objective's ``evaluate`` returned.
     steps : list of dict
-        One record per optimiser step: ``step``, ``lr`` (used by that step), ``train`` (term ->
-        weighted mean over its accumulation window).
+        One record per optimiser step: ``step``, ``epoch`` (1-based, the pass it belongs to), ``lr``
+        (used by that step), ``train`` (term -> weighted mean over its accumulation window).
     best_val_loss, best_step, best_epoch
         The evaluation with the lowest ``val_loss`` so far.
     best_state : dict of tensors, optional
@@ -199,7 +199,8 @@ def _optimiser_step(model: Any, optimizer: Any, scheduler: Any, loop: LoopConfig
     scheduler.step()
     optimizer.zero_grad()
     state.step += 1
-    state.steps.append({"step": state.step, "lr": lr, "train": _means(state.window, state.window_weight)})
+    state.steps.append({"step": state.step, "epoch": state.epoch + 1, "lr": lr,
+                        "train": _means(state.window, state.window_weight)})
     state.window, state.window_weight = {}, 0.0
 
 

@@ -70,7 +70,7 @@ def plan_ablations(layers: list[int], experts: list[int], load: np.ndarray, n_ra
     ----------
     layers, experts : list of int
     load : ndarray of shape (n_layers, n_experts)
-        Unablated load per layer (:func:`~moespec.analysis.specialisation.expert_load`).
+        Unablated load per layer (:func:`~moespec.specialisation.metrics.expert_load`).
     n_random : int
     rng : numpy.random.Generator
     """
@@ -132,7 +132,6 @@ def routing_tables(probs: np.ndarray, expert_index: np.ndarray, groups: Groups, 
     np.put_along_axis(selected, expert_index, True, axis=-1)
     n_layers, n_experts = probs.shape[1:]
     entropy = spec.routing_entropy(probs)  # (T, L)
-    top1 = expert_index[..., 0]
     load = np.stack([spec.expert_load(selected[:, layer]) for layer in range(n_layers)])
     distributions = [spec.entropy_distribution(entropy[:, layer], entropy_bins) for layer in range(n_layers)]
     tables = {
@@ -140,7 +139,7 @@ def routing_tables(probs: np.ndarray, expert_index: np.ndarray, groups: Groups, 
         "experts/load": load,
         "experts/importance": np.stack([spec.expert_importance(probs[:, layer]) for layer in range(n_layers)]),
         "experts/dead": np.stack([spec.dead_experts(row, dead_threshold) for row in load]),
-        "experts/entropy": np.stack([spec.mean_entropy_by_expert(entropy[:, layer], top1[:, layer], n_experts)
+        "experts/entropy": np.stack([spec.mean_entropy_by_expert(entropy[:, layer], selected[:, layer])
                                      for layer in range(n_layers)]),
         "layers/load_cv": np.array([spec.coefficient_of_variation(row) for row in load]),
         "layers/entropy_mean": entropy.mean(axis=0).astype(np.float64),

@@ -131,21 +131,25 @@ def router_information(router_probs: np.ndarray) -> float:
     return float(entropy(probs.mean(axis=0)) - entropy(probs).mean())
 
 
-def mean_entropy_by_expert(normalized_entropy: np.ndarray, top1: np.ndarray, n_experts: int) -> np.ndarray:
-    """Mean routing entropy of the inputs whose top-1 expert is ``e`` (NaN for an expert never top-1).
+def mean_entropy_by_expert(normalized_entropy: np.ndarray, selected: np.ndarray) -> np.ndarray:
+    """Mean routing entropy of the inputs routed to expert ``e`` in any of their k slots.
+
+    Every expert with traffic gets a value (NaN only for an expert no input is routed to); with
+    top-1 routing this is the mean over the inputs whose choice is ``e``.
 
     Parameters
     ----------
     normalized_entropy : ndarray of shape (n,)
-    top1 : ndarray of shape (n,), int
-    n_experts : int
+    selected : ndarray of shape (n, n_experts), bool
+        The experts each input is routed to.
 
     Returns
     -------
     ndarray of shape (n_experts,)
     """
-    sums = np.bincount(top1, weights=normalized_entropy, minlength=n_experts)
-    counts = np.bincount(top1, minlength=n_experts)
+    weights = selected.astype(np.float64)
+    sums = normalized_entropy.astype(np.float64) @ weights
+    counts = weights.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 

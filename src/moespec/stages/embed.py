@@ -75,7 +75,8 @@ class ModelConfig(BaseModel):
     Attributes
     ----------
     name : str
-        ``builtin:tiny-bert`` (default), ``builtin:tiny-llama``, a hub name or a local folder.
+        ``builtin:tiny-bert`` (default), ``builtin:tiny-llama``, a hub name or a local folder (``./x`` and
+        ``../x`` are relative to the experiment file).
     revision : str, optional
         Branch, tag or commit of a hub model (pin a commit for reproducible runs).
     trust_remote_code : bool

@@ -166,7 +166,7 @@ class Config(StageConfig):
         problems = check_parameters(vol_min=self.vol_min, vol_max=self.vol_max, window=self.window,
                                     alpha=self.alpha, max_strata=self.max_strata, correction=self.correction)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))  # one "key: problem" line each; config.py splits them
         return self
 
     def test_parameters(self) -> dict[str, Any]:

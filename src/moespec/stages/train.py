@@ -25,6 +25,7 @@ curves/routing_entropy         (n_epochs, L)           mean per-row routing entr
 curves/collapsed               (n_epochs,) bool        one expert took > collapse_threshold of slots
 curves/step/index              (n_steps,) int64        optimiser steps (1-based)
 curves/step/lr                 (n_steps,) float64      learning rate used by the step
+curves/step/epoch              (n_steps,) int64        the epoch (1-based) the step belongs to
 curves/step/train/<term>       (n_steps,) float64      mean of each loss term over the step's batches
 split/train_index              (n_train,) int64        input rows used for training
 split/val_index                (n_val,) int64          held-out input rows
@@ -130,13 +131,17 @@ class Config(StageConfig):
                           max_grad_norm=self.max_grad_norm, eval_every="epoch",
                           checkpoint_every=self.checkpoint_every, patience=self.patience, min_delta=self.min_delta)
 
+    def steps_per_epoch(self, n_train_rows: int) -> int:
+        """Optimiser steps of one epoch over ``n_train_rows`` rows."""
+        from moespec.models.training import row_batches
+
+        return math.ceil(len(row_batches(np.arange(n_train_rows), self.batch_size)) / self.grad_accumulation)
+
     def scheduler(self, optimizer, n_train_rows: int):
         """The ``LambdaLR`` of ``schedule`` over the whole run (``epochs`` epochs of ``n_train_rows`` rows)."""
         import torch
 
-        from moespec.models.training import row_batches
-
-        steps_per_epoch = math.ceil(len(row_batches(np.arange(n_train_rows), self.batch_size)) / self.grad_accumulation)
+        steps_per_epoch = self.steps_per_epoch(n_train_rows)
         factor = lr_schedule(self.schedule, self.warmup_steps, steps_per_epoch * self.epochs,
                              step_every=self.step_epochs * steps_per_epoch, step_gamma=self.step_gamma)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -161,6 +166,7 @@ def schema(cfg: Config) -> dict[str, DatasetSpec]:
         "curves/collapsed": DatasetSpec(("n_epochs",), "bool"),
         "curves/step/index": DatasetSpec(("n_steps",), "int"),
         "curves/step/lr": DatasetSpec(("n_steps",), "float"),
+        "curves/step/epoch": DatasetSpec(("n_steps",), "int"),
         "split/train_index": DatasetSpec(("n_train",), "int"),
         "split/val_index": DatasetSpec(("n_val",), "int"),
         "heldout/router_probs": DatasetSpec(("n_val", "L", "E"), "float"),
@@ -209,8 +215,11 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
                                   collapse=lambda load: bool((load.max(axis=-1) > cfg.collapse_threshold).any()))
     checkpoint = Checkpointer(out.work_dir / "checkpoint.pt", {"config": config_dict(cfg), "input_uid": reader.uid},
                               NAME)
+    bar = iter(out.progress(range(cfg.steps_per_epoch(len(train_index)) * cfg.epochs), desc="train steps"))
     state = fit(model, optimizer, scheduler, objective, cfg.loop(), checkpoint=checkpoint, log=out.log,
-                on_evaluation=lambda record: _log_evaluation(cfg, record, out.log))
+                progress=lambda state: next(bar, None), on_evaluation=lambda record: _log_evaluation(cfg, record, out.log))
+    for _ in bar:  # close the bar (early stopping or a resumed run leaves steps in it)
+        pass
     stage_config = config_dict(cfg)
     rows.save_model(out.side_file("best.pt"), cfg.model, stage_config, data, state.best_state,
                     epoch=state.best_epoch)
@@ -254,6 +263,7 @@ def _write_outputs(cfg: Config, data, state, train_index: np.ndarray, val_index:
     out.write("curves/lr", np.array([r["lr"] for r in history], dtype=np.float64))
     out.write("curves/step/index", np.array([r["step"] for r in steps], dtype=np.int64))
     out.write("curves/step/lr", np.array([r["lr"] for r in steps], dtype=np.float64))
+    out.write("curves/step/epoch", np.array([r["epoch"] for r in steps], dtype=np.int64))
     for term in cfg.model.loss_terms:
         out.write(f"curves/train/{term}", np.array([r["train"][term] for r in history], dtype=np.float64))
         out.write(f"curves/val/{term}", np.array([r["val"][term] for r in history], dtype=np.float64))

@@ -1,11 +1,19 @@
 #!/bin/bash
 # shellcheck disable=SC2154  # the job_<array> variables are set by submit()
 # Submits the moespec job arrays of experiment sw in order, each after the arrays whose
-# artifacts it reads (afterok). Rendered by `moespec submit --emit-sbatch` from jobs/submit.sh.
-# Job ids are appended to job_ids.txt, where `moespec status` finds them. If sbatch refuses an
-# array, the arrays this script already queued are cancelled.
+# artifacts it reads (aftercorr where tasks correspond one to one, else afterok). Rendered by
+# `moespec submit --emit-sbatch` from moespec/launch/templates/submit.sh. Jobs start in the project
+# folder (../.. from here), which every path in the scripts is relative to. Job ids are
+# appended to job_ids.txt, where `moespec status` finds them; a second run refuses (the tasks are
+# queued already). If sbatch refuses an array, the arrays this script already queued are cancelled.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+if [ -s "$here/job_ids.txt" ]; then
+  echo "submit.sh: these scripts were submitted already (job ids in $here/job_ids.txt); see \`moespec status\`," \
+       "or emit new scripts with \`moespec submit --emit-sbatch\` to submit what is missing" >&2
+  exit 1
+fi
+cd "$here/"../.. || exit 1
 submitted=()
 
 submit() {  # submit NAME [sbatch options...] SCRIPT
@@ -16,6 +24,7 @@ submit() {  # submit NAME [sbatch options...] SCRIPT
     if [ "${#submitted[@]}" -gt 0 ]; then
       echo "submit.sh: cancelling the arrays already queued: ${submitted[*]}" >&2
       scancel "${submitted[@]}"
+      mv "$here/job_ids.txt" "$here/job_ids.cancelled.txt"   # so that a corrected run may submit again
     fi
     exit 1
   fi
