@@ -188,3 +188,18 @@ def test_the_shipped_lm_sweeps_plan_to_their_task_counts(name, n_tasks, tmp_path
     assert len(tasks) == n_tasks == len({task.uid for task in tasks})
     twins = [task.config.model.dense_twin for task in tasks]
     assert twins.count(None) == (9 if n_tasks == 10 else 18)
+
+
+def test_small_training_steps_run_on_one_thread_and_the_thread_count_is_restored():
+    import logging
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with lm._threads_for(lm_config(), 50_000, torch.device("cpu"), logging.getLogger("test")):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with lm._threads_for(lm_config(), 10**9, torch.device("cpu"), logging.getLogger("test")):
+            assert torch.get_num_threads() == 2  # a large step keeps its threads
+    finally:
+        torch.set_num_threads(threads)

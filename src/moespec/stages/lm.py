@@ -52,6 +52,7 @@ import contextlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import numpy as np
@@ -120,7 +121,7 @@ class Config(StageConfig):
     max_tokens : int, optional
         Token budget instead: ``ceil(max_tokens / (batch_size * grad_accumulation * seq_len))`` steps.
     lr, weight_decay : float
-        AdamW; weight decay on matrices only (not on norms, biases, embeddings' neighbours).
+        AdamW; weight decay on weight matrices (embeddings included), not on norms and biases.
     betas : tuple of float
     warmup_steps : int
         Linear warm-up, then cosine decay to 0 at the last step.
@@ -302,11 +303,30 @@ def make_scheduler(cfg: Config, optimizer: Any) -> Any:
 # data
 
 
+@dataclass(frozen=True)
 class LMData:
-    """The tokenised, packed splits of a run and what evaluation needs of them."""
+    """The tokenised, packed splits of a run and what evaluation needs of them.
 
-    def __init__(self, **fields: Any):
-        self.__dict__.update(fields)
+    Attributes
+    ----------
+    tokenizer : transformers tokenizer
+    eot_id : int
+    train, val : PackedTokens
+    domain_names : list of str
+    val_texts, val_text_id : list of str, length n_val_texts
+    val_domain, val_bytes : ndarray of shape (n_val_texts,), int64
+        Domain and UTF-8 bytes of each validation text.
+    """
+
+    tokenizer: Any
+    eot_id: int
+    train: Any
+    val: Any
+    domain_names: list[str]
+    val_texts: list[str]
+    val_domain: np.ndarray
+    val_text_id: list[str]
+    val_bytes: np.ndarray
 
 
 def prepare_data(cfg: Config, log: Any) -> LMData:
