@@ -155,7 +155,7 @@ def test_a_boolean_is_not_an_integer_and_a_string_is_not_a_number():
     # what JSON needs stays accepted: an integer for a float, a list for a tuple
     fiber = {"input": "embed", "vol_max": 60, "window": 10, "strata": {"method": "kmeans", "k_range": [2, 4]}}
     experiment = load_experiment({**BASE, "reduce": {"n_components": 4, "id_threshold": 1}, "fiber": fiber})
-    assert experiment.base.reduce.id_threshold == 1.0 and experiment.base.fiber.strata.k_range == (2, 4)
+    assert experiment.base.reduce.intrinsic_dimension.threshold == 1.0 and experiment.base.fiber.strata.k_range == [2, 4]
 
 
 def test_sweep_problems_do_not_hide_the_other_problems():
