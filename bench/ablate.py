@@ -42,8 +42,9 @@ GOAL_EXPERTS = 8
 def _setup(n_experts: int, n_rows: int, seed: int):
     model = TopKMoEConfig(n_experts=n_experts).build(input_dim=INPUT_DIM, n_classes=N_CLASSES, seed=seed).eval()
     features = torch.randn(n_rows, INPUT_DIM, generator=torch.Generator().manual_seed(seed))
-    plan = plan_ablations([0], list(range(n_experts)), np.full((1, n_experts), 1.0 / n_experts), 0,
-                          np.random.default_rng(seed))
+    plan = plan_ablations(
+        [0], list(range(n_experts)), np.full((1, n_experts), 1.0 / n_experts), 0, np.random.default_rng(seed)
+    )
     return model, features, plan
 
 
@@ -53,8 +54,12 @@ def _batched(model, features, plan, mode):
 
 def _separate(model, features, plan, mode):
     n_experts = plan.masks.shape[1]
-    return np.concatenate([trained_pass(model, features, Ablation.of([e], n_experts, mode), BATCH_SIZE)["prediction"]
-                           for e in range(n_experts)])
+    return np.concatenate(
+        [
+            trained_pass(model, features, Ablation.of([e], n_experts, mode), BATCH_SIZE)["prediction"]
+            for e in range(n_experts)
+        ]
+    )
 
 
 def _best_times(model, features, plan, mode, rounds: int, repeats: int) -> dict[str, float]:
@@ -81,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [DEMO_ROWS] if args.quick else [DEMO_ROWS, 10 * DEMO_ROWS]
     modes = ["mask"] if args.quick else ["mask", "zero", "renormalise"]
     rounds, repeats = (5, 3) if args.quick else (7, 5)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {rounds} rounds of {repeats}; "
-          f"top-2 classifier, hidden 64, FFN 128, input {INPUT_DIM}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {rounds} rounds of {repeats}; "
+        f"top-2 classifier, hidden 64, FFN 128, input {INPUT_DIM}"
+    )
     goal_met = True
     with torch.no_grad():
         for n_experts in experts:
@@ -90,20 +97,25 @@ def main(argv: list[str] | None = None) -> int:
                 model, features, plan = _setup(n_experts, n_rows, args.seed)
                 for mode in modes:
                     library_mode = LIBRARY_MODE[mode]
-                    same = np.array_equal(_batched(model, features, plan, library_mode),
-                                          _separate(model, features, plan, library_mode))
+                    same = np.array_equal(
+                        _batched(model, features, plan, library_mode), _separate(model, features, plan, library_mode)
+                    )
                     best = _best_times(model, features, plan, library_mode, rounds, repeats)
                     ratio = best["separate"] / best["batched"]
-                    print(f"  E={n_experts:2d} rows={n_rows:5d} {mode:11s}: {n_experts} separate passes "
-                          f"{best['separate'] * 1e3:8.2f} ms, one batched pass {best['batched'] * 1e3:7.2f} ms "
-                          f"-> {ratio:5.1f}x (identical predictions: {same})")
+                    print(
+                        f"  E={n_experts:2d} rows={n_rows:5d} {mode:11s}: {n_experts} separate passes "
+                        f"{best['separate'] * 1e3:8.2f} ms, one batched pass {best['batched'] * 1e3:7.2f} ms "
+                        f"-> {ratio:5.1f}x (identical predictions: {same})"
+                    )
                     if not same:
                         goal_met = False
                     if n_experts == GOAL_EXPERTS and n_rows == DEMO_ROWS and mode == "mask":
                         goal = GOAL_EXPERTS / 2
                         goal_met &= ratio >= goal
-                        print(f"  goal at E={GOAL_EXPERTS}, {DEMO_ROWS} rows: >= {goal:.0f}x -> {ratio:.1f}x "
-                              f"{'met' if ratio >= goal else 'NOT met'}")
+                        print(
+                            f"  goal at E={GOAL_EXPERTS}, {DEMO_ROWS} rows: >= {goal:.0f}x -> {ratio:.1f}x "
+                            f"{'met' if ratio >= goal else 'NOT met'}"
+                        )
     return 0 if goal_met else 1
 
 

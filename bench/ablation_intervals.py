@@ -21,8 +21,18 @@ import numpy as np
 
 from moespec.analysis.ablation import paired_score_interval
 
-CASES = [(200, 0.8, 0.01), (200, 0.95, 0.01), (200, 0.5, 0.01), (200, 0.8, 0.05), (200, 0.8, 0.2),
-         (30, 0.8, 0.01), (30, 0.8, 0.05), (30, 0.8, 0.2), (30, 0.95, 0.2), (30, 0.5, 0.2)]
+CASES = [
+    (200, 0.8, 0.01),
+    (200, 0.95, 0.01),
+    (200, 0.5, 0.01),
+    (200, 0.8, 0.05),
+    (200, 0.8, 0.2),
+    (30, 0.8, 0.01),
+    (30, 0.8, 0.05),
+    (30, 0.8, 0.2),
+    (30, 0.95, 0.2),
+    (30, 0.5, 0.2),
+]
 
 
 def coverage(n: int, accuracy: float, flip: float, repeats: int, rng: np.random.Generator) -> tuple[float, ...]:
@@ -34,8 +44,13 @@ def coverage(n: int, accuracy: float, flip: float, repeats: int, rng: np.random.
     shares = np.stack([lost, n - gained - lost, gained], axis=1) / n
     means = np.stack([(lambda r: (r[:, 2] - r[:, 0]) / n)(rng.multinomial(n, p, size=1000)) for p in shares])
     boot_low, boot_high = np.percentile(means, [2.5, 97.5], axis=1)
-    return (np.mean((low <= truth) & (truth <= high)), np.mean((boot_low <= truth) & (truth <= boot_high)),
-            np.mean(high - low), np.mean(boot_high - boot_low), np.mean(gained + lost == 0))
+    return (
+        np.mean((low <= truth) & (truth <= high)),
+        np.mean((boot_low <= truth) & (truth <= boot_high)),
+        np.mean(high - low),
+        np.mean(boot_high - boot_low),
+        np.mean(gained + lost == 0),
+    )
 
 
 def main() -> None:
@@ -43,12 +58,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10000)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    print(f"{'n':>4s} {'accuracy':>8s} {'flip':>5s} {'score':>6s} {'bootstrap':>9s} {'width score':>11s} "
-          f"{'width boot':>10s} {'P(none changed)':>15s}")
+    print(
+        f"{'n':>4s} {'accuracy':>8s} {'flip':>5s} {'score':>6s} {'bootstrap':>9s} {'width score':>11s} "
+        f"{'width boot':>10s} {'P(none changed)':>15s}"
+    )
     for n, accuracy, flip in CASES:
         score, boot, width, boot_width, none = coverage(n, accuracy, flip, args.repeats, rng)
-        print(f"{n:4d} {accuracy:8.2f} {flip:5.2f} {score:6.3f} {boot:9.3f} {width:11.4f} {boot_width:10.4f} "
-              f"{none:15.3f}")
+        print(
+            f"{n:4d} {accuracy:8.2f} {flip:5.2f} {score:6.3f} {boot:9.3f} {width:11.4f} {boot_width:10.4f} {none:15.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -63,16 +63,23 @@ def embed(texts: list[str], folder: Path, batch_size: int = 64) -> np.ndarray:
     rows = []
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=128,
-                              return_tensors="pt")
+            batch = tokenizer(
+                texts[start : start + batch_size], padding=True, truncation=True, max_length=128, return_tensors="pt"
+            )
             hidden = model(**batch).last_hidden_state  # (B, T, H)
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             rows.append(((hidden * mask).sum(1) / mask.sum(1)).numpy())
     return np.concatenate(rows).astype(np.float64)
 
 
-def reduce_artifact(folder: Path, embeddings: np.ndarray, domain: np.ndarray, label: np.ndarray,
-                    domain_names: list[str], n_components: int):
+def reduce_artifact(
+    folder: Path,
+    embeddings: np.ndarray,
+    domain: np.ndarray,
+    label: np.ndarray,
+    domain_names: list[str],
+    n_components: int,
+):
     """PCA of the embeddings written as a reduce artifact the train stage can read."""
     from moespec.artifacts import ArtifactWriter, open_artifact, write_artifact
     from moespec.geometry import StreamingPCA
@@ -103,9 +110,13 @@ def train_once(reader, model: dict, seed: int, folder: Path) -> dict:
     with write_artifact(writer):
         train.run(cfg, {"reduce": reader}, writer)
     summary = writer.summary
-    return {"load": summary["expert_load"][0], "val_accuracy": summary["val_accuracy"],
-            "reconstruction": summary["final_val_loss"].get("reconstruction", float("nan")),
-            "collapse_warning": summary["collapse_warning"], "epochs": summary["epochs_run"]}
+    return {
+        "load": summary["expert_load"][0],
+        "val_accuracy": summary["val_accuracy"],
+        "reconstruction": summary["final_val_loss"].get("reconstruction", float("nan")),
+        "collapse_warning": summary["collapse_warning"],
+        "epochs": summary["epochs_run"],
+    }
 
 
 def parse_override(text: str) -> dict:
@@ -128,8 +139,12 @@ def main() -> None:
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "moespec-bench-minilm.npz"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--set", action="append", default=[],
-                        help="dictionary-model overrides, e.g. balance_loss_weight=0.01 (one run per --set)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="dictionary-model overrides, e.g. balance_loss_weight=0.01 (one run per --set)",
+    )
     parser.add_argument("--no-topk", action="store_true")
     parser.add_argument("--no-defaults", action="store_true", help="skip the dictionary defaults run")
     args = parser.parse_args()
@@ -152,17 +167,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         reader, retained = reduce_artifact(Path(tmp) / "reduce", embeddings, domain, label, names, args.dim)
         print(f"PCA to {args.dim} components, variance retained {retained:.3f}")
-        print(f"{'configuration':48s} {'seed':>4s} {'min load':>8s} {'accuracy':>8s} {'recon':>7s} "
-              f"{'collapse':>8s}  loads")
+        print(
+            f"{'configuration':48s} {'seed':>4s} {'min load':>8s} {'accuracy':>8s} {'recon':>7s} "
+            f"{'collapse':>8s}  loads"
+        )
         with reader:
             for title, model in configurations:
                 for seed in args.seeds:
                     result = train_once(reader, model, seed, Path(tmp) / f"train-{len(title)}-{seed}-{hash(title)}")
                     loads = result["load"]
-                    print(f"{title:48s} {seed:4d} {min(loads):8.3f} {result['val_accuracy']:8.4f} "
-                          f"{result['reconstruction']:7.3f} "
-                          f"{str(result['collapse_warning']):>8s}  {[round(v, 3) for v in sorted(loads)]}",
-                          flush=True)
+                    print(
+                        f"{title:48s} {seed:4d} {min(loads):8.3f} {result['val_accuracy']:8.4f} "
+                        f"{result['reconstruction']:7.3f} "
+                        f"{str(result['collapse_warning']):>8s}  {[round(v, 3) for v in sorted(loads)]}",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def peak_gflops(seconds: float = 2.0) -> float:
     while time.perf_counter() - began < seconds:
         torch.mm(a, b)
         count += 1
-    return 2 * 1024 ** 3 * count / (time.perf_counter() - began) / 1e9
+    return 2 * 1024**3 * count / (time.perf_counter() - began) / 1e9
 
 
 def naive_encode(loaded, texts: list[str], batch_size: int, max_length: int) -> tuple[np.ndarray, int, int]:
@@ -92,8 +92,13 @@ def naive_encode(loaded, texts: list[str], batch_size: int, max_length: int) -> 
     rows, real, padded = [], 0, 0
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
-            batch = loaded.tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
-                                     max_length=max_length, return_tensors="pt")
+            batch = loaded.tokenizer(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
             hidden = loaded.model(**batch).last_hidden_state.float()  # (B, T, D)
             mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
             rows.append(((hidden * mask).sum(1) / mask.sum(1)).numpy())
@@ -107,8 +112,11 @@ def ours_encode(encoder, texts: list[str]) -> tuple[np.ndarray, int, int]:
 
     lengths = np.minimum(encoder.token_lengths(texts), encoder.max_length)
     windows = list(encoder.iter_windows(texts, plan_batches(lengths, encoder.batch_size)))
-    return (np.concatenate([w.embeddings[-1] for w in windows]), sum(w.real_tokens for w in windows),
-            sum(w.padded_tokens for w in windows))
+    return (
+        np.concatenate([w.embeddings[-1] for w in windows]),
+        sum(w.real_tokens for w in windows),
+        sum(w.padded_tokens for w in windows),
+    )
 
 
 def _sentence_transformer(model: str, max_length: int):
@@ -128,8 +136,9 @@ def throughput(model: str, texts: list[str], batch_size: int, max_length: int, r
     from moespec.embedding import TextEncoder, load_model
 
     loaded = load_model(model)
-    encoder = TextEncoder(loaded.model, loaded.tokenizer, pooling="mean", max_length=max_length,
-                          batch_size=batch_size, name=model)
+    encoder = TextEncoder(
+        loaded.model, loaded.tokenizer, pooling="mean", max_length=max_length, batch_size=batch_size, name=model
+    )
     reference = _sentence_transformer(model, max_length)
     naive_encode(loaded, texts[:batch_size], batch_size, max_length)  # warm-up (first-call allocations)
     sides = ["ours", "naive"] + (["encode"] if reference is not None else [])
@@ -137,7 +146,7 @@ def throughput(model: str, texts: list[str], batch_size: int, max_length: int, r
     bounds = np.linspace(0, len(texts), rounds + 1).astype(int)
     for number, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
         part = texts[start:stop]
-        for side in sides[number % len(sides):] + sides[:number % len(sides)]:   # rotate who goes first
+        for side in sides[number % len(sides) :] + sides[: number % len(sides)]:  # rotate who goes first
             began = time.perf_counter()
             if side == "ours":
                 rows, real, padded = ours_encode(encoder, part)
@@ -149,11 +158,18 @@ def throughput(model: str, texts: list[str], batch_size: int, max_length: int, r
             totals[side]["real"] += real
             totals[side]["padded"] += padded
             totals[side]["rows"].append(rows)
-    if "encode" in totals:   # same texts, same real tokens: ours counted them
+    if "encode" in totals:  # same texts, same real tokens: ours counted them
         totals["encode"]["real"] = totals["encode"]["padded"] = totals["ours"]["real"]
     rows = {side: np.concatenate(totals[side]["rows"]) for side in sides}
-    result = {side: {"tokens_per_s": t["real"] / t["seconds"], "seconds": t["seconds"], "real_tokens": t["real"],
-                     "pad_efficiency": t["real"] / t["padded"]} for side, t in totals.items()}
+    result = {
+        side: {
+            "tokens_per_s": t["real"] / t["seconds"],
+            "seconds": t["seconds"],
+            "real_tokens": t["real"],
+            "pad_efficiency": t["real"] / t["padded"],
+        }
+        for side, t in totals.items()
+    }
     result["ratio"] = result["ours"]["tokens_per_s"] / result["naive"]["tokens_per_s"]
     result["max_abs_diff"] = float(np.abs(rows["ours"] - rows["naive"]).max())
     if "encode" in rows:
@@ -169,25 +185,50 @@ def stage_child(n: int, model: str, batch_size: int, max_length: int) -> None:
     """Run the whole embed stage on ``n`` texts in this (fresh) process; print peak memory as JSON."""
     from moespec.launch.runner import run_inline
 
-    experiment = {"experiment": "bench", "embed": {
-        "model": {"name": model}, "data": [{"kind": "builtin", "n_per_domain": -(-n // 6)}],
-        "batch_size": batch_size, "max_length": max_length}}
+    experiment = {
+        "experiment": "bench",
+        "embed": {
+            "model": {"name": model},
+            "data": [{"kind": "builtin", "n_per_domain": -(-n // 6)}],
+            "batch_size": batch_size,
+            "max_length": max_length,
+        },
+    }
     with tempfile.TemporaryDirectory() as root:
         began = time.perf_counter()
         folder = next(iter(run_inline(experiment, root=root, mode="force").values()))
         seconds = time.perf_counter() - began
         summary = json.loads((folder / "summary.json").read_text())
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    print(json.dumps({"n": summary["n_texts"], "peak_mib": peak_mib, "seconds": seconds,
-                      "tokens_per_s": summary["tokens_per_s"], "pad_efficiency": summary["pad_efficiency"]}))
+    print(
+        json.dumps(
+            {
+                "n": summary["n_texts"],
+                "peak_mib": peak_mib,
+                "seconds": seconds,
+                "tokens_per_s": summary["tokens_per_s"],
+                "pad_efficiency": summary["pad_efficiency"],
+            }
+        )
+    )
 
 
 def memory(n: int, model: str, batch_size: int, max_length: int, threads: int | None) -> list[dict]:
     runs = []
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
     for size in (n, 4 * n):
-        command = [sys.executable, __file__, "--child-stage", str(size), "--model", model,
-                   "--batch-size", str(batch_size), "--max-length", str(max_length)]
+        command = [
+            sys.executable,
+            __file__,
+            "--child-stage",
+            str(size),
+            "--model",
+            model,
+            "--batch-size",
+            str(batch_size),
+            "--max-length",
+            str(max_length),
+        ]
         done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
         if done.returncode != 0:
             raise SystemExit(f"stage run on {size} texts failed:\n{done.stderr[-3000:]}")
@@ -201,8 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, help="texts for the throughput comparison (default 5000, quick 600)")
     parser.add_argument("--n-memory", type=int, help="N of the memory runs, also run at 4N (default 2500, quick 300)")
     parser.add_argument("--model", default="builtin:tiny-bert")
-    parser.add_argument("--corpus", choices=["builtin", "docs"], default="builtin",
-                        help="built-in generated corpus, or real paragraphs of the Python documentation")
+    parser.add_argument(
+        "--corpus",
+        choices=["builtin", "docs"],
+        default="builtin",
+        help="built-in generated corpus, or real paragraphs of the Python documentation",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory runs (part 2)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=512)
@@ -226,41 +271,54 @@ def main(argv: list[str] | None = None) -> int:
 
     if is_builtin(args.model):
         builtin_model_dir(args.model)  # build the cache once, outside every timing
-    print(f"embed bench: {args.model}, batch {args.batch_size}, max_length {args.max_length}, "
-          f"{torch.get_num_threads()} torch threads on {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"embed bench: {args.model}, batch {args.batch_size}, max_length {args.max_length}, "
+        f"{torch.get_num_threads()} torch threads on {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
     texts = corpus(n, args.corpus)
     # the peak is measured before and after the sides and the higher kept: on a shared box the
     # neighbours' load changes, and the lower reading would flatter the fraction of peak
     peak = peak_gflops() if args.model == "builtin:minilm" else None
     result = throughput(args.model, texts, args.batch_size, args.max_length, rounds)
-    print(f"\n1. throughput on {len(texts)} heavy-tailed {args.corpus} texts ({result['ours']['real_tokens']} real "
-          f"tokens, {rounds} rounds, the order of the sides rotating)")
+    print(
+        f"\n1. throughput on {len(texts)} heavy-tailed {args.corpus} texts ({result['ours']['real_tokens']} real "
+        f"tokens, {rounds} rounds, the order of the sides rotating)"
+    )
     print(f"   {'side':<40} {'real tokens/s':>13} {'pad eff.':>9} {'seconds':>8}")
-    labels = {"naive": "naive (input order, padding=True)", "ours": "ours (length-sorted, restored)",
-              "encode": "sentence-transformers encode"}
+    labels = {
+        "naive": "naive (input order, padding=True)",
+        "ours": "ours (length-sorted, restored)",
+        "encode": "sentence-transformers encode",
+    }
     for side, label in labels.items():
         if side in result:
             r = result[side]
             efficiency = f"{r['pad_efficiency']:>9.2f}" if side != "encode" else f"{'-':>9}"
             print(f"   {label:<40} {r['tokens_per_s']:>13.0f} {efficiency} {r['seconds']:>8.1f}")
     goal = f"goal >= {GOAL_RATIO:.0f}x" if args.corpus == "builtin" else "no goal: these texts are padded less"
-    print(f"   ratio ours / naive: {result['ratio']:.2f}x ({goal})   "
-          f"max |diff|: {result['max_abs_diff']:.1e} (goal <= {GOAL_DIFF:.0e})")
+    print(
+        f"   ratio ours / naive: {result['ratio']:.2f}x ({goal})   "
+        f"max |diff|: {result['max_abs_diff']:.1e} (goal <= {GOAL_DIFF:.0e})"
+    )
     # the 4x goal is for the built-in corpus (pad efficiency 0.23 in input order); other texts are
     # padded less, so sorting gains less there: only equality is required of them
     ok = result["max_abs_diff"] <= GOAL_DIFF and (args.corpus != "builtin" or result["ratio"] >= GOAL_RATIO)
     if "ratio_encode" in result:
-        print(f"   encode takes {result['ratio_encode']:.2f}x our time (goal > 1: ours ahead)   max |diff| after "
-              f"L2 normalisation: {result['max_abs_diff_encode']:.1e} (goal <= {GOAL_DIFF:.0e})")
+        print(
+            f"   encode takes {result['ratio_encode']:.2f}x our time (goal > 1: ours ahead)   max |diff| after "
+            f"L2 normalisation: {result['max_abs_diff_encode']:.1e} (goal <= {GOAL_DIFF:.0e})"
+        )
         ok = ok and result["ratio_encode"] > 1 and result["max_abs_diff_encode"] <= GOAL_DIFF
     else:
         print("   (sentence-transformers not installed: no encode baseline; pip install 'moespec[dev]')")
     if args.model == "builtin:minilm":
         peak = max(peak, peak_gflops())
         achieved = result["ours"]["tokens_per_s"] * MINILM_FLOP_PER_TOKEN / 1e9
-        print(f"   compute: {achieved:.1f} GFLOP/s at ~{MINILM_FLOP_PER_TOKEN / 1e6:.1f} MFLOP/token = "
-              f"{100 * achieved / peak:.0f} % of this CPU's float32 matmul peak ({peak:.1f} GFLOP/s on "
-              f"{torch.get_num_threads()} threads, measured now)")
+        print(
+            f"   compute: {achieved:.1f} GFLOP/s at ~{MINILM_FLOP_PER_TOKEN / 1e6:.1f} MFLOP/token = "
+            f"{100 * achieved / peak:.0f} % of this CPU's float32 matmul peak ({peak:.1f} GFLOP/s on "
+            f"{torch.get_num_threads()} threads, measured now)"
+        )
     if args.no_memory:
         print(f"\n{'all goals met' if ok else 'GOAL MISSED'}")
         return 0 if ok else 1
@@ -269,8 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     growth = runs[1]["peak_mib"] / runs[0]["peak_mib"] - 1
     print("\n2. whole stage (run_inline, HDF5), fresh process each")
     for run in runs:
-        print(f"   N = {run['n']:>6}: peak RSS {run['peak_mib']:7.0f} MiB, {run['seconds']:6.1f} s, "
-              f"{run['tokens_per_s']:.0f} tokens/s, pad eff. {run['pad_efficiency']:.2f}")
+        print(
+            f"   N = {run['n']:>6}: peak RSS {run['peak_mib']:7.0f} MiB, {run['seconds']:6.1f} s, "
+            f"{run['tokens_per_s']:.0f} tokens/s, pad eff. {run['pad_efficiency']:.2f}"
+        )
     print(f"   memory growth for 4x N: {100 * growth:+.1f} % (goal < {100 * GOAL_GROWTH:.0f} %)")
     ok = ok and growth < GOAL_GROWTH
     print(f"\n{'all goals met' if ok else 'GOAL MISSED'}")

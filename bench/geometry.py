@@ -35,10 +35,18 @@ import tempfile
 import time
 from pathlib import Path
 
-FULL = dict(pca_n=100_000, pca_d=1024, pca_k=64, knn=[(20_000, 64), (50_000, 64), (20_000, 768)], k=100,
-            fiber_n=50_000, fiber_d=768)
-QUICK = dict(pca_n=50_000, pca_d=512, pca_k=32, knn=[(5_000, 64), (10_000, 64), (5_000, 768)], k=100,
-             fiber_n=5_000, fiber_d=768)
+FULL = dict(
+    pca_n=100_000,
+    pca_d=1024,
+    pca_k=64,
+    knn=[(20_000, 64), (50_000, 64), (20_000, 768)],
+    k=100,
+    fiber_n=50_000,
+    fiber_d=768,
+)
+QUICK = dict(
+    pca_n=50_000, pca_d=512, pca_k=32, knn=[(5_000, 64), (10_000, 64), (5_000, 768)], k=100, fiber_n=5_000, fiber_d=768
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,7 +74,7 @@ def write_h5(path: Path, n: int, d: int, seed: int) -> None:
     with h5py.File(path, "w") as f:
         data = f.create_dataset("x", (n, d), "float32", chunks=(max(1, (1 << 20) // (4 * d)), d))
         for start, rows in embedding_like(n, d, seed):
-            data[start:start + len(rows)] = rows
+            data[start : start + len(rows)] = rows
 
 
 def write_npy(path: Path, n: int, d: int, seed: int) -> None:
@@ -74,7 +82,7 @@ def write_npy(path: Path, n: int, d: int, seed: int) -> None:
 
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, d))
     for start, rows in embedding_like(n, d, seed):
-        out[start:start + len(rows)] = rows
+        out[start : start + len(rows)] = rows
     out.flush()
 
 
@@ -163,8 +171,10 @@ def bench_pca(sizes: dict, workdir: Path) -> None:
     deviation = float(np.max(np.abs(np.subtract(ours["evr"], base["evr"]))))
     _row("sklearn covariance_eigh (in memory)", base)
     _row("StreamingPCA (HDF5 chunks)", ours)
-    print(f"   time ratio ours/sklearn {ours['seconds'] / base['seconds']:.2f} (goal <= 1.5); peak-memory ratio "
-          f"{ours['peak_mb'] / max(base['peak_mb'], 1e-9):.2f} (goal <= 0.5); max |dEVR| {deviation:.1e}")
+    print(
+        f"   time ratio ours/sklearn {ours['seconds'] / base['seconds']:.2f} (goal <= 1.5); peak-memory ratio "
+        f"{ours['peak_mb'] / max(base['peak_mb'], 1e-9):.2f} (goal <= 0.5); max |dEVR| {deviation:.1e}"
+    )
     path.unlink()
 
 
@@ -182,9 +192,11 @@ def bench_knn(sizes: dict, workdir: Path) -> None:
         print(f"  N = {n:,}, D = {d}")
         _row("sklearn NearestNeighbors brute", base)
         _row("knn_distances", ours)
-        print(f"   time ratio ours/sklearn {ours['seconds'] / base['seconds']:.2f} (goal <= 1); memory "
-              f"{ours['peak_mb']:.0f} MB vs N*k*16 B = {n * k * 16 / 2**20:.0f} MB of output; "
-              f"max rel. diff of k-th radius {agree:.1e}")
+        print(
+            f"   time ratio ours/sklearn {ours['seconds'] / base['seconds']:.2f} (goal <= 1); memory "
+            f"{ours['peak_mb']:.0f} MB vs N*k*16 B = {n * k * 16 / 2**20:.0f} MB of output; "
+            f"max rel. diff of k-th radius {agree:.1e}"
+        )
         path.unlink()
 
 
@@ -196,9 +208,11 @@ def bench_fiber(sizes: dict, workdir: Path) -> None:
     ours = run_child("fiber", {"path": str(path), "k": k})
     _row("fiber_bundle_test", ours)
     summary = ours["summary"]
-    print(f"   {ours['seconds'] / 60:.1f} min (goal < 15 min at 50,000 x 768 on 2 cores); manifold rejection "
-          f"{summary['rejection_rate']:.4f}, fiber {summary['fiber_rejection_rate']:.4f}, median local dimension "
-          f"{summary['dimension_small_median']:.1f}")
+    print(
+        f"   {ours['seconds'] / 60:.1f} min (goal < 15 min at 50,000 x 768 on 2 cores); manifold rejection "
+        f"{summary['rejection_rate']:.4f}, fiber {summary['fiber_rejection_rate']:.4f}, median local dimension "
+        f"{summary['dimension_small_median']:.1f}"
+    )
     path.unlink()
 
 
@@ -211,8 +225,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
     parser.add_argument("--parts", default="pca,knn,fiber", help="comma-separated subset of pca,knn,fiber")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="runs per method, best time kept (default: 3 with --quick, else 1)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="runs per method, best time kept (default: 3 with --quick, else 1)"
+    )
     parser.add_argument("--child", nargs=2, metavar=("TASK", "ARGS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -223,9 +238,11 @@ def main() -> None:
     REPEATS = args.repeats or (3 if args.quick else 1)
     import torch
 
-    print(f"geometry bench ({'quick' if args.quick else 'full'}): {os.cpu_count()} CPUs, torch threads "
-          f"{torch.get_num_threads()}, device {'cuda' if torch.cuda.is_available() else 'cpu'}, "
-          f"load average {os.getloadavg()[0]:.1f}, best of {REPEATS} run(s) per method")
+    print(
+        f"geometry bench ({'quick' if args.quick else 'full'}): {os.cpu_count()} CPUs, torch threads "
+        f"{torch.get_num_threads()}, device {'cuda' if torch.cuda.is_available() else 'cpu'}, "
+        f"load average {os.getloadavg()[0]:.1f}, best of {REPEATS} run(s) per method"
+    )
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         parts = {"pca": bench_pca, "knn": bench_knn, "fiber": bench_fiber}
         for part in args.parts.split(","):

@@ -58,8 +58,20 @@ def make_case(n_experts: int, dense_twin: str | None, device: str) -> tuple[obje
     model = build_model(hf_config(config, VOCAB, SEQ, EOT), seed=0).to(device)
     windows = np.random.default_rng(0).integers(1, VOCAB, size=(BATCH, SEQ + 1))
     packed = PackedTokens(windows, np.zeros_like(windows), 1)
-    objective = LMObjective(packed, packed, np.zeros(1, dtype=np.int64), np.ones(1), 1, EOT, BATCH, 0, device,
-                            0.01, 0.001, torch.bfloat16 if device == "cuda" else None)
+    objective = LMObjective(
+        packed,
+        packed,
+        np.zeros(1, dtype=np.int64),
+        np.ones(1),
+        1,
+        EOT,
+        BATCH,
+        0,
+        device,
+        0.01,
+        0.001,
+        torch.bfloat16 if device == "cuda" else None,
+    )
     return model, objective
 
 
@@ -75,8 +87,9 @@ def synchronise(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(model: object, objective: LMObjective, optimizer: torch.optim.Optimizer, steps: int,
-               device: str) -> list[float]:
+def time_steps(
+    model: object, objective: LMObjective, optimizer: torch.optim.Optimizer, steps: int, device: str
+) -> list[float]:
     times = []
     for _ in range(steps):
         synchronise(device)
@@ -156,8 +169,9 @@ def chosen_implementation(n_experts: int, device: str) -> tuple[str, dict[str, f
     return choose_experts_implementation(model, inputs, labels, AUTO_CANDIDATES.get(device, AUTO_CANDIDATES["cpu"]))
 
 
-def compare_layers(n_experts: int, implementations: tuple[str, ...], rounds: int, steps: int,
-                   device: str) -> dict[str, float]:
+def compare_layers(
+    n_experts: int, implementations: tuple[str, ...], rounds: int, steps: int, device: str
+) -> dict[str, float]:
     """Forward and backward of one experts layer and its routing weights (batch x seq tokens, top-2), median seconds."""
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
 
@@ -189,11 +203,15 @@ def compare_layers(n_experts: int, implementations: tuple[str, ...], rounds: int
 
 def report(title: str, results: dict[str, dict], device: str, peak_tflops: float) -> None:
     print(f"\n{title}")
-    print(f"  {'model':<34}{'params total':>14}{'active':>12}{'ms/step':>10}{'tokens/s':>11}{'peak MiB':>10}"
-          + ("      MFU" if device == "cuda" else ""))
+    print(
+        f"  {'model':<34}{'params total':>14}{'active':>12}{'ms/step':>10}{'tokens/s':>11}{'peak MiB':>10}"
+        + ("      MFU" if device == "cuda" else "")
+    )
     for name, row in results.items():
-        line = (f"  {name:<34}{row['total']:>14,}{row['active']:>12,}{1e3 * row['seconds']:>10.1f}"
-                f"{row['tokens_per_s']:>11,.0f}{row['memory']:>10.0f}")
+        line = (
+            f"  {name:<34}{row['total']:>14,}{row['active']:>12,}{1e3 * row['seconds']:>10.1f}"
+            f"{row['tokens_per_s']:>11,.0f}{row['memory']:>10.0f}"
+        )
         if device == "cuda":
             flops = flops_per_token(row["active"], BASE["num_layers"], SEQ, BASE["hidden_size"]) * row["tokens_per_s"]
             line += f"{flops / (peak_tflops * 1e12):>9.3f}"
@@ -211,14 +229,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     rounds, steps = (2, 2) if args.quick else (5, 3)
     device = args.device
-    print(f"device {device}, {torch.get_num_threads()} threads; batch {BATCH} x {SEQ} tokens, vocabulary {VOCAB}, "
-          f"d={BASE['hidden_size']}, {BASE['num_layers']} blocks; median of {rounds} x {steps} alternating steps")
+    print(
+        f"device {device}, {torch.get_num_threads()} threads; batch {BATCH} x {SEQ} tokens, vocabulary {VOCAB}, "
+        f"d={BASE['hidden_size']}, {BASE['num_layers']} blocks; median of {rounds} x {steps} alternating steps"
+    )
     for n_experts in (8, 16):
         chosen, seconds = chosen_implementation(n_experts, device)
         timings = ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in seconds.items())
         print(f"E={n_experts} top-2: auto picks {chosen} ({timings})")
-        cases = {f"MoE E={n_experts} top-2, {chosen} (chosen)": (n_experts, None, chosen),
-                 f"MoE E={n_experts} top-2, eager": (n_experts, None, "eager")}
+        cases = {
+            f"MoE E={n_experts} top-2, {chosen} (chosen)": (n_experts, None, chosen),
+            f"MoE E={n_experts} top-2, eager": (n_experts, None, "eager"),
+        }
         if n_experts == 8:
             cases["dense twin (active-matched)"] = (n_experts, "active", "eager")
         results = compare(cases, rounds, steps, device)
@@ -229,16 +251,22 @@ def main() -> None:
         if n_experts == 8:
             ratio = results[names[0]]["seconds"] / results[names[2]]["seconds"]
             eager_ratio = results[names[1]]["seconds"] / results[names[2]]["seconds"]
-            print(f"  MoE step / dense step: {ratio:.2f}x with {chosen} ({eager_ratio:.2f}x with eager); "
-                  f"goal <= {GOAL_DENSE_RATIO}x: {'met' if ratio <= GOAL_DENSE_RATIO else 'NOT met'}")
+            print(
+                f"  MoE step / dense step: {ratio:.2f}x with {chosen} ({eager_ratio:.2f}x with eager); "
+                f"goal <= {GOAL_DENSE_RATIO}x: {'met' if ratio <= GOAL_DENSE_RATIO else 'NOT met'}"
+            )
         else:
             speedup = results[names[1]]["seconds"] / results[names[0]]["seconds"]
-            print(f"  training step, {chosen} vs eager: {speedup:.2f}x faster; goal >= {GOAL_EAGER_SPEEDUP}x: "
-                  f"{'met' if speedup >= GOAL_EAGER_SPEEDUP else 'NOT met'}")
+            print(
+                f"  training step, {chosen} vs eager: {speedup:.2f}x faster; goal >= {GOAL_EAGER_SPEEDUP}x: "
+                f"{'met' if speedup >= GOAL_EAGER_SPEEDUP else 'NOT met'}"
+            )
             layer = compare_layers(n_experts, ("eager", "sorted_mm"), rounds, steps, device)
-            print(f"  experts layer alone ({BATCH * SEQ} tokens, forward + backward, router weights included): "
-                  + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in layer.items())
-                  + f"; sorted_mm vs eager {layer['eager'] / layer['sorted_mm']:.2f}x faster")
+            print(
+                f"  experts layer alone ({BATCH * SEQ} tokens, forward + backward, router weights included): "
+                + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in layer.items())
+                + f"; sorted_mm vs eager {layer['eager'] / layer['sorted_mm']:.2f}x faster"
+            )
 
 
 if __name__ == "__main__":

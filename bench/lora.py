@@ -47,9 +47,15 @@ def build_base(size: str, seed: int = 0):
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
     shape = SIZES[size]
-    common = dict(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
-                  num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
-                  num_key_value_heads=shape["kv_heads"], max_position_embeddings=1024)
+    common = dict(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["ffn"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        max_position_embeddings=1024,
+    )
     config = Gemma3TextConfig(head_dim=256, **common) if shape["kind"] == "gemma3" else LlamaConfig(**common)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
@@ -71,8 +77,11 @@ def _setup_side(side: str, args: argparse.Namespace):
 
     device = torch.device(args.device)
     base = build_base(args.size, args.seed).to(device)
-    model = (TrainableView(get_peft_model(base, lora_config(args.rank, 2.0 * args.rank, 0.0, TARGETS)))
-             if side == "lora" else base)
+    model = (
+        TrainableView(get_peft_model(base, lora_config(args.rank, 2.0 * args.rank, 0.0, TARGETS)))
+        if side == "lora"
+        else base
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     texts = random_texts(args.batch * (args.steps + 2), args.length, SIZES[args.size]["vocab"], args.seed)
     autocast = torch.bfloat16 if device.type == "cuda" else None
@@ -120,8 +129,12 @@ def _peak_memory(side: str, args: argparse.Namespace, results) -> None:
         _step(model, optimizer, objective, batch, args.device)
     peak = torch.cuda.max_memory_allocated() if cuda else _peak_resident_bytes()
     # The increment is what training adds to the loaded weights: gradients, optimiser state, activations.
-    results[side] = {"peak_bytes": peak, "increment_bytes": peak - before, "trainable": sum(p.numel() for p in params),
-                     "total": sum(p.numel() for p in base.parameters())}
+    results[side] = {
+        "peak_bytes": peak,
+        "increment_bytes": peak - before,
+        "trainable": sum(p.numel() for p in params),
+        "total": sum(p.numel() for p in base.parameters()),
+    }
 
 
 def compare_training(args: argparse.Namespace) -> dict[str, dict]:
@@ -167,12 +180,14 @@ def compare_routing(args: argparse.Namespace) -> list[tuple[str, float]]:
     features = pooled_hidden(base, texts, layers[0], args.batch, args.device)
     classifier = LearnedRouter().fit(features, np.arange(len(texts)) % 5)
     words = [" ".join(f"w{t}" for t in row) for row in texts.input_ids]
-    keyword = KeywordRouter({"math": ["calculate", "+", "="], "code": ["python", "function"]}, "reasoning",
-                            ["math", "code", "reasoning"]).fit()
+    keyword = KeywordRouter(
+        {"math": ["calculate", "+", "="], "code": ["python", "function"]}, "reasoning", ["math", "code", "reasoning"]
+    ).fit()
     sides = {"base forward + loss": lambda: text_nll(base, texts, args.batch, args.device)}
     for layer in layers:
-        sides[f"learned router, block {layer}/{n_layers}"] = (
-            lambda layer=layer: classifier.predict_proba(pooled_hidden(base, texts, layer, args.batch, args.device)))
+        sides[f"learned router, block {layer}/{n_layers}"] = lambda layer=layer: classifier.predict_proba(
+            pooled_hidden(base, texts, layer, args.batch, args.device)
+        )
     sides["keyword router"] = lambda: keyword.predict(words)
     best = {name: float("inf") for name in sides}
     for _ in range(args.rounds):
@@ -205,22 +220,30 @@ def main(argv: list[str] | None = None) -> int:
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = SIZES[args.size]
-    print(f"base: {args.size} ({shape['kind']}, hidden {shape['hidden']}, {shape['layers']} blocks, vocabulary "
-          f"{shape['vocab']}) on {args.device}; batch {args.batch} x {args.length} tokens; LoRA rank {args.rank} on "
-          f"{', '.join(TARGETS)}")
+    print(
+        f"base: {args.size} ({shape['kind']}, hidden {shape['hidden']}, {shape['layers']} blocks, vocabulary "
+        f"{shape['vocab']}) on {args.device}; batch {args.batch} x {args.length} tokens; LoRA rank {args.rank} on "
+        f"{', '.join(TARGETS)}"
+    )
     train = compare_training(args)
     memory = "peak GPU memory allocated" if args.device.startswith("cuda") else "peak resident memory"
-    print(f"\n{'training step':<14} {'trainable':>12} {'ms / step':>10} {memory + ' (MiB)':>32} "
-          f"{'of it training (MiB)':>22}")
+    print(
+        f"\n{'training step':<14} {'trainable':>12} {'ms / step':>10} {memory + ' (MiB)':>32} "
+        f"{'of it training (MiB)':>22}"
+    )
     for side in ("full", "lora"):
         result = train[side]
-        print(f"{side:<14} {result['trainable']:>12,} {1e3 * result['step_s']:>10.1f} "
-              f"{result['peak_bytes'] / 2**20:>32.0f} {result['increment_bytes'] / 2**20:>22.0f}")
+        print(
+            f"{side:<14} {result['trainable']:>12,} {1e3 * result['step_s']:>10.1f} "
+            f"{result['peak_bytes'] / 2**20:>32.0f} {result['increment_bytes'] / 2**20:>22.0f}"
+        )
     lora, full = train["lora"], train["full"]
-    print(f"LoRA / full: step time {lora['step_s'] / full['step_s']:.2f}x, peak memory "
-          f"{lora['peak_bytes'] / full['peak_bytes']:.2f}x (training's share "
-          f"{lora['increment_bytes'] / max(full['increment_bytes'], 1):.2f}x), trainable parameters "
-          f"{lora['trainable'] / full['trainable']:.4f}x")
+    print(
+        f"LoRA / full: step time {lora['step_s'] / full['step_s']:.2f}x, peak memory "
+        f"{lora['peak_bytes'] / full['peak_bytes']:.2f}x (training's share "
+        f"{lora['increment_bytes'] / max(full['increment_bytes'], 1):.2f}x), trainable parameters "
+        f"{lora['trainable'] / full['trainable']:.4f}x"
+    )
     routing = compare_routing(args)
     reference = routing[0][1]
     print(f"\n{'routing (per text)':<34} {'ms / text':>10} {'vs base forward':>16}")

@@ -35,10 +35,20 @@ def main() -> None:
             X = anisotropic(seed, decay)
             exact = StreamingPCA(k).fit(X).explained_variance_
             reference = PCA(k, svd_solver="randomized", random_state=seed).fit(X).explained_variance_
-            errors = [np.max(np.abs(StreamingPCA(k, solver="randomized", n_iter=n, random_state=seed).fit(X)
-                                    .explained_variance_ - exact) / exact) for n in N_ITER]
-            print(f"{decay:5.2f} {seed:4d} {np.max(np.abs(reference - exact) / exact):9.2e} "
-                  + " ".join(f"{e:10.2e}" for e in errors))
+            errors = [
+                np.max(
+                    np.abs(
+                        StreamingPCA(k, solver="randomized", n_iter=n, random_state=seed).fit(X).explained_variance_
+                        - exact
+                    )
+                    / exact
+                )
+                for n in N_ITER
+            ]
+            print(
+                f"{decay:5.2f} {seed:4d} {np.max(np.abs(reference - exact) / exact):9.2e} "
+                + " ".join(f"{e:10.2e}" for e in errors)
+            )
 
 
 if __name__ == "__main__":

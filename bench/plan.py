@@ -79,9 +79,18 @@ def fake_done_artifact(task) -> None:
             if spec.dtype == "str":
                 h5.create_dataset(name, data=np.full(shape, "x", dtype=object), dtype=h5py.string_dtype())
             else:
-                h5.create_dataset(name, data=np.zeros(shape, dtype={"float": "f4", "int": "i8", "bool": "?"}[spec.dtype]))
-        h5.attrs.update({"stage": task.stage, "uid": task.uid, "complete": True,
-                         "code_version": task.code_version, "stage_code": task.stage_code})
+                h5.create_dataset(
+                    name, data=np.zeros(shape, dtype={"float": "f4", "int": "i8", "bool": "?"}[spec.dtype])
+                )
+        h5.attrs.update(
+            {
+                "stage": task.stage,
+                "uid": task.uid,
+                "complete": True,
+                "code_version": task.code_version,
+                "stage_code": task.stage_code,
+            }
+        )
 
 
 def plan_once(config: dict) -> dict[str, float]:
@@ -126,14 +135,18 @@ def dependency_baseline(config: dict) -> tuple[float, float]:
 
 
 def report(title: str, times: dict[str, float], goal: float) -> None:
-    print(f"{title}: {times['total']:.2f} s for {int(times['points'])} points -> {int(times['tasks'])} tasks "
-          f"({int(times['done'])} done, {int(times['arrays'])} arrays to submit); goal < {goal:.0f} s: "
-          f"{'met' if times['total'] < goal else 'NOT met'}")
+    print(
+        f"{title}: {times['total']:.2f} s for {int(times['points'])} points -> {int(times['tasks'])} tasks "
+        f"({int(times['done'])} done, {int(times['arrays'])} arrays to submit); goal < {goal:.0f} s: "
+        f"{'met' if times['total'] < goal else 'NOT met'}"
+    )
     for step in ("load+validate", "expand", "done check", "arrays (incl. done check)"):
         note = ""
         if step == "load+validate" and times["imported torch"]:
-            note = (f"  (includes `import torch`, {torch_import_s():.1f} s alone: a stage config validator "
-                    f"imports it; validating configs should not)")
+            note = (
+                f"  (includes `import torch`, {torch_import_s():.1f} s alone: a stage config validator "
+                f"imports it; validating configs should not)"
+            )
         print(f"    {step:<26} {times[step]:.3f} s{note}")
 
 
@@ -165,12 +178,16 @@ def main() -> None:
         started = time.perf_counter()
         assert all(task.is_done() for task in sample)
         per_task = (time.perf_counter() - started) / len(sample)
-        print(f"full done check (Task.is_done, no stamp): {per_task * 1e3:.1f} ms per task on {len(sample)} tasks "
-              f"-> {per_task * len(tasks):.1f} s for all {len(tasks)} ({per_task * len(tasks) / replan['total']:.0f}x "
-              f"the stamped re-plan)")
+        print(
+            f"full done check (Task.is_done, no stamp): {per_task * 1e3:.1f} ms per task on {len(sample)} tasks "
+            f"-> {per_task * len(tasks):.1f} s for all {len(tasks)} ({per_task * len(tasks) / replan['total']:.0f}x "
+            f"the stamped re-plan)"
+        )
         scan, indexed = dependency_baseline(config)
-        print(f"dependency lookup: Plan.upstream_of scan {scan:.3f} s, indexed {indexed:.4f} s "
-              f"({scan / max(indexed, 1e-9):.0f}x)")
+        print(
+            f"dependency lookup: Plan.upstream_of scan {scan:.3f} s, indexed {indexed:.4f} s "
+            f"({scan / max(indexed, 1e-9):.0f}x)"
+        )
 
 
 if __name__ == "__main__":

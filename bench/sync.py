@@ -126,8 +126,13 @@ class Methods:
         (self.project / "sync").mkdir(parents=True, exist_ok=True)
         lines = ["remotes:"]
         for transport in ("paramiko", "openssh"):
-            lines += [f"  {transport}:", f"    host: {host}", f"    root: {root}", f"    transport: {transport}",
-                      f"    ssh_config: {self.config}"]
+            lines += [
+                f"  {transport}:",
+                f"    host: {host}",
+                f"    root: {root}",
+                f"    transport: {transport}",
+                f"    ssh_config: {self.config}",
+            ]
         (self.project / "sync" / "remotes.yaml").write_text("\n".join(lines) + "\n")
 
     def run(self, name: str, host: str, remote: Path, dest: Path) -> None:
@@ -135,13 +140,32 @@ class Methods:
             argv = ["rsync", "-a", "-e", f"ssh -F {self.config}", f"{host}:{remote}/", f"{dest}/"]
         else:
             transport = name.split("(")[1].rstrip(")")
-            argv = [sys.executable, "-m", "moespec.cli", "sync", "--from-hpc", "--remote", transport,
-                    "--local-root", str(dest), "--batch", "--no-progress"]
+            argv = [
+                sys.executable,
+                "-m",
+                "moespec.cli",
+                "sync",
+                "--from-hpc",
+                "--remote",
+                transport,
+                "--local-root",
+                str(dest),
+                "--batch",
+                "--no-progress",
+            ]
         subprocess.run(argv, check=True, env=self.env, cwd=self.project, stdout=subprocess.DEVNULL)
 
 
-def measure(part: str, methods: Methods, host: str, source: Path, work: Path, repeats: int, results: dict,
-            start_from: Path | None) -> None:
+def measure(
+    part: str,
+    methods: Methods,
+    host: str,
+    source: Path,
+    work: Path,
+    repeats: int,
+    results: dict,
+    start_from: Path | None,
+) -> None:
     """Time every method ``repeats`` times, interleaved; each starts from ``start_from`` (None: empty)
     or, for the no-change part, from its own complete copy."""
     methods.write_remotes(host, source)
@@ -163,15 +187,20 @@ def measure(part: str, methods: Methods, host: str, source: Path, work: Path, re
             cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
             verify(source, dest)
             results.setdefault((part, name), []).append((elapsed, cpu))
-            print(f"  [{part}, rep {rep + 1}/{repeats}] {name:20s} {elapsed:7.2f} s, client CPU {cpu:5.2f} s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  [{part}, rep {rep + 1}/{repeats}] {name:20s} {elapsed:7.2f} s, client CPU {cpu:5.2f} s",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def table(results: dict, goal: float) -> None:
     """Print the medians with their ratio to rsync's median in the same part."""
     print()
-    header = (f"| {'part':22s} | {'method':20s} | {'median s':>8s} | {'min-max s':>11s} | {'x rsync':>7s} "
-              f"| {'goal':>8s} | {'client CPU s':>12s} |")
+    header = (
+        f"| {'part':22s} | {'method':20s} | {'median s':>8s} | {'min-max s':>11s} | {'x rsync':>7s} "
+        f"| {'goal':>8s} | {'client CPU s':>12s} |"
+    )
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
     for (part, name), runs in results.items():
@@ -181,10 +210,14 @@ def table(results: dict, goal: float) -> None:
         ratio = median / base
         verdict = "" if name == "rsync -a" else ("ok" if ratio <= goal else "MISS") + f" {goal}"
         cpu = statistics.median(cpu for _, cpu in runs)
-        print(f"| {part:22s} | {name:20s} | {median:8.2f} | {min(times):5.2f}-{max(times):<5.2f} | {ratio:7.2f} "
-              f"| {verdict:>8s} | {cpu:12.2f} |")
-    print("(x rsync: median wall time of the whole command, a fresh process, over rsync's median in the same part;\n"
-          " client CPU: user + system time of the command and its children, e.g. ssh; the server's is not counted)")
+        print(
+            f"| {part:22s} | {name:20s} | {median:8.2f} | {min(times):5.2f}-{max(times):<5.2f} | {ratio:7.2f} "
+            f"| {verdict:>8s} | {cpu:12.2f} |"
+        )
+    print(
+        "(x rsync: median wall time of the whole command, a fresh process, over rsync's median in the same part;\n"
+        " client CPU: user + system time of the command and its children, e.g. ssh; the server's is not counted)"
+    )
 
 
 def main() -> int:
@@ -207,27 +240,44 @@ def main() -> int:
         server = lab.add_server("main")
         config = lab.write_config([lab.host_block("bench", server.port)])
         methods = Methods(work / "project", config, [t for t in args.transports.split(",") if t])
-        subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "src" / "moespec")], check=True,
-                       env=methods.env)  # what pip does on install; untimed
+        subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", str(REPO / "src" / "moespec")], check=True, env=methods.env
+        )  # what pip does on install; untimed
         before = mixed_tree(work / "remote" / "v1", p)
         after = changed_tree(before, work / "remote" / "v2", p)
         n_files, n_bytes = tree_size(before)
-        print(f"host: {os.cpu_count()} CPUs, load {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-              f"{subprocess.run(['ssh', '-V'], capture_output=True, text=True).stderr.strip()}; "
-              f"{subprocess.run(['rsync', '--version'], capture_output=True, text=True).stdout.splitlines()[0]}")
-        print(f"tree: {n_files} files, {n_bytes / MiB:.1f} MiB; incremental: {tree_size(after)[0] - n_files} new "
-              f"and {len(sorted(before.rglob('summary_*.json'))[::10]) + 1} rewritten files; repeats {repeats}",
-              flush=True)
+        print(
+            f"host: {os.cpu_count()} CPUs, load {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+            f"{subprocess.run(['ssh', '-V'], capture_output=True, text=True).stderr.strip()}; "
+            f"{subprocess.run(['rsync', '--version'], capture_output=True, text=True).stdout.splitlines()[0]}"
+        )
+        print(
+            f"tree: {n_files} files, {n_bytes / MiB:.1f} MiB; incremental: {tree_size(after)[0] - n_files} new "
+            f"and {len(sorted(before.rglob('summary_*.json'))[::10]) + 1} rewritten files; repeats {repeats}",
+            flush=True,
+        )
         results: dict = {}
         measure("first pull", methods, "bench", before, work, repeats, results, start_from=None)
         measure("no change", methods, "bench", before, work, repeats, results, start_from=None)
         measure("incremental", methods, "bench", after, work, repeats, results, start_from=before)
         if args.rtt_ms > 0:
             delay = DelayLine(server.port, args.rtt_ms)
-            lab.write_config([lab.host_block("bench-rtt", delay.port, HostKeyAlias=f"[127.0.0.1]:{server.port}"),
-                              lab.host_block("bench", server.port)])
-            measure(f"first pull, {args.rtt_ms:.0f} ms RTT", methods, "bench-rtt", before, work, repeats, results,
-                    start_from=None)
+            lab.write_config(
+                [
+                    lab.host_block("bench-rtt", delay.port, HostKeyAlias=f"[127.0.0.1]:{server.port}"),
+                    lab.host_block("bench", server.port),
+                ]
+            )
+            measure(
+                f"first pull, {args.rtt_ms:.0f} ms RTT",
+                methods,
+                "bench-rtt",
+                before,
+                work,
+                repeats,
+                results,
+                start_from=None,
+            )
         table(results, GOAL)
         print(f"load at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:

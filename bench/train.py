@@ -8,7 +8,8 @@ back), the baselines a forward pass, ``loss.backward()``, and the same optimiser
 
 1. ``DictionaryMoE`` (7 experts, input 64, query 128, code 32, 5 LISTA layers, sparsity 8..32; its
    full objective: contrastive + reconstruction + balance) against a faithful re-implementation of
-   the earlier pipeline's forward pass (research/moe.md section 1.2): one module per expert and per
+   the earlier pipeline's forward pass (docs/moe.md, "The earlier pipeline (dictionary-expert MoE)"):
+   one module per expert and per
    LISTA layer, a straight-through top-k autograd function, a per-sample Python loop that picks the
    lowest-sparsity expert with p >= 0.5 max p (a ``nonzero`` per sample), the projection head and the
    label contrastive loss over ``cdist``. The baseline optimises less (no reconstruction or balance).
@@ -87,8 +88,16 @@ class _LoopExpert(nn.Module):
 class EarlierPipelineMoE(nn.Module):
     """The earlier pipeline's forward pass: soft gate, all experts, per-sample hard selection."""
 
-    def __init__(self, input_dim=64, query_dim=128, code_dim=32, n_layers=5, levels=(8, 12, 16, 20, 24, 28, 32),
-                 threshold=0.5, projection_dim=64):
+    def __init__(
+        self,
+        input_dim=64,
+        query_dim=128,
+        code_dim=32,
+        n_layers=5,
+        levels=(8, 12, 16, 20, 24, 28, 32),
+        threshold=0.5,
+        projection_dim=64,
+    ):
         super().__init__()
         self.query = nn.Linear(input_dim, query_dim)
         self.keys = nn.Parameter(nn.init.xavier_uniform_(torch.empty(len(levels), query_dim)))
@@ -142,8 +151,14 @@ class LoopDispatchMoELayer(TopKMoELayer):
 def _with_loop_dispatch(model):
     looped = copy.deepcopy(model)
     for index, layer in enumerate(looped.moe_layers):
-        replacement = LoopDispatchMoELayer(layer.experts.d_model, layer.experts.d_ff, layer.n_experts, layer.top_k,
-                                           layer.renormalize, layer.experts.activation)
+        replacement = LoopDispatchMoELayer(
+            layer.experts.d_model,
+            layer.experts.d_ff,
+            layer.n_experts,
+            layer.top_k,
+            layer.renormalize,
+            layer.experts.activation,
+        )
         replacement.load_state_dict(layer.state_dict())
         looped.moe_layers[index] = replacement
     return looped
@@ -182,7 +197,7 @@ def _throughput(runs: dict[str, tuple], batch: int, steps: int, rounds: int) -> 
     x = torch.randn(batch, INPUT_DIM, generator=generator)
     targets = torch.randint(0, N_LABELS, (batch,), generator=generator)
     rates: dict[str, list[float]] = {name: [] for name in runs}
-    for name, (model, backward, optimizer) in runs.items():  # warm-up (allocator, lazy init, numba)
+    for model, backward, optimizer in runs.values():  # warm-up (allocator, lazy init, numba)
         _train_step(model, backward, x, targets, optimizer)
     for _ in range(rounds):
         for name, (model, backward, optimizer) in runs.items():
@@ -238,8 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             if comparison == "dictionary MoE" and batch == GOAL_BATCH:
                 ratio = rates["moespec DictionaryMoE"] / rates[baseline]
                 goal_met = ratio >= GOAL_RATIO
-                print(f"  goal at batch {GOAL_BATCH}: >= {GOAL_RATIO:.0f}x the per-sample loop -> "
-                      f"{ratio:.1f}x {'met' if goal_met else 'NOT met'}")
+                print(
+                    f"  goal at batch {GOAL_BATCH}: >= {GOAL_RATIO:.0f}x the per-sample loop -> "
+                    f"{ratio:.1f}x {'met' if goal_met else 'NOT met'}"
+                )
     return 0
 
 

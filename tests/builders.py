@@ -33,8 +33,12 @@ def tiny_experiment(name: str = "t", n_per_domain: int = 4, **sections) -> dict:
     """A small experiment dict on the built-in corpus and model."""
     config = {
         "experiment": name,
-        "embed": {"model": {"name": "builtin:tiny-bert"}, "data": [{"kind": "builtin", "n_per_domain": n_per_domain}],
-                  "batch_size": 16, "max_length": 64},
+        "embed": {
+            "model": {"name": "builtin:tiny-bert"},
+            "data": [{"kind": "builtin", "n_per_domain": n_per_domain}],
+            "batch_size": 16,
+            "max_length": 64,
+        },
     }
     config.update(sections)
     return config
@@ -106,37 +110,82 @@ def word_tokenizer():
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(tokenizer_training_texts(n_per_domain=20),
-                            trainers.WordLevelTrainer(vocab_size=600, special_tokens=["<pad>", "<unk>", "<s>", "</s>"]))
+    tok.train_from_iterator(
+        tokenizer_training_texts(n_per_domain=20),
+        trainers.WordLevelTrainer(vocab_size=600, special_tokens=["<pad>", "<unk>", "<s>", "</s>"]),
+    )
     bos = ("<s>", tok.token_to_id("<s>"))
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[bos])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", padding_side="right")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="right",
+    )
 
 
 def tiny_config(kind: str, vocab_size: int, n_layers: int = 2):
     from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, SwitchTransformersConfig
 
     if kind == "mixtral":
-        return MixtralConfig(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=48,
-                             num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
-                             num_local_experts=N_EXPERTS, num_experts_per_tok=TOP_K, max_position_embeddings=256,
-                             tie_word_embeddings=False)
+        return MixtralConfig(
+            vocab_size=vocab_size,
+            hidden_size=HIDDEN,
+            intermediate_size=48,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=N_EXPERTS,
+            num_experts_per_tok=TOP_K,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+        )
     if kind == "qwen2_moe":
-        return Qwen2MoeConfig(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=48,
-                              moe_intermediate_size=24, shared_expert_intermediate_size=48,
-                              num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
-                              num_experts=N_EXPERTS, num_experts_per_tok=TOP_K, norm_topk_prob=False,
-                              max_position_embeddings=256, tie_word_embeddings=False)
+        return Qwen2MoeConfig(
+            vocab_size=vocab_size,
+            hidden_size=HIDDEN,
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=48,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=N_EXPERTS,
+            num_experts_per_tok=TOP_K,
+            norm_topk_prob=False,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+        )
     if kind == "olmoe":
-        return OlmoeConfig(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=24, num_hidden_layers=n_layers,
-                           num_attention_heads=4, num_key_value_heads=4, num_experts=N_EXPERTS,
-                           num_experts_per_tok=TOP_K, max_position_embeddings=256, tie_word_embeddings=False)
+        return OlmoeConfig(
+            vocab_size=vocab_size,
+            hidden_size=HIDDEN,
+            intermediate_size=24,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            num_experts=N_EXPERTS,
+            num_experts_per_tok=TOP_K,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+        )
     if kind == "switch":
-        return SwitchTransformersConfig(vocab_size=vocab_size, d_model=HIDDEN, d_kv=8, d_ff=48, num_layers=2,
-                                        num_decoder_layers=2, num_heads=4, num_experts=N_EXPERTS,
-                                        encoder_sparse_step=1, decoder_sparse_step=1, expert_capacity=64,
-                                        decoder_start_token_id=0)
+        return SwitchTransformersConfig(
+            vocab_size=vocab_size,
+            d_model=HIDDEN,
+            d_kv=8,
+            d_ff=48,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            num_experts=N_EXPERTS,
+            encoder_sparse_step=1,
+            decoder_sparse_step=1,
+            expert_capacity=64,
+            decoder_start_token_id=0,
+        )
     raise ValueError(kind)
 
 
@@ -168,11 +217,19 @@ def save_tiny_llama(folder: Path, seed: int = 0, hidden: int = 32, n_layers: int
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     tokenizer = word_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)

@@ -21,8 +21,15 @@ SCHEMA = {
 
 
 def _write(directory, n=10, d=4, *, shard=0, shards=1, fail_after=False, offset=0):
-    writer = ArtifactWriter(directory, "embed", "abc123", schema=SCHEMA, shard_index=shard, num_shards=shards,
-                            root_attrs={"config": "a: 1\n"})
+    writer = ArtifactWriter(
+        directory,
+        "embed",
+        "abc123",
+        schema=SCHEMA,
+        shard_index=shard,
+        num_shards=shards,
+        root_attrs={"config": "a: 1\n"},
+    )
     with write_artifact(writer) as out:
         emb = out.create_dataset("embeddings", (n, d), "float32")
         emb[:] = np.arange(offset * d, (offset + n) * d, dtype="float32").reshape(n, d)
@@ -41,8 +48,18 @@ def test_round_trip_with_provenance(tmp_path):
     with open_artifact(tmp_path, SCHEMA) as reader:
         np.testing.assert_array_equal(reader["label"][:], np.arange(10))
         assert list(reader.read("text_id")[:3]) == ["t0", "t1", "t2"]
-        for key in ("stage", "uid", "moespec_version", "package_versions", "host", "start_time", "end_time",
-                    "git_commit", "slurm_job_id", "config"):
+        for key in (
+            "stage",
+            "uid",
+            "moespec_version",
+            "package_versions",
+            "host",
+            "start_time",
+            "end_time",
+            "git_commit",
+            "slurm_job_id",
+            "config",
+        ):
             assert key in reader.attrs, key
         assert reader.attrs["complete"] is True
         assert reader.config == {"a": 1}

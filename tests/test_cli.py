@@ -26,11 +26,13 @@ def test_validate_ok_and_invalid(tmp_path, capsys):
     assert main(["validate", str(good)]) == 0
     assert "ok (1 sweep point, 1 task: embed 1; data files and models found)" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
-    bad.write_text(textwrap.dedent(f"""
+    bad.write_text(
+        textwrap.dedent(f"""
         experiment: t
-        root: {tmp_path / 'never'}
+        root: {tmp_path / "never"}
         embed: {{model: {{name: builtin:tiny-bert}}, data: [], batch_size: 0, typo: 1}}
-    """))
+    """)
+    )
     assert main(["validate", str(good), str(bad)]) == 1
     err = capsys.readouterr().err
     assert f"{bad}: INVALID" in err
@@ -55,8 +57,12 @@ def test_plan_run_status(tmp_path, capsys):
 
 def test_console_script_submit(tmp_path):
     path = _config(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "moespec.cli", "submit", str(path), "--executor", "inline"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "moespec.cli", "submit", str(path), "--executor", "inline"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "1 ran" in result.stdout and f"results: {tmp_path / 'results' / 't'}" in result.stdout
 
@@ -70,9 +76,11 @@ def test_validate_checks_the_files_and_models_a_config_names(tmp_path, capsys, m
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "notes.jsonl").write_text('{"text": "a note"}\n')
     data = tiny_experiment(n_per_domain=2)
-    data["embed"]["data"] += [{"kind": "files", "paths": ["missing.jsonl"], "domain": "m"},
-                              {"kind": "files", "paths": ["empty.jsonl"]},
-                              {"kind": "files", "paths": ["notes.jsonl"], "text_field": "body"}]
+    data["embed"]["data"] += [
+        {"kind": "files", "paths": ["missing.jsonl"], "domain": "m"},
+        {"kind": "files", "paths": ["empty.jsonl"]},
+        {"kind": "files", "paths": ["notes.jsonl"], "text_field": "body"},
+    ]
     data["embed"]["model"] = {"name": "someone/uncached-model"}
     path = _config(tmp_path, {**data, "root": str(tmp_path / "results")})
     assert main(["validate", str(path)]) == 1
@@ -126,8 +134,13 @@ def test_the_readme_example_validates_as_written(tmp_path, capsys, monkeypatch):
 
 def test_plan_into_a_closed_pipe_prints_no_traceback(tmp_path):
     path = _config(tmp_path)
-    result = subprocess.run(f"{sys.executable} -m moespec.cli plan {path} | head -1", shell=True,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        f"{sys.executable} -m moespec.cli plan {path} | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.stdout.startswith("experiment t: 1 sweep point, 1 unique task")
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
 
@@ -147,8 +160,14 @@ def test_help_is_for_users_and_every_argument_has_help(capsys):
 
 
 def test_a_stages_submit_keeps_the_other_tasks_in_the_experiment_summary(tmp_path, capsys):
-    path = _config(tmp_path, {**tiny_experiment(n_per_domain=3), "reduce": {"n_components": 4, "mle_k": 5},
-                              "root": str(tmp_path / "results")})
+    path = _config(
+        tmp_path,
+        {
+            **tiny_experiment(n_per_domain=3),
+            "reduce": {"n_components": 4, "mle_k": 5},
+            "root": str(tmp_path / "results"),
+        },
+    )
     assert main(["submit", str(path), "--executor", "inline"]) == 0
     summary = tmp_path / "results" / "t" / "summary.json"
     first = json.loads(summary.read_text())["tasks"]
@@ -162,8 +181,14 @@ def test_a_stages_submit_keeps_the_other_tasks_in_the_experiment_summary(tmp_pat
 
 
 def test_a_cached_run_prints_what_the_first_run_printed(tmp_path, capsys):
-    path = _config(tmp_path, {**tiny_experiment(n_per_domain=3), "reduce": {"n_components": 4, "mle_k": 5},
-                              "root": str(tmp_path / "results")})
+    path = _config(
+        tmp_path,
+        {
+            **tiny_experiment(n_per_domain=3),
+            "reduce": {"n_components": 4, "mle_k": 5},
+            "root": str(tmp_path / "results"),
+        },
+    )
     assert main(["submit", str(path), "--executor", "inline"]) == 0
     first = capsys.readouterr().out
     assert main(["submit", str(path), "--executor", "inline"]) == 0

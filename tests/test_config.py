@@ -26,7 +26,9 @@ BASE = {
 
 
 def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path):
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
         experiment: t
         colour: blue
         embed:
@@ -35,7 +37,8 @@ def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path):
           batch_size: lots
           pooling: median
         infra: {executor: cloud}
-    """)
+    """,
+    )
     with pytest.raises(ConfigError) as info:
         load_experiment(path)
     problems = info.value.problems
@@ -50,10 +53,13 @@ def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path):
 
 
 def test_missing_required_key_and_list_index_in_key(tmp_path):
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
         embed:
           data: [{kind: builtin, n_per_domain: 5}, {kind: hf, split: train}]
-    """)
+    """,
+    )
     with pytest.raises(ConfigError) as info:
         load_experiment(path)
     text = "\n".join(info.value.problems)
@@ -75,9 +81,16 @@ def test_missing_file_and_empty_file(tmp_path):
 
 
 def test_grid_is_a_cartesian_product_and_zip_pairs(tmp_path):
-    cfg = {**BASE, "sweep": {"grid": {"embed.pooling": ["mean", "cls"], "embed.max_length": [32, 64, 128]},
-                             "zip": {"embed.batch_size": [8, 16], "embed.data": [
-                                 [{"kind": "builtin", "n_per_domain": 5}], [{"kind": "builtin", "n_per_domain": 6}]]}}}
+    cfg = {
+        **BASE,
+        "sweep": {
+            "grid": {"embed.pooling": ["mean", "cls"], "embed.max_length": [32, 64, 128]},
+            "zip": {
+                "embed.batch_size": [8, 16],
+                "embed.data": [[{"kind": "builtin", "n_per_domain": 5}], [{"kind": "builtin", "n_per_domain": 6}]],
+            },
+        },
+    }
     experiment = load_experiment(cfg, root=tmp_path)
     assert len(experiment.points) == 2 * 3 * 2
     pairs = {(p["embed.batch_size"], p["embed.data"][0]["n_per_domain"]) for p in experiment.points}
@@ -87,8 +100,13 @@ def test_grid_is_a_cartesian_product_and_zip_pairs(tmp_path):
 
 
 def test_zip_length_mismatch_and_bad_keys_are_config_errors(tmp_path):
-    cfg = {**BASE, "sweep": {"zip": {"embed.batch_size": [8, 16], "embed.max_length": [32]},
-                             "grid": {"infra.mode": ["force"], "embed.pooling": []}}}
+    cfg = {
+        **BASE,
+        "sweep": {
+            "zip": {"embed.batch_size": [8, 16], "embed.max_length": [32]},
+            "grid": {"infra.mode": ["force"], "embed.pooling": []},
+        },
+    }
     with pytest.raises(ConfigError) as info:
         load_experiment(cfg)
     text = "\n".join(info.value.problems)
@@ -107,8 +125,11 @@ def test_invalid_sweep_value_names_the_point(tmp_path):
 
 def test_uid_is_content_addressed(tmp_path):
     plan_a = make_plan(load_experiment(BASE, root=tmp_path))
-    explicit = {**BASE, "embed": {**BASE["embed"], "pooling": plan_a.tasks[0].config.pooling},
-                "infra": {"local": {"max_parallel": 2}}}
+    explicit = {
+        **BASE,
+        "embed": {**BASE["embed"], "pooling": plan_a.tasks[0].config.pooling},
+        "infra": {"local": {"max_parallel": 2}},
+    }
     plan_b = make_plan(load_experiment(explicit, root=tmp_path))
     assert plan_a.tasks[0].uid == plan_b.tasks[0].uid  # defaults resolved; infra not hashed
     other = {**BASE, "embed": {**BASE["embed"], "max_length": 17}}
@@ -150,28 +171,39 @@ def _problems(data) -> list[str]:
 def test_a_boolean_is_not_an_integer_and_a_string_is_not_a_number():
     problems = _problems({**BASE, "reduce": {"n_components": "16"}, "train": {"input": "embed", "epochs": True}})
     assert "<dict>: train.epochs: Input should be a valid integer, got true" in problems
-    assert any(p.startswith("<dict>: reduce.n_components:") and "'16'" in p and "without quotes" in p
-               for p in problems), problems
+    assert any(
+        p.startswith("<dict>: reduce.n_components:") and "'16'" in p and "without quotes" in p for p in problems
+    ), problems
     # what JSON needs stays accepted: an integer for a float, a list for a tuple
     fiber = {"input": "embed", "vol_max": 60, "window": 10, "strata": {"method": "kmeans", "k_range": [2, 4]}}
     experiment = load_experiment({**BASE, "reduce": {"n_components": 4, "id_threshold": 1}, "fiber": fiber})
-    assert experiment.base.reduce.intrinsic_dimension.threshold == 1.0 and experiment.base.fiber.strata.k_range == [2, 4]
+    assert experiment.base.reduce.intrinsic_dimension.threshold == 1.0 and experiment.base.fiber.strata.k_range == [
+        2,
+        4,
+    ]
 
 
 def test_sweep_problems_do_not_hide_the_other_problems():
-    problems = _problems({**BASE, "embed": {**BASE["embed"], "batch_size": 0},
-                          "sweep": {"grid": {"colour.hue": [1, 2], "embed.pooling": ["mean"]}}})
+    problems = _problems(
+        {
+            **BASE,
+            "embed": {**BASE["embed"], "batch_size": 0},
+            "sweep": {"grid": {"colour.hue": [1, 2], "embed.pooling": ["mean"]}},
+        }
+    )
     text = "\n".join(problems)
     assert "embed.batch_size: Input should be greater than or equal to 1, got 0" in text
     assert "sweep.grid.colour.hue: a sweep key must start with a stage section" in text
 
 
 def test_a_bad_sweep_value_is_reported_beside_the_base_problems_once():
-    problems = _problems({**BASE, "embed": {**BASE["embed"], "batch_size": 0},
-                          "sweep": {"grid": {"embed.pooling": ["mean", "median"]}}})
+    problems = _problems(
+        {**BASE, "embed": {**BASE["embed"], "batch_size": 0}, "sweep": {"grid": {"embed.pooling": ["mean", "median"]}}}
+    )
     assert sum("embed.batch_size" in p for p in problems) == 1, problems
-    assert any("embed.pooling: Input should be 'mean', 'cls' or 'last', got 'median' (sweep point 1;" in p
-               for p in problems), problems
+    assert any(
+        "embed.pooling: Input should be 'mean', 'cls' or 'last', got 'median' (sweep point 1;" in p for p in problems
+    ), problems
 
 
 def test_sweeping_inside_a_union_without_kind_names_the_kinds():
@@ -182,8 +214,10 @@ def test_sweeping_inside_a_union_without_kind_names_the_kinds():
 
 def test_sweeping_a_stage_the_file_does_not_run_is_refused():
     problems = _problems({**BASE, "sweep": {"grid": {"fiber.window": [5, 10]}}})
-    assert problems == ["<dict>: sweep.grid.fiber.window: the experiment has no fiber section; add 'fiber:' to "
-                        "the file to run that stage, or remove this sweep key"]
+    assert problems == [
+        "<dict>: sweep.grid.fiber.window: the experiment has no fiber section; add 'fiber:' to "
+        "the file to run that stage, or remove this sweep key"
+    ]
 
 
 def test_unknown_resource_key_lists_the_allowed_keys():
@@ -201,8 +235,10 @@ def test_a_section_that_is_not_a_mapping_names_its_keys():
 
 def test_fiber_parameter_problems_come_one_per_line_with_their_keys():
     problems = _problems({**BASE, "fiber": {"input": "embed", "vol_max": 0, "alpha": 2}})
-    assert problems == ["<dict>: fiber.vol_max: must exceed vol_min (10), got 0",
-                        "<dict>: fiber.alpha: must be in (0, 1), got 2.0"]
+    assert problems == [
+        "<dict>: fiber.vol_max: must exceed vol_min (10), got 0",
+        "<dict>: fiber.alpha: must be in (0, 1), got 2.0",
+    ]
 
 
 def test_the_value_is_named_once():
@@ -227,12 +263,15 @@ def test_the_value_is_named_once():
 def test_relative_files_paths_are_taken_from_the_config_folder(tmp_path, monkeypatch):
     folder = tmp_path / "configs"
     folder.mkdir()
-    path = _write(folder, """
+    path = _write(
+        folder,
+        """
         experiment: t
         embed:
           model: {name: ./models/mine}
           data: [{kind: files, paths: [data/notes.jsonl, ../shared.jsonl]}]
-    """)
+    """,
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -246,26 +285,37 @@ def test_relative_paths_in_sweep_values_and_copies_elsewhere_keep_their_meaning(
 
     folder = tmp_path / "configs"
     folder.mkdir()
-    path = _write(folder, """
+    path = _write(
+        folder,
+        """
         experiment: t
         embed:
           data: [{kind: builtin, n_per_domain: 2}]
         sweep:
           grid:
             embed.data: [[{kind: files, paths: a.jsonl}], [{kind: files, paths: [$SCRATCH/b.jsonl]}]]
-    """)
+    """,
+    )
     experiment = load_experiment(path)
     assert [c.embed.data[0].paths for c in experiment.configs] == [[str(folder / "a.jsonl")], ["$SCRATCH/b.jsonl"]]
     copy = tmp_path / "elsewhere" / "experiment.yaml"  # what --emit-sbatch writes
     copy.parent.mkdir()
     copy.write_text(yaml.safe_dump(resolve_relative_paths(read_yaml(path), folder)))
-    assert [c.embed.data[0].paths for c in load_experiment(copy).configs] == [[str(folder / "a.jsonl")],
-                                                                             ["$SCRATCH/b.jsonl"]]
+    assert [c.embed.data[0].paths for c in load_experiment(copy).configs] == [
+        [str(folder / "a.jsonl")],
+        ["$SCRATCH/b.jsonl"],
+    ]
 
 
 def test_sweep_points_are_described_as_yaml():
     from moespec.launch.plan import describe_point
 
-    experiment = load_experiment({**BASE, "reduce": {"n_components": 4}, "train": {},
-                                  "sweep": {"grid": {"train.model": [{"kind": "topk", "target": "label"}]}}})
+    experiment = load_experiment(
+        {
+            **BASE,
+            "reduce": {"n_components": 4},
+            "train": {},
+            "sweep": {"grid": {"train.model": [{"kind": "topk", "target": "label"}]}},
+        }
+    )
     assert describe_point(experiment, (0,)) == "#0 model={kind: topk, target: label}"

@@ -166,14 +166,14 @@ def git_commit() -> str:
         return os.environ["MOESPEC_GIT_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         if sha.returncode != 0:
             return ""
         dirty = subprocess.run(
             ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
         return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
@@ -357,10 +357,12 @@ def _check_open_file(h5_path: Path, h5: h5py.File, schema: Schema | None) -> Non
     if schema is not None:
         problems = schema_problems(h5, schema)
         if problems:
-            raise ArtifactError(f"{h5_path}: does not match the {h5.attrs.get('stage', '?')} schema: " + "; ".join(problems))
+            raise ArtifactError(
+                f"{h5_path}: does not match the {h5.attrs.get('stage', '?')} schema: " + "; ".join(problems)
+            )
     # Touch the first and last row of every dataset so that a file cut short in its data
     # fails here, with the file named, rather than deep inside a stage.
-    for name in (schema or {}):
+    for name in schema or {}:
         if name in h5 and h5[name].shape and h5[name].shape[0] > 0:
             h5[name][0], h5[name][-1]
 
@@ -386,9 +388,20 @@ class ArtifactWriter:
     is marked complete, fsynced and renamed; on failure the temporary files are removed.
     """
 
-    def __init__(self, directory: Path, stage: str, uid: str, *, schema: Schema, shard_index: int = 0,
-                 num_shards: int = 1, seed: int = 0, device: str = "cpu", logger: logging.Logger | None = None,
-                 root_attrs: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        stage: str,
+        uid: str,
+        *,
+        schema: Schema,
+        shard_index: int = 0,
+        num_shards: int = 1,
+        seed: int = 0,
+        device: str = "cpu",
+        logger: logging.Logger | None = None,
+        root_attrs: Mapping[str, Any] | None = None,
+    ):
         self.dir = Path(directory)
         self.stage = stage
         self.uid = uid
@@ -412,16 +425,26 @@ class ArtifactWriter:
         """Root attributes of the artifact file."""
         return self._file.attrs
 
-    def create_dataset(self, name: str, shape: tuple[int, ...], dtype: Any, *, maxshape: tuple | None = None,
-                       chunks: Any = True, fillvalue: Any = None, **h5kw: Any) -> h5py.Dataset:
+    def create_dataset(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: Any,
+        *,
+        maxshape: tuple | None = None,
+        chunks: Any = True,
+        fillvalue: Any = None,
+        **h5kw: Any,
+    ) -> h5py.Dataset:
         """Create a dataset to fill in blocks (2-D float data is chunked by whole rows of ~1 MiB)."""
         if chunks is True and len(shape) == 2 and shape[0] > 0 and shape[1] > 0:
             row_bytes = shape[1] * np.dtype(dtype).itemsize
             chunks = (int(max(1, min(shape[0], (1 << 20) // max(row_bytes, 1)))), shape[1])
         elif chunks is True and (0 in shape or not shape):
             chunks = None
-        return self._file.create_dataset(name, shape=shape, dtype=dtype, maxshape=maxshape, chunks=chunks,
-                                         fillvalue=fillvalue, **h5kw)
+        return self._file.create_dataset(
+            name, shape=shape, dtype=dtype, maxshape=maxshape, chunks=chunks, fillvalue=fillvalue, **h5kw
+        )
 
     def write(self, name: str, array: Any, attrs: Mapping[str, Any] | None = None) -> h5py.Dataset:
         """Write a whole array; sequences of ``str`` are stored as UTF-8 strings."""
@@ -444,8 +467,14 @@ class ArtifactWriter:
         from tqdm.auto import tqdm
 
         interactive = sys.stderr.isatty()
-        bar = tqdm(iterable, total=total, desc=desc or self.stage, mininterval=0.5 if interactive else 30.0,
-                   disable=None if interactive else False, file=sys.stderr)
+        bar = tqdm(
+            iterable,
+            total=total,
+            desc=desc or self.stage,
+            mininterval=0.5 if interactive else 30.0,
+            disable=None if interactive else False,
+            file=sys.stderr,
+        )
         return bar if iterable is None else _recorded(bar, self.progress_path)
 
     @property
@@ -498,8 +527,10 @@ class ArtifactWriter:
         h5 = self._file
         problems = schema_problems(h5, self.schema)
         if problems:
-            raise ArtifactError(f"{self.path}: the {self.stage} stage wrote an artifact that does not match "
-                                f"its schema: " + "; ".join(problems))
+            raise ArtifactError(
+                f"{self.path}: the {self.stage} stage wrote an artifact that does not match "
+                f"its schema: " + "; ".join(problems)
+            )
         h5.attrs["end_time"] = now_iso()
         h5.attrs["complete"] = True
         h5.close()
@@ -584,7 +615,9 @@ def _fill_shard_view(view: h5py.File, readers: list[ArtifactReader], schema: Sch
     for name in readers[0].names():
         spec = schema.get(name)
         source = first[name]
-        rowwise = spec is not None and spec.shape and spec.shape[0] == "N" or (spec is None and name.startswith("layers/"))
+        rowwise = (
+            spec is not None and spec.shape and spec.shape[0] == "N" or (spec is None and name.startswith("layers/"))
+        )
         if not rowwise:
             view.create_dataset(name, data=source[()], dtype=source.dtype)
             continue
@@ -593,7 +626,7 @@ def _fill_shard_view(view: h5py.File, readers: list[ArtifactReader], schema: Sch
         offset = 0
         for reader in readers:
             shape = reader.h5[name].shape
-            layout[offset:offset + shape[0]] = h5py.VirtualSource(reader.path.name, name, shape=shape)
+            layout[offset : offset + shape[0]] = h5py.VirtualSource(reader.path.name, name, shape=shape)
             offset += shape[0]
         fill = np.nan if source.dtype.kind == "f" else None
         view.create_virtual_dataset(name, layout, fillvalue=fill)

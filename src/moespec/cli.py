@@ -74,9 +74,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print(f"  {problem}", file=sys.stderr)
             status = EXIT_FAILED
             continue
-        print(f"{path}: ok ({_count(len(plan.experiment.points), 'sweep point')}, {_count(len(plan.tasks), 'task')}: "
-              + ", ".join(f"{s} {len(plan.tasks_for(s))}" for s in plan.stages())
-              + (")" if args.schema_only else "; data files and models found)"))
+        print(
+            f"{path}: ok ({_count(len(plan.experiment.points), 'sweep point')}, {_count(len(plan.tasks), 'task')}: "
+            + ", ".join(f"{s} {len(plan.tasks_for(s))}" for s in plan.stages())
+            + (")" if args.schema_only else "; data files and models found)")
+        )
     return status
 
 
@@ -87,8 +89,16 @@ def _task_rows(plan, with_state: bool = True) -> list[list[str]]:
     for stage in plan.stages():
         for index, task in enumerate(plan.tasks_for(stage)):
             shard = f"{task.shard_index + 1}/{task.num_shards}" if task.num_shards > 1 else "-"
-            rows.append([stage, str(index), task.uid, shard, describe_point(plan.experiment, task.points),
-                         task.state() if with_state else ""])
+            rows.append(
+                [
+                    stage,
+                    str(index),
+                    task.uid,
+                    shard,
+                    describe_point(plan.experiment, task.points),
+                    task.state() if with_state else "",
+                ]
+            )
     return rows
 
 
@@ -113,12 +123,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for row, task in zip(rows, [t for s in plan.stages() for t in plan.tasks_for(s)]):
         reason = why[task_key(task)]
         row[5] = "done" if reason == "done" else "to run"
-        row.append("-" if reason == "done" else "not checked here" if plan.root_unavailable
-                   else _why_short(task, reason))
+        row.append(
+            "-" if reason == "done" else "not checked here" if plan.root_unavailable else _why_short(task, reason)
+        )
         if reason not in ("", "done"):
             problems.append(f"  {task.label}: {reason}")
-    print(f"experiment {plan.experiment.name}: {_count(len(plan.experiment.points), 'sweep point')}, "
-          f"{_count(len(plan.tasks), 'unique task')}, artifacts under {plan.experiment.root / plan.experiment.name}")
+    print(
+        f"experiment {plan.experiment.name}: {_count(len(plan.experiment.points), 'sweep point')}, "
+        f"{_count(len(plan.tasks), 'unique task')}, artifacts under {plan.experiment.root / plan.experiment.name}"
+    )
     if plan.root_unavailable:
         print(f"note: {plan.root_unavailable}")
     print(_table(rows, ["stage", "task", "uid", "shard", "sweep point", "state", "why"]))
@@ -132,8 +145,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         state = f" [indices {compress_indices(todo)}]" if todo else " (all done)"
         print(f"  {stage}: {_count(len(todo), 'task')}{state}{after}")
     where = f"cluster {cluster.name}" if cluster else "no cluster profile"
-    print(f"\nSlurm job arrays ({where}; chunked to MaxArraySize; aftercorr: array task i waits for upstream "
-          f"array task i only, afterok: for the whole array):")
+    print(
+        f"\nSlurm job arrays ({where}; chunked to MaxArraySize; aftercorr: array task i waits for upstream "
+        f"array task i only, afterok: for the whole array):"
+    )
     for line in describe_arrays(arrays):
         print(line)
     return EXIT_OK
@@ -164,22 +179,35 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from moespec.launch.runner import run_plan_inline, run_plan_local
     from moespec.launch.slurm import DEFAULT_CLUSTER, load_plan, submit_command
 
-    plan, cluster = load_plan(args.file, root=args.root, cluster=args.cluster,
-                              executor="slurm" if args.emit_sbatch else args.executor)
+    plan, cluster = load_plan(
+        args.file, root=args.root, cluster=args.cluster, executor="slurm" if args.emit_sbatch else args.executor
+    )
     executor = args.executor or plan.experiment.infra.executor
     mode = args.mode or plan.experiment.infra.mode
     if executor == "slurm" or args.emit_sbatch:
-        submit_command(plan, cluster or DEFAULT_CLUSTER, mode=mode, stages=args.stages,
-                       retry_failed=args.retry_failed, dry_run=args.dry_run, emit_dir=args.emit_sbatch)
+        submit_command(
+            plan,
+            cluster or DEFAULT_CLUSTER,
+            mode=mode,
+            stages=args.stages,
+            retry_failed=args.retry_failed,
+            dry_run=args.dry_run,
+            emit_dir=args.emit_sbatch,
+        )
         return EXIT_OK
     if args.retry_failed or args.dry_run:
-        print(f"moespec submit: --retry-failed and --dry-run need --executor slurm (the {executor} executor runs "
-              "every missing task, failed ones included)", file=sys.stderr)
+        print(
+            f"moespec submit: --retry-failed and --dry-run need --executor slurm (the {executor} executor runs "
+            "every missing task, failed ones included)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     root = plan.experiment.root / plan.experiment.name
     _check_inputs(plan, args.stages)
-    print(f"experiment {plan.experiment.name}: {_count(len(plan.tasks), 'task')}, executor {executor}, mode {mode}, "
-          f"results under {root}")
+    print(
+        f"experiment {plan.experiment.name}: {_count(len(plan.tasks), 'task')}, executor {executor}, mode {mode}, "
+        f"results under {root}"
+    )
     if executor == "inline":
         outcomes = run_plan_inline(plan, mode, args.stages)
     else:
@@ -233,8 +261,15 @@ def _write_experiment_summary(path: Path, outcomes, plan) -> None:
     entries = {(e.get("stage"), e.get("uid"), e.get("shard")): e for e in _read_tasks(path)}
     for o in outcomes:
         entries[(o.task.stage, o.task.uid, o.task.shard_index)] = {
-            "stage": o.task.stage, "uid": o.task.uid, "shard": o.task.shard_index, "status": o.status,
-            "points": list(o.task.points), "summary": o.summary, "error": o.error, "artifact": str(o.task.dir)}
+            "stage": o.task.stage,
+            "uid": o.task.uid,
+            "shard": o.task.shard_index,
+            "status": o.status,
+            "points": list(o.task.points),
+            "summary": o.summary,
+            "error": o.error,
+            "artifact": str(o.task.dir),
+        }
     planned = [(t.stage, t.uid, t.shard_index) for t in plan.tasks]
     data = [entries[key] for key in planned if key in entries]
     atomic_write_text(path, json.dumps({"tasks": data}, indent=2, default=str))
@@ -261,12 +296,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan = plan_from_file(args.config, args.root)
     tasks = plan.tasks_for(args.stage)
     if not tasks:
-        print(f"moespec run: {args.config} has no {args.stage} stage (stages: {', '.join(plan.stages())})",
-              file=sys.stderr)
+        print(
+            f"moespec run: {args.config} has no {args.stage} stage (stages: {', '.join(plan.stages())})",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     if not 0 <= index < len(tasks):
-        print(f"moespec run: --task {index} is out of range: {args.config} has {len(tasks)} {args.stage} "
-              f"task(s), indices 0..{len(tasks) - 1}", file=sys.stderr)
+        print(
+            f"moespec run: --task {index} is out of range: {args.config} has {len(tasks)} {args.stage} "
+            f"task(s), indices 0..{len(tasks) - 1}",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     outcome = execute_task(tasks[index], args.mode)
     print(f"{outcome.status} {outcome.task.label} -> {outcome.task.dir}")
@@ -278,8 +318,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moespec", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="moespec", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"moespec {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -288,16 +329,21 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     experiment_help = "experiment file (YAML), e.g. configs/experiments/demo.yaml"
-    mode_help = ("cached: skip tasks whose artifact is complete (default); force: compute again; "
-                 "read-only: compute nothing, fail on a missing artifact")
+    mode_help = (
+        "cached: skip tasks whose artifact is complete (default); force: compute again; "
+        "read-only: compute nothing, fail on a missing artifact"
+    )
     cluster_help = "cluster profile: a name in hpc/clusters/ or a YAML path (default: infra.cluster)"
 
-    p = with_root(sub.add_parser("validate", help="check experiment files and the inputs they name; report every "
-                                                  "problem"))
+    p = with_root(
+        sub.add_parser("validate", help="check experiment files and the inputs they name; report every problem")
+    )
     p.add_argument("files", nargs="+", metavar="FILE", help="experiment files (YAML)")
-    p.add_argument("--schema-only", action="store_true",
-                   help="check the files only, not the data files and models they name (e.g. on a laptop for a "
-                        "cluster run)")
+    p.add_argument(
+        "--schema-only",
+        action="store_true",
+        help="check the files only, not the data files and models they name (e.g. on a laptop for a cluster run)",
+    )
     p.set_defaults(func=cmd_validate)
 
     p = with_root(sub.add_parser("plan", help="print the task table and the job arrays that would be submitted"))
@@ -312,24 +358,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_root(sub.add_parser("submit", help="run the missing tasks, stage by stage"))
     p.add_argument("file", metavar="FILE", help=experiment_help)
-    p.add_argument("--executor", choices=["local", "slurm", "inline"],
-                   help="local: one subprocess per task on this machine (default: infra.executor); slurm: job "
-                        "arrays; inline: every task in this process (debugging, notebooks)")
+    p.add_argument(
+        "--executor",
+        choices=["local", "slurm", "inline"],
+        help="local: one subprocess per task on this machine (default: infra.executor); slurm: job "
+        "arrays; inline: every task in this process (debugging, notebooks)",
+    )
     p.add_argument("--mode", choices=["cached", "force", "read-only"], help=mode_help + " (default: infra.mode)")
     p.add_argument("--stages", nargs="+", metavar="STAGE", help="only these stages (e.g. --stages train ablate)")
     p.add_argument("--cluster", help=cluster_help)
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the arrays and their sbatch scripts; submit nothing")
-    p.add_argument("--emit-sbatch", metavar="DIR",
-                   help="write array job scripts and submit.sh to DIR instead of submitting")
+    p.add_argument("--dry-run", action="store_true", help="print the arrays and their sbatch scripts; submit nothing")
+    p.add_argument(
+        "--emit-sbatch", metavar="DIR", help="write array job scripts and submit.sh to DIR instead of submitting"
+    )
     p.add_argument("--retry-failed", action="store_true", help="resubmit only the tasks whose jobs failed")
     p.set_defaults(func=cmd_submit)
 
     p = with_root(sub.add_parser("run", help="run one task in this process (what an array task calls)"))
     p.add_argument("stage", metavar="STAGE", help=f"stage of the task: {', '.join(STAGE_ORDER)}")
     p.add_argument("--config", required=True, metavar="FILE", help=experiment_help)
-    p.add_argument("--task", type=int, help="task index within the stage, as `moespec plan` numbers them "
-                                            "(default: $SLURM_ARRAY_TASK_ID)")
+    p.add_argument(
+        "--task",
+        type=int,
+        help="task index within the stage, as `moespec plan` numbers them (default: $SLURM_ARRAY_TASK_ID)",
+    )
     p.add_argument("--mode", choices=["cached", "force", "read-only"], default="cached", help=mode_help)
     p.set_defaults(func=cmd_run)
 

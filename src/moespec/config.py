@@ -272,8 +272,9 @@ def _pick_model(annotation: Any, raw: Any) -> type[BaseModel] | None:
     return None
 
 
-def format_validation_error(error: ValidationError, raw: dict[str, Any], source: str,
-                            model: type[BaseModel]) -> list[str]:
+def format_validation_error(
+    error: ValidationError, raw: dict[str, Any], source: str, model: type[BaseModel]
+) -> list[str]:
     """One line per problem: ``FILE: dotted.key: what is wrong, got VALUE``; duplicates merged.
 
     A check of a whole section that finds several problems raises one ``ValueError`` whose lines
@@ -354,12 +355,16 @@ def _sweep_problems(sweep: SweepConfig, source: str, raw: dict[str, Any]) -> lis
         for key, values in axes.items():
             head = key.split(".")[0]
             if head in ("sweep", "infra", "experiment", "root") or head not in STAGE_ORDER:
-                problems.append(f"{source}: sweep.{section}.{key}: a sweep key must start with a stage "
-                                f"section ({', '.join(STAGE_ORDER)}), got {head!r}")
+                problems.append(
+                    f"{source}: sweep.{section}.{key}: a sweep key must start with a stage "
+                    f"section ({', '.join(STAGE_ORDER)}), got {head!r}"
+                )
             elif not isinstance(raw.get(head), dict):
                 # Setting the key would add a stage the file does not run.
-                problems.append(f"{source}: sweep.{section}.{key}: the experiment has no {head} section; "
-                                f"add '{head}:' to the file to run that stage, or remove this sweep key")
+                problems.append(
+                    f"{source}: sweep.{section}.{key}: the experiment has no {head} section; "
+                    f"add '{head}:' to the file to run that stage, or remove this sweep key"
+                )
             if not values:
                 problems.append(f"{source}: sweep.{section}.{key}: must list at least one value, got []")
     both = sorted(set(sweep.grid) & set(sweep.zip))
@@ -400,8 +405,9 @@ class Experiment:
         Absolute results root.
     """
 
-    def __init__(self, source: str, base: ExperimentBase, points: list[dict[str, Any]],
-                 configs: list[ExperimentBase], root: Path):
+    def __init__(
+        self, source: str, base: ExperimentBase, points: list[dict[str, Any]], configs: list[ExperimentBase], root: Path
+    ):
         self.source = source
         self.base = base
         self.points = points
@@ -488,8 +494,9 @@ def resolve_relative_paths(data: Any, config_dir: Path) -> Any:
     resolved = {key: resolve_relative_paths(value, config_dir) for key, value in data.items()}
     if data.get("kind") == "files" and isinstance(data.get("paths"), (str, list)):
         paths = resolved["paths"]
-        resolved["paths"] = ([_absolute(p, config_dir) for p in paths] if isinstance(paths, list)
-                             else _absolute(paths, config_dir))
+        resolved["paths"] = (
+            [_absolute(p, config_dir) for p in paths] if isinstance(paths, list) else _absolute(paths, config_dir)
+        )
     if isinstance(data.get("name"), str) and data["name"].startswith(("./", "../")):
         resolved["name"] = _absolute(data["name"], config_dir)
     return resolved
@@ -509,8 +516,14 @@ def _sweep_or_none(raw: dict[str, Any]) -> SweepConfig | None:
         return None
 
 
-def _validate_points(raw: dict[str, Any], points: list[dict[str, Any]], name: str, model: type[ExperimentBase],
-                     config_dir: Path, known: set[str]) -> tuple[list[ExperimentBase], list[str]]:
+def _validate_points(
+    raw: dict[str, Any],
+    points: list[dict[str, Any]],
+    name: str,
+    model: type[ExperimentBase],
+    config_dir: Path,
+    known: set[str],
+) -> tuple[list[ExperimentBase], list[str]]:
     """Each sweep point's config, and the problems only some points have (``known`` ones are not repeated)."""
     configs: list[ExperimentBase] = []
     failures: dict[str, list[int]] = {}
@@ -547,8 +560,10 @@ def _dependency_problems(config: ExperimentBase, name: str) -> list[str]:
         module = stage_module(stage)
         for input_name, upstream in module.inputs(config.stage_config(stage)).items():
             if upstream not in present:
-                problems.append(f"{name}: {stage}: reads the {upstream} stage ({input_name}) but the "
-                                f"experiment has no {upstream} section")
+                problems.append(
+                    f"{name}: {stage}: reads the {upstream} stage ({input_name}) but the "
+                    f"experiment has no {upstream} section"
+                )
         if not problems and hasattr(module, "experiment_problems"):  # checks across sections (route vs lora)
             problems += [f"{name}: {problem}" for problem in module.experiment_problems(config)]
     return problems
@@ -574,6 +589,14 @@ def compute_uid(stage: str, cfg: BaseModel, input_uids: dict[str, str], schema_v
     share its artifact; infra (resources, executor) is not hashed, so moving a run between
     machines does not invalidate its results.
     """
-    payload = json.dumps({"stage": stage, "schema_version": schema_version, "config": config_dict(cfg),
-                          "inputs": dict(sorted(input_uids.items()))}, sort_keys=True, separators=(",", ":"))
+    payload = json.dumps(
+        {
+            "stage": stage,
+            "schema_version": schema_version,
+            "config": config_dict(cfg),
+            "inputs": dict(sorted(input_uids.items())),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:12]

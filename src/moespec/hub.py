@@ -64,8 +64,9 @@ def is_cached(repo_id: str, repo_type: RepoType, revision: Optional[str] = None)
     return (hub_folder.is_dir() and any(hub_folder.iterdir())) or prepared.is_dir()
 
 
-def ask_hub(repo_id: str, repo_type: RepoType, revision: Optional[str] = None,
-            deadline_s: float = HUB_DEADLINE_S) -> tuple[Literal["found", "missing", "gated", "unreachable"], str]:
+def ask_hub(
+    repo_id: str, repo_type: RepoType, revision: Optional[str] = None, deadline_s: float = HUB_DEADLINE_S
+) -> tuple[Literal["found", "missing", "gated", "unreachable"], str]:
     """Ask the hub whether the repository exists, waiting at most ``deadline_s`` seconds.
 
     Returns
@@ -111,12 +112,17 @@ def availability_problem(repo_id: str, repo_type: RepoType, revision: Optional[s
     if is_cached(repo_id, repo_type, revision):
         return None
     what = f"{repo_type} {repo_id!r}" + (f" (revision {revision})" if revision else "")
-    fetch = (f"hf download {repo_id}" + (" --repo-type dataset" if repo_type == "dataset" else "")
-             + (f" --revision {revision}" if revision else ""))
+    fetch = (
+        f"hf download {repo_id}"
+        + (" --repo-type dataset" if repo_type == "dataset" else "")
+        + (f" --revision {revision}" if revision else "")
+    )
     where = f"the cache {hub_cache() if repo_type == 'model' else datasets_cache()}"
     if offline() or (repo_type == "dataset" and _truthy("HF_DATASETS_OFFLINE")):
-        return (f"{what} is not in {where}, and HF_HUB_OFFLINE is set so it cannot be downloaded: fetch it on a "
-                f"machine with internet into the same HF_HOME (`{fetch}`; see hpc/README.md)")
+        return (
+            f"{what} is not in {where}, and HF_HUB_OFFLINE is set so it cannot be downloaded: fetch it on a "
+            f"machine with internet into the same HF_HOME (`{fetch}`; see hpc/README.md)"
+        )
     state, detail = ask_hub(repo_id, repo_type, revision)
     if state == "found":
         return None
@@ -124,8 +130,10 @@ def availability_problem(repo_id: str, repo_type: RepoType, revision: Optional[s
         return f"{what} is not in {where} and the hub has no such {repo_type} ({detail}); check the name"
     if state == "gated":
         return f"{what} is gated: accept its terms on huggingface.co, then `hf auth login` ({detail})"
-    return (f"{what} is not in {where} and the hub cannot be reached ({detail}): fetch it on a machine with "
-            f"internet into the same HF_HOME (`{fetch}`), then run with HF_HUB_OFFLINE=1 (see hpc/README.md)")
+    return (
+        f"{what} is not in {where} and the hub cannot be reached ({detail}): fetch it on a machine with "
+        f"internet into the same HF_HOME (`{fetch}`), then run with HF_HUB_OFFLINE=1 (see hpc/README.md)"
+    )
 
 
 def _first_line(error: BaseException) -> str:

@@ -34,7 +34,7 @@ def pulled_copy(experiment: Path, root: Path, filters: Filters) -> tuple[Path, l
     for path in sorted(p for p in experiment.rglob("*") if p.is_file()):
         relative = path.relative_to(experiment.parent).as_posix()
         if relative.split("/")[1] == "report":
-            continue   # the cluster's own report is not what is compared
+            continue  # the cluster's own report is not what is compared
         if not filters.selects(relative):
             left.append(relative)
             continue
@@ -45,8 +45,10 @@ def pulled_copy(experiment: Path, root: Path, filters: Filters) -> tuple[Path, l
 
 
 def _numbers(index: Path) -> set[tuple]:
-    return {(a["data-stage"], a["data-uid"], a["data-dataset"], a["data-index"], a["data-value"], text)
-            for a, text in parse(index).cells}
+    return {
+        (a["data-stage"], a["data-uid"], a["data-dataset"], a["data-index"], a["data-value"], text)
+        for a, text in parse(index).cells
+    }
 
 
 def _summary_metrics(index: Path) -> dict:
@@ -62,7 +64,7 @@ def experiment(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("remote", ["mycluster", "other"])
 def test_default_sync_keeps_every_number_and_figure_of_the_report(experiment, tmp_path, remote):
     copy, left = pulled_copy(experiment, tmp_path / "local", default_pull_filters(remote))
-    assert any(p.endswith("embed.h5") for p in left) and any(p.endswith(".pt") for p in left)   # large stay
+    assert any(p.endswith("embed.h5") for p in left) and any(p.endswith(".pt") for p in left)  # large stay
     full = write_report(experiment, tmp_path / "full-report")
     pulled = write_report(copy, tmp_path / "pulled-report")
     assert _numbers(pulled.index) == _numbers(full.index) and len(_numbers(full.index)) > 200
@@ -75,27 +77,30 @@ def test_default_sync_keeps_every_number_and_figure_of_the_report(experiment, tm
     assert "done (arrays not pulled)" in pulled.index.read_text(encoding="utf-8")
     for metric in ("train.val_accuracy", "ablate.nmi_class[0]", "fiber.rejection_rate"):
         assert compare([copy], sort_by=metric).rows == [
-            {**row, "status.embed": "not pulled"} for row in compare([experiment], sort_by=metric).rows]
+            {**row, "status.embed": "not pulled"} for row in compare([experiment], sort_by=metric).rows
+        ]
 
 
 def test_a_summary_without_its_arrays_is_shown_as_not_pulled(experiment, tmp_path):
     copy, _ = pulled_copy(experiment, tmp_path / "local", default_pull_filters())
     fiber = next((copy / "fiber").iterdir())
-    (fiber / "fiber.h5").unlink()   # as if pulled with --exclude 'fiber/**/*.h5'
+    (fiber / "fiber.h5").unlink()  # as if pulled with --exclude 'fiber/**/*.h5'
     result = write_report(copy)
     notes = parse(result.index).missing
     assert any(n.startswith("NOT PULLED") and f"--include 'fiber/{fiber.name}/**'" in n for n in notes)
     summary = json.loads((copy / "report" / "summary.json").read_text())
     # its summary's numbers still count, in the overview and in compare
-    assert all(r["metrics"]["fiber.rejection_rate"] == json.loads((fiber / "summary.json").read_text())[
-        "rejection_rate"] for r in summary["runs"])
+    assert all(
+        r["metrics"]["fiber.rejection_rate"] == json.loads((fiber / "summary.json").read_text())["rejection_rate"]
+        for r in summary["runs"]
+    )
     assert len(discover(copy).runs) == 4
 
 
 def test_a_run_whose_inputs_are_not_here_is_never_joined_to_another(experiment, tmp_path):
     copy, _ = pulled_copy(experiment, tmp_path / "local", default_pull_filters())
     reduce = next((copy / "reduce").iterdir())
-    (reduce / "reduce.h5").unlink()   # reduce recorded its input (the embed uid) only in its HDF5 file
+    (reduce / "reduce.h5").unlink()  # reduce recorded its input (the embed uid) only in its HDF5 file
     listed = json.loads((copy / "summary.json").read_text())
     # with the experiment's summary.json (sweep points of every task) the chains are whole again
     assert all(r.status("embed") == "not pulled" for r in discover(copy).runs)

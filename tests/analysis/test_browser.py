@@ -26,9 +26,17 @@ except pytest.fail.Exception:  # the marker is not registered in setup.cfg yet (
     pytestmark = []
 
 _BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-          "--remote-debugging-pipe")
+_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--remote-debugging-pipe",
+)
 
 
 def _browser() -> str:
@@ -62,11 +70,15 @@ class DevTools:
         # that already is fd 3 or 4 would be closed by the redirections that place the other one.
         to_browser_read, from_browser_write = (_above_four(fd) for fd in (to_browser_read, from_browser_write))
         # The shell puts the two pipe ends on the fds the DevTools pipe protocol reads and writes.
-        command = (f'exec "$0" "$@" 3<&{to_browser_read} 4>&{from_browser_write} '
-                   f'{to_browser_read}<&- {from_browser_write}>&-')
+        command = (
+            f'exec "$0" "$@" 3<&{to_browser_read} 4>&{from_browser_write} {to_browser_read}<&- {from_browser_write}>&-'
+        )
         self.process = subprocess.Popen(
             ["bash", "-c", command, executable, *_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-            pass_fds=(to_browser_read, from_browser_write), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            pass_fds=(to_browser_read, from_browser_write),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         os.close(to_browser_read)
         os.close(from_browser_write)
         self.timeout = timeout
@@ -106,8 +118,10 @@ class DevTools:
                 raise TimeoutError(f"no answer from the browser in {self.timeout} s")
             chunk = os.read(self._from_browser, 1 << 16)
             if not chunk:
-                raise RuntimeError("the browser closed the DevTools pipe: "
-                                   + self.process.stderr.read().decode(errors="replace")[-2000:])
+                raise RuntimeError(
+                    "the browser closed the DevTools pipe: "
+                    + self.process.stderr.read().decode(errors="replace")[-2000:]
+                )
             self._buffer += chunk
 
     def close(self) -> None:
@@ -146,12 +160,18 @@ def open_page(index: Path, profile: Path, screenshots: Path | None = None) -> tu
         session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Runtime", "Log", "Page"):
             browser.send(f"{domain}.enable", session=session)
-        browser.send("Emulation.setDeviceMetricsOverride", {"width": VIEWPORT[0], "height": VIEWPORT[1],
-                                                            "deviceScaleFactor": 1, "mobile": False}, session=session)
+        browser.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": VIEWPORT[0], "height": VIEWPORT[1], "deviceScaleFactor": 1, "mobile": False},
+            session=session,
+        )
         browser.send("Page.navigate", {"url": index.resolve().as_uri()}, session=session)
         browser.wait_event("Page.loadEventFired")
-        layout = json.loads(browser.send("Runtime.evaluate", {"expression": _LAYOUT, "returnByValue": True},
-                                         session=session)["result"]["value"])
+        layout = json.loads(
+            browser.send("Runtime.evaluate", {"expression": _LAYOUT, "returnByValue": True}, session=session)["result"][
+                "value"
+            ]
+        )
         open_page.layout = layout
         if screenshots is not None:
             _screenshots(browser, session, layout["height"], screenshots)
@@ -177,8 +197,9 @@ def _screenshots(browser: DevTools, session: str, height: int, folder: Path) -> 
     folder.mkdir(parents=True, exist_ok=True)
     for number, top in enumerate(range(0, height, TILE), 1):
         clip = {"x": 0, "y": top, "width": VIEWPORT[0], "height": min(TILE, height - top), "scale": 1}
-        shot = browser.send("Page.captureScreenshot", {"format": "png", "clip": clip, "captureBeyondViewport": True},
-                            session=session)
+        shot = browser.send(
+            "Page.captureScreenshot", {"format": "png", "clip": clip, "captureBeyondViewport": True}, session=session
+        )
         (folder / f"page-{number:02d}.png").write_bytes(base64.b64decode(shot["data"]))
 
 

@@ -10,8 +10,15 @@ import math
 import numpy as np
 import pytest
 
-from moespec.analysis.compare import (Comparison, compare, correlation_figure_reason, lower_is_better, to_csv, to_json,
-                                      write_comparison)
+from moespec.analysis.compare import (
+    Comparison,
+    compare,
+    correlation_figure_reason,
+    lower_is_better,
+    to_csv,
+    to_json,
+    write_comparison,
+)
 from moespec.analysis.results import discover
 from moespec.cli import main
 from moespec.errors import MoespecError
@@ -24,8 +31,10 @@ def experiment(tmp_path_factory):
 
 
 def _accuracies(experiment) -> dict[str, float]:
-    return {run.name: json.loads((run.tasks["train"].dir / "summary.json").read_text())["val_accuracy"]
-            for run in discover(experiment).runs}
+    return {
+        run.name: json.loads((run.tasks["train"].dir / "summary.json").read_text())["val_accuracy"]
+        for run in discover(experiment).runs
+    }
 
 
 def test_ranking_follows_the_metric_with_the_swept_parameters(experiment):
@@ -58,10 +67,10 @@ def test_correlation_is_pearson_across_runs(experiment):
     comparison = compare([experiment], sort_by="train.val_accuracy")
     # numeric swept parameters: epochs, and the model defaults that differ between the two kinds
     assert "train.epochs" in comparison.numeric_parameters and "train.model.n_experts" in comparison.numeric_parameters
-    assert "train.model.kind" not in comparison.numeric_parameters   # categorical: no correlation
+    assert "train.model.kind" not in comparison.numeric_parameters  # categorical: no correlation
     i = comparison.numeric_parameters.index("train.epochs")
     j = comparison.correlation_metrics.index("train.epochs_run")
-    assert comparison.correlation[i, j] == pytest.approx(1.0)   # epochs_run follows epochs (no early stop)
+    assert comparison.correlation[i, j] == pytest.approx(1.0)  # epochs_run follows epochs (no early stop)
     j = comparison.correlation_metrics.index("train.val_accuracy")
     runs = discover(experiment).runs
     epochs = [r.tasks["train"].config["epochs"] for r in runs]

@@ -15,13 +15,22 @@ from tests.conftest import one_torch_thread
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm-report")
-    config = {"experiment": "lm-sweep", "lm": {
-        "data": [{"kind": "builtin", "n_per_domain": 6, "domains": ["movies", "science"]}],
-        "tokenizer": {"kind": "bpe", "vocab_size": 280},
-        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_experts": 4, "top_k": 2},
-        "seq_len": 32, "batch_size": 4, "max_steps": 4, "eval_every": 2, "warmup_steps": 1,
-        "validation_fraction": 0.3, "specialisation": {"n_shuffles": 2, "min_count": 2}},
-        "sweep": {"grid": {"lm.model.dense_twin": [None, "active"]}}}
+    config = {
+        "experiment": "lm-sweep",
+        "lm": {
+            "data": [{"kind": "builtin", "n_per_domain": 6, "domains": ["movies", "science"]}],
+            "tokenizer": {"kind": "bpe", "vocab_size": 280},
+            "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_experts": 4, "top_k": 2},
+            "seq_len": 32,
+            "batch_size": 4,
+            "max_steps": 4,
+            "eval_every": 2,
+            "warmup_steps": 1,
+            "validation_fraction": 0.3,
+            "specialisation": {"n_shuffles": 2, "min_count": 2},
+        },
+        "sweep": {"grid": {"lm.model.dense_twin": [None, "active"]}},
+    }
     with one_torch_thread():
         run_inline(config, root=root)
     return root / "lm-sweep"

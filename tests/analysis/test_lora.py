@@ -18,14 +18,25 @@ from tests.builders import one_torch_thread, save_tiny_llama
 def experiment(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lora-report")
     base = save_tiny_llama(folder / "base")
-    config = {"experiment": "lora-report",
-              "lora": {"base": {"name": str(base)},
-                       "data": [{"kind": "builtin", "n_per_domain": 10, "domains": ["movies", "medical"]}],
-                       "adapter": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
-                       "training": {"max_steps": 4, "batch_size": 4, "lr": 0.01, "eval_every": 2}, "max_length": 24},
-              "route": {"routers": [{"kind": "oracle"}, {"kind": "base"}, {"kind": "learned", "layer": 1},
-                                    {"kind": "keyword", "rules": {"movies": ["film"]}, "default": "medical"}],
-                        "bootstrap": 50}}
+    config = {
+        "experiment": "lora-report",
+        "lora": {
+            "base": {"name": str(base)},
+            "data": [{"kind": "builtin", "n_per_domain": 10, "domains": ["movies", "medical"]}],
+            "adapter": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+            "training": {"max_steps": 4, "batch_size": 4, "lr": 0.01, "eval_every": 2},
+            "max_length": 24,
+        },
+        "route": {
+            "routers": [
+                {"kind": "oracle"},
+                {"kind": "base"},
+                {"kind": "learned", "layer": 1},
+                {"kind": "keyword", "rules": {"movies": ["film"]}, "default": "medical"},
+            ],
+            "bootstrap": 50,
+        },
+    }
     with one_torch_thread():
         run_inline(config, root=folder / "results")
     return folder / "results" / "lora-report"
@@ -36,8 +47,13 @@ def test_the_report_has_the_lora_and_route_sections_and_figures(experiment, tmp_
     page = result.index.read_text()
     assert "Routers over domain adapters (route)" in page and "Domain LoRA adapters (lora)" in page
     route_figures = sorted(p.name for p in (tmp_path / "report" / "figures").glob("route-*/*.png"))
-    assert route_figures == ["confusion_2.png", "confusion_3.png", "loss_matrix.png", "router_domain_delta.png",
-                             "router_domain_gain.png"]
+    assert route_figures == [
+        "confusion_2.png",
+        "confusion_3.png",
+        "loss_matrix.png",
+        "router_domain_delta.png",
+        "router_domain_gain.png",
+    ]
     assert list((tmp_path / "report" / "figures").glob("lora-*/adapter_val_loss.png"))
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     metrics = summary["runs"][0]["metrics"]
@@ -47,8 +63,9 @@ def test_the_report_has_the_lora_and_route_sections_and_figures(experiment, tmp_
 def test_plot_loss_matrix_stars_the_best_model_of_each_domain():
     figure, ax = plots.new_figure()
     delta = np.array([[-0.3, -0.1], [-0.2, -0.4], [0.0, 0.0]])
-    lora_analysis.plot_loss_matrix({"delta": delta, "models": ["a", "b", "base"], "domains": ["a", "b"],
-                                    "n_texts": 10}, ax)
+    lora_analysis.plot_loss_matrix(
+        {"delta": delta, "models": ["a", "b", "base"], "domains": ["a", "b"], "n_texts": 10}, ax
+    )
     stars = ax.collections[0].get_offsets()
     assert sorted(map(tuple, np.asarray(stars).round(2))) == [(0.32, -0.28), (1.32, 0.72)]  # a cell corner
 
@@ -65,9 +82,18 @@ def test_plot_confusion_shows_counts_and_row_shares():
 def test_plot_router_bars_draws_one_bar_per_router_and_domain_with_intervals():
     figure, ax = plots.new_figure()
     value = np.array([[1.0, 2.0], [1.5, 2.5]])
-    lora_analysis.plot_router_bars({"domains": ["a", "b"], "routers": ["oracle", "keyword"], "value": value,
-                                    "low": value - 0.1, "high": value + np.array([[0.2, 0.2], [np.nan, 0.2]]),
-                                    "ylabel": "loss", "title": "t"}, ax)
+    lora_analysis.plot_router_bars(
+        {
+            "domains": ["a", "b"],
+            "routers": ["oracle", "keyword"],
+            "value": value,
+            "low": value - 0.1,
+            "high": value + np.array([[0.2, 0.2], [np.nan, 0.2]]),
+            "ylabel": "loss",
+            "title": "t",
+        },
+        ax,
+    )
     heights = sorted(bar.get_height() for bar in ax.patches)
     assert heights == [1.0, 1.5, 2.0, 2.5]
     assert len(ax.containers) == 4  # two bar containers, two error-bar containers

@@ -18,8 +18,16 @@ from moespec.cli import main
 from tests.conftest import one_torch_thread, tiny_experiment
 
 TOPK = {"kind": "topk", "n_experts": 4, "hidden_dim": 8, "ffn_dim": 8}
-DICTIONARY = {"kind": "dictionary", "n_experts": 3, "query_dim": 8, "code_dim": 6, "n_layers": 1,
-              "projection_hidden": 8, "projection_dim": 4, "routing": "straight_through"}
+DICTIONARY = {
+    "kind": "dictionary",
+    "n_experts": 3,
+    "query_dim": 8,
+    "code_dim": 6,
+    "n_layers": 1,
+    "projection_hidden": 8,
+    "projection_dim": 4,
+    "routing": "straight_through",
+}
 
 _BUILT: dict[str, Path] = {}
 
@@ -38,17 +46,36 @@ def sweep_experiment(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("analysis-results")
     config = tiny_experiment(
-        "sweep", n_per_domain=10, reduce={"n_components": 6, "mle_k": 5},
-        fiber={"vol_min": 5, "vol_max": 40, "window": 5, "strata": {"k_range": [2, 3], "n_init": 1},
-               "calibration": {"n_repeats": 1}},
+        "sweep",
+        n_per_domain=10,
+        reduce={"n_components": 6, "mle_k": 5},
+        fiber={
+            "vol_min": 5,
+            "vol_max": 40,
+            "window": 5,
+            "strata": {"k_range": [2, 3], "n_init": 1},
+            "calibration": {"n_repeats": 1},
+        },
         train={"model": TOPK, "epochs": 2, "batch_size": 16},
         ablate={"by": ["class", "domain", "stratum"], "bootstrap": 50, "controls": {"random_sets": 2}},
-        sweep={"grid": {"train.model": [TOPK, DICTIONARY], "train.epochs": [2, 3]}})
+        sweep={"grid": {"train.model": [TOPK, DICTIONARY], "train.epochs": [2, 3]}},
+    )
     with one_torch_thread():
         run_inline(config, root=root)
     plan = make_plan(load_experiment(config, root=root))
-    tasks = [{"stage": t.stage, "uid": t.uid, "shard": t.shard_index, "status": "ran", "points": list(t.points),
-              "summary": {}, "error": None, "artifact": str(t.dir)} for t in plan.tasks]
+    tasks = [
+        {
+            "stage": t.stage,
+            "uid": t.uid,
+            "shard": t.shard_index,
+            "status": "ran",
+            "points": list(t.points),
+            "summary": {},
+            "error": None,
+            "artifact": str(t.dir),
+        }
+        for t in plan.tasks
+    ]
     (root / "sweep" / "summary.json").write_text(json.dumps({"tasks": tasks}))
     _BUILT["sweep"] = root / "sweep"
     return _BUILT["sweep"]
@@ -112,7 +139,7 @@ def test_runs_are_the_sweep_points_linked_through_input_uids(experiment):
         assert run.tasks["ablate"].input_uids["train"] == run.tasks["train"].uid
         assert len(run.points) == 1
     assert sorted(r.points[0] for r in found.runs) == [0, 1, 2, 3]
-    assert len({r.tasks["reduce"].uid for r in found.runs}) == 1   # shared upstream artifact
+    assert len({r.tasks["reduce"].uid for r in found.runs}) == 1  # shared upstream artifact
 
 
 def test_report_renders_with_every_figure_and_summary(report, experiment):
@@ -137,13 +164,25 @@ def test_numbers_in_the_html_are_the_artifacts(report, experiment):
     page = parse(report.index)
     assert len(page.cells) > 200
     datasets = {attrs["data-dataset"] for attrs, _ in page.cells}
-    for expected in ("variance_retained", "id/global/twonn", "id/per_domain/mle_levina_bickel",
-                     "rates/overall/rejection_rate", "null/rejection_rate", "rates/per_stratum/fiber_rejection_rate",
-                     "strata/domain_table", "best_val_loss", "experts/load", "ablation/mask/delta_accuracy_low",
-                     "specialisation/class/nmi"):
+    for expected in (
+        "variance_retained",
+        "id/global/twonn",
+        "id/per_domain/mle_levina_bickel",
+        "rates/overall/rejection_rate",
+        "null/rejection_rate",
+        "rates/per_stratum/fiber_rejection_rate",
+        "strata/domain_table",
+        "best_val_loss",
+        "experts/load",
+        "ablation/mask/delta_accuracy_low",
+        "specialisation/class/nmi",
+    ):
         assert expected in datasets, expected
-    files = {(s, p.name): open_artifact(p) for s in ("reduce", "fiber", "train", "ablate")
-             for p in (experiment / s).iterdir()}
+    files = {
+        (s, p.name): open_artifact(p)
+        for s in ("reduce", "fiber", "train", "ablate")
+        for p in (experiment / s).iterdir()
+    }
     try:
         for attrs, text in page.cells:
             reader = files[(attrs["data-stage"], attrs["data-uid"])]
@@ -159,7 +198,7 @@ def test_numbers_in_the_html_are_the_artifacts(report, experiment):
                 assert float(attrs["data-value"]) == pytest.approx(float(value), rel=1e-12, abs=1e-300), attrs
                 assert float(text.replace(",", "")) == pytest.approx(float(value), rel=5e-3, abs=1e-12), attrs
                 if isinstance(value, (int, np.integer)):
-                    assert text.replace(",", "") == str(int(value))   # counts print whole
+                    assert text.replace(",", "") == str(int(value))  # counts print whole
     finally:
         for reader in files.values():
             reader.close()
@@ -169,13 +208,15 @@ def test_overview_metrics_are_the_stage_summaries(report, experiment):
     text = report.index.read_text(encoding="utf-8")
     for run in discover(experiment).runs:
         accuracy = json.loads((run.tasks["train"].dir / "summary.json").read_text())["val_accuracy"]
-        assert (f'data-summary="train.val_accuracy" data-uid="{run.tasks["train"].uid}" '
-                f'data-value="{float(accuracy)!r}">{accuracy:.3g}<') in text
+        assert (
+            f'data-summary="train.val_accuracy" data-uid="{run.tasks["train"].uid}" '
+            f'data-value="{float(accuracy)!r}">{accuracy:.3g}<'
+        ) in text
 
 
 def test_missing_and_failed_stages_are_shown_not_filled(experiment, tmp_path):
     copy = tmp_path / "sweep"
-    shutil.copytree(experiment, copy)   # with the report: figures of unchanged artifacts are kept
+    shutil.copytree(experiment, copy)  # with the report: figures of unchanged artifacts are kept
     runs = discover(copy).runs
     failed = runs[0].tasks["ablate"]
     (failed.dir / "ablate.h5").unlink()
@@ -201,15 +242,17 @@ def test_cli_report_prints_the_table_and_the_index_path(experiment, report, caps
     out = capsys.readouterr().out
     assert f"report: {report.index.resolve()}" in out
     assert "run1-" in out and "variance_retained" in out
-    assert figure.stat().st_mtime_ns == drawn   # same artifact, same plotting code: not drawn again
+    assert figure.stat().st_mtime_ns == drawn  # same artifact, same plotting code: not drawn again
 
 
 def test_analysis_cli_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, moespec.cli; moespec.cli.build_parser(); import moespec.analysis.report, "
-            "moespec.analysis.compare; assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, moespec.cli; moespec.cli.build_parser(); import moespec.analysis.report, "
+        "moespec.analysis.compare; assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -283,6 +326,7 @@ def test_train_figures_follow_what_the_artifact_holds(experiment, tmp_path):
     assert len(step["series"]["total, training (per step)"]) == n_steps
     assert list(step["xs"]["total, validation (per epoch)"]) == list(steps_per_epoch * epochs)
 
+
 def test_no_text_of_any_figure_is_cut_off(experiment):
     """Every title, label, tick label, legend and colour-bar label lies inside its saved figure."""
     import matplotlib
@@ -300,6 +344,6 @@ def test_no_text_of_any_figure_is_cut_off(experiment):
                 figure.plot(figure.data, ax)
                 assert clipped_texts(fig) == [], (task.stage, figure.name)
                 sizes = [t.get_fontsize() for t in fig.findobj(matplotlib.text.Text) if t.get_text().strip()]
-                assert min(sizes) >= MIN_FONT - 1, (task.stage, figure.name)   # cell values: 8 pt, the rest >= 9
+                assert min(sizes) >= MIN_FONT - 1, (task.stage, figure.name)  # cell values: 8 pt, the rest >= 9
             checked += 1
     assert checked >= 40

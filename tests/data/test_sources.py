@@ -13,8 +13,10 @@ from moespec.data import BuiltinSource, FilesSource, HFSource, Source, concat, l
 from moespec.data.sources import texts_from_dataset
 from moespec.errors import DataError
 
-ROWS = [{"text": f"review number {i} " + "word " * (i % 7), "stars": ["bad", "good", "ok"][i % 3], "id": i}
-        for i in range(100)]
+ROWS = [
+    {"text": f"review number {i} " + "word " * (i % 7), "stars": ["bad", "good", "ok"][i % 3], "id": i}
+    for i in range(100)
+]
 
 
 def _write(tmp_path, fmt, rows=ROWS, name="reviews"):
@@ -74,8 +76,11 @@ def test_empty_texts_are_skipped_and_logged_and_n_must_be_available(tmp_path, ca
 
 def test_missing_fields_and_empty_data_are_data_errors_naming_source_and_field(tmp_path):
     path = _write(tmp_path, "jsonl")
-    with pytest.raises(DataError, match=r"reviews\.jsonl line 1: no field\(s\) \['body'\] in the first record; "
-                                        r"its fields are \['text', 'stars', 'id'\]"):
+    with pytest.raises(
+        DataError,
+        match=r"reviews\.jsonl line 1: no field\(s\) \['body'\] in the first record; "
+        r"its fields are \['text', 'stars', 'id'\]",
+    ):
         FilesSource(paths=[path], text_field="body").load()
     with pytest.raises(DataError, match=r"reviews\.csv line 1: no field\(s\) \['rating'\] in the header"):
         FilesSource(paths=[_write(tmp_path, "csv")], label_field="rating").load()
@@ -102,15 +107,26 @@ def test_float_labels_are_refused(tmp_path):
 def _labelled_dataset():
     import datasets
 
-    features = datasets.Features({"sentence": datasets.Value("string"),
-                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
-    return datasets.Dataset.from_dict({"sentence": ["bad", "good", "fine", "meh"], "label": [0, 1, -1, 0]},
-                                      features=features)
+    features = datasets.Features(
+        {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["negative", "positive"])}
+    )
+    return datasets.Dataset.from_dict(
+        {"sentence": ["bad", "good", "fine", "meh"], "label": [0, 1, -1, 0]}, features=features
+    )
 
 
 def test_classlabel_names_and_unlabelled_rows():
-    texts = texts_from_dataset(_labelled_dataset(), where="test", domain="sst", text_fields=["sentence"],
-                               separator="\n", label_field="label", n=None, seed=0, provenance={})
+    texts = texts_from_dataset(
+        _labelled_dataset(),
+        where="test",
+        domain="sst",
+        text_fields=["sentence"],
+        separator="\n",
+        label_field="label",
+        n=None,
+        seed=0,
+        provenance={},
+    )
     assert texts.label_names == ["sst/negative", "sst/positive"]
     assert texts.label.tolist() == [0, 1, -1, 0]
 
@@ -119,23 +135,32 @@ def test_hf_source_reads_a_local_dataset_folder_without_network(tmp_path):
     folder = tmp_path / "my_dataset"
     (folder / "data").mkdir(parents=True)
     _labelled_dataset().to_parquet(str(folder / "data" / "train-00000.parquet"))
-    texts = HFSource(name=str(folder), split="train", text_field="sentence", label_field="label",
-                     domain="sst", n=3, seed=0).load()
+    texts = HFSource(
+        name=str(folder), split="train", text_field="sentence", label_field="label", domain="sst", n=3, seed=0
+    ).load()
     assert len(texts) == 3 and texts.label_names == ["sst/negative", "sst/positive"]
     assert texts.sources[0]["kind"] == "hf" and texts.sources[0]["fingerprint"]
 
 
 def test_unknown_hf_dataset_is_a_data_error_naming_it():
-    with pytest.raises(DataError, match=r"source hf:nobody/no-such-dataset \(split train\): dataset "
-                                        r"'nobody/no-such-dataset' is not in the cache .*HF_HUB_OFFLINE is set"):
+    with pytest.raises(
+        DataError,
+        match=r"source hf:nobody/no-such-dataset \(split train\): dataset "
+        r"'nobody/no-such-dataset' is not in the cache .*HF_HUB_OFFLINE is set",
+    ):
         HFSource(name="nobody/no-such-dataset").load()
 
 
 def test_labels_of_different_sources_never_share_codes(tmp_path):
     a = _write(tmp_path, "jsonl", [{"text": "x", "y": "pos"}, {"text": "z", "y": "neg"}], "a")
     b = _write(tmp_path, "csv", [{"text": "u", "y": "pos"}, {"text": "v", "y": "neg"}], "b")
-    texts = load_texts([FilesSource(paths=[a], label_field="y"), FilesSource(paths=[b], label_field="y"),
-                        BuiltinSource(n_per_domain=1, domains=["news"])])
+    texts = load_texts(
+        [
+            FilesSource(paths=[a], label_field="y"),
+            FilesSource(paths=[b], label_field="y"),
+            BuiltinSource(n_per_domain=1, domains=["news"]),
+        ]
+    )
     assert texts.domain_names == ["a", "b", "news"] and texts.domain.tolist() == [0, 0, 1, 1, 2]
     assert texts.label_names[:4] == ["a/neg", "a/pos", "b/neg", "b/pos"]
     assert texts.label[:4].tolist() == [1, 0, 3, 2]
@@ -183,9 +208,13 @@ def test_unusable_files_are_named_with_file_and_line_before_datasets_reads_them(
     header_only.write_text("text,label\n")
     not_json = tmp_path / "broken.jsonl"
     not_json.write_text("{text: 1}\n")
-    cases = {empty: "empty.jsonl: the file is empty", blank: "blank.jsonl: has no records (only blank lines)",
-             latin: "latin.jsonl line 2: not UTF-8 text (byte 0xe9 at column 14); save the file as UTF-8",
-             header_only: "header.csv: has no records, only a header", not_json: "broken.jsonl line 1: not JSON ("}
+    cases = {
+        empty: "empty.jsonl: the file is empty",
+        blank: "blank.jsonl: has no records (only blank lines)",
+        latin: "latin.jsonl line 2: not UTF-8 text (byte 0xe9 at column 14); save the file as UTF-8",
+        header_only: "header.csv: has no records, only a header",
+        not_json: "broken.jsonl line 1: not JSON (",
+    }
     for path, message in cases.items():
         with pytest.raises(DataError) as info:
             FilesSource(paths=[str(path)]).load()
@@ -199,8 +228,9 @@ def test_check_reads_only_the_head_of_a_file_and_names_missing_fields(tmp_path):
     assert FilesSource(paths=[str(path)], text_field="body").check(max_bytes=40) == []
     assert "line 11: not UTF-8" in FilesSource(paths=[str(path)], text_field="body").check(max_bytes=None)[0][1]
     problems = FilesSource(paths=[str(path)], text_field="body", domain_field="topic").check(max_bytes=40)
-    assert problems == [("paths[0]", f"{path} line 1: no field(s) ['topic'] in the first record; its fields are "
-                                     "['body']")]
+    assert problems == [
+        ("paths[0]", f"{path} line 1: no field(s) ['topic'] in the first record; its fields are ['body']")
+    ]
 
 
 def test_a_gzipped_jsonl_is_checked_through_gzip(tmp_path):
@@ -214,8 +244,10 @@ def test_a_gzipped_jsonl_is_checked_through_gzip(tmp_path):
 
 
 def test_one_file_holds_several_domains_through_domain_field(tmp_path):
-    rows = [{"text": f"text {i}", "topic": ["news", "law", "news"][i % 3], "stars": ["bad", "good"][i % 2]}
-            for i in range(12)]
+    rows = [
+        {"text": f"text {i}", "topic": ["news", "law", "news"][i % 3], "stars": ["bad", "good"][i % 2]}
+        for i in range(12)
+    ]
     path = _write(tmp_path, "jsonl", rows, "mixed")
     texts = FilesSource(paths=[path], domain_field="topic", label_field="stars").load()
     assert texts.domain_names == ["law", "news"]  # sorted by name

@@ -20,15 +20,21 @@ from tests.builders import N_EXPERTS, TOP_K, save_tiny_moe, tiny_config, word_to
 # --------------------------------------------------------------------------------------------------
 # tests
 
-TEXTS = ["the movie was great and the cast was fine", "stocks fell in the market today",
-         "the patient reported a mild fever", "a short one"]
+TEXTS = [
+    "the movie was great and the cast was fine",
+    "stocks fell in the market today",
+    "the patient reported a mild fever",
+    "a short one",
+]
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-moe")
-    return {kind: save_tiny_moe(kind, root / kind, n_layers=3 if kind == "mixtral" else 2)
-            for kind in ("mixtral", "qwen2_moe", "olmoe", "switch")}
+    return {
+        kind: save_tiny_moe(kind, root / kind, n_layers=3 if kind == "mixtral" else 2)
+        for kind in ("mixtral", "qwen2_moe", "olmoe", "switch")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +96,10 @@ def _without_expert(folder, expert):
     config.num_local_experts = N_EXPERTS - 1
     smaller = MixtralForCausalLM(config)
     keep = [e for e in range(N_EXPERTS) if e != expert]
-    state = {k: (v[keep] if k.endswith(("gate.weight", "gate_up_proj", "down_proj")) else v)
-             for k, v in model.state_dict().items()}
+    state = {
+        k: (v[keep] if k.endswith(("gate.weight", "gate_up_proj", "down_proj")) else v)
+        for k, v in model.state_dict().items()
+    }
     smaller.load_state_dict(state)
     return smaller.eval()
 
@@ -166,7 +174,7 @@ def test_replay_and_batched_copies_equal_full_single_passes(mixtral):
             batched = mixtral.model(**hf_moe.repeat_batch(batch, N_EXPERTS)).logits
         assert used and not replay.can_replay(mixtral.sites[0])  # nothing comes before the first block
         for expert in range(N_EXPERTS):
-            with hooks.ablating(RouterAblation(masks[expert:expert + 1], "mask", layer=2)):
+            with hooks.ablating(RouterAblation(masks[expert : expert + 1], "mask", layer=2)):
                 single = mixtral.model(**batch).logits
             rows = slice(expert * len(TEXTS), (expert + 1) * len(TEXTS))
             torch.testing.assert_close(batched[rows], single, rtol=1e-5, atol=1e-5)
@@ -186,8 +194,18 @@ def test_token_nll_matches_the_models_own_loss(mixtral):
 
 def test_run_texts_restores_text_order_and_matches_single_passes(mixtral):
     masks = np.eye(N_EXPERTS, dtype=bool)[[0, 3]]
-    result = hf_moe.run_texts(mixtral, TEXTS, hf_moe.next_token_loss, max_length=16, batch_size=3, tokens_per_pass=64,
-                              masks=masks, layers=np.array([1, 2]), modes=("mask", "zero"), record_routing=True)
+    result = hf_moe.run_texts(
+        mixtral,
+        TEXTS,
+        hf_moe.next_token_loss,
+        max_length=16,
+        batch_size=3,
+        tokens_per_pass=64,
+        masks=masks,
+        layers=np.array([1, 2]),
+        modes=("mask", "zero"),
+        record_routing=True,
+    )
     for i, text in enumerate(TEXTS):
         alone = hf_moe.next_token_loss(mixtral.model, _batch(mixtral, [text]))
         assert result.base[i] == pytest.approx(alone[0], rel=1e-5)
@@ -200,7 +218,7 @@ def test_run_texts_restores_text_order_and_matches_single_passes(mixtral):
     assert routing.probs.shape == (n_real, 3, N_EXPERTS) and routing.expert_index.shape == (n_real, 3, TOP_K)
     assert routing.text.tolist() == sorted(routing.text.tolist()) and routing.position[0] == 0
     first_text = mixtral.tokenizer(TEXTS[:1])["input_ids"][0]
-    assert routing.token_id[:len(first_text)].tolist() == first_text
+    assert routing.token_id[: len(first_text)].tolist() == first_text
     np.testing.assert_allclose(routing.probs.sum(-1), 1.0, rtol=1e-5)
 
 
@@ -231,8 +249,11 @@ def test_not_an_moe_and_wrong_task_are_clear_errors(tmp_path, folders):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = word_tokenizer()
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2)).save_pretrained(tmp_path / "llama")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+    ).save_pretrained(tmp_path / "llama")
     tokenizer.save_pretrained(tmp_path / "llama")
     with pytest.raises(ConfigError, match="LlamaForCausalLM is not a mixture-of-experts model"):
         hf_moe.load_moe_model(str(tmp_path / "llama"), task="lm")

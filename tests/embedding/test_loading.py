@@ -67,8 +67,10 @@ def test_uncached_hub_model_offline_is_refused_at_once_naming_the_fix_once(tmp_p
     with pytest.raises(ConfigError) as info:
         load_model("nobody-here/no-such-model-xyz")
     text = str(info.value)
-    assert text.startswith("embed.model.name: model 'nobody-here/no-such-model-xyz' is not in the cache "
-                           f"{tmp_path / 'hf' / 'hub'}, and HF_HUB_OFFLINE is set")
+    assert text.startswith(
+        "embed.model.name: model 'nobody-here/no-such-model-xyz' is not in the cache "
+        f"{tmp_path / 'hf' / 'hub'}, and HF_HUB_OFFLINE is set"
+    )
     assert "hpc/README.md" in text and "run with HF_HUB_OFFLINE=1" not in text and "moespec.embedding" not in text
 
 

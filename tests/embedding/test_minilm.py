@@ -30,7 +30,7 @@ TEXTS = [
     "Patients should take the tablet twice daily with food; stop if a rash appears.",
     "The referee blew the whistle and the striker scored in the final minute of extra time!",
 ]
-MAX_LENGTH = 256   # sentence-transformers' max_seq_length for this model (sentence_bert_config.json)
+MAX_LENGTH = 256  # sentence-transformers' max_seq_length for this model (sentence_bert_config.json)
 
 
 def _require(module: str) -> None:
@@ -52,9 +52,16 @@ def test_stage_mean_pooling_equals_sentence_transformers_encode(tmp_path):
 
     texts_file = tmp_path / "texts.jsonl"
     texts_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS), encoding="utf-8")
-    experiment = {"experiment": "minilm", "embed": {
-        "model": {"name": "builtin:minilm"}, "data": [{"kind": "files", "paths": [str(texts_file)], "domain": "mixed"}],
-        "pooling": "mean", "max_length": MAX_LENGTH, "batch_size": 4}}
+    experiment = {
+        "experiment": "minilm",
+        "embed": {
+            "model": {"name": "builtin:minilm"},
+            "data": [{"kind": "files", "paths": [str(texts_file)], "domain": "mixed"}],
+            "pooling": "mean",
+            "max_length": MAX_LENGTH,
+            "batch_size": 4,
+        },
+    }
     with one_torch_thread():
         folder = next(iter(run_inline(experiment, root=tmp_path / "results").values()))
         with open_artifact(folder / "embed.h5") as reader:
@@ -62,8 +69,9 @@ def test_stage_mean_pooling_equals_sentence_transformers_encode(tmp_path):
             order = np.asarray(reader.read("text_id"))
         reference = SentenceTransformer(str(builtin_model_dir("builtin:minilm")), device="cpu")
         reference.max_seq_length = MAX_LENGTH
-        expected = reference.encode([TEXTS[i] for i in _text_index(order)], batch_size=4, normalize_embeddings=True,
-                                    convert_to_numpy=True)
+        expected = reference.encode(
+            [TEXTS[i] for i in _text_index(order)], batch_size=4, normalize_embeddings=True, convert_to_numpy=True
+        )
     ours /= np.linalg.norm(ours, axis=1, keepdims=True)
     assert ours.shape == (len(TEXTS), 384)
     np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)

@@ -18,8 +18,8 @@ import scipy.stats
 def first_change(radii, volumes, ws, level):
     dimvec = np.gradient(np.log(volumes)) / np.gradient(np.log(radii))
     for w in range(2 * ws, dimvec.shape[0] - 2 * ws):
-        t1 = dimvec[w - 2 * ws: w - ws]
-        t2 = dimvec[w + ws: w + 2 * ws]
+        t1 = dimvec[w - 2 * ws : w - ws]
+        t2 = dimvec[w + ws : w + 2 * ws]
         t1 = t1[np.isfinite(t1) & (np.abs(t1) > 1e-5)]
         t2 = t2[np.isfinite(t2) & (np.abs(t2) > 1e-5)]
         with warnings.catch_warnings():

@@ -16,7 +16,7 @@ from moespec.geometry import (
 
 from .reference_fiber import estimate_point
 
-PAPER = dict(vol_min=10, vol_max=100, window=10, alpha=1e-3, max_strata=2)  # fiber_bundle.md section 7
+PAPER = dict(vol_min=10, vol_max=100, window=10, alpha=1e-3, max_strata=2)  # docs/fiber_bundle.md
 
 
 def sphere(n, seed=0):
@@ -28,8 +28,9 @@ def agree_with_reference(X, params, rows):
     result = fiber_bundle_test(X, **params)
     dists = np.sort(cdist(X, X), axis=1)
     for i in rows:
-        changes, dims = estimate_point(dists[i], params["vol_min"], params["vol_max"], params["window"],
-                                       params["alpha"], params["max_strata"])
+        changes, dims = estimate_point(
+            dists[i], params["vol_min"], params["vol_max"], params["window"], params["alpha"], params["max_strata"]
+        )
         assert result.n_changes[i] == len(changes), i
         assert result.change_volume[i, : len(changes)].tolist() == [v for v, _ in changes], i
         np.testing.assert_allclose(result.change_pvalue[i, : len(changes)], [p for _, p in changes], rtol=1e-8)
@@ -61,16 +62,19 @@ def test_matches_the_reference_on_a_lattice_with_tied_radii():
     agree_with_reference(grid, params, rows_to_check(result, 20))
 
 
-@pytest.mark.parametrize("name, make, dimension", [
-    ("sphere S2", lambda rng: sphere(1000, 1), 2.0),
-    ("unit square", lambda rng: np.c_[rng.random((1500, 2)), np.zeros(1500)], 2.0),
-    ("unit cube", lambda rng: rng.random((2000, 3)), 3.0),
-    ("gaussian R5", lambda rng: rng.standard_normal((1200, 5)), 5.0),
-])
+@pytest.mark.parametrize(
+    "name, make, dimension",
+    [
+        ("sphere S2", lambda rng: sphere(1000, 1), 2.0),
+        ("unit square", lambda rng: np.c_[rng.random((1500, 2)), np.zeros(1500)], 2.0),
+        ("unit cube", lambda rng: rng.random((2000, 3)), 3.0),
+        ("gaussian R5", lambda rng: rng.standard_normal((1200, 5)), 5.0),
+    ],
+)
 def test_smooth_manifolds_stay_near_the_null_level(name, make, dimension):
     result = fiber_bundle_test(make(np.random.default_rng(0)), **PAPER)
     summary = result.summary()
-    # fiber_bundle.md section 7: 3-4 % manifold and 1.3-1.8 % fiber-bundle rejections on these.
+    # docs/fiber_bundle.md, "Synthetic validation cases": 3-4 % manifold and 1.3-1.8 % fiber-bundle rejections on these.
     assert summary["rejection_rate"] < 0.07, summary
     assert summary["fiber_rejection_rate"] < 0.035, summary
     # Boundaries and density bias the slope slightly downward (measured 1.94 / 1.86 / 2.73 / 4.60).
@@ -112,8 +116,13 @@ def test_invariant_to_scale_rotation_translation_and_order():
     base = fiber_bundle_test(X, **params)
     rotation = np.linalg.qr(rng.standard_normal((5, 5)))[0]
     order = rng.permutation(len(X))
-    variants = {"x1e-3": (X * 1e-3, None), "x1e3": (X * 1e3, None), "rotated": (X @ rotation, None),
-                "translated": (X + 1e3, None), "permuted": (X[order], order)}
+    variants = {
+        "x1e-3": (X * 1e-3, None),
+        "x1e3": (X * 1e3, None),
+        "rotated": (X @ rotation, None),
+        "translated": (X + 1e3, None),
+        "permuted": (X[order], order),
+    }
     for name, (Y, perm) in variants.items():
         other = fiber_bundle_test(Y, **params)
         back = np.argsort(perm) if perm is not None else np.arange(len(X))
@@ -126,8 +135,8 @@ def test_invariant_to_scale_rotation_translation_and_order():
 
 def test_duplicates_are_skipped_never_nan():
     X = sphere(800, 3)
-    X[1:4] = X[0]            # four copies: their first radii are 0
-    X[100:230] = X[99]       # 131 copies: every radius up to vol_max is 0
+    X[1:4] = X[0]  # four copies: their first radii are 0
+    X[100:230] = X[99]  # 131 copies: every radius up to vol_max is 0
     result = fiber_bundle_test(X, **PAPER)
     assert np.isfinite(result.pvalue).all() and np.isfinite(result.pvalue_adjusted).all()
     assert result.testable[:4].all() and not result.testable[99:230].any()
@@ -136,7 +145,7 @@ def test_duplicates_are_skipped_never_nan():
     # Points next to the big cluster see its 131 copies at one radius: no scale, so untestable too.
     others = np.setdiff1d(np.flatnonzero(~result.testable), np.arange(99, 230))
     radii, _ = knn_distances(X, PAPER["vol_max"] - 1, queries=others)
-    assert (radii[:, PAPER["vol_min"] - 1:] == radii[:, -1:]).all()
+    assert (radii[:, PAPER["vol_min"] - 1 :] == radii[:, -1:]).all()
     assert result.summary()["n_testable"] == 800 - 131 - len(others)
 
 
@@ -204,8 +213,7 @@ def test_null_samples_match_the_input_moments():
 
 
 def test_null_calibration_reports_false_alarm_rates():
-    calibration = null_calibration(sphere(600, 8), kind="gaussian", n_repeats=2, n_points=300,
-                                   random_state=0, **PAPER)
+    calibration = null_calibration(sphere(600, 8), kind="gaussian", n_repeats=2, n_points=300, random_state=0, **PAPER)
     assert calibration.rates["rejection_rate"].shape == (2,)
     summary = calibration.summary()
     assert 0.0 <= summary["null_rejection_rate"] < 0.08
@@ -247,7 +255,8 @@ def test_rates_over_all_points_count_untestable_points_as_not_rejected():
     summary = result.summary()
     assert summary["n_testable"] < summary["n_tested"] == 400
     assert summary["rejection_rate_all_points"] == pytest.approx(
-        summary["rejection_rate"] * summary["n_testable"] / summary["n_tested"])
+        summary["rejection_rate"] * summary["n_testable"] / summary["n_tested"]
+    )
 
 
 def test_null_comparison_separates_planted_structure_from_smooth_data():

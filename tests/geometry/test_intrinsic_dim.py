@@ -41,7 +41,7 @@ def manifolds():
 def test_neighbour_estimators_recover_known_dimension(name):
     dimension, X = manifolds()[name]
     distances, _ = knn_distances(X, 20)
-    # Both are biased low as the dimension grows (geometry_perf.md section 1): 5-D reads about 4.7.
+    # Both are biased low as the dimension grows (docs/performance.md, "Intrinsic dimension"): 5-D reads about 4.7.
     assert twonn(distances) == pytest.approx(dimension, rel=0.12)
     assert mle_levina_bickel(distances, 20) == pytest.approx(dimension, rel=0.12)
     assert mle_levina_bickel(distances, 20, combine="harmonic") == pytest.approx(dimension, rel=0.12)
@@ -68,7 +68,7 @@ def test_twonn_without_discard_leaves_out_the_infinite_ordinate():
 
 def test_pca_count():
     assert pca_count([4.0, 3.0, 2.0, 1.0], 0.75) == 3  # 0.4, 0.7, 0.9
-    assert pca_count([1.0, 2.0, 3.0, 4.0], 0.7) == 2   # order does not matter
+    assert pca_count([1.0, 2.0, 3.0, 4.0], 0.7) == 2  # order does not matter
     assert pca_count([1.0, 1.0, 0.0], 1.0) == 2
     with pytest.raises(ConfigError, match="threshold"):
         pca_count([1.0], 0.0)

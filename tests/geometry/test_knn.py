@@ -97,6 +97,6 @@ def test_smallest_equals_topk():
 
     generator = torch.Generator().manual_seed(0)
     scores = torch.full((7, 160 * _GROUP), torch.inf)
-    scores[:, :160 * _GROUP - 5] = torch.randn(7, 160 * _GROUP - 5, generator=generator)
+    scores[:, : 160 * _GROUP - 5] = torch.randn(7, 160 * _GROUP - 5, generator=generator)
     expected = torch.topk(scores, 30, dim=1, largest=False).indices.sort(dim=1).values
     assert torch.equal(_smallest(scores, 30).sort(dim=1).values, expected)

@@ -52,7 +52,7 @@ def test_hdf5_stream_equals_memory_and_is_chunk_independent(tmp_path):
 
 
 def test_float32_with_large_mean_stays_accurate():
-    # The provisional-mean shift avoids the cancellation of X^T X - n mu mu^T (geometry_perf.md section 2).
+    # The provisional-mean shift avoids the cancellation of X^T X - n mu mu^T (docs/performance.md, "PCA").
     X = embedding_like(4000, 50, seed=3, offset=300.0)
     X32 = X.astype(np.float32)
     exact = np.linalg.eigvalsh(np.cov(X32.astype(np.float64), rowvar=False))[::-1]
@@ -114,7 +114,7 @@ def test_memory_does_not_grow_with_n(tmp_path):
     with h5py.File(tmp_path / "big.h5", "w") as f:
         data = f.create_dataset("x", shape=(200_000, 16), dtype="f4", chunks=(1000, 16))
         for start in range(0, 200_000, 50_000):
-            data[start:start + 50_000] = rng.standard_normal((50_000, 16))
+            data[start : start + 50_000] = rng.standard_normal((50_000, 16))
     with h5py.File(tmp_path / "big.h5", "r") as f:
         tracemalloc.start()
         StreamingPCA(4, chunk_rows=1000).fit(f["x"])
@@ -123,14 +123,19 @@ def test_memory_does_not_grow_with_n(tmp_path):
     assert peak < 1_000_000  # one 1000 x 16 chunk and a few copies; the data are 12.8 MB
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"n_components": 61},
-     r"n_components: must be between 1 and min\(n_samples, n_features\) = min\(3000, 60\), got 61"),
-    ({}, "exactly one of n_components and variance_target"),
-    ({"n_components": 3, "variance_target": 0.5}, "exactly one"),
-    ({"variance_target": 1.5}, r"variance_target: must be in \(0, 1\], got 1.5"),
-    ({"variance_target": 0.5, "solver": "randomized"}, "needs solver='covariance'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"n_components": 61},
+            r"n_components: must be between 1 and min\(n_samples, n_features\) = min\(3000, 60\), got 61",
+        ),
+        ({}, "exactly one of n_components and variance_target"),
+        ({"n_components": 3, "variance_target": 0.5}, "exactly one"),
+        ({"variance_target": 1.5}, r"variance_target: must be in \(0, 1\], got 1.5"),
+        ({"variance_target": 0.5, "solver": "randomized"}, "needs solver='covariance'"),
+    ],
+)
 def test_bad_parameters_are_config_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         StreamingPCA(**kwargs).fit(embedding_like())

@@ -10,9 +10,11 @@ from moespec.geometry import Stratifier, cluster_scores, contingency_table, stra
 def three_blobs(seed=0):
     """A 1-D segment, a 2-D square and a 4-D cube, far apart in 6-D."""
     rng = np.random.default_rng(seed)
-    pieces = [np.c_[rng.random((300, 1)), np.zeros((300, 5))],
-              np.c_[rng.random((300, 2)), np.zeros((300, 4))] + 20.0,
-              np.c_[rng.random((300, 4)), np.zeros((300, 2))] - 20.0]
+    pieces = [
+        np.c_[rng.random((300, 1)), np.zeros((300, 5))],
+        np.c_[rng.random((300, 2)), np.zeros((300, 4))] + 20.0,
+        np.c_[rng.random((300, 4)), np.zeros((300, 2))] - 20.0,
+    ]
     return np.concatenate(pieces), np.repeat(np.arange(3), 300)
 
 

@@ -20,13 +20,23 @@ def profile_file(tmp_path):
     """A small GPU cluster profile in its own folder (for ``$MOESPEC_CLUSTERS``)."""
     path = tmp_path / "clusters" / "tiny.yaml"
     path.parent.mkdir()
-    path.write_text(yaml.safe_dump({
-        "partition": "debug", "account": "proj", "gpus_per_node": 1, "cpus_per_node": 8, "mem_gb_per_node": 16,
-        "max_timeout_min": 120, "max_array_size": 4, "array_parallelism": 3,
-        "setup": ["module load python"],
-        "defaults": {"timeout_min": 20, "mem_gb": 2},
-        "stages": {"reduce": {"cpus_per_task": 4, "slurm_qos": "short"}},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "partition": "debug",
+                "account": "proj",
+                "gpus_per_node": 1,
+                "cpus_per_node": 8,
+                "mem_gb_per_node": 16,
+                "max_timeout_min": 120,
+                "max_array_size": 4,
+                "array_parallelism": 3,
+                "setup": ["module load python"],
+                "defaults": {"timeout_min": 20, "mem_gb": 2},
+                "stages": {"reduce": {"cpus_per_task": 4, "slurm_qos": "short"}},
+            }
+        )
+    )
     return path
 
 
@@ -55,6 +65,10 @@ def cleanup():
     """Cancel whatever the test's submissions left queued (job ids from their records)."""
     roots: list[tuple[Path, str]] = []
     yield roots.append
-    ids = {entry.array_job_id for root, name in roots for entry in latest_entries(load_records(root, name)).values()
-           if entry.array_job_id}
+    ids = {
+        entry.array_job_id
+        for root, name in roots
+        for entry in latest_entries(load_records(root, name)).values()
+        if entry.array_job_id
+    }
     scheduler.cancel(sorted(ids))

@@ -60,13 +60,24 @@ def assert_golden(name: str, text: str) -> None:
 
 
 def golden_profile(folder: Path) -> Path:
-    return write_config(folder, {
-        "partition": "gpu", "account": "proj", "max_array_size": 4, "array_parallelism": 3, "gpus_per_node": 4,
-        "python": "python", "setup": ["module load python/3.11", "source $WORK/venv/bin/activate"],
-        "defaults": {"timeout_min": 30, "mem_gb": 8},
-        "stages": {"embed": {"gpus_per_node": 1, "slurm_additional_parameters": {"mail-type": "FAIL"}},
-                   "reduce": {"cpus_per_task": 4, "mem_gb": 1.5, "slurm_qos": "short", "slurm_signal_delay_s": 120}},
-    }, "gold.yaml")
+    return write_config(
+        folder,
+        {
+            "partition": "gpu",
+            "account": "proj",
+            "max_array_size": 4,
+            "array_parallelism": 3,
+            "gpus_per_node": 4,
+            "python": "python",
+            "setup": ["module load python/3.11", "source $WORK/venv/bin/activate"],
+            "defaults": {"timeout_min": 30, "mem_gb": 8},
+            "stages": {
+                "embed": {"gpus_per_node": 1, "slurm_additional_parameters": {"mail-type": "FAIL"}},
+                "reduce": {"cpus_per_task": 4, "mem_gb": 1.5, "slurm_qos": "short", "slurm_signal_delay_s": 120},
+            },
+        },
+        "gold.yaml",
+    )
 
 
 def golden_submission(folder: Path) -> Submission:
@@ -77,8 +88,15 @@ def golden_submission(folder: Path) -> Submission:
 
 
 def golden_context(submission: Submission) -> ScriptContext:
-    return ScriptContext("sw", "gold", Path("jobs/sw/experiment.yaml"), Path("jobs/sw"), "python -m moespec.cli",
-                         tuple(submission.cluster.profile.setup), "cached")
+    return ScriptContext(
+        "sw",
+        "gold",
+        Path("jobs/sw/experiment.yaml"),
+        Path("jobs/sw"),
+        "python -m moespec.cli",
+        tuple(submission.cluster.profile.setup),
+        "cached",
+    )
 
 
 def demo_sweep(folder: Path, poolings=("mean", "cls"), sizes=(2, 3), **infra) -> dict:
@@ -123,8 +141,12 @@ def sacct_times(job_ids: list[str], expect: int = 0, timeout_s: float = 60.0) ->
     """
     deadline = time.monotonic() + timeout_s
     while True:
-        text = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,Start,End", "-j", ",".join(job_ids)],
-                              capture_output=True, text=True, check=True).stdout
+        text = subprocess.run(
+            ["sacct", "-X", "-n", "-P", "-o", "JobID,State,Start,End", "-j", ",".join(job_ids)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         times = {line.split("|")[0]: tuple(line.split("|")[1:]) for line in text.splitlines() if line}
         finished = sum(1 for state, start, end in times.values() if end not in ("", "Unknown"))
         if finished >= expect or time.monotonic() > deadline:

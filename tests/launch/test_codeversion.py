@@ -27,10 +27,17 @@ PACKAGE = Path(codeversion.__file__).resolve().parents[1]
 
 def versions_of(package_parent: Path) -> dict[str, str]:
     """Each stage's code version as a fresh interpreter computes it from the package under ``package_parent``."""
-    code = ("from moespec.launch.codeversion import stage_code_version as v; "
-            "print(' '.join(s + '=' + v(s) for s in ('embed', 'reduce', 'fiber', 'train', 'ablate')))")
-    out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(package_parent)}, capture_output=True,
-                         text=True, check=True).stdout
+    code = (
+        "from moespec.launch.codeversion import stage_code_version as v; "
+        "print(' '.join(s + '=' + v(s) for s in ('embed', 'reduce', 'fiber', 'train', 'ablate')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PYTHONPATH": str(package_parent)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return dict(item.split("=") for item in out.split())
 
 
@@ -38,14 +45,14 @@ def test_code_version_follows_the_code_a_stage_imports_not_its_comments(tmp_path
     shutil.copytree(PACKAGE, tmp_path / "moespec", ignore=shutil.ignore_patterns("__pycache__"))
     before = versions_of(tmp_path)
     assert before == {stage: codeversion.stage_code_version(stage) for stage in before}
-    pca = tmp_path / "moespec" / "geometry" / "pca.py"   # imported by reduce, not by embed
+    pca = tmp_path / "moespec" / "geometry" / "pca.py"  # imported by reduce, not by embed
     source = pca.read_text()
     pca.write_text('"""Reworded."""\n# a new comment\n\n' + source.split('"""', 2)[2].lstrip("\n") + "\n\n")
-    assert versions_of(tmp_path) == before   # docstring, comments and blank lines only
+    assert versions_of(tmp_path) == before  # docstring, comments and blank lines only
     pca.write_text(source + "\nSCALE = 2.0\n")
     after = versions_of(tmp_path)
     assert after["reduce"] != before["reduce"] and after["embed"] == before["embed"]
-    launch = tmp_path / "moespec" / "launch" / "slurm.py"   # orchestration computes nothing
+    launch = tmp_path / "moespec" / "launch" / "slurm.py"  # orchestration computes nothing
     launch.write_text(launch.read_text() + "\nX = 1\n")
     assert versions_of(tmp_path) == after
 
@@ -68,8 +75,9 @@ def test_changed_stage_code_makes_artifacts_and_dependants_stale(ran, capsys, mo
         assert h5.attrs["code_version"] == embed.code_version and h5.attrs["stage_code"] == embed.stage_code
     assert main(["plan", str(ran)]) == 0 and capsys.readouterr().out.count(" done ") == 2
     changed = {"embed": "0123456789ab"}
-    monkeypatch.setattr(plan_module, "stage_code_version", lambda stage: changed.get(stage) or
-                        codeversion.stage_code_version(stage))
+    monkeypatch.setattr(
+        plan_module, "stage_code_version", lambda stage: changed.get(stage) or codeversion.stage_code_version(stage)
+    )
     assert main(["plan", str(ran)]) == 0
     out = capsys.readouterr().out
     assert f"stale: the embed code changed since it was made (code {embed.stage_code} -> 0123456789ab)" in out

@@ -15,8 +15,9 @@ from tests.conftest import tiny_experiment
 
 
 def _task(tmp_path):
-    return SimpleNamespace(label="train 0123456789ab", dir=tmp_path, log_path=tmp_path / "log.txt",
-                           num_shards=1, shard_index=0)
+    return SimpleNamespace(
+        label="train 0123456789ab", dir=tmp_path, log_path=tmp_path / "log.txt", num_shards=1, shard_index=0
+    )
 
 
 def test_a_watch_shows_new_log_records_progress_and_a_heartbeat(tmp_path):
@@ -25,11 +26,15 @@ def test_a_watch_shows_new_log_records_progress_and_a_heartbeat(tmp_path):
     watch = runner.TaskWatch(task)
     start = watch.started
     with open(task.log_path, "a") as log:
-        log.write("2026-01-01 00:00:01 INFO start train 0123456789ab (experiment t, config below)\nepochs: 3\n"
-                  "2026-01-01 00:00:02 INFO epoch 1: train loss 0.9 | val accuracy 0.41\n"
-                  "2026-01-01 00:00:03 WARNING load is uneven\n2026-01-01 00:00:04 INFO epoch 2: tra")
-    assert watch.lines(start + 0.5) == ["    train 0123456789ab: epoch 1: train loss 0.9 | val accuracy 0.41",
-                                        "    train 0123456789ab: WARNING load is uneven"]
+        log.write(
+            "2026-01-01 00:00:01 INFO start train 0123456789ab (experiment t, config below)\nepochs: 3\n"
+            "2026-01-01 00:00:02 INFO epoch 1: train loss 0.9 | val accuracy 0.41\n"
+            "2026-01-01 00:00:03 WARNING load is uneven\n2026-01-01 00:00:04 INFO epoch 2: tra"
+        )
+    assert watch.lines(start + 0.5) == [
+        "    train 0123456789ab: epoch 1: train loss 0.9 | val accuracy 0.41",
+        "    train 0123456789ab: WARNING load is uneven",
+    ]
     (tmp_path / "progress.json").write_text(json.dumps({"desc": "train batches", "n": 30, "total": 120}))
     assert watch.lines(start + 1.0) == []  # a progress line waits PROGRESS_S after the last line
     assert watch.lines(start + 4.0) == ["    train 0123456789ab: train batches 30/120 (25%), 4 s"]
@@ -58,8 +63,10 @@ def test_a_progress_bar_records_its_count_while_it_runs(tmp_path, monkeypatch):
 
 def test_the_failure_reason_is_the_traceback_when_the_message_is_empty(tmp_path):
     task = SimpleNamespace(failed_path=tmp_path / "FAILED.txt")
-    task.failed_path.write_text("embed u failed at 2026-01-01\n\n\nTraceback (most recent call last):\n"
-                                "  File \"x.py\", line 1, in <module>\nStopIteration\n")
+    task.failed_path.write_text(
+        "embed u failed at 2026-01-01\n\n\nTraceback (most recent call last):\n"
+        '  File "x.py", line 1, in <module>\nStopIteration\n'
+    )
     assert runner._failure_reason(task) == "StopIteration"
 
 

@@ -17,7 +17,7 @@ from tests.conftest import tiny_experiment
 
 def test_run_writes_artifact_config_summary_and_log(tmp_path):
     arts = run_inline(tiny_experiment(), root=tmp_path)
-    ((stage, uid), folder), = arts.items()
+    (((stage, uid), folder),) = arts.items()
     assert stage == "embed" and folder == tmp_path / "t" / "embed" / uid
     assert {p.name for p in folder.iterdir()} >= {"embed.h5", "config.yaml", "summary.json", "log.txt"}
     assert yaml.safe_load((folder / "config.yaml").read_text())["model"]["name"] == "builtin:tiny-bert"

@@ -18,6 +18,7 @@ from moespec.launch.records import latest_entries, load_records
 from moespec.launch.sbatch import render, render_array, render_submit
 from tests.launch.helpers import assert_golden, golden_context, golden_submission, sweep_experiment
 
+
 def test_render_fills_placeholders_and_refuses_unknown_ones():
     assert render("a {{x}}\n{{empty}}\nb {{ y }}\n", {"x": 1, "y": "z", "empty": ""}) == "a 1\nb z\n"
     with pytest.raises(ConfigError, match=r"no value for \{\{typo\}\}"):
@@ -50,10 +51,15 @@ def test_emit_writes_scripts_config_and_record(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["submit", str(config), "--emit-sbatch", str(out), "--cluster", "localhost"]) == 0
     assert "submit them with: bash" in capsys.readouterr().out
-    assert {p.name for p in out.iterdir()} == {"experiment.yaml", "embed.0.sbatch", "reduce.0.sbatch", "submit.sh",
-                                               "logs"}
+    assert {p.name for p in out.iterdir()} == {
+        "experiment.yaml",
+        "embed.0.sbatch",
+        "reduce.0.sbatch",
+        "submit.sh",
+        "logs",
+    }
     resolved = yaml.safe_load((out / "experiment.yaml").read_text())
-    assert resolved["root"] == "results"   # relative to the project folder, where jobs start
+    assert resolved["root"] == "results"  # relative to the project folder, where jobs start
     script = (out / "reduce.0.sbatch").read_text()
     assert "tasks=(0 1 2 3 4 5)" in script and '--task "${tasks[$SLURM_ARRAY_TASK_ID]}"' in script
     # nothing of this machine: the profile's Python, paths relative to the project folder
@@ -97,8 +103,13 @@ def test_array_task_runs_the_task_its_index_names(tmp_path, monkeypatch):
     assert main(["submit", str(config), "--emit-sbatch", "jobs", "--cluster", str(profile)]) == 0
     script = (tmp_path / "jobs" / "embed.1.sbatch").read_text()
     assert "#SBATCH --array=0%1" in script and "tasks=(1)" in script
-    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    env = {
+        **os.environ,
+        "SLURM_ARRAY_TASK_ID": "0",
+        "SLURM_ARRAY_JOB_ID": "7",
+        "SLURM_CPUS_PER_TASK": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"),
+    }
     run = subprocess.run(["bash", "jobs/embed.1.sbatch"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     plan = make_plan(load_experiment(config))

@@ -51,11 +51,13 @@ def test_sweep_runs_as_dependent_job_arrays(tmp_path, cluster_profile, cleanup):
     final = wait_final(plan)
     assert {s.state for s in final.values()} == {"done"}, [s.detail for s in final.values()]
     # afterok: every reduce task started after the last embed task ended
-    times = sacct_times([embed_array["job_id"], reduce_array["job_id"]],
-                        expect=len(embed_array["tasks"]) + len(reduce_array["tasks"]))
+    times = sacct_times(
+        [embed_array["job_id"], reduce_array["job_id"]], expect=len(embed_array["tasks"]) + len(reduce_array["tasks"])
+    )
     embed_end = max(end for job, (state, start, end) in times.items() if job.startswith(embed_array["job_id"] + "_"))
-    reduce_starts = [start for job, (state, start, end) in times.items()
-                     if job.startswith(reduce_array["job_id"] + "_")]
+    reduce_starts = [
+        start for job, (state, start, end) in times.items() if job.startswith(reduce_array["job_id"] + "_")
+    ]
     assert len(reduce_starts) == 4 and min(reduce_starts) >= embed_end
     # artifacts carry the array job ids; jobs ran the submission's code snapshot
     task = plan.tasks_for("reduce")[3]
@@ -74,12 +76,13 @@ def test_sweep_runs_as_dependent_job_arrays(tmp_path, cluster_profile, cleanup):
     assert main(["status", str(path), "--cluster", cluster_profile]) == 0
 
 
-def test_emitted_scripts_run_from_a_copied_project_with_the_profiles_python(tmp_path, cluster_profile, cleanup,
-                                                                           capsys, monkeypatch):
+def test_emitted_scripts_run_from_a_copied_project_with_the_profiles_python(
+    tmp_path, cluster_profile, cleanup, capsys, monkeypatch
+):
     laptop, cluster_copy = tmp_path / "laptop", tmp_path / "cluster"
     laptop.mkdir()
     config = demo_sweep(laptop, poolings=("mean",), sizes=(2, 4))
-    config["root"] = "results"   # relative to the project folder
+    config["root"] = "results"  # relative to the project folder
     write_config(laptop, config)
     monkeypatch.chdir(laptop)
     assert main(["submit", "exp.yaml", "--emit-sbatch", "jobs/demo", "--cluster", cluster_profile]) == 0
@@ -117,10 +120,9 @@ def write_texts(path: Path) -> None:
     path.write_text("".join(json.dumps({"text": text}) + "\n" for text in tokenizer_training_texts(2)[:12]))
 
 
-def test_a_failure_cancels_only_its_own_dependants_and_retries_are_tracked(tmp_path, cluster_profile, cleanup,
-                                                                            capsys):
+def test_a_failure_cancels_only_its_own_dependants_and_retries_are_tracked(tmp_path, cluster_profile, cleanup, capsys):
     texts = [tmp_path / f"texts{i}.jsonl" for i in range(3)]
-    write_texts(texts[0])   # texts1 and texts2 are missing at first: those two embed tasks fail
+    write_texts(texts[0])  # texts1 and texts2 are missing at first: those two embed tasks fail
     config = demo_sweep(tmp_path, poolings=("mean",), sizes=(2,))
     config["reduce"]["mle_k"] = 3
     config["sweep"] = {"grid": {"embed.data": [texts_source(p) for p in texts]}}
@@ -130,11 +132,11 @@ def test_a_failure_cancels_only_its_own_dependants_and_retries_are_tracked(tmp_p
     record = submit_command(plan, cluster, mode="cached", echo=lambda line: None)
     assert record["arrays"][1]["after_corresponding"] == [0] and record["arrays"][1]["after"] == []  # aftercorr
     final = wait_final(plan)
-    assert final[("embed", 0)].state == "done" and final[("reduce", 0)].state == "done"   # its own embed succeeded
+    assert final[("embed", 0)].state == "done" and final[("reduce", 0)].state == "done"  # its own embed succeeded
     for i in (1, 2):
         assert final[("embed", i)].state == "failed" and final[("embed", i)].detail.startswith("FAILED")
         assert final[("reduce", i)].state == "failed" and final[("reduce", i)].detail.startswith("CANCELLED")
-    assert main(["status", str(path), "--cluster", cluster_profile]) == 1   # tasks failed: non-zero
+    assert main(["status", str(path), "--cluster", cluster_profile]) == 1  # tasks failed: non-zero
     out = capsys.readouterr().out
     assert "2 done, 4 failed" in out and "texts1.jsonl" in out and "scheduler log:" in out
     # fixing a task by changing its config gives it a new uid: --retry-failed says so
@@ -143,8 +145,12 @@ def test_a_failure_cancels_only_its_own_dependants_and_retries_are_tracked(tmp_p
     write_config(tmp_path, config)
     assert main(["submit", str(path), "--cluster", cluster_profile, "--retry-failed", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "2 task(s) were never submitted (embed 1, reduce 1) and are left out; 2 task(s) of earlier submissions " \
-           "(embed, reduce) are no longer in the plan" in out and "(without --retry-failed)" in out
+    assert (
+        "2 task(s) were never submitted (embed 1, reduce 1) and are left out; 2 task(s) of earlier submissions "
+        "(embed, reduce) are no longer in the plan"
+        in out
+        and "(without --retry-failed)" in out
+    )
     # the fix in place instead: only tasks 1 and 2 of each stage are resubmitted, as arrays numbered 0..1
     config["sweep"]["grid"]["embed.data"][1] = texts_source(texts[1])
     write_config(tmp_path, config)
@@ -153,7 +159,7 @@ def test_a_failure_cancels_only_its_own_dependants_and_retries_are_tracked(tmp_p
     assert main(["submit", str(path), "--cluster", cluster_profile, "--retry-failed"]) == 0
     assert "4 to submit" in capsys.readouterr().out
     embed_retry, reduce_retry = load_records(plan.experiment.root, plan.experiment.name)[-1]["arrays"]
-    assert [task[2:] for task in embed_retry["tasks"]] == [[1, 0], [2, 1]]   # [task index, array index]
+    assert [task[2:] for task in embed_retry["tasks"]] == [[1, 0], [2, 1]]  # [task index, array index]
     waiting = {(s.task.stage, s.index): s for s in collect_status(plan)}
     assert waiting[("embed", 2)].job_id == f"{embed_retry['job_id']}_1"
     assert waiting[("embed", 2)].state in ("pending", "running", "done"), waiting[("embed", 2)].detail
@@ -176,11 +182,13 @@ def test_cancelling_pending_and_running_tasks(tmp_path, cluster_profile, cleanup
     assert statuses[("embed", 0)].state == "failed", statuses[("embed", 0)].detail
     # a running task cancelled: submitit's job ignores SIGTERM until KillWait ends it, COMPLETING meanwhile
     subprocess.run(["scontrol", "update", f"JobId={embed_id}_1", "StartTime=now"], check=True)
-    log = wait_for(lambda: {(s.task.stage, s.index): s for s in collect_status(plan)}[("embed", 1)].scheduler_log,
-                   "embed task 1 to be submitted")
+    log = wait_for(
+        lambda: {(s.task.stage, s.index): s for s in collect_status(plan)}[("embed", 1)].scheduler_log,
+        "embed task 1 to be submitted",
+    )
     wait_for(lambda: log.exists() and "attempt 1" in log.read_text(), "embed task 1 to run its task", 60, 0.2)
     subprocess.run(["scancel", f"{embed_id}_1"], check=True)
-    seen = []   # running (sacct may lag behind the cancellation), then cancelling; never failed meanwhile
+    seen = []  # running (sacct may lag behind the cancellation), then cancelling; never failed meanwhile
 
     def cancelling():
         seen.append({(s.task.stage, s.index): s for s in collect_status(plan)}[("embed", 1)].state)
@@ -197,8 +205,9 @@ def test_cancelling_pending_and_running_tasks(tmp_path, cluster_profile, cleanup
 
 
 def test_time_limit_within_the_signal_delay_is_refused_at_submit(tmp_path, cluster_profile, capsys):
-    config = demo_sweep(tmp_path, poolings=("mean",), sizes=(2,),
-                        resources={"reduce": {"timeout_min": 1, "slurm_signal_delay_s": 60}})
+    config = demo_sweep(
+        tmp_path, poolings=("mean",), sizes=(2,), resources={"reduce": {"timeout_min": 1, "slurm_signal_delay_s": 60}}
+    )
     path = write_config(tmp_path, config)
     assert main(["submit", str(path), "--cluster", cluster_profile]) == 1
     err = capsys.readouterr().err
@@ -241,22 +250,36 @@ def test_preempted_training_is_requeued_and_resumes_to_the_uninterrupted_result(
     config["embed"]["max_length"] = 32
     # Long enough (hundreds of steps) that the interrupt below lands before training ends on a
     # quiet machine; with 12 epochs it sometimes finished first and nothing was requeued.
-    config["train"] = {"input": "embed", "epochs": 150, "batch_size": 8, "checkpoint_every": 2, "patience": None,
-                       "lr": 1e-2, "model": {"kind": "dictionary", "n_experts": 3, "query_dim": 8, "code_dim": 6,
-                                             "n_layers": 2, "projection_hidden": 8, "projection_dim": 4}}
+    config["train"] = {
+        "input": "embed",
+        "epochs": 150,
+        "batch_size": 8,
+        "checkpoint_every": 2,
+        "patience": None,
+        "lr": 1e-2,
+        "model": {
+            "kind": "dictionary",
+            "n_experts": 3,
+            "query_dim": 8,
+            "code_dim": 6,
+            "n_layers": 2,
+            "projection_hidden": 8,
+            "projection_dim": 4,
+        },
+    }
     config["root"] = str(tmp_path / "results")
     plan, cluster = load_plan(str(write_config(tmp_path, config)), cluster=cluster_profile, executor="slurm")
     cleanup((plan.experiment.root, plan.experiment.name))
     record = submit_command(plan, cluster, mode="cached", echo=lambda line: None)
     (task,) = plan.tasks_for("train")
-    train_job = record["arrays"][1]["job_id"]    # one task: submitted as a plain job
+    train_job = record["arrays"][1]["job_id"]  # one task: submitted as a plain job
     checkpoint = task.dir / "work" / "checkpoint.pt"
     deadline = time.monotonic() + 180
     while not checkpoint.exists():
         assert time.monotonic() < deadline, "training did not write a checkpoint"
         time.sleep(0.2)
     folder = plan.experiment.root / plan.experiment.name / ".slurm" / "%j"
-    submitit.SlurmJob(folder=folder, job_id=train_job)._interrupt()   # preemption: SIGTERM, then USR2
+    submitit.SlurmJob(folder=folder, job_id=train_job)._interrupt()  # preemption: SIGTERM, then USR2
     final = wait_final(plan)
     assert final[("train", 0)].state == "done", final[("train", 0)].detail
     assert "resumed from" in task.log_path.read_text()

@@ -12,8 +12,13 @@ from moespec.config import Resources, load_experiment
 from moespec.errors import ClusterError, ConfigError
 from moespec.launch.arrays import compress_indices, plan_arrays, task_key
 from moespec.launch.plan import make_plan
-from moespec.launch.profiles import (apply_scratch_root, builtin_profiles_dir, check_resources, load_profile,
-                                     stage_resources)
+from moespec.launch.profiles import (
+    apply_scratch_root,
+    builtin_profiles_dir,
+    check_resources,
+    load_profile,
+    stage_resources,
+)
 from moespec.launch.slurm import load_plan, planned_arrays, prepare
 from tests.conftest import tiny_experiment
 from tests.launch.helpers import sweep_experiment
@@ -61,17 +66,20 @@ def test_resources_are_layered(tmp_path, profile_file):
     cluster = load_profile(str(profile_file))
     embed = stage_resources(cluster, experiment, "embed")
     reduce = stage_resources(cluster, experiment, "reduce")
-    assert (embed.timeout_min, embed.mem_gb, embed.cpus_per_task) == (20, 2, 1)   # profile defaults
-    assert (reduce.cpus_per_task, reduce.slurm_qos) == (4, "short")               # profile stage
-    assert reduce.mem_gb == 3 and reduce.timeout_min == 20                         # experiment over profile
+    assert (embed.timeout_min, embed.mem_gb, embed.cpus_per_task) == (20, 2, 1)  # profile defaults
+    assert (reduce.cpus_per_task, reduce.slurm_qos) == (4, "short")  # profile stage
+    assert reduce.mem_gb == 3 and reduce.timeout_min == 20  # experiment over profile
     assert embed.slurm_partition == "debug" and embed.slurm_account == "proj"
     assert embed.slurm_array_parallelism == 3
     assert stage_resources(None, experiment, "embed") == Resources()
 
 
 def test_resources_above_limits_are_refused_before_submission(tmp_path, profile_file):
-    experiment = load_experiment(sweep_experiment(
-        tmp_path, resources={"embed": {"gpus_per_node": 2, "timeout_min": 500}, "reduce": {"mem_gb": 64}}))
+    experiment = load_experiment(
+        sweep_experiment(
+            tmp_path, resources={"embed": {"gpus_per_node": 2, "timeout_min": 500}, "reduce": {"mem_gb": 64}}
+        )
+    )
     with pytest.raises(ConfigError) as error:
         check_resources(load_profile(str(profile_file)), experiment, ["embed", "reduce"])
     problems = error.value.problems
@@ -145,14 +153,15 @@ def test_chunks_respect_max_array_size_and_index_mapping(tmp_path):
     resources = {s: Resources() for s in plan.stages()}
     reduce_tasks = plan.tasks_for("reduce")
     missing = [reduce_tasks[i] for i in (0, 2, 3, 5)]
-    arrays = plan_arrays(plan, missing, resources=resources, max_array_size=2,
-                         done={task_key(t) for t in plan.tasks_for("embed")})
+    arrays = plan_arrays(
+        plan, missing, resources=resources, max_array_size=2, done={task_key(t) for t in plan.tasks_for("embed")}
+    )
     assert [a.name for a in arrays] == ["reduce.0", "reduce.1"]
     for array in arrays:
-        assert array.array_indices == tuple(range(len(array.tasks)))   # positions, below MaxArraySize
+        assert array.array_indices == tuple(range(len(array.tasks)))  # positions, below MaxArraySize
         for task, index in zip(array.tasks, array.task_indices):
             assert reduce_tasks[index] is task
-        assert array.after == ()                               # upstream is done
+        assert array.after == ()  # upstream is done
     assert [a.task_indices for a in arrays] == [(0, 2), (3, 5)]
     assert [a.array_spec() for a in arrays] == ["0-1%2", "0-1%2"]
 
@@ -174,8 +183,14 @@ def test_active_upstream_jobs_become_dependencies_and_missing_upstream_is_an_err
     resources = {s: Resources() for s in plan.stages()}
     embed0, embed1 = plan.tasks_for("embed")
     reduce_tasks = plan.tasks_for("reduce")
-    arrays = plan_arrays(plan, reduce_tasks, resources=resources, max_array_size=1001,
-                         done={task_key(embed1)}, active_jobs={task_key(embed0): "77_0"})
+    arrays = plan_arrays(
+        plan,
+        reduce_tasks,
+        resources=resources,
+        max_array_size=1001,
+        done={task_key(embed1)},
+        active_jobs={task_key(embed0): "77_0"},
+    )
     assert [a.name for a in arrays] == ["reduce.0"] and arrays[0].after_jobs == ("77_0",)
     with pytest.raises(ClusterError, match=r"(?s)could never start.*not done and not submitted; 3 task\(s\) read it"):
         plan_arrays(plan, reduce_tasks, resources=resources, max_array_size=1001)
@@ -231,31 +246,37 @@ def test_one_to_one_stages_wait_per_task_with_aftercorr(tmp_path):
     assert [t.inputs["embed"].uid for t in reduce_array.tasks] == [t.uid for t in embed_array.tasks]
     assert reduce_array.dependency(["11", "12"]) == "aftercorr:11"
     assert reduce_array.waits_for([embed_array, reduce_array]) == "aftercorr embed.0"
-    context = ScriptContext("sw", "c", Path("jobs/experiment.yaml"), Path("jobs"), "python -m moespec.cli", (),
-                            "cached")
+    context = ScriptContext(
+        "sw", "c", Path("jobs/experiment.yaml"), Path("jobs"), "python -m moespec.cli", (), "cached"
+    )
     submit_sh = render_submit([embed_array, reduce_array], context)
     assert 'submit reduce.0 --dependency="aftercorr:${job_embed_0}"' in submit_sh
     # a partial re-submission: embed task 1 is done, so reduce task 1 has nothing to correspond to
     embed_tasks, reduce_tasks = plan.tasks_for("embed"), plan.tasks_for("reduce")
     todo = [embed_tasks[0], embed_tasks[2], *reduce_tasks]
-    embeds, reduces = plan_arrays(plan, todo, resources=resources, max_array_size=1001,
-                                  done={task_key(embed_tasks[1])})
+    embeds, reduces = plan_arrays(plan, todo, resources=resources, max_array_size=1001, done={task_key(embed_tasks[1])})
     assert embeds.task_indices == (0, 2) and reduces.after == (0,) and reduces.after_corresponding == ()
     assert reduces.dependency(["11", "12"]) == "afterok:11"
     # the two that do correspond, alone: aftercorr, ordered like their upstream array
-    embeds, reduces = plan_arrays(plan, [embed_tasks[2], embed_tasks[0], reduce_tasks[2], reduce_tasks[0]],
-                                  resources=resources, max_array_size=1001, done={task_key(embed_tasks[1])})
+    embeds, reduces = plan_arrays(
+        plan,
+        [embed_tasks[2], embed_tasks[0], reduce_tasks[2], reduce_tasks[0]],
+        resources=resources,
+        max_array_size=1001,
+        done={task_key(embed_tasks[1])},
+    )
     assert reduces.after_corresponding == (0,) and reduces.task_indices == (0, 2) == embeds.task_indices
 
 
 def test_a_time_limit_within_the_signal_delay_is_refused(tmp_path, profile_file):
-    config = sweep_experiment(tmp_path, resources={"embed": {"timeout_min": 1},
-                                                   "reduce": {"timeout_min": 2, "slurm_signal_delay_s": 90}})
+    config = sweep_experiment(
+        tmp_path, resources={"embed": {"timeout_min": 1}, "reduce": {"timeout_min": 2, "slurm_signal_delay_s": 90}}
+    )
     experiment = load_experiment(config)
     with pytest.raises(ConfigError) as error:
         check_resources(load_profile(str(profile_file)), experiment, ["embed", "reduce"])
     embed_problem, reduce_problem = error.value.problems
     assert "infra.resources.embed.timeout_min: 1 min leaves 0 s of work" in embed_problem
-    assert embed_problem.endswith("set timeout_min >= 3")   # submitit's default delay: 90 s
+    assert embed_problem.endswith("set timeout_min >= 3")  # submitit's default delay: 90 s
     assert "2 min leaves 30 s" in reduce_problem
     assert reduce_problem.endswith("set timeout_min >= 3 or slurm_signal_delay_s <= 60")

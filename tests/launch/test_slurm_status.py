@@ -38,43 +38,48 @@ def test_parse_sacct_expands_array_ranges_and_drops_steps():
     assert [states[j].phase for j in ("41_0", "42_0", "42_2", "41_1")] == ["finished", "running", "pending", "finished"]
 
 
-@pytest.mark.parametrize("done, recorded, job, reachable, marker, expected", [
-    (True, None, None, True, False, "done"),
-    (False, None, None, True, False, "not submitted"),
-    (False, None, None, True, True, "failed"),
-    (False, "none", None, True, False, "not submitted"),
-    (False, "42", None, False, False, "unknown"),
-    (False, "42", None, True, False, "unknown"),
-    (False, "42", "array known", True, False, "failed"),
-    (False, "42", JobState("42_0", "RUNNING"), True, False, "running"),
-    (False, "42", JobState("42_0", "REQUEUED"), True, True, "pending"),
-    (False, "42", JobState("42_0", "PENDING", reason="Dependency"), True, False, "pending"),
-    (False, "42", JobState("42_0", "CANCELLED"), True, False, "failed"),
-    (False, "42", JobState("42_0", "OUT_OF_MEMORY"), True, False, "failed"),
-    (False, "42", JobState("42_0", "COMPLETED"), True, False, "failed"),
-    (False, "42", JobState("42_0", "COMPLETING", ending="CANCELLED"), True, False, "cancelling"),
-    (False, "42", JobState("42_0", "COMPLETING"), True, False, "running"),
-])
+@pytest.mark.parametrize(
+    "done, recorded, job, reachable, marker, expected",
+    [
+        (True, None, None, True, False, "done"),
+        (False, None, None, True, False, "not submitted"),
+        (False, None, None, True, True, "failed"),
+        (False, "none", None, True, False, "not submitted"),
+        (False, "42", None, False, False, "unknown"),
+        (False, "42", None, True, False, "unknown"),
+        (False, "42", "array known", True, False, "failed"),
+        (False, "42", JobState("42_0", "RUNNING"), True, False, "running"),
+        (False, "42", JobState("42_0", "REQUEUED"), True, True, "pending"),
+        (False, "42", JobState("42_0", "PENDING", reason="Dependency"), True, False, "pending"),
+        (False, "42", JobState("42_0", "CANCELLED"), True, False, "failed"),
+        (False, "42", JobState("42_0", "OUT_OF_MEMORY"), True, False, "failed"),
+        (False, "42", JobState("42_0", "COMPLETED"), True, False, "failed"),
+        (False, "42", JobState("42_0", "COMPLETING", ending="CANCELLED"), True, False, "cancelling"),
+        (False, "42", JobState("42_0", "COMPLETING"), True, False, "running"),
+    ],
+)
 def test_classify(done, recorded, job, reachable, marker, expected):
     recorded_entry = None if recorded is None else entry(None if recorded == "none" else recorded)
     array_known = job == "array known"
     job = None if array_known else job
-    state, detail = classify(done, recorded_entry, job, scheduler_reachable=reachable, failed_marker=marker,
-                             array_known=array_known)
+    state, detail = classify(
+        done, recorded_entry, job, scheduler_reachable=reachable, failed_marker=marker, array_known=array_known
+    )
     assert state == expected
     if job is not None and job.state == "COMPLETED":
         assert "artifact is missing" in detail
 
 
 def test_live_states_correct_sacct_lag_and_cancelling():
-    accounted = parse_sacct("9_0|CANCELLED by 0|0:0|None\n9_1|PENDING|0:0|None\n9_2|PENDING|0:0|None\n"
-                            "9_3|FAILED|1:0|None\n")
+    accounted = parse_sacct(
+        "9_0|CANCELLED by 0|0:0|None\n9_1|PENDING|0:0|None\n9_2|PENDING|0:0|None\n9_3|FAILED|1:0|None\n"
+    )
     live = parse_squeue("9_0|COMPLETING|None\n9_2|PENDING|Dependency\n9_3|FAILED|NonZeroExitCode\n")
     merged = merge_states(accounted, live)
     assert (merged["9_0"].state, merged["9_0"].ending) == ("COMPLETING", "CANCELLED")  # processes still ending
     assert (merged["9_1"].state, merged["9_1"].reason) == ("CANCELLED", "no longer queued")  # sacct lags
     assert merged["9_2"].reason == "Dependency" and merged["9_3"].exit_code == "1:0"
-    assert merge_states(accounted, None) == accounted       # squeue no longer knows these jobs
+    assert merge_states(accounted, None) == accounted  # squeue no longer knows these jobs
     assert merge_states({}, parse_squeue("9_0|PENDING|None\n"))["9_0"].phase == "pending"  # not in accounting yet
     assert classify(False, entry("9", 1), merged["9_1"], scheduler_reachable=True, failed_marker=False)[0] == "failed"
 
@@ -87,9 +92,21 @@ def test_recorded_task_ids_and_logs():
 
 def _record(plan, job_id, stage="embed"):
     tasks = plan.tasks_for(stage)
-    return {"id": "x", "executor": "slurm", "arrays": [{
-        "name": f"{stage}.0", "stage": stage, "chunk": 0, "job_id": job_id, "single": False, "log": "",
-        "tasks": [[t.uid, t.shard_index, i, i] for i, t in enumerate(tasks)]}]}
+    return {
+        "id": "x",
+        "executor": "slurm",
+        "arrays": [
+            {
+                "name": f"{stage}.0",
+                "stage": stage,
+                "chunk": 0,
+                "job_id": job_id,
+                "single": False,
+                "log": "",
+                "tasks": [[t.uid, t.shard_index, i, i] for i, t in enumerate(tasks)],
+            }
+        ],
+    }
 
 
 def test_collect_status_asks_sacct_once_and_newest_record_wins(tmp_path, monkeypatch):
@@ -113,7 +130,7 @@ def test_collect_status_asks_sacct_once_and_newest_record_wins(tmp_path, monkeyp
     assert [(c[0], c[-1]) for c in calls] == [("sacct", "42"), ("squeue", "42")]
     by_stage = {(s.task.stage, s.index): s for s in statuses}
     assert by_stage[("embed", 0)].state == "running" and by_stage[("embed", 0)].job_id == "42_0"
-    assert by_stage[("embed", 1)].state == "done"      # the artifact wins over CANCELLED
+    assert by_stage[("embed", 1)].state == "done"  # the artifact wins over CANCELLED
     assert all(by_stage[("reduce", i)].state == "not submitted" for i in range(6))
 
 

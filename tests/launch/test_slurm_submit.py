@@ -106,10 +106,12 @@ def test_dry_run_without_a_controller_says_so_in_one_line(tmp_path, capsys, monk
 
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(sweep_experiment(tmp_path / "results")))
-    dns_error = ("scontrol: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host\n"
-                 "scontrol: error: fetch_config: DNS SRV lookup failed\n"
-                 "scontrol: error: _establish_config_source: failed to fetch config\n"
-                 "scontrol: fatal: Could not establish a configuration source\n")
+    dns_error = (
+        "scontrol: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host\n"
+        "scontrol: error: fetch_config: DNS SRV lookup failed\n"
+        "scontrol: error: _establish_config_source: failed to fetch config\n"
+        "scontrol: fatal: Could not establish a configuration source\n"
+    )
 
     class Done:
         returncode, stdout, stderr = 1, "", dns_error
@@ -120,8 +122,10 @@ def test_dry_run_without_a_controller_says_so_in_one_line(tmp_path, capsys, monk
     monkeypatch.setattr(subprocess, "run", lambda args, **kwargs: calls.append(args) or Done())
     assert main(["submit", str(path), "--executor", "slurm", "--cluster", "localhost", "--dry-run"]) == 0
     captured = capsys.readouterr()
-    assert "note: the Slurm controller does not answer (`scontrol ping...` failed: scontrol: error: " \
-           "resolve_ctls_from_dns_srv: res_nsearch error: Unknown host (+3 more line(s)))" in captured.out
+    assert (
+        "note: the Slurm controller does not answer (`scontrol ping...` failed: scontrol: error: "
+        "resolve_ctls_from_dns_srv: res_nsearch error: Unknown host (+3 more line(s)))" in captured.out
+    )
     assert "fetch_config" not in captured.out + captured.err and "retrying" not in captured.err
     assert len(calls) == 1 and "#SBATCH --array=0-5%2" in captured.out
     # a real submission retries, then refuses, naming the problem in one line
@@ -140,6 +144,8 @@ def test_plan_for_a_cluster_whose_scratch_is_not_here(tmp_path, capsys, monkeypa
     path.write_text(yaml.safe_dump(sweep_experiment("results")))
     assert main(["plan", str(path), "--cluster", "example"]) == 0
     out = capsys.readouterr().out
-    assert "uses $SCRATCH, which is not set in this environment: artifacts are on the cluster, under " \
-           "$SCRATCH/moespec/results; their states are not checked" in out
+    assert (
+        "uses $SCRATCH, which is not set in this environment: artifacts are on the cluster, under "
+        "$SCRATCH/moespec/results; their states are not checked" in out
+    )
     assert "not checked here" in out and "embed.0" in out

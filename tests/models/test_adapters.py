@@ -9,8 +9,12 @@ import torch
 from moespec.models import adapters
 from tests.builders import one_torch_thread, save_tiny_llama
 
-TEXTS = ["the film was great and the acting was fine", "stocks fell on the market today",
-         "the patient reported a mild fever", "a short one"]
+TEXTS = [
+    "the film was great and the acting was fine",
+    "stocks fell on the market today",
+    "the patient reported a mild fever",
+    "a short one",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +37,9 @@ def _peft(base, rank=4):
 
 def _logits(model, tokens):
     with torch.no_grad():
-        return model(input_ids=torch.as_tensor(tokens.input_ids),
-                     attention_mask=torch.as_tensor(tokens.attention_mask)).logits
+        return model(
+            input_ids=torch.as_tensor(tokens.input_ids), attention_mask=torch.as_tensor(tokens.attention_mask)
+        ).logits
 
 
 def test_an_adapter_whose_b_is_zero_leaves_the_base_unchanged(base_folder):
@@ -81,9 +86,11 @@ def test_pooled_hidden_equals_the_hidden_state_of_a_full_forward_pass(base_folde
         tokens = adapters.tokenize_texts(tokenizer, TEXTS, 32)
         pooled = adapters.pooled_hidden(base, tokens, layer=1, batch_size=2, device="cpu")
         with torch.no_grad():
-            hidden = base(input_ids=torch.as_tensor(tokens.input_ids),
-                          attention_mask=torch.as_tensor(tokens.attention_mask),
-                          output_hidden_states=True).hidden_states[1]
+            hidden = base(
+                input_ids=torch.as_tensor(tokens.input_ids),
+                attention_mask=torch.as_tensor(tokens.attention_mask),
+                output_hidden_states=True,
+            ).hidden_states[1]
         mask = torch.as_tensor(tokens.attention_mask)[..., None].float()
         expected = (hidden * mask).sum(1) / mask.sum(1)
         np.testing.assert_allclose(pooled, expected.numpy(), rtol=1e-5, atol=1e-6)
@@ -99,8 +106,9 @@ def test_targets_and_ranks_are_checked_against_the_model(base_folder):
     assert "q_proj" in missing[0]  # the message lists the layers the model has
     # k_proj maps 32 -> 2 kv heads x 8 = 16 features: a rank of 17 exceeds its width.
     too_wide = adapters.adapter_target_problems(widths, ["q_proj", "k_proj"], 17, "lora.adapter")
-    assert too_wide == ["lora.adapter.rank: 17 is above the width 16 of the 'k_proj' layers (min of their input "
-                        "and output sizes)"]
+    assert too_wide == [
+        "lora.adapter.rank: 17 is above the width 16 of the 'k_proj' layers (min of their input and output sizes)"
+    ]
 
 
 def test_an_adapter_round_trips_through_peft(base_folder, tmp_path):

@@ -10,8 +10,11 @@ from moespec.models.baseline import active_parameters, dense_baseline
 
 INPUT_DIM, N_CLASSES = 24, 5
 
-TOPK_CONFIGS = [{}, {"n_experts": 8, "top_k": 1, "activation": "gelu"},
-                {"n_experts": 6, "top_k": 3, "n_layers": 2, "shared_expert": True, "shared_expert_dim": 16}]
+TOPK_CONFIGS = [
+    {},
+    {"n_experts": 8, "top_k": 1, "activation": "gelu"},
+    {"n_experts": 6, "top_k": 3, "n_layers": 2, "shared_expert": True, "shared_expert_dim": 16},
+]
 DICTIONARY_CONFIGS = [{}, {"routing": "straight_through"}, {"shrinkage": "soft", "n_experts": 3, "code_dim": 12}]
 
 
@@ -35,10 +38,18 @@ def test_dictionary_active_count_matches_the_built_model_and_its_dense_twin(sett
     twin = dense_baseline(cfg, input_dim=INPUT_DIM)
     assert twin.n_experts == 1 and active_parameters(twin) == twin_cfg.active_parameter_count(INPUT_DIM)
     # The nearest code width: one more or one fewer code unit would be further from the MoE's count.
-    step = max(twin_cfg.active_parameter_count(INPUT_DIM) - DictionaryMoEConfig(
-        **{**settings, "n_experts": 1, "code_dim": twin_cfg.code_dim - 1,
-           "sparsity_levels": [min(twin_cfg.sparsity_levels[0], twin_cfg.code_dim - 1)]}
-    ).active_parameter_count(INPUT_DIM), 1)
+    step = max(
+        twin_cfg.active_parameter_count(INPUT_DIM)
+        - DictionaryMoEConfig(
+            **{
+                **settings,
+                "n_experts": 1,
+                "code_dim": twin_cfg.code_dim - 1,
+                "sparsity_levels": [min(twin_cfg.sparsity_levels[0], twin_cfg.code_dim - 1)],
+            }
+        ).active_parameter_count(INPUT_DIM),
+        1,
+    )
     assert abs(active_parameters(twin) - active_parameters(moe)) <= step
 
 

@@ -23,8 +23,15 @@ def _generator(seed: int = 0) -> torch.Generator:
 
 
 def _model(**overrides):
-    settings = dict(n_experts=3, query_dim=8, code_dim=6, n_layers=3, sparsity_levels=[2, 4, 6],
-                    projection_hidden=5, projection_dim=4)
+    settings = dict(
+        n_experts=3,
+        query_dim=8,
+        code_dim=6,
+        n_layers=3,
+        sparsity_levels=[2, 4, 6],
+        projection_hidden=5,
+        projection_dim=4,
+    )
     settings.update(overrides)
     return DictionaryMoEConfig(**settings).build(input_dim=10, seed=3)
 
@@ -97,9 +104,12 @@ def test_fused_head_equals_the_autograd_forward(routing, shrinkage, x_requires_g
     for name, value in reference_aux.items():
         torch.testing.assert_close(fused_aux[name], value.detach(), msg=lambda m, name=name: f"aux {name}: {m}")
     # Each loss alone, then the training objective: every way the outputs reach the parameters.
-    for objective in (lambda e, a: (e * torch.linspace(-1, 1, e.numel()).view_as(e).double()).sum(),
-                      lambda e, a: a["reconstruction_loss"], lambda e, a: a["balance_loss"],
-                      lambda e, a: model.loss_terms(e, a, keys)["total"]):
+    for objective in (
+        lambda e, a: (e * torch.linspace(-1, 1, e.numel()).view_as(e).double()).sum(),
+        lambda e, a: a["reconstruction_loss"],
+        lambda e, a: a["balance_loss"],
+        lambda e, a: model.loss_terms(e, a, keys)["total"],
+    ):
         ours = torch.autograd.grad(objective(*model(x)), parameters, allow_unused=True)
         expected = torch.autograd.grad(objective(*model._forward_autograd(x, None)), parameters, allow_unused=True)
         for parameter, a, b in zip(parameters, ours, expected):
@@ -121,8 +131,9 @@ def _autograd_reference(model, x, targets, scale):
 def test_training_step_without_autograd_equals_autograd(routing, shrinkage, backend):
     """``accumulate_gradients`` (the train stage's path) against autograd of the op-by-op model, in
     float64: same loss terms, same gradients, added to what ``.grad`` already holds."""
-    model = _model(routing=routing, shrinkage=shrinkage, balance_loss_weight=0.3, reconstruction_weight=0.7,
-                   contrastive_weight=1.3).double()
+    model = _model(
+        routing=routing, shrinkage=shrinkage, balance_loss_weight=0.3, reconstruction_weight=0.7, contrastive_weight=1.3
+    ).double()
     x = torch.randn(16, 10, generator=_generator(9), dtype=torch.float64)
     targets = torch.stack([torch.arange(16) % 3, torch.arange(16) % 2], dim=1)  # (domain, label) keys
     expected_terms, expected_grads = _autograd_reference(model, x, targets, 0.25)
@@ -133,8 +144,9 @@ def test_training_step_without_autograd_equals_autograd(routing, shrinkage, back
     for name, value in expected_terms.items():
         torch.testing.assert_close(terms[name], value, rtol=1e-12, atol=1e-14, msg=lambda m, n=name: f"{n}: {m}")
     for (name, parameter), expected in zip(model.named_parameters(), expected_grads):
-        torch.testing.assert_close(parameter.grad - 1.0, expected, rtol=1e-9, atol=1e-12,
-                                   msg=lambda m, n=name: f"gradient of {n}: {m}")
+        torch.testing.assert_close(
+            parameter.grad - 1.0, expected, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"gradient of {n}: {m}"
+        )
 
 
 def test_training_step_without_autograd_in_float32_and_with_a_frozen_parameter(backend):
@@ -146,8 +158,9 @@ def test_training_step_without_autograd_in_float32_and_with_a_frozen_parameter(b
     for name, value in expected_terms.items():
         torch.testing.assert_close(terms[name], value, msg=lambda m, n=name: f"{n}: {m}")
     for (name, parameter), expected in zip(model.named_parameters(), expected_grads):
-        torch.testing.assert_close(parameter.grad, expected, rtol=1e-4, atol=1e-6,
-                                   msg=lambda m, n=name: f"gradient of {n}: {m}")
+        torch.testing.assert_close(
+            parameter.grad, expected, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"gradient of {n}: {m}"
+        )
     model.zero_grad(set_to_none=True)
     model.gate.keys.requires_grad_(False)  # a frozen parameter: no gradient, the others unchanged
     model.accumulate_gradients(x, targets)
@@ -179,7 +192,10 @@ def test_experts_run_under_bfloat16_autocast():
 @pytest.mark.parametrize("routing", ["soft", "straight_through"])
 @pytest.mark.parametrize("shrinkage", ["topk", "soft"])
 def test_gate_and_dictionaries_receive_gradients(routing, shrinkage):
-    """The earlier pipeline's loss sent no gradient to its gate or dictionaries (research/moe.md 0.2)."""
+    """The earlier pipeline's loss sent no gradient to its gate or dictionaries.
+
+    (docs/moe.md, "Defects of the earlier pipeline")
+    """
     model = _model(routing=routing, shrinkage=shrinkage)
     x = torch.randn(32, 10, generator=_generator(5))
     keys = torch.stack([torch.arange(32) % 2, torch.arange(32) % 3], dim=1)

@@ -69,8 +69,9 @@ def test_a_one_expert_top1_moe_with_the_dense_ffn_weights_is_the_dense_model(imp
         prefix = f"model.layers.{i}.mlp."
         expected = torch.cat([dense_grads[prefix + "gate_proj.weight"], dense_grads[prefix + "up_proj.weight"]])
         torch.testing.assert_close(moe_grads[prefix + "experts.gate_up_proj"][0], expected, rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(moe_grads[prefix + "experts.down_proj"][0], dense_grads[prefix + "down_proj.weight"],
-                                   rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(
+            moe_grads[prefix + "experts.down_proj"][0], dense_grads[prefix + "down_proj.weight"], rtol=1e-4, atol=1e-7
+        )
 
 
 def test_the_loss_is_transformers_own_labels_loss():
@@ -83,8 +84,12 @@ def test_the_loss_is_transformers_own_labels_loss():
     torch.testing.assert_close(terms["lm"], reference_lm)
     torch.testing.assert_close(terms["total"], reference_total)
     assert float(terms["balance"]) >= 2.0 - 1e-4  # Switch loss: top_k under perfect balance, more otherwise
-    z = torch.stack([torch.logsumexp(logits, -1).square().mean()
-                     for logits in model(input_ids=ids, output_router_logits=True).router_logits]).mean()
+    z = torch.stack(
+        [
+            torch.logsumexp(logits, -1).square().mean()
+            for logits in model(input_ids=ids, output_router_logits=True).router_logits
+        ]
+    ).mean()
     torch.testing.assert_close(terms["z"], z)
 
 
@@ -162,14 +167,16 @@ def test_dropout_hooks_act_in_training_mode_only():
         assert not torch.allclose(model.train()(input_ids=ids).logits, before)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"num_experts": 2, "top_k": 3}, "top_k 3 is above num_experts 2"),
-    ({"num_layers": 2, "decoder_sparse_step": 3}, "decoder_sparse_step 3 is above num_layers 2"),
-    ({"mlp_only_layers": [5]}, r"mlp_only_layers \[5\] are not blocks"),
-    ({"num_layers": 2, "mlp_only_layers": [0, 1]}, "no MoE block"),
-    ({"hidden_size": 30, "num_heads": 4}, "not a multiple of num_heads"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"num_experts": 2, "top_k": 3}, "top_k 3 is above num_experts 2"),
+        ({"num_layers": 2, "decoder_sparse_step": 3}, "decoder_sparse_step 3 is above num_layers 2"),
+        ({"mlp_only_layers": [5]}, r"mlp_only_layers \[5\] are not blocks"),
+        ({"num_layers": 2, "mlp_only_layers": [0, 1]}, "no MoE block"),
+        ({"hidden_size": 30, "num_heads": 4}, "not a multiple of num_heads"),
+    ],
+)
 def test_inconsistent_model_settings_are_rejected(overrides, message):
     with pytest.raises(ValidationError, match=message):
         tiny(**overrides)
-

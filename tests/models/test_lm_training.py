@@ -50,15 +50,26 @@ def test_the_trained_lm_approaches_the_entropy_rate_and_beats_a_unigram_model():
 
     config = LMModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_experts=4, top_k=2)
     model = build_model(hf_config(config, N_SYMBOLS + 1, 32, EOT), seed=0)
-    objective = LMObjective(train, val, np.zeros(len(val_texts), dtype=np.int64),
-                            np.array([len(t) for t in val_texts]), 1, EOT, batch_size=16, seed=0,
-                            device="cpu", balance_weight=0.01, z_weight=0.001)
+    objective = LMObjective(
+        train,
+        val,
+        np.zeros(len(val_texts), dtype=np.int64),
+        np.array([len(t) for t in val_texts]),
+        1,
+        EOT,
+        batch_size=16,
+        seed=0,
+        device="cpu",
+        balance_weight=0.01,
+        z_weight=0.001,
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     steps = 90
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule("cosine", 10, steps))
     with one_torch_thread():
-        state = fit(model, optimizer, scheduler, objective, LoopConfig(max_steps=steps, eval_every=45,
-                                                                         max_grad_norm=1.0))
+        state = fit(
+            model, optimizer, scheduler, objective, LoopConfig(max_steps=steps, eval_every=45, max_grad_norm=1.0)
+        )
     val_loss = state.history[-1]["val_loss"]
     # Boundaries (a text's first symbol, its end-of-text) cost more than the rate: 2 of 301 targets per text.
     assert val_loss < entropy_rate + 0.08, (val_loss, entropy_rate)

@@ -98,7 +98,9 @@ def _contrastive_reference(embeddings, positive, margin):
     distance = torch.cdist(embeddings, embeddings)
     pair_loss = torch.where(positive, distance**2, torch.relu(margin - distance) ** 2)
     batch = embeddings.shape[-2]
-    return (pair_loss * (1 - torch.eye(batch, dtype=embeddings.dtype))).sum() / (pair_loss.numel() / batch * (batch - 1))
+    return (pair_loss * (1 - torch.eye(batch, dtype=embeddings.dtype))).sum() / (
+        pair_loss.numel() / batch * (batch - 1)
+    )
 
 
 @pytest.mark.parametrize("shape", [(12, 5), (3, 12, 5)])

@@ -13,8 +13,15 @@ from moespec.models.optim import flat_adam
 
 @pytest.mark.parametrize("kind", ["adam", "adamw"])
 def test_flat_adam_matches_torch_adam_on_separate_tensors(kind):
-    model = DictionaryMoEConfig(n_experts=3, sparsity_levels=[2, 3, 4], query_dim=8, code_dim=6, n_layers=2,
-                                projection_hidden=5, projection_dim=4).build(input_dim=10, seed=0)
+    model = DictionaryMoEConfig(
+        n_experts=3,
+        sparsity_levels=[2, 3, 4],
+        query_dim=8,
+        code_dim=6,
+        n_layers=2,
+        projection_hidden=5,
+        projection_dim=4,
+    ).build(input_dim=10, seed=0)
     reference = copy.deepcopy(model)
     optimizer = flat_adam(model, lr=1e-2, weight_decay=0.1, kind=kind)
     reference_class = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam

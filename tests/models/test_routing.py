@@ -16,8 +16,7 @@ def test_dead_experts_collapse_routing_even_when_no_expert_dominates():
 
 
 def test_one_dominant_expert_collapses_routing():
-    collapsed, reasons = collapse_report(np.array([[0.25, 0.25, 0.25, 0.25], [0.91, 0.03, 0.03, 0.03]]),
-                                         max_share=0.9)
+    collapsed, reasons = collapse_report(np.array([[0.25, 0.25, 0.25, 0.25], [0.91, 0.03, 0.03, 0.03]]), max_share=0.9)
     assert collapsed and reasons == ["layer 1: expert 0 takes 91.0% of the rows (> 90%)"]
 
 
@@ -29,8 +28,10 @@ def test_balanced_routing_is_not_collapsed():
 def test_dead_threshold_is_a_fraction_of_the_balanced_share():
     load = np.array([0.024, 0.026, 0.95])
     assert dead_expert_mask(load, 0.075).tolist() == [True, False, False]  # 0.075 / 3 = 0.025
-    assert dead_expert_mask(np.stack([load, load[::-1]]), 0.075).tolist() == [[True, False, False],
-                                                                                 [False, False, True]]
+    assert dead_expert_mask(np.stack([load, load[::-1]]), 0.075).tolist() == [
+        [True, False, False],
+        [False, False, True],
+    ]
 
 
 def test_bad_thresholds_are_rejected():

@@ -9,15 +9,25 @@ from moespec.models.text_routers import KeywordRouter, LearnedRouter
 
 DOMAINS = ["math", "reasoning", "code", "conversation", "knowledge"]
 #: The rules of the system moespec's LoRA stage was built from, in its priority order.
-SEED_RULES = {"math": ["calculate", "+", "="], "code": ["python", "function"], "knowledge": ["explain", "what is"],
-              "conversation": ["hello"]}
+SEED_RULES = {
+    "math": ["calculate", "+", "="],
+    "code": ["python", "function"],
+    "knowledge": ["explain", "what is"],
+    "conversation": ["hello"],
+}
 
 
 def test_the_seed_keyword_rules_route_as_the_seed_did():
     router = KeywordRouter(SEED_RULES, "reasoning", DOMAINS).fit()
-    texts = ["What is 15 + 27?", "Write a Python function to reverse a string.", "Solve: x + 5 = 12",
-             "Explain photosynthesis", "Hello, how are you?", "If all cats are grey, is Tom grey?",
-             "what is the capital of France"]
+    texts = [
+        "What is 15 + 27?",
+        "Write a Python function to reverse a string.",
+        "Solve: x + 5 = 12",
+        "Explain photosynthesis",
+        "Hello, how are you?",
+        "If all cats are grey, is Tom grey?",
+        "what is the capital of France",
+    ]
     expected = ["math", "code", "math", "knowledge", "conversation", "reasoning", "knowledge"]
     assert [DOMAINS[i] for i in router.predict(texts)] == expected
 
@@ -25,7 +35,11 @@ def test_the_seed_keyword_rules_route_as_the_seed_did():
 def test_word_keywords_match_whole_words_and_symbols_match_anywhere():
     router = KeywordRouter({"conversation": ["hi"], "math": ["+"]}, "reasoning", DOMAINS).fit()
     assert [DOMAINS[i] for i in router.predict(["this thing", "hi there", "a+b", "HI"])] == [
-        "reasoning", "conversation", "math", "conversation"]
+        "reasoning",
+        "conversation",
+        "math",
+        "conversation",
+    ]
     strict = KeywordRouter({"conversation": ["hi"]}, "reasoning", DOMAINS, case_sensitive=True).fit()
     assert DOMAINS[strict.predict(["HI"])[0]] == "reasoning"
 

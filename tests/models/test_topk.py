@@ -127,8 +127,9 @@ def test_combine_weights_follow_the_routing_convention():
 
 
 def _classifier(n_layers: int = 1, top_k: int = 2, n_experts: int = 4, **overrides):
-    config = TopKMoEConfig(n_experts=n_experts, top_k=top_k, hidden_dim=16, ffn_dim=24, n_layers=n_layers,
-                           router_init_std=1.0, **overrides)
+    config = TopKMoEConfig(
+        n_experts=n_experts, top_k=top_k, hidden_dim=16, ffn_dim=24, n_layers=n_layers, router_init_std=1.0, **overrides
+    )
     return config.build(input_dim=6, n_classes=3, seed=11)
 
 
@@ -139,7 +140,7 @@ def test_mask_ablation_reroutes_around_the_ablated_expert():
     assert not (aux["expert_index"] == 1).any()
     assert (aux["combine_weights"][..., 1] == 0).all()
     assert aux["expert_counts"][0, 1].item() == 0
-    # Equivalent to a hook writing -inf into the router logit (research/moe.md 3.5 (A)).
+    # Equivalent to a hook writing -inf into the router logit (docs/moe.md, "Ablation interventions", A).
     layer = model.moe_layers[0]
     handle = layer.router.register_forward_hook(
         lambda module, args, out: out.index_fill(-1, torch.tensor([1]), float("-inf"))

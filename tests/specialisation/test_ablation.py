@@ -52,20 +52,29 @@ def test_comparison_tables_give_paired_deltas_per_group():
     _, _, groups = _routing()
     baseline = np.array([1.0, 1.0, 0.0, 1.0])
     values = np.array([[0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 1.0]])
-    tables = ablation.comparison_tables("ablation/mask", "accuracy", baseline, values, groups,
-                                        rng=np.random.default_rng(0), n_resamples=50, confidence=0.9)
+    tables = ablation.comparison_tables(
+        "ablation/mask",
+        "accuracy",
+        baseline,
+        values,
+        groups,
+        rng=np.random.default_rng(0),
+        n_resamples=50,
+        confidence=0.9,
+    )
     np.testing.assert_allclose(tables["ablation/mask/accuracy"], [0.5, 0.75])
     np.testing.assert_allclose(tables["ablation/mask/delta_accuracy"], [-0.25, 0.0])
     np.testing.assert_allclose(tables["ablation/mask/delta_accuracy_class"], [[-0.5, 0.0], [0.0, 0.0]])
     # Nothing changed in the second ablation: the score interval is +-z^2 / (n + z^2), not [0, 0].
-    z2 = 1.6448536269514722 ** 2
+    z2 = 1.6448536269514722**2
     np.testing.assert_allclose(tables["ablation/mask/delta_accuracy_class_high"][1], [z2 / (2 + z2)] * 2)
     np.testing.assert_allclose(tables["ablation/mask/delta_accuracy_class_low"][1], [-z2 / (2 + z2)] * 2)
     assert tables["ablation/mask/n_changed_accuracy"].tolist() == [1, 0]
     assert tables["ablation/mask/n_changed_accuracy_class"].tolist() == [[1, 0], [0, 0]]
     assert tables["ablation/mask/delta_accuracy_low"][0] <= -0.25 <= tables["ablation/mask/delta_accuracy_high"][0]
-    base = ablation.baseline_tables("accuracy", baseline, groups, rng=np.random.default_rng(0), n_resamples=10,
-                                    confidence=0.9)
+    base = ablation.baseline_tables(
+        "accuracy", baseline, groups, rng=np.random.default_rng(0), n_resamples=10, confidence=0.9
+    )
     assert base["baseline/accuracy"] == pytest.approx(0.75)
     np.testing.assert_allclose(base["baseline/accuracy_domain"], [0.5, 1.0])
 
@@ -76,8 +85,18 @@ def test_expert_table_reports_harm_and_the_group_hit_most():
     plan = ablation.plan_ablations([0], [0, 2], routing["experts/load"], 0, np.random.default_rng(0))
     baseline = np.array([1.0, 1.0, 1.0, 1.0])
     values = np.array([[0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])  # expert 0 carries class a
-    tables = {"mask": ablation.comparison_tables("ablation/mask", "accuracy", baseline, values, groups,
-                                                 rng=np.random.default_rng(0), n_resamples=0, confidence=0.9)}
+    tables = {
+        "mask": ablation.comparison_tables(
+            "ablation/mask",
+            "accuracy",
+            baseline,
+            values,
+            groups,
+            rng=np.random.default_rng(0),
+            n_resamples=0,
+            confidence=0.9,
+        )
+    }
     table = ablation.expert_table(plan, routing, tables, ["mask"], "accuracy", groups.names, higher_is_better=True)
     assert table["expert"] == [0, 2] and table["utilisation"] == [0.5, 0.5]
     assert table["accuracy_drop"] == [0.5, 0.0]
@@ -96,23 +115,31 @@ def test_score_interval_uses_tangos_restricted_maximum_likelihood():
     from scipy import optimize
 
     gained, lost, n, delta = 3, 7, 50, -0.02
+
     # Maximise the multinomial likelihood of (gained, lost, unchanged) under p_gain - p_lost = delta directly.
     def negative_log_likelihood(p_lost):
         p_gain = p_lost + delta
         return -(gained * np.log(p_gain) + lost * np.log(p_lost) + (n - gained - lost) * np.log(1 - p_gain - p_lost))
-    q = optimize.minimize_scalar(negative_log_likelihood, bounds=(1e-9 - delta, (1 - delta) / 2 - 1e-9),
-                                 method="bounded", options={"xatol": 1e-12}).x
+
+    q = optimize.minimize_scalar(
+        negative_log_likelihood,
+        bounds=(1e-9 - delta, (1 - delta) / 2 - 1e-9),
+        method="bounded",
+        options={"xatol": 1e-12},
+    ).x
     expected = (gained - lost - n * delta) / np.sqrt(n * (2 * q + delta * (1 - delta)))
-    assert ablation._tango_statistic(*(np.float64(v) for v in (gained, lost, n, delta))) == pytest.approx(expected,
-                                                                                                       rel=1e-6)
+    assert ablation._tango_statistic(*(np.float64(v) for v in (gained, lost, n, delta))) == pytest.approx(
+        expected, rel=1e-6
+    )
 
 
 def test_score_interval_bounds_solve_the_score_equation():
     estimate, low, high = ablation.paired_score_interval([3, 0, 12], [7, 0, 1], [50, 30, 40], 0.95)
     np.testing.assert_allclose(estimate, [-0.08, 0.0, 0.275])
     for bound, sign in ((low, 1.0), (high, -1.0)):
-        statistic = ablation._tango_statistic(np.array([3.0, 0, 12]), np.array([7.0, 0, 1]), np.array([50.0, 30, 40]),
-                                              bound)
+        statistic = ablation._tango_statistic(
+            np.array([3.0, 0, 12]), np.array([7.0, 0, 1]), np.array([50.0, 30, 40]), bound
+        )
         np.testing.assert_allclose(statistic, sign * 1.959963984540054, rtol=1e-6)
     assert (low < estimate).all() and (estimate < high).all() and (low >= -1).all() and (high <= 1).all()
 

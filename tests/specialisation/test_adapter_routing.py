@@ -29,8 +29,9 @@ def test_domain_losses_are_token_weighted_means():
 
 def test_gain_recovered_is_zero_for_the_base_one_for_the_oracle_and_paired_in_the_bootstrap():
     nll, tokens, domain = _texts()
-    result = metrics.router_losses(nll, tokens, domain, 2, base_row=0, oracle_row=1,
-                                   rng=np.random.default_rng(0), n_resamples=300)
+    result = metrics.router_losses(
+        nll, tokens, domain, 2, base_row=0, oracle_row=1, rng=np.random.default_rng(0), n_resamples=300
+    )
     np.testing.assert_allclose(result.gain[:2], [0.0, 1.0])
     # Paired resamples: the oracle's gain is exactly 1 in every resample, so its interval is [1, 1].
     np.testing.assert_allclose([result.gain_low[1], result.gain_high[1]], [1.0, 1.0])
@@ -60,5 +61,6 @@ def test_expected_calibration_error_against_a_hand_computation():
 def test_confusion_counts_match_scikit_learn():
     rng = np.random.default_rng(1)
     true, predicted = rng.integers(0, 4, 50), rng.integers(0, 4, 50)
-    np.testing.assert_array_equal(metrics.confusion_counts(true, predicted, 4),
-                                  confusion_matrix(true, predicted, labels=range(4)))
+    np.testing.assert_array_equal(
+        metrics.confusion_counts(true, predicted, 4), confusion_matrix(true, predicted, labels=range(4))
+    )

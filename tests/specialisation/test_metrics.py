@@ -101,8 +101,9 @@ def test_bootstrap_intervals_are_seeded_paired_and_cover_the_mean():
     baseline = rng_values.random(200)
     ablated = baseline[None, :] - np.array([[0.0], [0.3]])  # a constant shift: a zero-width paired interval
     groups = np.repeat([0, 1], 100)
-    point, low, high = spec.bootstrap_group_means(ablated - baseline, groups, 2, rng=np.random.default_rng(0),
-                                                  n_resamples=200)
+    point, low, high = spec.bootstrap_group_means(
+        ablated - baseline, groups, 2, rng=np.random.default_rng(0), n_resamples=200
+    )
     np.testing.assert_allclose(point, [[0, 0], [-0.3, -0.3]], atol=1e-12)
     np.testing.assert_allclose(low, point, atol=1e-12)
     np.testing.assert_allclose(high, point, atol=1e-12)

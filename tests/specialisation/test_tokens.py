@@ -28,8 +28,9 @@ def synthetic(follow: str, n: int = 6000, seed: int = 0):
 
 def test_experts_that_follow_token_ids_carry_no_domain_information_beyond_them():
     expert, token, domain = synthetic("token")
-    result = tokens.layer_specialisation(expert, token, domain, n_shuffles=20, min_count=5,
-                                         rng=np.random.default_rng(1))
+    result = tokens.layer_specialisation(
+        expert, token, domain, n_shuffles=20, min_count=5, rng=np.random.default_rng(1)
+    )
     assert result.cmi_domain_given_token == pytest.approx(0.0, abs=1e-12)  # E is a function of V
     assert result.mi_domain > 0.01  # ... yet the experts look domain-specific: tokens differ by domain
     assert result.vocab_specialisation == pytest.approx(1.0)
@@ -39,8 +40,9 @@ def test_experts_that_follow_token_ids_carry_no_domain_information_beyond_them()
 
 def test_experts_that_follow_domains_beat_the_shuffled_null():
     expert, token, domain = synthetic("domain")
-    result = tokens.layer_specialisation(expert, token, domain, n_shuffles=20, min_count=5,
-                                         rng=np.random.default_rng(1))
+    result = tokens.layer_specialisation(
+        expert, token, domain, n_shuffles=20, min_count=5, rng=np.random.default_rng(1)
+    )
     assert result.cmi_domain_given_token > 10 * result.cmi_null_mean
     assert result.cmi_p_value == pytest.approx(1 / 21)
     assert result.nmi_domain > result.nmi_token

@@ -18,8 +18,16 @@ from moespec.stages.ablate import trained as ablate_trained
 from tests.builders import N_EXPERTS, one_torch_thread, save_tiny_moe, tiny_experiment, write_reduce_artifact
 
 TOPK = {"kind": "topk", "n_experts": 4, "top_k": 2, "hidden_dim": 16, "ffn_dim": 16, "n_layers": 2}
-DICTIONARY = {"kind": "dictionary", "n_experts": 3, "query_dim": 8, "code_dim": 6, "n_layers": 2,
-              "projection_hidden": 8, "projection_dim": 4, "routing": "straight_through"}
+DICTIONARY = {
+    "kind": "dictionary",
+    "n_experts": 3,
+    "query_dim": 8,
+    "code_dim": 6,
+    "n_layers": 2,
+    "projection_hidden": 8,
+    "projection_dim": 4,
+    "routing": "straight_through",
+}
 REDUCE = {"n_components": 4}
 
 
@@ -30,8 +38,14 @@ def _one_thread():
 
 
 def _run(stage, cfg, inputs, folder):
-    writer = ArtifactWriter(folder, stage.NAME, "test", schema=stage.schema(cfg), seed=getattr(cfg, "seed", 0),
-                            root_attrs={"config": config_yaml(cfg)})
+    writer = ArtifactWriter(
+        folder,
+        stage.NAME,
+        "test",
+        schema=stage.schema(cfg),
+        seed=getattr(cfg, "seed", 0),
+        root_attrs={"config": config_yaml(cfg)},
+    )
     with write_artifact(writer):
         stage.run(cfg, inputs, writer)
     return open_artifact(folder, stage.schema(cfg)), writer.summary
@@ -104,8 +118,14 @@ def test_batched_ablations_equal_one_pass_per_expert(trained):
 
 
 def test_dictionary_ablation_moves_exactly_the_masked_experts_rows(trained, tmp_path):
-    result, summary = _ablate(trained, "dictionary", tmp_path / "d", modes=["mask", "zero"], by=["domain"],
-                              controls={"random_sets": 0, "retrain_seeds": []})
+    result, summary = _ablate(
+        trained,
+        "dictionary",
+        tmp_path / "d",
+        modes=["mask", "zero"],
+        by=["domain"],
+        controls={"random_sets": 0, "retrain_seeds": []},
+    )
     with result:
         load = result["experts/load"][()][0]
         # Top-1 (arg-max) assignment: masking e moves every row of e and no other row.
@@ -128,8 +148,9 @@ def test_bad_trained_input_is_a_clear_error(trained, tmp_path):
     with pytest.raises(ConfigError, match=r"retrain_seeds: 0 is the seed"):
         _ablate(trained, "topk", tmp_path / "s", controls={"retrain_seeds": [0]})
     unlabelled = write_reduce_artifact(tmp_path / "unlabelled", labelled=False)
-    cfg = train.Config.model_validate({"model": {**DICTIONARY, "positive_pairs": "domain"}, "epochs": 1,
-                                       "batch_size": 16})
+    cfg = train.Config.model_validate(
+        {"model": {**DICTIONARY, "positive_pairs": "domain"}, "epochs": 1, "batch_size": 16}
+    )
     model = _run(train, cfg, {"reduce": unlabelled}, tmp_path / "train-u")[0]
     with pytest.raises(DataError, match=r"ablate.by: 'class' needs a label on every evaluated row"):
         _run(ablate, ablate.Config(), {"train": model, "data": unlabelled}, tmp_path / "u")
@@ -144,8 +165,10 @@ def test_config_validation_names_the_key():
         load_experiment(tiny_experiment(reduce=REDUCE, train={}, ablate={"experts": [1, 1]}))
     with pytest.raises(ConfigError, match=r"ablate: reads the train stage"):
         load_experiment(tiny_experiment(reduce=REDUCE, ablate={}))
-    pretrained = {"experiment": "p", "ablate": {"source": {"kind": "pretrained", "model": {"name": "x"}},
-                                                "by": ["stratum"]}}
+    pretrained = {
+        "experiment": "p",
+        "ablate": {"source": {"kind": "pretrained", "model": {"name": "x"}}, "by": ["stratum"]},
+    }
     with pytest.raises(ConfigError, match=r"'stratum' needs fiber strata"):
         load_experiment(pretrained)
     config = load_experiment({"experiment": "p", "ablate": {"source": {"kind": "pretrained", "model": {"name": "x"}}}})
@@ -155,16 +178,23 @@ def test_config_validation_names_the_key():
 
 
 def _pretrained(folder, **settings):
-    source = {"kind": "pretrained", "model": {"name": str(folder)}, "data": [{"kind": "builtin", "n_per_domain": 2}],
-              "max_length": 24, "batch_size": 4}
+    source = {
+        "kind": "pretrained",
+        "model": {"name": str(folder)},
+        "data": [{"kind": "builtin", "n_per_domain": 2}],
+        "max_length": 24,
+        "batch_size": 4,
+    }
     source.update(settings.pop("source", {}))
     return {"experiment": "hf", "ablate": {"source": source, "bootstrap": 50, **settings}}
 
 
 def test_pretrained_mixtral_lm_per_domain_and_token_tables(tmp_path):
     folder = save_tiny_moe("mixtral", tmp_path / "mixtral")
-    arts = run_inline(_pretrained(folder, by=["class", "domain", "token"], layers=[1],
-                                  modes=["mask", "renormalise"]), root=tmp_path / "results")
+    arts = run_inline(
+        _pretrained(folder, by=["class", "domain", "token"], layers=[1], modes=["mask", "renormalise"]),
+        root=tmp_path / "results",
+    )
     path = next(p for key, p in arts.items() if key[0] == "ablate")
     summary = json.loads((path / "summary.json").read_text())
     with open_artifact(path) as result:
@@ -187,8 +217,15 @@ def test_pretrained_mixtral_lm_per_domain_and_token_tables(tmp_path):
 
 def test_pretrained_qwen_probe_is_fitted_once_and_frozen(tmp_path):
     folder = save_tiny_moe("qwen2_moe", tmp_path / "qwen")
-    arts = run_inline(_pretrained(folder, source={"task": "probe", "probe": {"test_fraction": 0.5}}, experts=[0, 2],
-                                  controls={"random_sets": 0}), root=tmp_path / "results")
+    arts = run_inline(
+        _pretrained(
+            folder,
+            source={"task": "probe", "probe": {"test_fraction": 0.5}},
+            experts=[0, 2],
+            controls={"random_sets": 0},
+        ),
+        root=tmp_path / "results",
+    )
     path = next(p for key, p in arts.items() if key[0] == "ablate")
     summary = json.loads((path / "summary.json").read_text())
     with open_artifact(path) as result:
@@ -204,8 +241,11 @@ def test_bad_pretrained_input_is_a_clear_error(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = word_tokenizer()
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2)).save_pretrained(tmp_path / "dense")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+    ).save_pretrained(tmp_path / "dense")
     tokenizer.save_pretrained(tmp_path / "dense")
     with pytest.raises(StageError, match="not a mixture-of-experts model"):
         run_inline(_pretrained(tmp_path / "dense"), root=tmp_path / "r1")
@@ -223,12 +263,19 @@ def test_bad_pretrained_input_is_a_clear_error(tmp_path):
 
 def test_pipeline_embed_reduce_fiber_train_ablate_runs_inline(tmp_path):
     experiment = tiny_experiment(
-        "ab", n_per_domain=10, reduce={"n_components": 6, "mle_k": 5},
-        fiber={"vol_min": 5, "vol_max": 40, "window": 5, "strata": {"k_range": [2, 3], "n_init": 1},
-               "calibration": {"n_repeats": 1}},
-        train={"model": {"kind": "topk", "n_experts": 4, "hidden_dim": 8, "ffn_dim": 8}, "epochs": 3,
-               "batch_size": 16},
-        ablate={"by": ["class", "domain", "stratum"], "bootstrap": 50})
+        "ab",
+        n_per_domain=10,
+        reduce={"n_components": 6, "mle_k": 5},
+        fiber={
+            "vol_min": 5,
+            "vol_max": 40,
+            "window": 5,
+            "strata": {"k_range": [2, 3], "n_init": 1},
+            "calibration": {"n_repeats": 1},
+        },
+        train={"model": {"kind": "topk", "n_experts": 4, "hidden_dim": 8, "ffn_dim": 8}, "epochs": 3, "batch_size": 16},
+        ablate={"by": ["class", "domain", "stratum"], "bootstrap": 50},
+    )
     arts = run_inline(experiment, root=tmp_path)
     path = next(p for key, p in arts.items() if key[0] == "ablate")
     summary = json.loads((path / "summary.json").read_text())

@@ -27,8 +27,13 @@ def _offline_one_thread(monkeypatch):
 
 
 def _experiment(**embed):
-    section = {"model": {"name": "builtin:tiny-bert"}, "data": [{"kind": "builtin", "n_per_domain": 4}],
-               "batch_size": 8, "max_length": 48, **embed}
+    section = {
+        "model": {"name": "builtin:tiny-bert"},
+        "data": [{"kind": "builtin", "n_per_domain": 4}],
+        "batch_size": 8,
+        "max_length": 48,
+        **embed,
+    }
     return {"experiment": "e", "embed": section}
 
 
@@ -59,7 +64,11 @@ def test_embed_writes_rows_in_source_order_with_metadata(tmp_path):
         assert list(art.read("label_names")) == texts.label_names
         attrs = art.attrs
         assert (attrs["model_name"], attrs["pooling"], attrs["max_length"], attrs["dtype"]) == (
-            "builtin:tiny-bert", "mean", 48, "float32")
+            "builtin:tiny-bert",
+            "mean",
+            48,
+            "float32",
+        )
         assert list(attrs["layers"]) == [-1] and list(attrs["layer_indices"]) == [4]
         assert attrs["row_offset"] == 0 and attrs["n_total"] == 24
         assert json.loads(attrs["sources"])[0]["kind"] == "builtin"
@@ -99,8 +108,10 @@ def test_sharded_llama_equals_unsharded_and_keeps_offsets(tmp_path):
 def test_token_embedding_mode_exports_the_input_embedding_matrix(tmp_path):
     from moespec.embedding import load_model
 
-    experiment = {"experiment": "e", "embed": {"model": {"name": "builtin:tiny-bert"}, "mode": "token_embeddings",
-                                               "shards": 2}}
+    experiment = {
+        "experiment": "e",
+        "embed": {"model": {"name": "builtin:tiny-bert"}, "mode": "token_embeddings", "shards": 2},
+    }
     folder = next(iter(run_inline(experiment, root=tmp_path).values()))
     loaded = load_model("builtin:tiny-bert")
     weight = loaded.model.get_input_embeddings().weight.detach().numpy()
@@ -115,8 +126,10 @@ def test_token_embedding_mode_exports_the_input_embedding_matrix(tmp_path):
 def test_files_and_builtin_sources_together(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text("".join(json.dumps({"body": f"text {i} " * (1 + i), "y": i % 2}) + "\n" for i in range(6)))
-    data = [{"kind": "files", "paths": [str(path)], "text_field": "body", "label_field": "y", "n": 4},
-            {"kind": "builtin", "n_per_domain": 2, "domains": ["news"]}]
+    data = [
+        {"kind": "files", "paths": [str(path)], "text_field": "body", "label_field": "y", "n": 4},
+        {"kind": "builtin", "n_per_domain": 2, "domains": ["news"]},
+    ]
     with open_artifact(_run(tmp_path, data=data)) as art:
         assert list(art.read("domain_names")) == ["mine", "news"]
         assert list(art.read("label_names"))[:2] == ["mine/0", "mine/1"]
@@ -146,14 +159,17 @@ def test_unknown_model_fails_with_its_name(tmp_path):
         load_experiment(_experiment(model={"name": "builtin:gigantic"}))
 
 
-@pytest.mark.parametrize("embed, message", [
-    ({"mode": "token_embeddings"}, "mode token_embeddings exports the vocabulary matrix; remove data"),
-    ({"data": [{"kind": "builtin"}, {"kind": "builtin", "domains": ["news"]}]}, "domain(s) ['news'] come from"),
-    ({"data": []}, "give at least one text source"),
-    ({"layer": []}, "must be non-empty"),
-    ({"shards": 0}, "embed.shards:"),
-    ({"data": [{"kind": "files", "paths": ["/x.jsonl", "/y.csv"]}]}, "embed.data[0]: paths mix formats"),
-])
+@pytest.mark.parametrize(
+    "embed, message",
+    [
+        ({"mode": "token_embeddings"}, "mode token_embeddings exports the vocabulary matrix; remove data"),
+        ({"data": [{"kind": "builtin"}, {"kind": "builtin", "domains": ["news"]}]}, "domain(s) ['news'] come from"),
+        ({"data": []}, "give at least one text source"),
+        ({"layer": []}, "must be non-empty"),
+        ({"shards": 0}, "embed.shards:"),
+        ({"data": [{"kind": "files", "paths": ["/x.jsonl", "/y.csv"]}]}, "embed.data[0]: paths mix formats"),
+    ],
+)
 def test_config_problems_are_reported_at_load_time(embed, message):
     with pytest.raises(ConfigError) as info:
         load_experiment(_experiment(**embed))
@@ -166,7 +182,9 @@ def test_more_shards_than_texts_is_a_clear_error(tmp_path):
 
 
 def test_validating_an_embed_config_imports_neither_torch_nor_datasets():
-    code = ("import sys; from moespec.stages import embed; embed.Config.model_validate({'data': [{'kind': 'hf', "
-            "'name': 'x'}]}); print(sorted(m for m in ('torch', 'datasets', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys; from moespec.stages import embed; embed.Config.model_validate({'data': [{'kind': 'hf', "
+        "'name': 'x'}]}); print(sorted(m for m in ('torch', 'datasets', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -21,8 +21,9 @@ SMALL_TEST = {"vol_min": 5, "vol_max": 40, "window": 5, "strata": {"k_range": [2
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("fiber")
-    config = tiny_experiment("f", n_per_domain=30, reduce={"n_components": 8, "mle_k": 10},
-                             fiber={**SMALL_TEST, "mle_k": 10})
+    config = tiny_experiment(
+        "f", n_per_domain=30, reduce={"n_components": 8, "mle_k": 10}, fiber={**SMALL_TEST, "mle_k": 10}
+    )
     arts = run_inline(config, root=root)
     return root, {key[0]: path for key, path in arts.items()}
 
@@ -30,8 +31,18 @@ def demo(tmp_path_factory):
 def test_pipeline_writes_rates_beside_null_rates(demo):
     _, paths = demo
     summary = json.loads((paths["fiber"] / "summary.json").read_text())
-    for key in ("rejection_rate", "null_rejection_rate", "fiber_rejection_rate", "null_fiber_rejection_rate",
-                "silhouette", "variance_retained", "id_twonn", "id_mle_levina_bickel", "id_pca_count", "n_strata"):
+    for key in (
+        "rejection_rate",
+        "null_rejection_rate",
+        "fiber_rejection_rate",
+        "null_fiber_rejection_rate",
+        "silhouette",
+        "variance_retained",
+        "id_twonn",
+        "id_mle_levina_bickel",
+        "id_pca_count",
+        "n_strata",
+    ):
         assert key in summary, key
     with open_artifact(paths["fiber"]) as art, open_artifact(paths["reduce"]) as red:
         n = len(red.read("domain"))
@@ -66,8 +77,11 @@ def test_pipeline_writes_rates_beside_null_rates(demo):
 
 def test_embed_input_and_subsampled_points(demo):
     root, _ = demo
-    config = tiny_experiment("f", n_per_domain=30, fiber={**SMALL_TEST, "input": "embed", "max_points": 50,
-                                                          "mle_k": 10, "calibration": {"n_repeats": 2}})
+    config = tiny_experiment(
+        "f",
+        n_per_domain=30,
+        fiber={**SMALL_TEST, "input": "embed", "max_points": 50, "mle_k": 10, "calibration": {"n_repeats": 2}},
+    )
     arts = run_inline(config, root=root)
     path = next(p for key, p in arts.items() if key[0] == "fiber")
     with open_artifact(path) as art:
@@ -85,8 +99,15 @@ def test_known_geometry_line_piercing_plane(tmp_path):
     rotation = np.linalg.qr(rng.standard_normal((6, 6)))[0]
     points = np.c_[np.r_[line, plane], np.zeros((3300, 3))] @ rotation * 50.0 + 7.0
     domain = np.r_[np.zeros(300, int), np.ones(3000, int)]
-    cfg = fiber.Config(input="embed", vol_min=5, vol_max=200, window=10, strata={"k": 2, "n_init": 1},
-                       max_points=1500, id_max_points=1000)
+    cfg = fiber.Config(
+        input="embed",
+        vol_min=5,
+        vol_max=200,
+        window=10,
+        strata={"k": 2, "n_init": 1},
+        max_points=1500,
+        id_max_points=1000,
+    )
     with write_embed_artifact(tmp_path / "embed", points, domain, ["line", "plane"]) as source:
         art, summary = run_stage(fiber, cfg, {"embed": source}, tmp_path / "fiber")
     with art:
@@ -99,14 +120,20 @@ def test_known_geometry_line_piercing_plane(tmp_path):
     assert 0.0 < summary["null_rejection_rate"] < 0.15
 
 
-@pytest.mark.parametrize("section, message", [
-    ({"vol_min": 10, "vol_max": 50, "window": 10}, r"vol_max - vol_min = 50 - 10 = 40 must exceed 4 \* window = 40"),
-    ({"correction": "holm"}, "correction"),
-    ({"correction": "bonferroni"}, "'bonferroni' is now 'bonferroni_nominal'"),
-    ({"strata": {"method": "kmeans", "selection": "bic"}}, "bic needs method: gmm"),
-    ({"calibration": {"kind": "uniform"}}, "kind"),
-    ({"alpha": 2.0}, "alpha"),
-])
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        (
+            {"vol_min": 10, "vol_max": 50, "window": 10},
+            r"vol_max - vol_min = 50 - 10 = 40 must exceed 4 \* window = 40",
+        ),
+        ({"correction": "holm"}, "correction"),
+        ({"correction": "bonferroni"}, "'bonferroni' is now 'bonferroni_nominal'"),
+        ({"strata": {"method": "kmeans", "selection": "bic"}}, "bic needs method: gmm"),
+        ({"calibration": {"kind": "uniform"}}, "kind"),
+        ({"alpha": 2.0}, "alpha"),
+    ],
+)
 def test_bad_sections_fail_at_load_time(section, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_experiment(tiny_experiment(reduce={"n_components": 4}, fiber=section))
@@ -137,7 +164,8 @@ def test_yaml_section_loads(tmp_path):
         "  input: reduce\n"
         "  vol_min: 10\n  vol_max: 100\n  window: 10\n  alpha: 1.0e-3\n  max_strata: 2\n  correction: bh_nominal\n"
         "  calibration: {kind: resample, n_repeats: 2}\n"
-        "  strata: {method: gmm, k_range: [2, 6], selection: bic}\n")
+        "  strata: {method: gmm, k_range: [2, 6], selection: bic}\n"
+    )
     section = load_experiment(path).base.fiber
     assert section.calibration.kind == "resample" and section.strata.selection == "bic"
     assert section.correction == "bh_nominal"

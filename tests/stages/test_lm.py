@@ -22,8 +22,15 @@ def lm_config(**overrides) -> lm.Config:
     settings = {
         "data": [{"kind": "builtin", "n_per_domain": 12, "domains": ["movies", "news"]}],
         "tokenizer": {"kind": "bpe", "vocab_size": 300},
-        "model": dict(TINY_MODEL), "seq_len": 32, "batch_size": 4, "max_steps": 6, "eval_every": 3,
-        "warmup_steps": 2, "lr": 3e-3, "validation_fraction": 0.2, "checkpoint_every": 2,
+        "model": dict(TINY_MODEL),
+        "seq_len": 32,
+        "batch_size": 4,
+        "max_steps": 6,
+        "eval_every": 3,
+        "warmup_steps": 2,
+        "lr": 3e-3,
+        "validation_fraction": 0.2,
+        "checkpoint_every": 2,
         "specialisation": {"n_shuffles": 3, "min_count": 2},
     }
     settings.update(overrides)
@@ -66,8 +73,9 @@ def test_an_moe_lm_trains_and_saves_a_standard_hf_folder(tmp_path):
     # The saved model and tokenizer give back the validation loss the stage measured.
     eot = tokenizer.eos_token_id
     val = pack(encode(tokenizer, val_texts), cfg.seq_len, eot, keep_tail=True)
-    objective = lm_training.LMObjective(val, val, np.zeros(len(val_texts), dtype=np.int64),
-                                        np.ones(len(val_texts)), 1, eot, 4, 0, "cpu", 0.0, 0.0)
+    objective = lm_training.LMObjective(
+        val, val, np.zeros(len(val_texts), dtype=np.int64), np.ones(len(val_texts)), 1, eot, 4, 0, "cpu", 0.0, 0.0
+    )
     assert objective.evaluate(model)["val_loss"] == pytest.approx(summary["val_loss"], abs=1e-5)
 
 
@@ -90,8 +98,12 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(tmp_path, 
     from safetensors.torch import load_file
 
     # experts implementation pinned: "auto" measures per task, and two tasks may pick differently
-    cfg = lm_config(grad_accumulation=2, max_steps=5, checkpoint_every=1,
-                    model={**TINY_MODEL, "dropout": 0.1, "experts_implementation": "sorted_mm"})
+    cfg = lm_config(
+        grad_accumulation=2,
+        max_steps=5,
+        checkpoint_every=1,
+        model={**TINY_MODEL, "dropout": 0.1, "experts_implementation": "sorted_mm"},
+    )
     reference, _ = run_lm(cfg, tmp_path / "reference")
     with reference:
         reference_curve = reference["steps/train/total"][()]
@@ -119,16 +131,24 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(tmp_path, 
         assert torch.equal(value, got[name]), name
 
 
-@pytest.mark.parametrize("section,message", [
-    ({"seq_len": 64, "model": {"max_positions": 32}}, "lm: seq_len 64 is beyond model.max_positions 32"),
-    ({"tokenizer": {"kind": "bpe", "vocab_size": 1000}, "model": {"vocab_size": 512}},
-     "lm: tokenizer.vocab_size 1000 does not fit model.vocab_size 512"),
-    ({"model": {"num_experts": 2, "top_k": 3}}, "lm.model: top_k 3 is above num_experts 2"),
-    ({"model": {"num_layers": 2, "decoder_sparse_step": 4}}, "lm.model: decoder_sparse_step 4 is above num_layers 2"),
-    ({"max_steps": 10, "max_tokens": 1000}, "lm: give max_steps or max_tokens, not both"),
-    ({"data": []}, "lm: data: give at least one text source"),
-    ({"tokenizer": {"kind": "bpe", "vocab_size": 100}}, "lm.tokenizer.vocab_size: Input should be greater"),
-])
+@pytest.mark.parametrize(
+    "section,message",
+    [
+        ({"seq_len": 64, "model": {"max_positions": 32}}, "lm: seq_len 64 is beyond model.max_positions 32"),
+        (
+            {"tokenizer": {"kind": "bpe", "vocab_size": 1000}, "model": {"vocab_size": 512}},
+            "lm: tokenizer.vocab_size 1000 does not fit model.vocab_size 512",
+        ),
+        ({"model": {"num_experts": 2, "top_k": 3}}, "lm.model: top_k 3 is above num_experts 2"),
+        (
+            {"model": {"num_layers": 2, "decoder_sparse_step": 4}},
+            "lm.model: decoder_sparse_step 4 is above num_layers 2",
+        ),
+        ({"max_steps": 10, "max_tokens": 1000}, "lm: give max_steps or max_tokens, not both"),
+        ({"data": []}, "lm: data: give at least one text source"),
+        ({"tokenizer": {"kind": "bpe", "vocab_size": 100}}, "lm.tokenizer.vocab_size: Input should be greater"),
+    ],
+)
 def test_bad_settings_are_errors_naming_the_key_at_validate_time(section, message):
     with pytest.raises(ConfigError, match=message):
         load_experiment({"experiment": "x", "lm": section})
@@ -137,15 +157,19 @@ def test_bad_settings_are_errors_naming_the_key_at_validate_time(section, messag
 def test_a_source_empty_after_filtering_is_an_error_naming_it(tmp_path):
     path = tmp_path / "texts.jsonl"
     path.write_text("\n".join(json.dumps({"text": "  "}) for _ in range(3)) + "\n")
-    cfg = lm_config(data=[{"kind": "builtin", "n_per_domain": 4, "domains": ["movies"]},
-                          {"kind": "files", "paths": [str(path)]}])
+    cfg = lm_config(
+        data=[{"kind": "builtin", "n_per_domain": 4, "domains": ["movies"]}, {"kind": "files", "paths": [str(path)]}]
+    )
     with pytest.raises(DataError, match=r"lm.data\[1\]: source files:.*every text in field\(s\) \['text'\] is empty"):
         run_lm(cfg, tmp_path / "out")
 
 
 def test_a_tokenizer_larger_than_the_model_vocabulary_is_an_error_naming_the_key(tmp_path):
-    cfg = lm_config(tokenizer={"kind": "bpe", "vocab_size": 300}, model={**TINY_MODEL, "vocab_size": 320},
-                    data=[{"kind": "builtin", "n_per_domain": 2, "domains": ["movies"]}])
+    cfg = lm_config(
+        tokenizer={"kind": "bpe", "vocab_size": 300},
+        model={**TINY_MODEL, "vocab_size": 320},
+        data=[{"kind": "builtin", "n_per_domain": 2, "domains": ["movies"]}],
+    )
     # 300 <= 320 passes validation; a HF tokenizer's size is only known at run time, so check that path
     # with a model vocabulary below the trained tokenizer's size through the stage's own check
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": 280})})
@@ -157,9 +181,16 @@ def test_ablate_runs_on_an_lm_artifact_through_the_pretrained_path(tmp_path):
     from moespec.launch.runner import run_inline
 
     settings = lm_config(max_steps=4, eval_every=4).model_dump(mode="json")
-    experiment = {"experiment": "lm-ablate", "lm": settings,
-                  "ablate": {"source": {"kind": "lm", "max_length": 64, "batch_size": 4}, "by": ["domain", "token"],
-                             "bootstrap": 20, "modes": ["mask"]}}
+    experiment = {
+        "experiment": "lm-ablate",
+        "lm": settings,
+        "ablate": {
+            "source": {"kind": "lm", "max_length": 64, "batch_size": 4},
+            "by": ["domain", "token"],
+            "bootstrap": 20,
+            "modes": ["mask"],
+        },
+    }
     with one_torch_thread():
         folders = run_inline(experiment, root=tmp_path)
     ablate_folder = next(folder for (stage, _), folder in folders.items() if stage == "ablate")

@@ -33,7 +33,7 @@ def _write_domains(folder, n_texts=36, words_per_text=16, seed=0):
     rng = np.random.default_rng(seed)
     paths = {}
     for index, name in enumerate(DOMAINS):
-        words = vocab[index * 60:(index + 1) * 60]
+        words = vocab[index * 60 : (index + 1) * 60]
         lines = []
         for row in range(n_texts):
             text = rng.choice(words, size=words_per_text).tolist()
@@ -46,19 +46,34 @@ def _write_domains(folder, n_texts=36, words_per_text=16, seed=0):
 
 
 def lora_section(base, paths, **changes):
-    section = {"base": {"name": str(base)},
-               "data": [{"kind": "files", "paths": [str(paths[d])], "domain": d} for d in DOMAINS],
-               "adapter": {"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "down_proj"]},
-               "training": {"max_steps": 24, "batch_size": 8, "lr": 0.02, "eval_every": 8, "checkpoint_every": 4,
-                            "warmup_steps": 2},
-               "max_length": 24}
+    section = {
+        "base": {"name": str(base)},
+        "data": [{"kind": "files", "paths": [str(paths[d])], "domain": d} for d in DOMAINS],
+        "adapter": {"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        "training": {
+            "max_steps": 24,
+            "batch_size": 8,
+            "lr": 0.02,
+            "eval_every": 8,
+            "checkpoint_every": 4,
+            "warmup_steps": 2,
+        },
+        "max_length": 24,
+    }
     section.update(changes)
     return section
 
 
-ROUTE = {"routers": [{"kind": "oracle"}, {"kind": "base"}, {"kind": "merge"}, {"kind": "learned", "layer": 1},
-                     {"kind": "keyword", "rules": KEYWORDS, "default": "math"}],
-         "bootstrap": 200}
+ROUTE = {
+    "routers": [
+        {"kind": "oracle"},
+        {"kind": "base"},
+        {"kind": "merge"},
+        {"kind": "learned", "layer": 1},
+        {"kind": "keyword", "rules": KEYWORDS, "default": "math"},
+    ],
+    "bootstrap": 200,
+}
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +86,9 @@ def setup(tmp_path_factory):
 def pipeline(setup):
     base, paths, folder = setup
     with one_torch_thread():
-        dirs = run_inline({"experiment": "lora", "lora": lora_section(base, paths), "route": ROUTE},
-                          root=folder / "results")
+        dirs = run_inline(
+            {"experiment": "lora", "lora": lora_section(base, paths), "route": ROUTE}, root=folder / "results"
+        )
     lora_dir = next(v for k, v in dirs.items() if k[0] == "lora")
     route_dir = next(v for k, v in dirs.items() if k[0] == "route")
     return lora_dir, route_dir
@@ -140,8 +156,9 @@ def test_the_learned_router_beats_keywords_that_mislead(pipeline):
 
 
 def _run_shard(cfg, folder, shard=0):
-    writer = ArtifactWriter(folder, "lora", "test", schema=lora.schema(cfg), shard_index=shard,
-                            num_shards=cfg.num_shards())
+    writer = ArtifactWriter(
+        folder, "lora", "test", schema=lora.schema(cfg), shard_index=shard, num_shards=cfg.num_shards()
+    )
     with write_artifact(writer):
         lora.run(cfg, {}, writer)
     return writer.path
@@ -203,7 +220,8 @@ def test_a_rank_above_the_layer_width_is_a_validate_time_error(setup):
     base, paths, _ = setup
     section = lora_section(base, paths, adapter={"rank": 40, "target_modules": ["q_proj"]})
     assert "lora.adapter.rank: 40 is above the width 32 of the 'q_proj' layers" in _problems(
-        {"experiment": "x", "lora": section})
+        {"experiment": "x", "lora": section}
+    )
 
 
 def test_a_keyword_router_without_a_default_domain_is_an_error(setup):
@@ -215,8 +233,11 @@ def test_a_keyword_router_without_a_default_domain_is_an_error(setup):
 
 def test_keyword_rules_must_name_domains_of_the_lora_data(setup):
     base, paths, _ = setup
-    routers = [{"kind": "oracle"}, {"kind": "base"}, {"kind": "keyword", "rules": {"poetry": ["rhyme"]},
-                                                      "default": "knowledge"}]
+    routers = [
+        {"kind": "oracle"},
+        {"kind": "base"},
+        {"kind": "keyword", "rules": {"poetry": ["rhyme"]}, "default": "knowledge"},
+    ]
     message = _problems({"experiment": "x", "lora": lora_section(base, paths), "route": {"routers": routers}})
     assert "route.routers[2].rules: domain(s) ['poetry'] are not domains of lora.data" in message
     assert "route.routers[2].default: domain(s) ['knowledge']" in message
@@ -224,8 +245,13 @@ def test_keyword_rules_must_name_domains_of_the_lora_data(setup):
 
 def test_gain_recovered_needs_the_base_and_oracle_routers(setup):
     base, paths, _ = setup
-    message = _problems({"experiment": "x", "lora": lora_section(base, paths),
-                         "route": {"routers": [{"kind": "learned"}, {"kind": "base"}]}})
+    message = _problems(
+        {
+            "experiment": "x",
+            "lora": lora_section(base, paths),
+            "route": {"routers": [{"kind": "learned"}, {"kind": "base"}]},
+        }
+    )
     assert "route.routers: gain recovered needs a base and an oracle router; add {kind: oracle}" in message
 
 
@@ -233,13 +259,21 @@ def test_a_domain_with_too_few_texts_to_split_is_an_error(setup, tmp_path):
     base, paths, _ = setup
     section = lora_section(base, paths, data=[{"kind": "builtin", "n_per_domain": 2, "domains": ["movies", "news"]}])
     assert "lora.data[0].n_per_domain: 2 text(s) per domain cannot be split into training, validation and test" in (
-        _problems({"experiment": "x", "lora": section}))
+        _problems({"experiment": "x", "lora": section})
+    )
     # Known only once the file is read: a clear error at run time, naming the key and the domain.
     short = tmp_path / "short.jsonl"
     short.write_text('{"text": "one"}\n{"text": "two"}\n')
-    cfg = lora.Config.model_validate(lora_section(base, paths, data=[
-        {"kind": "files", "paths": [str(paths["math"])], "domain": "math"},
-        {"kind": "files", "paths": [str(short)], "domain": "short"}]))
+    cfg = lora.Config.model_validate(
+        lora_section(
+            base,
+            paths,
+            data=[
+                {"kind": "files", "paths": [str(paths["math"])], "domain": "math"},
+                {"kind": "files", "paths": [str(short)], "domain": "short"},
+            ],
+        )
+    )
     with pytest.raises(Exception, match=r"lora.data: domain\(s\) short \(2\) have too few texts"):
         _run_shard(cfg, tmp_path / "run")
     assert not list((tmp_path / "run").glob("*.h5"))
@@ -247,8 +281,9 @@ def test_a_domain_with_too_few_texts_to_split_is_an_error(setup, tmp_path):
 
 def test_route_refuses_a_learned_layer_the_base_lacks(setup, pipeline, tmp_path):
     lora_dir, _ = pipeline
-    cfg = route.Config.model_validate({"routers": [{"kind": "oracle"}, {"kind": "base"},
-                                                   {"kind": "learned", "layer": 5}], "bootstrap": 0})
+    cfg = route.Config.model_validate(
+        {"routers": [{"kind": "oracle"}, {"kind": "base"}, {"kind": "learned", "layer": 5}], "bootstrap": 0}
+    )
     writer = ArtifactWriter(tmp_path, "route", "test", schema=route.schema(cfg))
     with open_artifact(lora_dir) as reader, pytest.raises(ConfigError, match="layer 5 is above the 2 blocks"):
         with write_artifact(writer), one_torch_thread():
@@ -264,19 +299,37 @@ def test_adapters_over_the_lm_stages_model(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    config = {"experiment": "lm-base",
-              "lm": {"data": [{"kind": "builtin", "n_per_domain": 20, "domains": ["movies", "medical"]}],
-                     "tokenizer": {"kind": "bpe", "vocab_size": 300},
-                     "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_experts": 4, "top_k": 2,
-                               "expert_size": 32},
-                     "seq_len": 32, "batch_size": 4, "max_steps": 4, "warmup_steps": 1, "eval_every": 2},
-              "lora": {"base": {"kind": "lm"},
-                       "data": [{"kind": "builtin", "n_per_domain": 10, "domains": ["movies", "medical"], "seed": 1}],
-                       "adapter": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
-                       "training": {"max_steps": 2, "batch_size": 4, "eval_every": 2}, "max_length": 24},
-              "route": {"routers": [{"kind": "oracle"}, {"kind": "base"}], "bootstrap": 0}}
+    config = {
+        "experiment": "lm-base",
+        "lm": {
+            "data": [{"kind": "builtin", "n_per_domain": 20, "domains": ["movies", "medical"]}],
+            "tokenizer": {"kind": "bpe", "vocab_size": 300},
+            "model": {
+                "hidden_size": 32,
+                "num_layers": 2,
+                "num_heads": 4,
+                "num_experts": 4,
+                "top_k": 2,
+                "expert_size": 32,
+            },
+            "seq_len": 32,
+            "batch_size": 4,
+            "max_steps": 4,
+            "warmup_steps": 1,
+            "eval_every": 2,
+        },
+        "lora": {
+            "base": {"kind": "lm"},
+            "data": [{"kind": "builtin", "n_per_domain": 10, "domains": ["movies", "medical"], "seed": 1}],
+            "adapter": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+            "training": {"max_steps": 2, "batch_size": 4, "eval_every": 2},
+            "max_length": 24,
+        },
+        "route": {"routers": [{"kind": "oracle"}, {"kind": "base"}], "bootstrap": 0},
+    }
     assert "lora: reads the lm stage (lm) but the experiment has no lm section" in _problems(
-        {k: v for k, v in config.items() if k != "lm"})
+        {k: v for k, v in config.items() if k != "lm"}
+    )
     # The lm section describes the base: targets and rank are checked against it before anything runs.
     wrong = {**config, "lora": {**config["lora"], "adapter": {"rank": 40, "target_modules": ["q_proj", "c_attn"]}}}
     message = _problems(wrong)

@@ -82,13 +82,16 @@ def test_known_dimensions_on_a_synthetic_embed_artifact(tmp_path):
     assert summary["n_components"] == 6
 
 
-@pytest.mark.parametrize("section, message", [
-    ({}, "exactly one of n_components and variance_target"),
-    ({"n_components": 4, "variance_target": 0.5}, "exactly one"),
-    ({"variance_target": 0.5, "solver": "randomized"}, "variance_target needs solver: covariance"),
-    ({"n_components": 0}, "n_components"),
-    ({"variance_target": 1.5}, "variance_target"),
-])
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({}, "exactly one of n_components and variance_target"),
+        ({"n_components": 4, "variance_target": 0.5}, "exactly one"),
+        ({"variance_target": 0.5, "solver": "randomized"}, "variance_target needs solver: covariance"),
+        ({"n_components": 0}, "n_components"),
+        ({"variance_target": 1.5}, "variance_target"),
+    ],
+)
 def test_bad_sections_fail_at_load_time(section, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_experiment(tiny_experiment(reduce=section))
@@ -123,8 +126,10 @@ def test_intrinsic_dimension_settings_are_one_sub_model_shared_with_fiber():
 
 def test_flat_intrinsic_dimension_keys_still_load_into_the_sub_section():
     flat = reduce.Config(n_components=2, id_threshold=0.5, mle_k=5, twonn_discard_fraction=0.2, id_max_points=50)
-    nested = reduce.Config(n_components=2, intrinsic_dimension={"threshold": 0.5, "mle_k": 5,
-                                                                "twonn_discard_fraction": 0.2, "max_points": 50})
+    nested = reduce.Config(
+        n_components=2,
+        intrinsic_dimension={"threshold": 0.5, "mle_k": 5, "twonn_discard_fraction": 0.2, "max_points": 50},
+    )
     assert flat == nested
     with pytest.raises(ValueError, match="mle_k and intrinsic_dimension.mle_k are both set"):
         reduce.Config(n_components=2, mle_k=5, intrinsic_dimension={"mle_k": 6})

@@ -16,11 +16,22 @@ from moespec.models import rows, training
 from moespec.stages import train
 from tests.builders import tiny_experiment, write_reduce_artifact
 
+
 def train_config(**overrides):
     settings = {
-        "model": {"kind": "dictionary", "n_experts": 3, "query_dim": 8, "code_dim": 6, "n_layers": 2,
-                  "projection_hidden": 8, "projection_dim": 4},
-        "epochs": 3, "batch_size": 16, "checkpoint_every": 2, "lr": 1e-2,
+        "model": {
+            "kind": "dictionary",
+            "n_experts": 3,
+            "query_dim": 8,
+            "code_dim": 6,
+            "n_layers": 2,
+            "projection_hidden": 8,
+            "projection_dim": 4,
+        },
+        "epochs": 3,
+        "batch_size": 16,
+        "checkpoint_every": 2,
+        "lr": 1e-2,
     }
     settings.update(overrides)
     return train.Config.model_validate(settings)
@@ -157,8 +168,10 @@ def test_a_checkpoint_from_another_config_is_a_clear_error(reduced, tmp_path, mo
 
 
 def test_topk_classifier_learns_the_classes_and_records_routing(reduced, tmp_path):
-    cfg = train_config(model={"kind": "topk", "n_experts": 4, "top_k": 2, "hidden_dim": 16, "ffn_dim": 16,
-                              "target": "domain_label"}, epochs=8)
+    cfg = train_config(
+        model={"kind": "topk", "n_experts": 4, "top_k": 2, "hidden_dim": 16, "ffn_dim": 16, "target": "domain_label"},
+        epochs=8,
+    )
     result, summary = run_train(cfg, reduced, tmp_path / "train")
     with result:
         assert result["target_names"].asstr()[()].tolist() == [f"d{c // 2}/d{c // 2}/c{c % 2}" for c in range(6)]
@@ -171,8 +184,14 @@ def test_topk_classifier_learns_the_classes_and_records_routing(reduced, tmp_pat
 
 def test_collapse_warning_and_early_stopping(reduced, tmp_path, caplog):
     # Two experts and a threshold of 0.5: the top expert always takes >= half the rows.
-    cfg = train_config(model={"kind": "topk", "n_experts": 2, "top_k": 1, "hidden_dim": 8, "ffn_dim": 8},
-                       collapse_threshold=0.5, lr=1e-9, epochs=10, patience=2, min_delta=1.0)
+    cfg = train_config(
+        model={"kind": "topk", "n_experts": 2, "top_k": 1, "hidden_dim": 8, "ffn_dim": 8},
+        collapse_threshold=0.5,
+        lr=1e-9,
+        epochs=10,
+        patience=2,
+        min_delta=1.0,
+    )
     result, summary = run_train(cfg, reduced, tmp_path / "train")
     with result:
         assert result["epochs_run"][()] == 3  # best at epoch 1, then 2 epochs without a 1.0 improvement
@@ -187,11 +206,27 @@ def test_bad_input_is_a_clear_error(tmp_path):
         run_train(train_config(), unlabelled, tmp_path / "a")
     with pytest.raises(DataError, match="'label' needs a label"):
         run_train(train_config(model={"kind": "topk", "target": "label"}), unlabelled, tmp_path / "b")
-    run_train(train_config(model={"kind": "dictionary", "n_experts": 2, "positive_pairs": "domain", "code_dim": 4,
-                                  "n_layers": 1, "query_dim": 4}, epochs=1), unlabelled, tmp_path / "c")
+    run_train(
+        train_config(
+            model={
+                "kind": "dictionary",
+                "n_experts": 2,
+                "positive_pairs": "domain",
+                "code_dim": 4,
+                "n_layers": 1,
+                "query_dim": 4,
+            },
+            epochs=1,
+        ),
+        unlabelled,
+        tmp_path / "c",
+    )
     with pytest.raises(ConfigError, match="train.model: dictionary model expects input dimension 64, the data has 8"):
-        run_train(train_config(model={"kind": "dictionary", "input_dim": 64, "positive_pairs": "domain"}), unlabelled,
-                  tmp_path / "d")
+        run_train(
+            train_config(model={"kind": "dictionary", "input_dim": 64, "positive_pairs": "domain"}),
+            unlabelled,
+            tmp_path / "d",
+        )
     assert not (tmp_path / "d" / "train.h5").exists()
 
 
@@ -206,17 +241,25 @@ def test_config_validation_messages():
 
 def test_lr_schedules():
     cfg = train_config(schedule="step", step_epochs=2, step_gamma=0.5, warmup_steps=2)
-    factor = training.lr_schedule(cfg.schedule, cfg.warmup_steps, 100, step_every=cfg.step_epochs * 10,
-                                  step_gamma=cfg.step_gamma)
+    factor = training.lr_schedule(
+        cfg.schedule, cfg.warmup_steps, 100, step_every=cfg.step_epochs * 10, step_gamma=cfg.step_gamma
+    )
     assert [factor(step) for step in (0, 1, 2, 19, 20, 40)] == [0.5, 1.0, 1.0, 1.0, 0.5, 0.25]
     cosine = training.lr_schedule("cosine", 0, 100)
     assert cosine(0) == 1.0 and cosine(100) == pytest.approx(0.0)
 
 
 def test_pipeline_embed_reduce_train_runs_inline(tmp_path):
-    experiment = tiny_experiment("tr", n_per_domain=8, reduce={"n_components": 6, "mle_k": 5},
-                                 train={"model": {"kind": "topk", "n_experts": 2, "hidden_dim": 8, "ffn_dim": 8,
-                                                  "target": "domain"}, "epochs": 2, "batch_size": 8})
+    experiment = tiny_experiment(
+        "tr",
+        n_per_domain=8,
+        reduce={"n_components": 6, "mle_k": 5},
+        train={
+            "model": {"kind": "topk", "n_experts": 2, "hidden_dim": 8, "ffn_dim": 8, "target": "domain"},
+            "epochs": 2,
+            "batch_size": 8,
+        },
+    )
     artifacts = run_inline(experiment, root=tmp_path)
     train_dir = next(path for key, path in artifacts.items() if key[0] == "train")
     with open_artifact(train_dir) as result:
@@ -226,13 +269,31 @@ def test_pipeline_embed_reduce_train_runs_inline(tmp_path):
             assert h5.attrs["complete"]
     assert (train_dir / "best.pt").exists()
     with pytest.raises(StageError):
-        run_inline({**experiment, "experiment": "tr2",
-                    "train": {**experiment["train"], "model": {"kind": "topk", "input_dim": 99}}}, root=tmp_path)
+        run_inline(
+            {
+                **experiment,
+                "experiment": "tr2",
+                "train": {**experiment["train"], "model": {"kind": "topk", "input_dim": 99}},
+            },
+            root=tmp_path,
+        )
 
 
-@pytest.mark.parametrize("model", [{"kind": "dictionary", "n_experts": 3, "query_dim": 8, "code_dim": 6,
-                                    "n_layers": 2, "projection_hidden": 8, "projection_dim": 4},
-                                   {"kind": "topk", "n_experts": 3, "top_k": 2, "hidden_dim": 8}])
+@pytest.mark.parametrize(
+    "model",
+    [
+        {
+            "kind": "dictionary",
+            "n_experts": 3,
+            "query_dim": 8,
+            "code_dim": 6,
+            "n_layers": 2,
+            "projection_hidden": 8,
+            "projection_dim": 4,
+        },
+        {"kind": "topk", "n_experts": 3, "top_k": 2, "hidden_dim": 8},
+    ],
+)
 def test_bfloat16_autocast_trains_in_low_precision_and_keeps_float32_weights(reduced, tmp_path, model):
     full, _ = run_train(train_config(model=model, epochs=2, precision="float32"), reduced, tmp_path / "fp32")
     low, summary = run_train(train_config(model=model, epochs=2, precision="bfloat16"), reduced, tmp_path / "bf16")
@@ -247,8 +308,10 @@ def test_bfloat16_autocast_trains_in_low_precision_and_keeps_float32_weights(red
 
 
 def test_every_moe_run_reports_its_dense_twin(reduced, tmp_path):
-    cfg = train_config(model={"kind": "topk", "n_experts": 4, "top_k": 2, "hidden_dim": 16, "ffn_dim": 16,
-                              "target": "domain"}, epochs=3)
+    cfg = train_config(
+        model={"kind": "topk", "n_experts": 4, "top_k": 2, "hidden_dim": 16, "ffn_dim": 16, "target": "domain"},
+        epochs=3,
+    )
     result, summary = run_train(cfg, reduced, tmp_path / "train")
     with result:
         assert result["dense/curves/val/total"].shape == (3,)

@@ -82,8 +82,12 @@ def free_port() -> int:
 
 def keygen(path: Path, comment: str) -> str:
     """Create an unencrypted ed25519 key pair at ``path``; return the public line (type and base64)."""
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
-                   check=True, timeout=30, stdin=subprocess.DEVNULL)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+        check=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
     path.chmod(0o600)
     return " ".join(path.with_name(path.name + ".pub").read_text().split()[:2])
 
@@ -171,9 +175,23 @@ class LoopbackSshd:
         if not self.host_key:
             self.host_key = keygen(self.workdir / "ssh_host_ed25519_key", "moespec-loopback-host")
             if self.certificate_authority is not None:
-                subprocess.run(["ssh-keygen", "-q", "-s", str(self.certificate_authority), "-I", "moespec-loopback",
-                                "-h", "-n", "127.0.0.1", str(self.workdir / "ssh_host_ed25519_key.pub")],
-                               check=True, timeout=30, stdin=subprocess.DEVNULL)
+                subprocess.run(
+                    [
+                        "ssh-keygen",
+                        "-q",
+                        "-s",
+                        str(self.certificate_authority),
+                        "-I",
+                        "moespec-loopback",
+                        "-h",
+                        "-n",
+                        "127.0.0.1",
+                        str(self.workdir / "ssh_host_ed25519_key.pub"),
+                    ],
+                    check=True,
+                    timeout=30,
+                    stdin=subprocess.DEVNULL,
+                )
         (self.workdir / "authorized_keys").write_text("".join(k + "\n" for k in self.authorized_keys))
         (self.workdir / "authorized_keys").chmod(0o600)
         _ensure_privsep_dir()
@@ -182,9 +200,13 @@ class LoopbackSshd:
             (self.workdir / "sshd_config").write_text(self._config())
             subprocess.run([str(sshd), "-t", "-f", str(self.workdir / "sshd_config")], check=True, timeout=30)
             log = open(self.workdir / "sshd.log", "ab")
-            self.process = subprocess.Popen([str(sshd), "-D", "-e", "-f", str(self.workdir / "sshd_config")],
-                                            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                            preexec_fn=_die_with_parent())
+            self.process = subprocess.Popen(
+                [str(sshd), "-D", "-e", "-f", str(self.workdir / "sshd_config")],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                preexec_fn=_die_with_parent(),
+            )
             log.close()
             try:
                 wait_for_banner(self.port, timeout, self.process)
@@ -467,8 +489,10 @@ class DelayLine:
         self.port = free_port()
         self.process = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "delay", str(self.port), str(target_port), str(rtt_ms)],
-            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent())
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent(),
+        )
         assert self.process.stdout is not None
         if self.process.stdout.readline().strip() != b"ready":
             _stop(self.process)

@@ -80,11 +80,13 @@ def test_direction_is_required(project):
 
 
 def test_sync_never_imports_torch_and_paramiko_only_for_sftp_or_its_transport():
-    code = ("import sys, argparse; import moespec.sync.cli as c, moespec.sync.plan, moespec.sync.remotes; "
-            "c.register(argparse.ArgumentParser().add_subparsers()); "
-            "import moespec.sync.session, moespec.sync.engine, moespec.sync.transport_openssh; "
-            "light = 'paramiko' not in sys.modules; "
-            "import moespec.sync.transport_paramiko; print(light, 'torch' in sys.modules)")
+    code = (
+        "import sys, argparse; import moespec.sync.cli as c, moespec.sync.plan, moespec.sync.remotes; "
+        "c.register(argparse.ArgumentParser().add_subparsers()); "
+        "import moespec.sync.session, moespec.sync.engine, moespec.sync.transport_openssh; "
+        "light = 'paramiko' not in sys.modules; "
+        "import moespec.sync.transport_paramiko; print(light, 'torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "False"]
 

@@ -30,8 +30,10 @@ def test_example_remotes_file_is_valid():
 
 def test_remotes_errors_name_the_file_and_dotted_key(tmp_path):
     path = tmp_path / "remotes.yaml"
-    path.write_text("default: nope\nremotes:\n  hpc:\n    host: login\n    channels: 0\n    colour: red\n"
-                    "    pull: {include: ['[bad']}\n")
+    path.write_text(
+        "default: nope\nremotes:\n  hpc:\n    host: login\n    channels: 0\n    colour: red\n"
+        "    pull: {include: ['[bad']}\n"
+    )
     with pytest.raises(ConfigError) as info:
         load_remotes(path)
     problems = "\n".join(info.value.problems)
@@ -69,8 +71,10 @@ def test_include_is_inlined_and_the_enclosing_block_resumes(tmp_path):
 
 def test_proxyjump_chain_and_known_hosts_name(tmp_path):
     config = tmp_path / "config"
-    config.write_text("Host hpc\n  HostName 10.0.0.5\n  Port 2222\n  ProxyJump alice@gw1:2022,ssh://gw2\n"
-                      f"  UserKnownHostsFile {tmp_path}/kh\n  IdentityFile ~/.ssh/id_test\n")
+    config.write_text(
+        "Host hpc\n  HostName 10.0.0.5\n  Port 2222\n  ProxyJump alice@gw1:2022,ssh://gw2\n"
+        f"  UserKnownHostsFile {tmp_path}/kh\n  IdentityFile ~/.ssh/id_test\n"
+    )
     spec = resolve_host("hpc", config)
     assert spec.proxy_jump == (Hop("gw1", "alice", 2022), Hop("gw2"))
     assert spec.known_hosts_name == "[10.0.0.5]:2222"
@@ -106,8 +110,12 @@ def verify(lines: list[str], name: str, blob: bytes, tmp_path) -> None:
 
 @pytest.mark.parametrize("hosts", ["h.example.org", "*.example.org", "other,h.example.org", _hashed("h.example.org")])
 def test_known_key_is_accepted(hosts, tmp_path):
-    verify(["@cert-authority *.example.org ssh-ed25519 AAAAnotakey", "garbage line", _line(hosts, KEY_A)],
-           "h.example.org", KEY_A, tmp_path)
+    verify(
+        ["@cert-authority *.example.org ssh-ed25519 AAAAnotakey", "garbage line", _line(hosts, KEY_A)],
+        "h.example.org",
+        KEY_A,
+        tmp_path,
+    )
 
 
 def test_bracketed_port_names_are_literal(tmp_path):

@@ -12,8 +12,9 @@ from moespec.sync.paths import LocalRoot, UnsafePath, check_relpath, link_escape
 from tests.sync.trees import make_tree
 
 
-@pytest.mark.parametrize("name", ["", "/etc/passwd", "..", "../x", "a/../../x", "a//b", "a/./b", "a/", "a\\..\\b",
-                                  "nul\x00byte"])
+@pytest.mark.parametrize(
+    "name", ["", "/etc/passwd", "..", "../x", "a/../../x", "a//b", "a/./b", "a/", "a\\..\\b", "nul\x00byte"]
+)
 def test_unsafe_names_are_refused(name):
     with pytest.raises(UnsafePath):
         check_relpath(name)
@@ -24,9 +25,18 @@ def test_ordinary_names_pass(name):
     assert check_relpath(name) == name
 
 
-@pytest.mark.parametrize("link,target,escapes", [
-    ("d/l", "x", False), ("d/l", "../d2/x", False), ("d/l", "../../x", True), ("l", "..", True),
-    ("d/l", "/abs", True), ("d/e/l", "../../x", False), ("d/l", "", True)])
+@pytest.mark.parametrize(
+    "link,target,escapes",
+    [
+        ("d/l", "x", False),
+        ("d/l", "../d2/x", False),
+        ("d/l", "../../x", True),
+        ("l", "..", True),
+        ("d/l", "/abs", True),
+        ("d/e/l", "../../x", False),
+        ("d/l", "", True),
+    ],
+)
 def test_link_escape(link, target, escapes):
     assert link_escapes(link, target) is escapes
 
@@ -64,18 +74,27 @@ def record(start, kind, size, mtime, mode, rel, target=""):
 
 
 def test_find_output_is_parsed_after_shell_noise():
-    data = (b"Welcome to the cluster!\n" + LISTING_MARKER + record("/r/demo", "d", 4096, "1.5", "755", "")
-            + record("/r/demo", "f", 12, "1600000000.25", "640", "a b/c.json")
-            + record("/r/demo", "l", 3, "1600000000.0", "777", "ln", "c.json"))
+    data = (
+        b"Welcome to the cluster!\n"
+        + LISTING_MARKER
+        + record("/r/demo", "d", 4096, "1.5", "755", "")
+        + record("/r/demo", "f", 12, "1600000000.25", "640", "a b/c.json")
+        + record("/r/demo", "l", 3, "1600000000.0", "777", "ln", "c.json")
+    )
     got = parse_find_output(data, "/r", ("demo", "gone"))
     assert got.entries["demo/a b/c.json"].size == 12 and got.entries["demo/a b/c.json"].mode == 0o640
     assert got.entries["demo/ln"].target == "c.json" and got.missing == ["gone"]
 
 
 def test_find_output_refuses_hostile_records():
-    data = LISTING_MARKER + record("/r", "d", 1, "1", "755", "") + record("/r", "f", 1, "1", "644", "../x") + \
-        record("/r", "f", 1, "1", "644", "a/../../x") + record("/elsewhere", "f", 1, "1", "644", "x") + \
-        record("/r", "f", "NaN-size", "1", "644", "ok")
+    data = (
+        LISTING_MARKER
+        + record("/r", "d", 1, "1", "755", "")
+        + record("/r", "f", 1, "1", "644", "../x")
+        + record("/r", "f", 1, "1", "644", "a/../../x")
+        + record("/elsewhere", "f", 1, "1", "644", "x")
+        + record("/r", "f", "NaN-size", "1", "644", "ok")
+    )
     got = parse_find_output(data, "/r", ("",))
     assert not got.entries and len(got.refused) == 4
 

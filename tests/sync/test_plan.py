@@ -46,8 +46,11 @@ def test_excluded_files_are_counted_not_copied():
 
 
 def test_links_inside_are_recreated_links_outside_refused():
-    source = listing(Entry("d/in", "link", target="../d/x"), Entry("d/abs", "link", target="/etc"),
-                     Entry("d/out", "link", target="../../x"))
+    source = listing(
+        Entry("d/in", "link", target="../d/x"),
+        Entry("d/abs", "link", target="/etc"),
+        Entry("d/out", "link", target="../../x"),
+    )
     plan = plan_sync(source, listing(), Filters.build())
     assert [a.path for a in plan.links] == ["d/in"]
     assert sorted(r.path for r in plan.refused) == ["d/abs", "d/out"]
@@ -80,15 +83,22 @@ def test_delete_never_empties_an_experiment_nor_takes_more_than_the_share():
 
 
 def test_links_are_resolved_through_the_links_of_the_tree():
-    source = listing(Entry("demo/up", "link", target=".."), Entry("demo/x", "dir"),
-                     Entry("demo/chain", "link", target="up/x/up/x/../../../../etc"),
-                     Entry("demo/fine", "link", target="up/demo/x"))
+    source = listing(
+        Entry("demo/up", "link", target=".."),
+        Entry("demo/x", "dir"),
+        Entry("demo/chain", "link", target="up/x/up/x/../../../../etc"),
+        Entry("demo/fine", "link", target="up/demo/x"),
+    )
     plan = plan_sync(source, listing(Entry("demo/out", "link", target="/elsewhere")), Filters.build())
     assert [r.path for r in plan.refused] == ["demo/chain"]
     assert sorted(a.path for a in plan.links) == ["demo/fine", "demo/up"]
     through_local = listing(Entry("demo/via", "link", target="out/x"))
-    assert [r.path for r in plan_sync(through_local, listing(Entry("demo/out", "link", target="/elsewhere")),
-                                      Filters.build()).refused] == ["demo/via"]
+    assert [
+        r.path
+        for r in plan_sync(
+            through_local, listing(Entry("demo/out", "link", target="/elsewhere")), Filters.build()
+        ).refused
+    ] == ["demo/via"]
 
 
 def test_incomplete_source_listing_deletes_nothing():
@@ -98,8 +108,10 @@ def test_incomplete_source_listing_deletes_nothing():
 
 
 def test_checksums_decide_for_equal_sizes():
-    source, dest = listing(f("same"), f("differs"), f("touch", mtime=T + 9)), listing(f("same"), f("differs"),
-                                                                                       f("touch"))
+    source, dest = (
+        listing(f("same"), f("differs"), f("touch", mtime=T + 9)),
+        listing(f("same"), f("differs"), f("touch")),
+    )
     assert checksum_candidates(source, dest, Filters.build()) == ["differs", "same", "touch"]
     sums = ({"same": "1", "differs": "2", "touch": "3"}, {"same": "1", "differs": "X", "touch": "3"})
     plan = plan_sync(source, dest, Filters.build(), checksums=sums)
@@ -109,7 +121,8 @@ def test_checksums_decide_for_equal_sizes():
 
 def test_stale_partial_files_are_found():
     source = listing(f("d/x.h5", size=100, mtime=T))
-    dest = listing(f("d/.x.h5.100-1600000000.part"), f("d/.x.h5.90-1500000000.part"), f("d/.gone.h5.5-1.part"),
-                   f("d/.x.h5.part"))
+    dest = listing(
+        f("d/.x.h5.100-1600000000.part"), f("d/.x.h5.90-1500000000.part"), f("d/.gone.h5.5-1.part"), f("d/.x.h5.part")
+    )
     plan = plan_sync(source, dest, Filters.build())
     assert plan.stale_parts == ["d/.gone.h5.5-1.part", "d/.x.h5.90-1500000000.part"]

@@ -20,8 +20,23 @@ pytestmark = pytest.mark.ssh
 
 def cli(config: Path, remote: Path, local: Path, *extra: str) -> list[str]:
     """``moespec sync --from-hpc`` arguments for host ``hpc`` of ``config``."""
-    return ["sync", "--from-hpc", "--host", "hpc", "--remote-root", str(remote), "--local-root", str(local),
-            "--ssh-config", str(config), "--batch", "--no-progress", "--retries", "0", *extra]
+    return [
+        "sync",
+        "--from-hpc",
+        "--host",
+        "hpc",
+        "--remote-root",
+        str(remote),
+        "--local-root",
+        str(local),
+        "--ssh-config",
+        str(config),
+        "--batch",
+        "--no-progress",
+        "--retries",
+        "0",
+        *extra,
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,11 +99,27 @@ def test_openssh_transport_never_reuses_a_master_it_did_not_start(ssh_lab, tmp_p
     socket_path = tmp_path / "cm"
     empty = tmp_path / "known_hosts_empty"
     empty.write_text("")
-    config = ssh_lab.config(tmp_path, ssh_lab.block("muxed", ControlMaster="auto", ControlPath=str(socket_path),
-                                                    UserKnownHostsFile=str(empty)))
-    master = subprocess.Popen(["ssh", "-F", str(config), "-o", "StrictHostKeyChecking=no",
-                               "-o", "UserKnownHostsFile=/dev/null", "-M", "-N", "-n", "muxed"],
-                              stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    config = ssh_lab.config(
+        tmp_path,
+        ssh_lab.block("muxed", ControlMaster="auto", ControlPath=str(socket_path), UserKnownHostsFile=str(empty)),
+    )
+    master = subprocess.Popen(
+        [
+            "ssh",
+            "-F",
+            str(config),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-M",
+            "-N",
+            "-n",
+            "muxed",
+        ],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 15
         while not socket_path.exists():

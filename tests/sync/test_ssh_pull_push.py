@@ -25,8 +25,16 @@ def setup(ssh_lab, tmp_path):
 
 
 def pull(remote, local, config, **options) -> SyncRequest:
-    defaults = dict(direction="pull", host="hpc", remote_root=str(remote), local_root=local, ssh_config=config,
-                    retries=0, connect_timeout=10, engine=EngineSettings(stall_timeout=30))
+    defaults = dict(
+        direction="pull",
+        host="hpc",
+        remote_root=str(remote),
+        local_root=local,
+        ssh_config=config,
+        retries=0,
+        connect_timeout=10,
+        engine=EngineSettings(stall_timeout=30),
+    )
     return SyncRequest(**{**defaults, **options})
 
 
@@ -72,8 +80,15 @@ def test_include_exclude_first_match_wins(setup):
     assert "demo/embed/1a2b/embed.h5" in got
     assert "demo/reduce/3c4d/reduce.h5" not in got and "demo/train/5e6f/ckpt.pt" not in got
     assert report.plan.excluded == 2
-    only_json = run_sync(pull(remote, local, config, filters=Filters.build([("include", "*.json"), ("exclude", "*")]),
-                              local_root=local.parent / "json"))
+    only_json = run_sync(
+        pull(
+            remote,
+            local,
+            config,
+            filters=Filters.build([("include", "*.json"), ("exclude", "*")]),
+            local_root=local.parent / "json",
+        )
+    )
     assert sorted(snapshot(local.parent / "json")) == ["demo/summary.json", "other/summary.json"]
     assert only_json.plan.excluded == len(RESULTS) - 2
 
@@ -123,12 +138,27 @@ def test_checksum_finds_same_size_same_mtime_changes(setup):
 
 @pytest.mark.parametrize("transport", ["paramiko", "openssh"])
 def test_push_configs_to_hpc(ssh_lab, tmp_path, transport):
-    project = make_tree(tmp_path / "project", {"configs/experiments/demo.yaml": b"experiment: demo\n",
-                                               "hpc/clusters/x.yaml": b"partition: gpu\n", "jobs/run.sbatch": 200})
+    project = make_tree(
+        tmp_path / "project",
+        {
+            "configs/experiments/demo.yaml": b"experiment: demo\n",
+            "hpc/clusters/x.yaml": b"partition: gpu\n",
+            "jobs/run.sbatch": 200,
+        },
+    )
     os.chmod(project / "jobs/run.sbatch", 0o755)
     remote = tmp_path / "remote" / "project"
-    request = SyncRequest("push", "hpc", str(remote), project, ("configs", "hpc", "jobs"), transport=transport,
-                          ssh_config=ssh_lab.config(tmp_path), retries=0, connect_timeout=10)
+    request = SyncRequest(
+        "push",
+        "hpc",
+        str(remote),
+        project,
+        ("configs", "hpc", "jobs"),
+        transport=transport,
+        ssh_config=ssh_lab.config(tmp_path),
+        retries=0,
+        connect_timeout=10,
+    )
     report = run_sync(request)
     assert report.ok and report.files == 3, (report.failed, report.problems)
     assert snapshot(remote) == snapshot(project)

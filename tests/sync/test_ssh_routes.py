@@ -17,8 +17,15 @@ from tests.sync.trees import make_tree, pull_request as pull, snapshot
 pytestmark = pytest.mark.ssh
 
 
-@pytest.mark.parametrize("host,transport", [("hpc-via-jump", "paramiko"), ("hpc-via-2-jumps", "paramiko"),
-                                            ("hpc-via-proxycommand", "paramiko"), ("hpc-via-2-jumps", "openssh")])
+@pytest.mark.parametrize(
+    "host,transport",
+    [
+        ("hpc-via-jump", "paramiko"),
+        ("hpc-via-2-jumps", "paramiko"),
+        ("hpc-via-proxycommand", "paramiko"),
+        ("hpc-via-2-jumps", "openssh"),
+    ],
+)
 def test_pull_through_jump_hosts(ssh_lab, tmp_path, host, transport):
     remote = make_tree(tmp_path / "remote", {"demo/a.json": b"{}", "demo/b.h5": 70_000})
     report = run_sync(pull(host, remote, tmp_path / "local", ssh_lab.config(tmp_path), transport=transport))
@@ -27,8 +34,11 @@ def test_pull_through_jump_hosts(ssh_lab, tmp_path, host, transport):
 
 def test_proxyjump_is_really_used(ssh_lab, tmp_path):
     """With the jump host down the connection fails, although the target itself is up."""
-    config = ssh_lab.config(tmp_path, ssh_lab.env.host_block("deadjump", free_port()),
-                            ssh_lab.block("hpc-via-dead-jump", ProxyJump="deadjump"))
+    config = ssh_lab.config(
+        tmp_path,
+        ssh_lab.env.host_block("deadjump", free_port()),
+        ssh_lab.block("hpc-via-dead-jump", ProxyJump="deadjump"),
+    )
     with pytest.raises(SyncError, match="deadjump"):
         run_sync(pull("hpc-via-dead-jump", tmp_path, tmp_path / "local", config))
 
@@ -55,8 +65,9 @@ def test_agent_keys_are_used(ssh_lab, tmp_path, monkeypatch):
         env = {**os.environ, "SSH_AUTH_SOCK": str(socket_path)}
         subprocess.run(["ssh-add", "-q", str(ssh_lab.env.client_key)], env=env, check=True, timeout=30)
         monkeypatch.setenv("SSH_AUTH_SOCK", str(socket_path))
-        config = ssh_lab.config(tmp_path, ssh_lab.block("by-agent", IdentityFile=str(tmp_path / "no-such-key"),
-                                                        IdentitiesOnly="no"))
+        config = ssh_lab.config(
+            tmp_path, ssh_lab.block("by-agent", IdentityFile=str(tmp_path / "no-such-key"), IdentitiesOnly="no")
+        )
         remote = make_tree(tmp_path / "remote", {"demo/a.json": b"{}"})
         assert run_sync(pull("by-agent", remote, tmp_path / "local", config)).ok
     finally:
@@ -65,11 +76,24 @@ def test_agent_keys_are_used(ssh_lab, tmp_path, monkeypatch):
 
 
 def test_cli_dry_run_then_pull(ssh_lab, tmp_path, capsys, monkeypatch):
-    remote = make_tree(tmp_path / "remote", {"demo/a.json": b"{}", "demo/embed/x/embed.h5": 1000,
-                                             "other/b.json": b"[]"})
+    remote = make_tree(
+        tmp_path / "remote", {"demo/a.json": b"{}", "demo/embed/x/embed.h5": 1000, "other/b.json": b"[]"}
+    )
     monkeypatch.chdir(tmp_path)  # the local root defaults to results/ under the current folder
-    common = ["sync", "--from-hpc", "demo", "--host", "hpc", "--remote-root", str(remote),
-              "--ssh-config", str(ssh_lab.config(tmp_path)), "--batch", "--exclude", "*.h5"]
+    common = [
+        "sync",
+        "--from-hpc",
+        "demo",
+        "--host",
+        "hpc",
+        "--remote-root",
+        str(remote),
+        "--ssh-config",
+        str(ssh_lab.config(tmp_path)),
+        "--batch",
+        "--exclude",
+        "*.h5",
+    ]
     assert moespec_main([*common, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "would copy    demo/a.json" in out and "embed.h5" not in out

@@ -57,8 +57,9 @@ def test_changed_host_key_is_refused(ssh_lab, tmp_path, transport):
 
 def _proxied_config(ssh_lab, tmp_path, proxy: TcpProxy) -> Path:
     # HostKeyAlias: the proxy's port is not in known_hosts, the server behind it is
-    return ssh_lab.config(tmp_path, ssh_lab.block("hpc-flaky", proxy.port,
-                                                  HostKeyAlias=f"[127.0.0.1]:{ssh_lab.main.port}"))
+    return ssh_lab.config(
+        tmp_path, ssh_lab.block("hpc-flaky", proxy.port, HostKeyAlias=f"[127.0.0.1]:{ssh_lab.main.port}")
+    )
 
 
 @pytest.mark.parametrize("transport", ["paramiko", "openssh"])
@@ -68,8 +69,9 @@ def test_cut_connection_leaves_a_part_that_the_next_run_resumes(ssh_lab, tmp_pat
     local = tmp_path / "local"
     proxy = TcpProxy(ssh_lab.main.port, cut_after=2 << 20)
     try:
-        report = run_sync(pull("hpc-flaky", remote, local, _proxied_config(ssh_lab, tmp_path, proxy),
-                               transport=transport))
+        report = run_sync(
+            pull("hpc-flaky", remote, local, _proxied_config(ssh_lab, tmp_path, proxy), transport=transport)
+        )
     finally:
         proxy.close()
     assert proxy.tripped.is_set() and not report.ok
@@ -103,8 +105,16 @@ def test_frozen_connection_is_torn_down_by_the_watchdog(ssh_lab, tmp_path, trans
     proxy = TcpProxy(ssh_lab.main.port, freeze_after=1 << 20)
     started = time.monotonic()
     try:
-        report = run_sync(pull("hpc-flaky", remote, local, _proxied_config(ssh_lab, tmp_path, proxy),
-                               engine=EngineSettings(stall_timeout=2), transport=transport))
+        report = run_sync(
+            pull(
+                "hpc-flaky",
+                remote,
+                local,
+                _proxied_config(ssh_lab, tmp_path, proxy),
+                engine=EngineSettings(stall_timeout=2),
+                transport=transport,
+            )
+        )
     finally:
         proxy.close()
     assert proxy.tripped.is_set() and not report.ok

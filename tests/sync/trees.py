@@ -52,6 +52,14 @@ def parts(root: Path) -> list[Path]:
 
 def pull_request(host: str, remote: Path, local: Path, config: Path, **options) -> SyncRequest:
     """A pull of ``remote`` on ``host`` into ``local`` through the ssh ``config``: no retries, short timeouts."""
-    defaults = dict(direction="pull", host=host, remote_root=str(remote), local_root=local, ssh_config=config,
-                    retries=0, connect_timeout=10, engine=EngineSettings(stall_timeout=30))
+    defaults = dict(
+        direction="pull",
+        host=host,
+        remote_root=str(remote),
+        local_root=local,
+        ssh_config=config,
+        retries=0,
+        connect_timeout=10,
+        engine=EngineSettings(stall_timeout=30),
+    )
     return SyncRequest(**{**defaults, **options})

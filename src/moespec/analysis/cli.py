@@ -23,8 +23,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     _need_matplotlib()
     _say_progress("moespec.report")
-    print(f"report of {args.experiment}: reading artifacts and drawing figures"
-          + (" (all of them again)" if args.redraw else ""), flush=True)
+    print(
+        f"report of {args.experiment}: reading artifacts and drawing figures"
+        + (" (all of them again)" if args.redraw else ""),
+        flush=True,
+    )
     result = write_report(Path(args.experiment), args.out, redraw=args.redraw)
     print(result.table)
     problems = _task_errors(result.summary)
@@ -62,8 +65,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     _need_matplotlib()
     higher = {"higher": True, "lower": False, None: None}[args.better]
-    comparison = compare([Path(p) for p in args.experiments], sort_by=args.sort_by, baseline=args.baseline,
-                         higher_is_better=higher)
+    comparison = compare(
+        [Path(p) for p in args.experiments], sort_by=args.sort_by, baseline=args.baseline, higher_is_better=higher
+    )
     print(format_comparison(comparison))
     out = Path(args.out) if args.out else Path(args.experiments[0]) / "compare"
     written = write_comparison(comparison, out)
@@ -79,18 +83,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("report", help="HTML report, figures and summaries of an experiment's results")
     p.add_argument("experiment", help="experiment folder: <root>/<experiment> (e.g. results/demo)")
     p.add_argument("--out", help="report folder (default: <experiment>/report)")
-    p.add_argument("--redraw", action="store_true",
-                   help="draw every figure again (default: keep figures already drawn from the same artifact)")
+    p.add_argument(
+        "--redraw",
+        action="store_true",
+        help="draw every figure again (default: keep figures already drawn from the same artifact)",
+    )
     p.set_defaults(func=cmd_report)
 
     p = subparsers.add_parser("compare", help="rank the runs of one sweep, or of several experiments, by a metric")
     p.add_argument("experiments", nargs="+", help="experiment folders (one sweep, or several to compare)")
-    p.add_argument("--sort-by", metavar="METRIC",
-                   help="metric as <stage>.<summary key>, e.g. train.val_accuracy, ablate.nmi_class[0] "
-                        "(default: train.val_accuracy, else ablate.baseline.accuracy, ...)")
-    p.add_argument("--baseline", metavar="RUN", help="run to measure improvement against (name, prefix or "
-                                                      "1-based position; default: the first run)")
-    p.add_argument("--better", choices=["higher", "lower"],
-                   help="direction of the metric (default: lower for losses, null and dead counts; else higher)")
+    p.add_argument(
+        "--sort-by",
+        metavar="METRIC",
+        help="metric as <stage>.<summary key>, e.g. train.val_accuracy, ablate.nmi_class[0] "
+        "(default: train.val_accuracy, else ablate.baseline.accuracy, ...)",
+    )
+    p.add_argument(
+        "--baseline",
+        metavar="RUN",
+        help="run to measure improvement against (name, prefix or 1-based position; default: the first run)",
+    )
+    p.add_argument(
+        "--better",
+        choices=["higher", "lower"],
+        help="direction of the metric (default: lower for losses, null and dead counts; else higher)",
+    )
     p.add_argument("--out", help="folder for compare.csv, compare.json, correlation.png (default: <first>/compare)")
     p.set_defaults(func=cmd_compare)

@@ -26,8 +26,14 @@ from moespec.analysis.results import STAGES, Run, discover, flat_config, varied_
 from moespec.errors import MoespecError
 
 #: The default ranking metric: the first of these the runs have.
-DEFAULT_SORT = ("train.val_accuracy", "ablate.baseline.accuracy", "ablate.nmi_class[0]", "lm.val_loss",
-                "fiber.rejection_rate", "reduce.variance_retained")
+DEFAULT_SORT = (
+    "train.val_accuracy",
+    "ablate.baseline.accuracy",
+    "ablate.nmi_class[0]",
+    "lm.val_loss",
+    "fiber.rejection_rate",
+    "reduce.variance_retained",
+)
 #: Fewer runs than this leave a correlation undefined (n/a), rather than a meaningless ±1.
 MIN_RUNS_FOR_CORRELATION = 3
 #: The correlation figure is drawn only with at least this many runs and a parameter taking at least
@@ -69,8 +75,9 @@ class Comparison:
 def lower_is_better(metric: str) -> bool:
     """Losses, rejection rates on null data and dead experts are better low; everything else high."""
     name = metric.split(".", 1)[-1]
-    return any(word in name for word in ("loss", "dead", "load_cv", "davies_bouldin", "null_", "bits_per_byte",
-                                         "perplexity"))
+    return any(
+        word in name for word in ("loss", "dead", "load_cv", "davies_bouldin", "null_", "bits_per_byte", "perplexity")
+    )
 
 
 def collect_runs(experiment_dirs: list[Path | str]) -> list[tuple[str, Run]]:
@@ -101,8 +108,13 @@ def _pearson(x: list[Optional[float]], y: list[Optional[float]]) -> tuple[float,
     return float(np.corrcoef(pairs[:, 0], pairs[:, 1])[0, 1]), n
 
 
-def compare(experiment_dirs: list[Path | str], *, sort_by: Optional[str] = None, baseline: Optional[str] = None,
-            higher_is_better: Optional[bool] = None) -> Comparison:
+def compare(
+    experiment_dirs: list[Path | str],
+    *,
+    sort_by: Optional[str] = None,
+    baseline: Optional[str] = None,
+    higher_is_better: Optional[bool] = None,
+) -> Comparison:
     """Rank the runs of ``experiment_dirs`` by ``sort_by`` (default: the first headline metric they have).
 
     ``baseline`` is a run name (or its 1-based position in discovery order); default: the first run.
@@ -118,8 +130,9 @@ def compare(experiment_dirs: list[Path | str], *, sort_by: Optional[str] = None,
     if sort_by is None:
         sort_by = next((m for m in DEFAULT_SORT if m in metrics), metrics[0] if metrics else "")
     if sort_by not in metrics:
-        raise MoespecError(f"no run has metric {sort_by!r}; metrics: "
-                           f"{', '.join(metrics) or '(none: no stage finished)'}")
+        raise MoespecError(
+            f"no run has metric {sort_by!r}; metrics: {', '.join(metrics) or '(none: no stage finished)'}"
+        )
     higher = (not lower_is_better(sort_by)) if higher_is_better is None else higher_is_better
     base_index = _baseline_index(runs, baseline)
     base_value = metrics_of[base_index].get(sort_by)
@@ -129,9 +142,17 @@ def compare(experiment_dirs: list[Path | str], *, sort_by: Optional[str] = None,
         improvement = None
         if value is not None and base_value is not None:
             improvement = (value - base_value) if higher else (base_value - value)
-        rows.append({"run": run.name, "experiment": experiment, **{p: config.get(p) for p in parameters},
-                     sort_by: value, "improvement": improvement, "baseline": runs[base_index].name,
-                     **{f"status.{s}": run.status(s) for s in STAGES}})
+        rows.append(
+            {
+                "run": run.name,
+                "experiment": experiment,
+                **{p: config.get(p) for p in parameters},
+                sort_by: value,
+                "improvement": improvement,
+                "baseline": runs[base_index].name,
+                **{f"status.{s}": run.status(s) for s in STAGES},
+            }
+        )
     rows.sort(key=lambda r: (r[sort_by] is None, -(r[sort_by] or 0) if higher else (r[sort_by] or 0)))
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank if row[sort_by] is not None else None
@@ -153,8 +174,11 @@ def _curves(runs: list[Run], parameters: list[str], configs: list[dict]) -> dict
         task = run.tasks.get("train")
         loaded = train_curves(task) if task is not None and task.status == "done" else None
         if loaded is not None:
-            shown = ", ".join(f"{p.split('.')[-1]}={_label(config.get(p))}" for p in parameters
-                              if p.startswith("train.") and p in config)
+            shown = ", ".join(
+                f"{p.split('.')[-1]}={_label(config.get(p))}"
+                for p in parameters
+                if p.startswith("train.") and p in config
+            )
             curves[f"{run.name}" + (f" ({shown})" if shown else "")] = loaded
     return curves
 
@@ -179,9 +203,11 @@ def _baseline_index(runs: list[Run], baseline: Optional[str]) -> int:
 
 
 def _correlate(comparison: Comparison, configs: list[dict], metrics_of: list[dict]) -> None:
-    numeric = [p for p in comparison.parameters
-               if all(_number(c.get(p)) is not None for c in configs if p in c)
-               and sum(p in c for c in configs) >= 2]
+    numeric = [
+        p
+        for p in comparison.parameters
+        if all(_number(c.get(p)) is not None for c in configs if p in c) and sum(p in c for c in configs) >= 2
+    ]
     metric_names = [m for m in comparison.metrics if sum(m in v for v in metrics_of) >= 2]
     correlation = np.full((len(numeric), len(metric_names)), np.nan)
     counts = np.zeros((len(numeric), len(metric_names)), dtype=int)
@@ -202,11 +228,15 @@ def correlation_figure_reason(comparison: Comparison) -> Optional[str]:
     if n_runs < MIN_RUNS_FOR_FIGURE:
         bound = 2 / math.sqrt(max(n_runs, 1))
         chance = f"|r| below {bound:.2f} is within chance" if bound < 1 else "any |r| up to 1 arises by chance"
-        return (f"{n_runs} runs: a correlation across fewer than {MIN_RUNS_FOR_FIGURE} runs cannot be told from "
-                f"noise ({chance}); the values are in compare.json")
+        return (
+            f"{n_runs} runs: a correlation across fewer than {MIN_RUNS_FOR_FIGURE} runs cannot be told from "
+            f"noise ({chance}); the values are in compare.json"
+        )
     if max(comparison.distinct_values.values(), default=0) < MIN_DISTINCT_VALUES:
-        return (f"every numeric parameter takes fewer than {MIN_DISTINCT_VALUES} values: a correlation with two "
-                "values is a difference of means (see the ranking)")
+        return (
+            f"every numeric parameter takes fewer than {MIN_DISTINCT_VALUES} values: a correlation with two "
+            "values is a difference of means (see the ranking)"
+        )
     return None
 
 
@@ -215,8 +245,16 @@ def correlation_figure_reason(comparison: Comparison) -> Optional[str]:
 
 
 def columns(comparison: Comparison) -> list[str]:
-    return ["rank", "run", "experiment", *comparison.parameters, comparison.metric, "improvement", "baseline",
-            *[f"status.{s}" for s in STAGES]]
+    return [
+        "rank",
+        "run",
+        "experiment",
+        *comparison.parameters,
+        comparison.metric,
+        "improvement",
+        "baseline",
+        *[f"status.{s}" for s in STAGES],
+    ]
 
 
 def to_csv(comparison: Comparison) -> str:
@@ -224,8 +262,9 @@ def to_csv(comparison: Comparison) -> str:
     writer = csv.DictWriter(buffer, fieldnames=columns(comparison), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in comparison.rows:
-        writer.writerow({k: ("" if v is None else json.dumps(v) if isinstance(v, (dict, list)) else v)
-                         for k, v in row.items()})
+        writer.writerow(
+            {k: ("" if v is None else json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in row.items()}
+        )
     return buffer.getvalue()
 
 
@@ -233,38 +272,64 @@ def to_json(comparison: Comparison) -> dict[str, Any]:
     def plain(value: float) -> Optional[float]:
         return None if math.isnan(value) else value
 
-    return {"metric": comparison.metric, "higher_is_better": comparison.higher_is_better,
-            "baseline": comparison.baseline, "parameters": comparison.parameters, "rows": comparison.rows,
-            "correlation": {"parameters": comparison.numeric_parameters, "metrics": comparison.correlation_metrics,
-                            "pearson": [[plain(v) for v in row] for row in comparison.correlation.tolist()],
-                            "n_runs": comparison.correlation_counts.tolist(),
-                            "note": f"Pearson r across runs; null: fewer than {MIN_RUNS_FOR_CORRELATION} runs "
-                                    "or a constant column",
-                            "figure": correlation_figure_reason(comparison) or "correlation.png"}}
+    return {
+        "metric": comparison.metric,
+        "higher_is_better": comparison.higher_is_better,
+        "baseline": comparison.baseline,
+        "parameters": comparison.parameters,
+        "rows": comparison.rows,
+        "correlation": {
+            "parameters": comparison.numeric_parameters,
+            "metrics": comparison.correlation_metrics,
+            "pearson": [[plain(v) for v in row] for row in comparison.correlation.tolist()],
+            "n_runs": comparison.correlation_counts.tolist(),
+            "note": f"Pearson r across runs; null: fewer than {MIN_RUNS_FOR_CORRELATION} runs or a constant column",
+            "figure": correlation_figure_reason(comparison) or "correlation.png",
+        },
+    }
 
 
 def format_comparison(comparison: Comparison) -> str:
     from moespec.analysis.loaders import format_number
 
     header = columns(comparison)[:-5]
-    rows = [[("-" if row.get(c) is None else format_number(row[c]) if not isinstance(row.get(c), (dict, list))
-              else json.dumps(row[c]))[:40] for c in header] for row in comparison.rows]
+    rows = [
+        [
+            (
+                "-"
+                if row.get(c) is None
+                else format_number(row[c])
+                if not isinstance(row.get(c), (dict, list))
+                else json.dumps(row[c])
+            )[:40]
+            for c in header
+        ]
+        for row in comparison.rows
+    ]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     direction = "higher" if comparison.higher_is_better else "lower"
-    return (f"runs ranked by {comparison.metric} ({direction} is better); improvement over {comparison.baseline}\n"
-            + "\n".join(lines))
+    return (
+        f"runs ranked by {comparison.metric} ({direction} is better); improvement over {comparison.baseline}\n"
+        + "\n".join(lines)
+    )
 
 
 def correlation_figure_data(comparison: Comparison) -> dict[str, Any]:
     """What :func:`~moespec.analysis.plots.plot_heatmap` draws for the correlation matrix."""
     n_runs = len(comparison.rows)
-    return {"values": comparison.correlation, "rows": [p.split(".", 1)[-1] for p in comparison.numeric_parameters],
-            "columns": comparison.correlation_metrics, "center": 0.0, "limits": (-1.0, 1.0), "xlabel": "metric",
-            "ylabel": "swept parameter",
-            "colorbar": "Pearson r (blank: undefined)",
-            "title": f"parameter × metric correlation across {n_runs} runs"}
+    return {
+        "values": comparison.correlation,
+        "rows": [p.split(".", 1)[-1] for p in comparison.numeric_parameters],
+        "columns": comparison.correlation_metrics,
+        "center": 0.0,
+        "limits": (-1.0, 1.0),
+        "xlabel": "metric",
+        "ylabel": "swept parameter",
+        "colorbar": "Pearson r (blank: undefined)",
+        "title": f"parameter × metric correlation across {n_runs} runs",
+    }
 
 
 def write_comparison(comparison: Comparison, out: Path | str) -> dict[str, Path]:
@@ -281,8 +346,16 @@ def write_comparison(comparison: Comparison, out: Path | str) -> dict[str, Path]
         written["figure"] = out / "correlation.png"
         rows, cols = comparison.correlation.shape
         labels = max((len(p.split(".", 1)[-1]) for p in comparison.numeric_parameters), default=8)
-        save_figure(Figure("correlation", plots.plot_heatmap, correlation_figure_data(comparison), "correlation",
-                           size=plots.heatmap_size(rows, cols, labels)), written["figure"])
+        save_figure(
+            Figure(
+                "correlation",
+                plots.plot_heatmap,
+                correlation_figure_data(comparison),
+                "correlation",
+                size=plots.heatmap_size(rows, cols, labels),
+            ),
+            written["figure"],
+        )
     for name, figure in overlay_figures(comparison).items():
         written[name] = out / f"{name}.png"
         save_figure(figure, written[name])
@@ -290,8 +363,9 @@ def write_comparison(comparison: Comparison, out: Path | str) -> dict[str, Path]
         from moespec.analysis.lm import plot_sweep_curves
 
         written["lm_curves"] = out / "lm_loss_curves.png"
-        save_figure(Figure("lm_curves", plot_sweep_curves, comparison.lm_curves, "lm validation loss"),
-                    written["lm_curves"])
+        save_figure(
+            Figure("lm_curves", plot_sweep_curves, comparison.lm_curves, "lm validation loss"), written["lm_curves"]
+        )
     return written
 
 
@@ -301,15 +375,28 @@ def overlay_figures(comparison: Comparison) -> dict[str, Any]:
     from moespec.analysis.loaders import Figure
 
     figures = {}
-    for key, ylabel, ylim in (("val_accuracy", "validation accuracy (fraction)", (0, 1)),
-                              ("val_loss", "validation loss, total (mean per row)", None)):
+    for key, ylabel, ylim in (
+        ("val_accuracy", "validation accuracy (fraction)", (0, 1)),
+        ("val_loss", "validation loss, total (mean per row)", None),
+    ):
         runs = {name: c for name, c in comparison.curves.items() if c.get(key) is not None}
         if len(runs) < 2:
             continue
         longest = max(runs.values(), key=lambda c: len(c["epoch"]))["epoch"]
-        figures[f"overlay_{key}"] = Figure(f"overlay_{key}", plots.plot_curves, {
-            "x": longest, "xs": {name: c["epoch"] for name, c in runs.items()},
-            "series": {name: c[key] for name, c in runs.items()}, "xlabel": "epoch", "ylabel": ylabel, "ylim": ylim,
-            "title": f"{ylabel.split(' (')[0]} per epoch, {len(runs)} runs of the sweep", "legend_below": True},
-            f"{key} of every run", size=(10.8, 4.4 + 0.22 * len(runs)))
+        figures[f"overlay_{key}"] = Figure(
+            f"overlay_{key}",
+            plots.plot_curves,
+            {
+                "x": longest,
+                "xs": {name: c["epoch"] for name, c in runs.items()},
+                "series": {name: c[key] for name, c in runs.items()},
+                "xlabel": "epoch",
+                "ylabel": ylabel,
+                "ylim": ylim,
+                "title": f"{ylabel.split(' (')[0]} per epoch, {len(runs)} runs of the sweep",
+                "legend_below": True,
+            },
+            f"{key} of every run",
+            size=(10.8, 4.4 + 0.22 * len(runs)),
+        )
     return figures

@@ -11,23 +11,61 @@ from typing import Any, Mapping
 #: Per stage: (label, summary key or pair of keys shown as "a (null b)").
 _HEADLINES: dict[str, list[tuple[str, Any]]] = {
     "embed": [("texts", "n_texts"), ("dim", "dim"), ("tokens/s", "tokens_per_s"), ("pad efficiency", "pad_efficiency")],
-    "reduce": [("components", "n_components"), ("variance retained", "variance_retained"),
-               ("ID pca@0.75", "id_pca_count"), ("ID TwoNN", "id_twonn"), ("ID MLE", "id_mle_levina_bickel")],
-    "fiber": [("manifold rejection", ("rejection_rate", "null_rejection_rate")),
-              ("fiber-bundle rejection", ("fiber_rejection_rate", "null_fiber_rejection_rate")),
-              ("strata", "n_strata"), ("silhouette", "silhouette")],
-    "train": [("model", "model"), ("final loss", "final_train_loss"), ("val loss", "final_val_loss"),
-              ("val accuracy", "val_accuracy"), ("expert load", "expert_load"), ("collapse", "collapse_warning")],
-    "lm": [("model", "model"), ("val loss", "val_loss"), ("bits/byte", "val_bits_per_byte"),
-           ("params", "params_total"), ("active", "params_active"), ("tokens/s", "tokens_per_s"),
-           ("expert load", "expert_load"), ("NMI expert-token", "nmi_token"), ("NMI expert-domain", "nmi_domain")],
-    "lora": [("domain", "domain"), ("base val loss", "base_val_loss"), ("adapter val loss", "best_val_loss"),
-             ("steps", "steps_run"), ("trainable", "trainable_params")],
-    "route": [("router accuracy", "router_accuracy"), ("gain recovered", "gain_recovered"), ("loss", "router_loss"),
-              ("own adapter best", "own_adapter_best")],
-    "ablate": [("model", "model"), ("metric", "metric"), ("without ablation", "baseline"),
-               ("routing entropy", "routing_entropy"), ("load CV", "load_cv"), ("dead experts", "dead_experts"),
-               ("NMI expert-class", "nmi_class"), ("NMI expert-domain", "nmi_domain")],
+    "reduce": [
+        ("components", "n_components"),
+        ("variance retained", "variance_retained"),
+        ("ID pca@0.75", "id_pca_count"),
+        ("ID TwoNN", "id_twonn"),
+        ("ID MLE", "id_mle_levina_bickel"),
+    ],
+    "fiber": [
+        ("manifold rejection", ("rejection_rate", "null_rejection_rate")),
+        ("fiber-bundle rejection", ("fiber_rejection_rate", "null_fiber_rejection_rate")),
+        ("strata", "n_strata"),
+        ("silhouette", "silhouette"),
+    ],
+    "train": [
+        ("model", "model"),
+        ("final loss", "final_train_loss"),
+        ("val loss", "final_val_loss"),
+        ("val accuracy", "val_accuracy"),
+        ("expert load", "expert_load"),
+        ("collapse", "collapse_warning"),
+    ],
+    "lm": [
+        ("model", "model"),
+        ("val loss", "val_loss"),
+        ("bits/byte", "val_bits_per_byte"),
+        ("params", "params_total"),
+        ("active", "params_active"),
+        ("tokens/s", "tokens_per_s"),
+        ("expert load", "expert_load"),
+        ("NMI expert-token", "nmi_token"),
+        ("NMI expert-domain", "nmi_domain"),
+    ],
+    "lora": [
+        ("domain", "domain"),
+        ("base val loss", "base_val_loss"),
+        ("adapter val loss", "best_val_loss"),
+        ("steps", "steps_run"),
+        ("trainable", "trainable_params"),
+    ],
+    "route": [
+        ("router accuracy", "router_accuracy"),
+        ("gain recovered", "gain_recovered"),
+        ("loss", "router_loss"),
+        ("own adapter best", "own_adapter_best"),
+    ],
+    "ablate": [
+        ("model", "model"),
+        ("metric", "metric"),
+        ("without ablation", "baseline"),
+        ("routing entropy", "routing_entropy"),
+        ("load CV", "load_cv"),
+        ("dead experts", "dead_experts"),
+        ("NMI expert-class", "nmi_class"),
+        ("NMI expert-domain", "nmi_domain"),
+    ],
 }
 
 
@@ -106,16 +144,16 @@ def _column_rank(name: str, metric: str | None) -> tuple[int, str]:
         return _FIRST_COLUMNS.index(name), ""
     harm = next((f"{metric}_{h}" for h in ("drop", "increase") if name.startswith(f"{metric}_{h}")), None)
     if harm == name:
-        return 10, ""           # the metric's change, e.g. accuracy_drop
+        return 10, ""  # the metric's change, e.g. accuracy_drop
     if name.startswith("max_") and name.endswith(("_drop", "_increase")):
-        return 11, name         # the largest change of one group, e.g. max_class_drop
+        return 11, name  # the largest change of one group, e.g. max_class_drop
     if name.startswith("max_"):
-        return 12, name         # the group it hits, e.g. max_class
+        return 12, name  # the group it hits, e.g. max_class
     if name == "control_mean":
         return 13, ""
     if harm is not None:
-        return 30, name         # the metric's change in the other modes, e.g. accuracy_drop_zero
-    return 20, name             # other columns the stage added
+        return 30, name  # the metric's change in the other modes, e.g. accuracy_drop_zero
+    return 20, name  # other columns the stage added
 
 
 def expert_table_text(table: dict[str, list], width: int = 114, metric: str | None = None) -> str:

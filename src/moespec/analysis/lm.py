@@ -16,15 +16,25 @@ import numpy as np
 
 from moespec.analysis.loaders import Figure, Section, Table
 
-_STYLES = [("#1b1b1b", "o", "-"), ("#6a6a6a", "s", "--"), ("#a0a0a0", "^", ":"), ("#3d3d3d", "D", "-."),
-           ("#808080", "v", (0, (5, 1))), ("#c0c0c0", "P", (0, (1, 2)))]
+_STYLES = [
+    ("#1b1b1b", "o", "-"),
+    ("#6a6a6a", "s", "--"),
+    ("#a0a0a0", "^", ":"),
+    ("#3d3d3d", "D", "-."),
+    ("#808080", "v", (0, (5, 1))),
+    ("#c0c0c0", "P", (0, (1, 2))),
+]
 
 #: Per-layer specialisation rows of the report table: (label, dataset under specialisation/).
-_SPECIALISATION_ROWS = (("NMI(expert; token id)", "nmi_token"), ("NMI(expert; domain)", "nmi_domain"),
-                        ("I(expert; domain | token id), nats", "cmi_domain_given_token"),
-                        ("  shuffled-domain null, mean", "cmi_null_mean"), ("  permutation p-value", "cmi_p_value"),
-                        ("vocabulary specialisation", "vocab_specialisation"),
-                        ("  null (experts permuted)", "vocab_specialisation_null"))
+_SPECIALISATION_ROWS = (
+    ("NMI(expert; token id)", "nmi_token"),
+    ("NMI(expert; domain)", "nmi_domain"),
+    ("I(expert; domain | token id), nats", "cmi_domain_given_token"),
+    ("  shuffled-domain null, mean", "cmi_null_mean"),
+    ("  permutation p-value", "cmi_p_value"),
+    ("vocabulary specialisation", "vocab_specialisation"),
+    ("  null (experts permuted)", "vocab_specialisation_null"),
+)
 
 
 def _style(index: int) -> dict[str, Any]:
@@ -72,8 +82,15 @@ def plot_lm_matrix(data: Mapping[str, Any], ax) -> None:
     if values.size <= 160:
         for (r, c), value in np.ndenumerate(values):
             if np.isfinite(value):
-                ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if image.norm(value) < 0.5 else "black")
+                ax.text(
+                    c,
+                    r,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if image.norm(value) < 0.5 else "black",
+                )
     ax.set_xlabel(data["xlabel"])
     ax.set_ylabel(data["ylabel"])
     ax.set_title(data["title"], fontsize=10)
@@ -99,25 +116,53 @@ def lm_section(source: Any) -> Section:
     """The report section of one ``lm`` artifact (``source``: the loaders' open-artifact wrapper)."""
     model = source.task.config.get("model", {})
     moe = source.has("curves/expert_load")
-    kind = (f"MoE, {model.get('num_experts')} experts, top-{model.get('top_k')}" if moe
-            else f"dense twin matched on {model.get('dense_twin')} parameters")
+    kind = (
+        f"MoE, {model.get('num_experts')} experts, top-{model.get('top_k')}"
+        if moe
+        else f"dense twin matched on {model.get('dense_twin')} parameters"
+    )
     section = Section(f"Language model (lm, {kind})", "lm", source.task)
     n_evals = len(source.array("curves/step"))
-    section.tables.append(Table("final model (validation texts)", ["quantity", "value"], [
-        ["validation loss (nats/token)", source.cell("val_loss")],
-        ["perplexity", source.cell("curves/val_perplexity", n_evals - 1)],
-        ["bits per byte", source.cell("val_bits_per_byte")],
-        ["next-token accuracy", source.cell("curves/val_accuracy", n_evals - 1)],
-        ["parameters, total", source.cell("params_total")], ["parameters, active", source.cell("params_active")],
-        ["training tokens/s", source.cell("tokens_per_s")]]))
+    section.tables.append(
+        Table(
+            "final model (validation texts)",
+            ["quantity", "value"],
+            [
+                ["validation loss (nats/token)", source.cell("val_loss")],
+                ["perplexity", source.cell("curves/val_perplexity", n_evals - 1)],
+                ["bits per byte", source.cell("val_bits_per_byte")],
+                ["next-token accuracy", source.cell("curves/val_accuracy", n_evals - 1)],
+                ["parameters, total", source.cell("params_total")],
+                ["parameters, active", source.cell("params_active")],
+                ["training tokens/s", source.cell("tokens_per_s")],
+            ],
+        )
+    )
     domains = source.names("domain_names")
-    section.tables.append(Table("per domain", ["domain", "loss (nats/token)", "bits per byte"],
-                                [[name, source.cell("val/domain_loss", i), source.cell("val/domain_bpb", i)]
-                                 for i, name in enumerate(domains)]))
-    section.figures.append(Figure("lm_loss", plot_lm_curves, {
-        "steps": source.array("steps/index"), "train": source.array("steps/train/lm"),
-        "eval_steps": source.array("curves/step"), "val": source.array("curves/val_loss"),
-        "title": "next-token loss"}, "training and validation loss"))
+    section.tables.append(
+        Table(
+            "per domain",
+            ["domain", "loss (nats/token)", "bits per byte"],
+            [
+                [name, source.cell("val/domain_loss", i), source.cell("val/domain_bpb", i)]
+                for i, name in enumerate(domains)
+            ],
+        )
+    )
+    section.figures.append(
+        Figure(
+            "lm_loss",
+            plot_lm_curves,
+            {
+                "steps": source.array("steps/index"),
+                "train": source.array("steps/train/lm"),
+                "eval_steps": source.array("curves/step"),
+                "val": source.array("curves/val_loss"),
+                "title": "next-token loss",
+            },
+            "training and validation loss",
+        )
+    )
     if moe:
         _routing(section, source, domains)
     return section
@@ -127,35 +172,92 @@ def _routing(section: Section, source: Any, domains: list[str]) -> None:
     load = source.array("curves/expert_load")  # (n_evals, L, E)
     n_layers, n_experts = load.shape[1:]
     layers = [f"layer {layer}" for layer in range(n_layers)]
-    section.tables.append(Table("token-level specialisation (final model, validation tokens)", ["measure", *layers],
-                                [[label, *[source.cell(f"specialisation/{name}", layer) for layer in range(n_layers)]]
-                                 for label, name in _SPECIALISATION_ROWS],
-                                note="Experts follow token ids when NMI(token) is high and I(expert; domain | token "
-                                     "id) is near its shuffled-domain null."))
+    section.tables.append(
+        Table(
+            "token-level specialisation (final model, validation tokens)",
+            ["measure", *layers],
+            [
+                [label, *[source.cell(f"specialisation/{name}", layer) for layer in range(n_layers)]]
+                for label, name in _SPECIALISATION_ROWS
+            ],
+            note="Experts follow token ids when NMI(token) is high and I(expert; domain | token "
+            "id) is near its shuffled-domain null.",
+        )
+    )
     steps = source.array("curves/step")
-    section.figures.append(Figure("lm_expert_load", plot_lm_matrix, {
-        "values": load[-1], "rows": layers, "columns": [str(e) for e in range(n_experts)], "xlabel": "expert",
-        "ylabel": "MoE layer", "colorbar": "share of routed slots", "title": "expert load, final model",
-        "vmin": 0.0}, "share of routed slots per expert"))
-    section.figures.append(Figure("lm_router", plot_lm_lines, {
-        "x": steps, "series": {**{f"entropy, layer {l}": source.array("curves/router_entropy")[:, l]
-                                  for l in range(n_layers)},
-                               **{f"saturation, layer {l}": source.array("curves/router_saturation")[:, l]
-                                  for l in range(n_layers)}},
-        "ylabel": "fraction", "ylim": (0, 1.05),
-        "title": "router entropy / log E and top-k overlap with the final routing"}, "router entropy and saturation"))
+    section.figures.append(
+        Figure(
+            "lm_expert_load",
+            plot_lm_matrix,
+            {
+                "values": load[-1],
+                "rows": layers,
+                "columns": [str(e) for e in range(n_experts)],
+                "xlabel": "expert",
+                "ylabel": "MoE layer",
+                "colorbar": "share of routed slots",
+                "title": "expert load, final model",
+                "vmin": 0.0,
+            },
+            "share of routed slots per expert",
+        )
+    )
+    section.figures.append(
+        Figure(
+            "lm_router",
+            plot_lm_lines,
+            {
+                "x": steps,
+                "series": {
+                    **{f"entropy, layer {l}": source.array("curves/router_entropy")[:, l] for l in range(n_layers)},
+                    **{
+                        f"saturation, layer {l}": source.array("curves/router_saturation")[:, l]
+                        for l in range(n_layers)
+                    },
+                },
+                "ylabel": "fraction",
+                "ylim": (0, 1.05),
+                "title": "router entropy / log E and top-k overlap with the final routing",
+            },
+            "router entropy and saturation",
+        )
+    )
     share = source.array("specialisation/domain_share")  # (L, n_domains, E)
     for layer in range(n_layers):
-        section.figures.append(Figure(f"lm_domain_share_{layer}", plot_lm_matrix, {
-            "values": share[layer], "rows": domains, "columns": [str(e) for e in range(n_experts)],
-            "xlabel": "expert", "ylabel": "domain", "colorbar": "share of the domain's routed slots",
-            "title": f"layer {layer}: experts per domain"}, f"domain x expert shares, layer {layer}"))
+        section.figures.append(
+            Figure(
+                f"lm_domain_share_{layer}",
+                plot_lm_matrix,
+                {
+                    "values": share[layer],
+                    "rows": domains,
+                    "columns": [str(e) for e in range(n_experts)],
+                    "xlabel": "expert",
+                    "ylabel": "domain",
+                    "colorbar": "share of the domain's routed slots",
+                    "title": f"layer {layer}: experts per domain",
+                },
+                f"domain x expert shares, layer {layer}",
+            )
+        )
     coactivation = source.array("specialisation/coactivation")
-    section.figures.append(Figure("lm_coactivation", plot_lm_matrix, {
-        "values": coactivation[0], "rows": [str(e) for e in range(n_experts)],
-        "columns": [str(e) for e in range(n_experts)], "xlabel": "expert j", "ylabel": "expert i",
-        "colorbar": "P(j selected | i selected)", "title": "co-activation, layer 0", "vmin": 0.0},
-        "expert co-activation, first MoE layer"))
+    section.figures.append(
+        Figure(
+            "lm_coactivation",
+            plot_lm_matrix,
+            {
+                "values": coactivation[0],
+                "rows": [str(e) for e in range(n_experts)],
+                "columns": [str(e) for e in range(n_experts)],
+                "xlabel": "expert j",
+                "ylabel": "expert i",
+                "colorbar": "P(j selected | i selected)",
+                "title": "co-activation, layer 0",
+                "vmin": 0.0,
+            },
+            "expert co-activation, first MoE layer",
+        )
+    )
 
 
 def sweep_curves(named_runs: list[tuple[str, Any]]) -> Optional[dict[str, Any]]:

@@ -20,9 +20,16 @@ import numpy as np
 
 #: Series styles, in order: (colour, marker, linestyle, hatch). Colours from the Okabe-Ito palette
 #: (distinct for colour-blind readers) and, in grayscale, the markers and line styles still differ.
-SERIES = [("#000000", "o", "-", ""), ("#0072B2", "s", "--", "//"), ("#D55E00", "^", ":", ".."),
-          ("#009E73", "D", "-.", "xx"), ("#CC79A7", "v", (0, (5, 1)), "\\\\"), ("#E69F00", "P", (0, (1, 2)), "--"),
-          ("#56B4E9", "X", (0, (3, 1, 1, 1)), "++"), ("#999999", "*", (0, (5, 5)), "oo")]
+SERIES = [
+    ("#000000", "o", "-", ""),
+    ("#0072B2", "s", "--", "//"),
+    ("#D55E00", "^", ":", ".."),
+    ("#009E73", "D", "-.", "xx"),
+    ("#CC79A7", "v", (0, (5, 1)), "\\\\"),
+    ("#E69F00", "P", (0, (1, 2)), "--"),
+    ("#56B4E9", "X", (0, (3, 1, 1, 1)), "++"),
+    ("#999999", "*", (0, (5, 5)), "oo"),
+]
 HEATMAP_CMAP = "cividis"
 # Signed maps use the same monotone map on limits symmetric about the centre: a diverging map
 # (PuOr, RdBu) has equal lightness at both ends, so the sign would vanish in grayscale.
@@ -32,8 +39,15 @@ FIGSIZE = (6.4, 4.0)
 MIN_FONT = 9
 #: Widest figure (inches at 100 dpi): the report's text column is 1100 px.
 MAX_WIDTH = 10.8
-RC = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": MIN_FONT,
-      "ytick.labelsize": MIN_FONT, "legend.fontsize": MIN_FONT, "figure.dpi": 100}
+RC = {
+    "font.size": 10,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "xtick.labelsize": MIN_FONT,
+    "ytick.labelsize": MIN_FONT,
+    "legend.fontsize": MIN_FONT,
+    "figure.dpi": 100,
+}
 
 
 def style(index: int) -> dict[str, Any]:
@@ -93,8 +107,9 @@ def outside_legend(ax, below: bool = False, **kwargs) -> None:
     if below:
         ax.figure.legend(handles, labels, loc="outside lower center", frameon=False, **kwargs)
     else:
-        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False,
-                  **kwargs)
+        ax.legend(
+            handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False, **kwargs
+        )
 
 
 def plot_explained_variance(data: Mapping[str, Any], ax) -> None:
@@ -126,12 +141,22 @@ def plot_grouped_bars(data: Mapping[str, Any], ax) -> None:
     for index, (label, values) in enumerate(series.items()):
         values = np.asarray(values, dtype=float)
         position = x + index * width - 0.4 + width / 2
-        ax.bar(position, np.nan_to_num(values), width, label=label, color=SERIES[index % len(SERIES)][0],
-               hatch=hatch(index), edgecolor="black", linewidth=0.5, alpha=0.85)
+        ax.bar(
+            position,
+            np.nan_to_num(values),
+            width,
+            label=label,
+            color=SERIES[index % len(SERIES)][0],
+            hatch=hatch(index),
+            edgecolor="black",
+            linewidth=0.5,
+            alpha=0.85,
+        )
         if label in low and label in high:
             lo, hi = np.asarray(low[label], dtype=float), np.asarray(high[label], dtype=float)
-            ax.errorbar(position, values, yerr=[values - lo, hi - values], fmt="none", ecolor="black", capsize=3,
-                        linewidth=1)
+            ax.errorbar(
+                position, values, yerr=[values - lo, hi - values], fmt="none", ecolor="black", capsize=3, linewidth=1
+            )
     for index, (label, (lo, hi)) in enumerate((data.get("reference_band") or {}).items()):
         ax.axhspan(lo, hi, color=SERIES[(index + 2) % len(SERIES)][0], alpha=0.18, label=label)
     for index, (label, value) in enumerate((data.get("reference") or {}).items()):
@@ -158,8 +183,16 @@ def plot_histograms(data: Mapping[str, Any], ax) -> None:
         bins = np.histogram_bin_edges(pooled, bins=30) if pooled.size else 10
     for index, (label, values) in enumerate(samples.items()):
         values = values[np.isfinite(values)]
-        ax.hist(values, bins=bins, histtype="step", linewidth=1.5, color=SERIES[index % len(SERIES)][0],
-                linestyle=SERIES[index % len(SERIES)][2], hatch=hatch(index), label=f"{label} (n = {values.size})")
+        ax.hist(
+            values,
+            bins=bins,
+            histtype="step",
+            linewidth=1.5,
+            color=SERIES[index % len(SERIES)][0],
+            linestyle=SERIES[index % len(SERIES)][2],
+            hatch=hatch(index),
+            label=f"{label} (n = {values.size})",
+        )
     ax.set_xlabel(data["xlabel"])
     ax.set_ylabel("count (points)")
     ax.set_title(data["title"])
@@ -171,9 +204,15 @@ def plot_counted_histogram(data: Mapping[str, Any], ax) -> None:
     edges = np.asarray(data["edges"], dtype=float)
     for index, (label, counts) in enumerate(data["counts"].items()):
         counts = np.asarray(counts, dtype=float)
-        ax.stairs(counts, edges, linewidth=1.5, color=SERIES[index % len(SERIES)][0],
-                  linestyle=SERIES[index % len(SERIES)][2], hatch=hatch(index),
-                  label=f"{label} (n = {int(counts.sum())})")
+        ax.stairs(
+            counts,
+            edges,
+            linewidth=1.5,
+            color=SERIES[index % len(SERIES)][0],
+            linestyle=SERIES[index % len(SERIES)][2],
+            hatch=hatch(index),
+            label=f"{label} (n = {int(counts.sum())})",
+        )
     ax.set_xlabel(data["xlabel"])
     ax.set_ylabel(data.get("ylabel", "count"))
     ax.set_title(data["title"])
@@ -193,23 +232,24 @@ def plot_curves(data: Mapping[str, Any], ax) -> None:
     for index, (label, values) in enumerate(data["series"].items()):
         values = np.asarray(values, dtype=float)
         line = style(styles.get(label, index))
-        if label in dashed:   # a pair of series in one colour: the second dashed with open markers
+        if label in dashed:  # a pair of series in one colour: the second dashed with open markers
             line["linestyle"], line["markerfacecolor"] = "--", "white"
         elif label in styles:
             line["linestyle"] = "-"
-        if len(values) > 60:   # per-step curves: a thin line, markers would hide it
+        if len(values) > 60:  # per-step curves: a thin line, markers would hide it
             line.update(marker="", linewidth=0.8)
         ax.plot(np.asarray(xs.get(label, x)), values, label=label, **line)
     if data.get("marker_x") is not None:
         ax.axvline(data["marker_x"], color="#555555", linestyle=":", linewidth=1, label=data.get("marker_label"))
     for index, (label, value) in enumerate((data.get("reference") or {}).items()):
-        ax.axhline(value, color="#555555", linestyle=(0, (4, 2)) if index == 0 else (0, (1, 1)), linewidth=1.2,
-                   label=label)
+        ax.axhline(
+            value, color="#555555", linestyle=(0, (4, 2)) if index == 0 else (0, (1, 1)), linewidth=1.2, label=label
+        )
     if data.get("logy"):
         ax.set_yscale("log")
-    if data.get("ylim") is not None:   # fixed ranges for fractions, so runs compare by eye
+    if data.get("ylim") is not None:  # fixed ranges for fractions, so runs compare by eye
         ax.set_ylim(*data["ylim"])
-    if np.issubdtype(x.dtype, np.integer):   # epochs, steps, k: no tick at 2.5
+    if np.issubdtype(x.dtype, np.integer):  # epochs, steps, k: no tick at 2.5
         from matplotlib.ticker import MaxNLocator
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -231,8 +271,15 @@ def _annotate(ax, values: np.ndarray, image, text_format: str = "{:.2g}") -> Non
             ax.text(c, r, "n/a", ha="center", va="center", fontsize=MIN_FONT - 1, color="#555555")
         elif np.isfinite(value):
             dark = float(np.ma.getdata(image.norm(shown[r, c]))) < 0.5
-            ax.text(c, r, text_format.format(value), ha="center", va="center", fontsize=MIN_FONT - 1,
-                    color="white" if dark else "black")
+            ax.text(
+                c,
+                r,
+                text_format.format(value),
+                ha="center",
+                va="center",
+                fontsize=MIN_FONT - 1,
+                color="white" if dark else "black",
+            )
 
 
 def plot_heatmap(data: Mapping[str, Any], ax) -> None:
@@ -255,16 +302,22 @@ def plot_heatmap(data: Mapping[str, Any], ax) -> None:
         image = ax.imshow(shown, cmap=DIVERGING_CMAP, norm=norm, aspect="auto")
     elif data.get("limits") is not None:
         low, high = data["limits"]
-        image = ax.imshow(values, cmap=DIVERGING_CMAP if center is not None else HEATMAP_CMAP, vmin=low, vmax=high,
-                          aspect="auto")
+        image = ax.imshow(
+            values, cmap=DIVERGING_CMAP if center is not None else HEATMAP_CMAP, vmin=low, vmax=high, aspect="auto"
+        )
     elif center is not None:
         span = np.nanmax(np.abs(values - center)) if np.isfinite(values).any() else 1.0
         span = span or 1.0
         image = ax.imshow(values, cmap=DIVERGING_CMAP, vmin=center - span, vmax=center + span, aspect="auto")
     else:
         image = ax.imshow(values, cmap=HEATMAP_CMAP, aspect="auto")
-    ax.set_xticks(range(values.shape[1]), list(data["columns"]), rotation=45 if values.shape[1] > 3 else 0,
-                  ha="right" if values.shape[1] > 3 else "center", rotation_mode="anchor")
+    ax.set_xticks(
+        range(values.shape[1]),
+        list(data["columns"]),
+        rotation=45 if values.shape[1] > 3 else 0,
+        ha="right" if values.shape[1] > 3 else "center",
+        rotation_mode="anchor",
+    )
     ax.set_yticks(range(values.shape[0]), list(data["rows"]))
     _annotate(ax, values, image, data.get("text_format", "{:.2g}"))
     marked = data.get("marked")
@@ -292,14 +345,26 @@ def plot_intervals(data: Mapping[str, Any], ax) -> None:
     value = np.asarray(data["value"], dtype=float)
     low, high = np.asarray(data["low"], dtype=float), np.asarray(data["high"], dtype=float)
     y = np.arange(len(value))
-    ax.errorbar(value, y, xerr=[value - low, high - value], fmt="o", color="black", capsize=3,
-                label=data.get("value_label"))   # None: no legend entry (the axis label says what it is)
+    ax.errorbar(
+        value, y, xerr=[value - low, high - value], fmt="o", color="black", capsize=3, label=data.get("value_label")
+    )  # None: no legend entry (the axis label says what it is)
     if data.get("control") is not None:
-        ax.scatter(np.asarray(data["control"], dtype=float), y, marker="s", facecolors="none", edgecolors="#0072B2",
-                   label=data.get("control_label", "control"))
+        ax.scatter(
+            np.asarray(data["control"], dtype=float),
+            y,
+            marker="s",
+            facecolors="none",
+            edgecolors="#0072B2",
+            label=data.get("control_label", "control"),
+        )
     for index, (label, x) in enumerate((data.get("reference") or {"0": 0.0}).items()):
-        ax.axvline(x, color="#777777", linestyle=":" if index == 0 else "--", linewidth=1,
-                   label=None if label == "0" else label)
+        ax.axvline(
+            x,
+            color="#777777",
+            linestyle=":" if index == 0 else "--",
+            linewidth=1,
+            label=None if label == "0" else label,
+        )
     ax.set_yticks(y, list(data["labels"]))
     ax.invert_yaxis()
     ax.set_xlabel(data["xlabel"])
@@ -317,8 +382,16 @@ def plot_scatter(data: Mapping[str, Any], ax) -> None:
     for index, name in enumerate(data["group_names"]):
         chosen = group == index
         colour, marker = SERIES[(index + 1) % len(SERIES)][:2]
-        ax.scatter(x[chosen], y[chosen], s=size, marker=marker, color=colour, alpha=0.6, linewidths=0,
-                   label=f"{name} (n = {int(chosen.sum())})")
+        ax.scatter(
+            x[chosen],
+            y[chosen],
+            s=size,
+            marker=marker,
+            color=colour,
+            alpha=0.6,
+            linewidths=0,
+            label=f"{name} (n = {int(chosen.sum())})",
+        )
     ax.set_xlabel(data["xlabel"])
     ax.set_ylabel(data["ylabel"])
     ax.set_title(data["title"])

@@ -89,8 +89,11 @@ class Run:
     def unlinked_below(self, stage: str) -> bool:
         """Whether a task of this run downstream of ``stage`` does not record its inputs here."""
         order = STAGES.index(stage) if stage in STAGES else -1
-        return any(STAGES.index(t.stage) > order and not t.input_uids and not t.points
-                   for t in self.tasks.values() if t.stage in STAGES and t.stage != "embed")
+        return any(
+            STAGES.index(t.stage) > order and not t.input_uids and not t.points
+            for t in self.tasks.values()
+            if t.stage in STAGES and t.stage != "embed"
+        )
 
     def done(self, stage: str) -> bool:
         task = self.tasks.get(stage)
@@ -176,9 +179,14 @@ def discover(experiment_dir: Path | str) -> Experiment:
     for record in list(tasks.values()):
         for name, uid in record.input_uids.items():
             if name in STAGES and not any(u == uid for (_, u) in tasks):
-                tasks[(name, uid)] = TaskRecord(name, uid, experiment_dir / name / uid, "missing",
-                                                error=f"{name} {uid} is an input of {record.stage} {record.uid} "
-                                                      "but is not under the results folder")
+                tasks[(name, uid)] = TaskRecord(
+                    name,
+                    uid,
+                    experiment_dir / name / uid,
+                    "missing",
+                    error=f"{name} {uid} is an input of {record.stage} {record.uid} "
+                    "but is not under the results folder",
+                )
     return Experiment(experiment_dir.name, experiment_dir, tasks, _group_runs(tasks))
 
 
@@ -188,8 +196,13 @@ def _ancestors(record: TaskRecord, tasks: dict[tuple[str, str], TaskRecord]) -> 
     if not record.input_uids and record.points and record.stage in STAGES:
         # inputs not recorded here (HDF5 file not pulled, or failed): a sweep point has one task per
         # stage, so an upstream task sharing a sweep point with this one is its input
-        parents = [t for t in tasks.values() if t.stage in STAGES and STAGES.index(t.stage) < STAGES.index(
-            record.stage) and set(t.points) & set(record.points)]
+        parents = [
+            t
+            for t in tasks.values()
+            if t.stage in STAGES
+            and STAGES.index(t.stage) < STAGES.index(record.stage)
+            and set(t.points) & set(record.points)
+        ]
     for parent in parents:
         for stage, task in _ancestors(parent, tasks).items():
             chain.setdefault(stage, task)
@@ -222,13 +235,21 @@ def _group_runs(tasks: dict[tuple[str, str], TaskRecord]) -> list[Run]:
             continue
         seen.append(members)
         ordered = {s: chain[s] for s in STAGES if s in chain}
-        common = set.intersection(*(set(t.points) for t in ordered.values() if t.points)) if any(
-            t.points for t in ordered.values()) else set()
+        common = (
+            set.intersection(*(set(t.points) for t in ordered.values() if t.points))
+            if any(t.points for t in ordered.values())
+            else set()
+        )
         runs.append(Run("", ordered, tuple(sorted(common))))
     # drop runs contained in a later, larger run
-    runs = [r for r in runs if not any(
-        {f"{t.stage}/{t.uid}" for t in r.tasks.values()} < {f"{t.stage}/{t.uid}" for t in o.tasks.values()}
-        for o in runs)]
+    runs = [
+        r
+        for r in runs
+        if not any(
+            {f"{t.stage}/{t.uid}" for t in r.tasks.values()} < {f"{t.stage}/{t.uid}" for t in o.tasks.values()}
+            for o in runs
+        )
+    ]
     # A chain cut short by a task whose inputs are not recorded here leaves its upstream artifacts
     # without a run: they are listed apart (``unlinked-``), never joined to a run they may not belong to.
     cut = any(r.unlinked_below("embed") for r in runs)

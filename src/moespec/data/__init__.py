@@ -11,5 +11,17 @@ from moespec.data.corpus import DOMAIN_NAMES, DOMAINS, generate_domain
 from moespec.data.sources import BuiltinSource, FilesSource, HFSource, Source, load_texts, source_domains
 from moespec.data.textset import TextSet, concat, shard_bounds
 
-__all__ = ["DOMAINS", "DOMAIN_NAMES", "generate_domain", "BuiltinSource", "HFSource", "FilesSource", "Source",
-           "load_texts", "source_domains", "TextSet", "concat", "shard_bounds"]
+__all__ = [
+    "DOMAINS",
+    "DOMAIN_NAMES",
+    "generate_domain",
+    "BuiltinSource",
+    "HFSource",
+    "FilesSource",
+    "Source",
+    "load_texts",
+    "source_domains",
+    "TextSet",
+    "concat",
+    "shard_bounds",
+]

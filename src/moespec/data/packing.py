@@ -68,9 +68,9 @@ def pack(token_lists: list[list[int]], seq_len: int, eot_id: int, *, keep_tail: 
     owner = np.full(len(stream), PAD, dtype=np.int64)
     position = 1
     for index, tokens in enumerate(token_lists):
-        stream[position:position + len(tokens)] = tokens
+        stream[position : position + len(tokens)] = tokens
         stream[position + len(tokens)] = eot_id
-        owner[position:position + len(tokens) + 1] = index
+        owner[position : position + len(tokens) + 1] = index
         position += len(tokens) + 1
     n_targets = len(stream) - 1
     n_windows = -(-n_targets // seq_len) if keep_tail else n_targets // seq_len

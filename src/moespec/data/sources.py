@@ -32,8 +32,15 @@ from moespec.errors import DataError
 _log = logging.getLogger("moespec")
 
 
-_FORMAT_OF_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv",
-                     ".parquet": "parquet", ".pq": "parquet"}
+_FORMAT_OF_SUFFIX = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 _BUILDER_OF_FORMAT = {"jsonl": "json", "csv": "csv", "parquet": "parquet"}
 _PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
@@ -95,10 +102,18 @@ class BuiltinSource(_SourceConfig):
         parts = []
         for name in self.domain_names():
             texts, labels = corpus.generate_domain(name, self.n_per_domain, self.seed)
-            provenance = {"kind": "builtin", "domain": name, "n_per_domain": self.n_per_domain, "seed": self.seed,
-                          "corpus_version": corpus.CORPUS_VERSION}
-            parts.append(TextSet.single_domain(name, texts, range(len(texts)), labels,
-                                               list(corpus.domain_by_name(name).classes), provenance))
+            provenance = {
+                "kind": "builtin",
+                "domain": name,
+                "n_per_domain": self.n_per_domain,
+                "seed": self.seed,
+                "corpus_version": corpus.CORPUS_VERSION,
+            }
+            parts.append(
+                TextSet.single_domain(
+                    name, texts, range(len(texts)), labels, list(corpus.domain_by_name(name).classes), provenance
+                )
+            )
         log.info("built-in corpus: %d domains x %d texts (seed %d)", len(parts), self.n_per_domain, self.seed)
         return concat(parts)
 
@@ -126,8 +141,10 @@ class _TableSource(_SourceConfig):
     @model_validator(mode="after")
     def _domain_or_domain_field(self) -> "_TableSource":
         if self.domain is not None and self.domain_field is not None:
-            raise ValueError("domain_field: give domain (one name for every row) or domain_field (a column naming "
-                             "each row's domain), not both")
+            raise ValueError(
+                "domain_field: give domain (one name for every row) or domain_field (a column naming "
+                "each row's domain), not both"
+            )
         return self
 
     def fields(self) -> list[str]:
@@ -138,9 +155,19 @@ class _TableSource(_SourceConfig):
         return [self.text_field] if isinstance(self.text_field, str) else list(self.text_field)
 
     def _texts(self, dataset: Any, where: str, log: logging.Logger, provenance: dict[str, Any]) -> TextSet:
-        return texts_from_dataset(dataset, where=where, domain=self.domain_name(), text_fields=self.text_fields(),
-                                  separator=self.separator, label_field=self.label_field, n=self.n,
-                                  seed=self.seed, provenance=provenance, log=log, domain_field=self.domain_field)
+        return texts_from_dataset(
+            dataset,
+            where=where,
+            domain=self.domain_name(),
+            text_fields=self.text_fields(),
+            separator=self.separator,
+            label_field=self.label_field,
+            n=self.n,
+            seed=self.seed,
+            provenance=provenance,
+            log=log,
+            domain_field=self.domain_field,
+        )
 
     def domain_name(self) -> str:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -201,10 +228,18 @@ class HFSource(_TableSource):
         try:
             dataset = datasets.load_dataset(self.name, self.config, split=self.split, revision=self.revision)
         except (OSError, ValueError, KeyError, datasets.exceptions.DatasetsError) as e:
-            raise DataError(f"source {where}: cannot load dataset {self.name!r} "
-                            f"({type(e).__name__}: {_first_line(e)}). {_offline_hint()}") from e
-        provenance = {"kind": "hf", "name": self.name, "config": self.config, "split": self.split,
-                      "revision": self.revision, "fingerprint": getattr(dataset, "_fingerprint", "")}
+            raise DataError(
+                f"source {where}: cannot load dataset {self.name!r} "
+                f"({type(e).__name__}: {_first_line(e)}). {_offline_hint()}"
+            ) from e
+        provenance = {
+            "kind": "hf",
+            "name": self.name,
+            "config": self.config,
+            "split": self.split,
+            "revision": self.revision,
+            "fingerprint": getattr(dataset, "_fingerprint", ""),
+        }
         return self._texts(dataset, where, log, provenance)
 
 
@@ -293,10 +328,13 @@ class FilesSource(_TableSource):
             dataset = datasets.load_dataset(_BUILDER_OF_FORMAT[fmt], data_files=paths, split="train", **extra)
         except Exception as e:  # noqa: BLE001 - datasets raises many kinds (StopIteration on an empty file)
             raise DataError(f"source {where}: cannot read the {fmt} file(s) ({_root_cause(e)})") from e
-        provenance = {"kind": "files", "paths": list(self.paths), "format": fmt,
-                      "files": [{"path": p, "bytes": os.path.getsize(p), "mtime": int(os.path.getmtime(p))}
-                                for p in paths],
-                      "fingerprint": getattr(dataset, "_fingerprint", "")}
+        provenance = {
+            "kind": "files",
+            "paths": list(self.paths),
+            "format": fmt,
+            "files": [{"path": p, "bytes": os.path.getsize(p), "mtime": int(os.path.getmtime(p))} for p in paths],
+            "fingerprint": getattr(dataset, "_fingerprint", ""),
+        }
         return self._texts(dataset, where, log, provenance)
 
 
@@ -328,9 +366,20 @@ def load_texts(sources: Sequence[BuiltinSource | HFSource | FilesSource], log: l
 # reading a datasets.Dataset
 
 
-def texts_from_dataset(dataset: Any, *, where: str, domain: str, text_fields: list[str], separator: str,
-                       label_field: Optional[str], n: Optional[int], seed: int, provenance: dict[str, Any],
-                       log: logging.Logger = _log, domain_field: Optional[str] = None) -> TextSet:
+def texts_from_dataset(
+    dataset: Any,
+    *,
+    where: str,
+    domain: str,
+    text_fields: list[str],
+    separator: str,
+    label_field: Optional[str],
+    n: Optional[int],
+    seed: int,
+    provenance: dict[str, Any],
+    log: logging.Logger = _log,
+    domain_field: Optional[str] = None,
+) -> TextSet:
     """Draw the texts (and labels) of one domain from a ``datasets.Dataset``.
 
     Parameters
@@ -365,22 +414,47 @@ def texts_from_dataset(dataset: Any, *, where: str, domain: str, text_fields: li
     if not rows.size:
         raise DataError(f"source {where}: every text in field(s) {text_fields} is empty")
     if n is not None and rows.size < n:
-        raise DataError(f"source {where}: asks for n={n} texts but the dataset has only {rows.size} non-empty "
-                        f"text(s) in field(s) {text_fields}")
+        raise DataError(
+            f"source {where}: asks for n={n} texts but the dataset has only {rows.size} non-empty "
+            f"text(s) in field(s) {text_fields}"
+        )
     labels, class_names = (None, []) if label_field is None else _labels(dataset, rows, label_field, where)
-    provenance = {**provenance, "domain": domain, "rows_available": len(dataset), "rows_drawn": int(rows.size),
-                  "empty_skipped": n_empty, "n": n, "seed": seed, "text_fields": text_fields,
-                  "label_field": label_field, "domain_field": domain_field}
+    provenance = {
+        **provenance,
+        "domain": domain,
+        "rows_available": len(dataset),
+        "rows_drawn": int(rows.size),
+        "empty_skipped": n_empty,
+        "n": n,
+        "seed": seed,
+        "text_fields": text_fields,
+        "label_field": label_field,
+        "domain_field": domain_field,
+    }
     if domain_field is not None:
         return _split_domains(dataset, rows, texts, labels, class_names, domain_field, where, provenance, log)
-    log.info("source %s: %d texts of %d rows (domain %s%s)", where, rows.size, len(dataset), domain,
-             f", {len(class_names)} classes" if label_field else ", unlabelled")
+    log.info(
+        "source %s: %d texts of %d rows (domain %s%s)",
+        where,
+        rows.size,
+        len(dataset),
+        domain,
+        f", {len(class_names)} classes" if label_field else ", unlabelled",
+    )
     return TextSet.single_domain(domain, texts, rows.tolist(), labels, class_names, provenance)
 
 
-def _split_domains(dataset: Any, rows: np.ndarray, texts: list[str], labels: Optional[np.ndarray],
-                   class_names: list[str], domain_field: str, where: str, provenance: dict[str, Any],
-                   log: logging.Logger) -> TextSet:
+def _split_domains(
+    dataset: Any,
+    rows: np.ndarray,
+    texts: list[str],
+    labels: Optional[np.ndarray],
+    class_names: list[str],
+    domain_field: str,
+    where: str,
+    provenance: dict[str, Any],
+    log: logging.Logger,
+) -> TextSet:
     """One single-domain text set per value of ``domain_field`` among the drawn rows, concatenated.
 
     Each domain keeps only the classes its rows have, so that every label belongs to one domain
@@ -389,8 +463,9 @@ def _split_domains(dataset: Any, rows: np.ndarray, texts: list[str], labels: Opt
     values = list(dataset.select(rows.tolist())[domain_field])
     blank = [int(row) for row, value in zip(rows.tolist(), values) if value is None or not str(value).strip()]
     if blank:
-        raise DataError(f"source {where}: domain field {domain_field!r} is empty in {len(blank)} row(s), e.g. "
-                        f"row(s) {blank[:5]}")
+        raise DataError(
+            f"source {where}: domain field {domain_field!r} is empty in {len(blank)} row(s), e.g. row(s) {blank[:5]}"
+        )
     names = np.array([str(value) for value in values], dtype=object)
     parts = []
     for name in sorted(set(names.tolist())):
@@ -401,21 +476,39 @@ def _split_domains(dataset: Any, rows: np.ndarray, texts: list[str], labels: Opt
             recode = {code: i for i, code in enumerate(used)}
             part_labels = np.array([recode.get(int(code), -1) for code in labels[where_name]], dtype=np.int64)
             part_classes = [class_names[code] for code in used]
-        parts.append(TextSet.single_domain(name, [texts[i] for i in where_name], rows[where_name].tolist(),
-                                           part_labels, part_classes,
-                                           {**provenance, "domain": name, "rows_drawn": int(where_name.size)}))
-    log.info("source %s: %d texts of %d rows in %d domains from field %r (%s)", where, rows.size, len(dataset),
-             len(parts), domain_field, ", ".join(f"{p.domain_names[0]} {len(p)}" for p in parts))
+        parts.append(
+            TextSet.single_domain(
+                name,
+                [texts[i] for i in where_name],
+                rows[where_name].tolist(),
+                part_labels,
+                part_classes,
+                {**provenance, "domain": name, "rows_drawn": int(where_name.size)},
+            )
+        )
+    log.info(
+        "source %s: %d texts of %d rows in %d domains from field %r (%s)",
+        where,
+        rows.size,
+        len(dataset),
+        len(parts),
+        domain_field,
+        ", ".join(f"{p.domain_names[0]} {len(p)}" for p in parts),
+    )
     return concat(parts)
 
 
-def _check_fields(dataset: Any, where: str, text_fields: list[str], label_field: Optional[str],
-                  domain_field: Optional[str] = None) -> None:
+def _check_fields(
+    dataset: Any, where: str, text_fields: list[str], label_field: Optional[str], domain_field: Optional[str] = None
+) -> None:
     import datasets
 
     columns = list(dataset.column_names)
-    named = [*(("text", f) for f in text_fields), *([("label", label_field)] if label_field else []),
-             *([("domain", domain_field)] if domain_field else [])]
+    named = [
+        *(("text", f) for f in text_fields),
+        *([("label", label_field)] if label_field else []),
+        *([("domain", domain_field)] if domain_field else []),
+    ]
     for role, field in named:
         if field not in columns:
             raise DataError(f"source {where}: {role} field {field!r} not found; the columns are {columns}")
@@ -425,8 +518,9 @@ def _check_fields(dataset: Any, where: str, text_fields: list[str], label_field:
             raise DataError(f"source {where}: text field {field!r} holds {feature}, not strings")
 
 
-def _draw_rows(dataset: Any, text_fields: list[str], separator: str, n: Optional[int],
-               seed: int) -> tuple[np.ndarray, list[str], int]:
+def _draw_rows(
+    dataset: Any, text_fields: list[str], separator: str, n: Optional[int], seed: int
+) -> tuple[np.ndarray, list[str], int]:
     """Rows drawn in seeded-shuffle order, skipping empty texts, returned in source order.
 
     Reads only as many rows as needed (blocks of the permutation), not the whole column.
@@ -437,7 +531,7 @@ def _draw_rows(dataset: Any, text_fields: list[str], separator: str, n: Optional
     n_empty = 0
     start = 0
     while len(kept) < wanted and start < len(order):
-        block = order[start:start + max(wanted - len(kept), 256)]
+        block = order[start : start + max(wanted - len(kept), 256)]
         start += len(block)
         texts_of = dict(zip(np.sort(block).tolist(), _read_texts(dataset, np.sort(block), text_fields, separator)))
         for row in block.tolist():  # permutation order decides which rows make the first n
@@ -467,8 +561,10 @@ def _labels(dataset: Any, rows: np.ndarray, label_field: str, where: str) -> tup
         # ClassLabel uses -1 for "no label" (e.g. GLUE test splits).
         return np.array([-1 if v is None else v for v in values], dtype=np.int64), list(feature.names)
     if not isinstance(feature, datasets.Value) or feature.dtype.startswith(("float", "double", "half")):
-        raise DataError(f"source {where}: label field {label_field!r} holds {feature}; expected class labels "
-                        f"(ClassLabel, int, bool or string)")
+        raise DataError(
+            f"source {where}: label field {label_field!r} holds {feature}; expected class labels "
+            f"(ClassLabel, int, bool or string)"
+        )
     present = sorted({v for v in values if v is not None}, key=lambda v: (str(type(v)), v))
     code_of = {v: i for i, v in enumerate(present)}
     return np.array([-1 if v is None else code_of[v] for v in values], dtype=np.int64), [str(v) for v in present]
@@ -516,16 +612,19 @@ def check_file(path: str, fmt: str, fields: list[str], max_bytes: Optional[int] 
         return f"{path}: cannot read it ({type(e).__name__}: {_first_line(e)})"
 
 
-def _check_text(path: str, stream: Any, fmt: str, fields: list[str], max_bytes: Optional[int],
-                delimiter: str) -> Optional[str]:
+def _check_text(
+    path: str, stream: Any, fmt: str, fields: list[str], max_bytes: Optional[int], delimiter: str
+) -> Optional[str]:
     """Decode lines as UTF-8 (naming the first bad line) and check the first record or header."""
     read, records, columns = 0, 0, None
     for number, raw in enumerate(stream, start=1):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            return (f"{path} line {number}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                    f"save the file as UTF-8")
+            return (
+                f"{path} line {number}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                f"save the file as UTF-8"
+            )
         read += len(raw)
         if line.strip():
             if columns is None:
@@ -535,8 +634,7 @@ def _check_text(path: str, stream: Any, fmt: str, fields: list[str], max_bytes: 
                 missing = [f for f in fields if f not in columns]
                 if missing:
                     what = "the first record" if fmt == "jsonl" else "the header"
-                    return (f"{path} line {number}: no field(s) {missing} in {what}; "
-                            f"its fields are {columns}")
+                    return f"{path} line {number}: no field(s) {missing} in {what}; its fields are {columns}"
             records += 1
         if max_bytes is not None and read >= max_bytes:
             return None
@@ -587,8 +685,9 @@ def _stem_suffix(path: str) -> str:
 def _format_of(path: str) -> str:
     suffix = _stem_suffix(path)
     if suffix not in _FORMAT_OF_SUFFIX:
-        raise ValueError(f"cannot tell the format of {path!r} from its suffix {suffix!r}; set format: "
-                         f"jsonl, csv or parquet")
+        raise ValueError(
+            f"cannot tell the format of {path!r} from its suffix {suffix!r}; set format: jsonl, csv or parquet"
+        )
     return _FORMAT_OF_SUFFIX[suffix]
 
 
@@ -603,8 +702,10 @@ def _offline_hint() -> str:
 
     if offline() or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         return "Offline mode is set: load it once on a machine with internet into the same HF_HOME (see hpc/README.md)."
-    return ("If this machine has no internet, load it once on one that has into the same HF_HOME and run with "
-            "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 (see hpc/README.md).")
+    return (
+        "If this machine has no internet, load it once on one that has into the same HF_HOME and run with "
+        "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 (see hpc/README.md)."
+    )
 
 
 def _root_cause(error: BaseException) -> str:

@@ -50,12 +50,27 @@ class TextSet:
 
     def rows(self, start: int, stop: int) -> "TextSet":
         """Rows ``start:stop``, with the full (global) domain and label tables kept."""
-        return TextSet(self.texts[start:stop], self.domain[start:stop], self.domain_names, self.label[start:stop],
-                       self.label_names, self.label_domain, self.text_id[start:stop], self.sources)
+        return TextSet(
+            self.texts[start:stop],
+            self.domain[start:stop],
+            self.domain_names,
+            self.label[start:stop],
+            self.label_names,
+            self.label_domain,
+            self.text_id[start:stop],
+            self.sources,
+        )
 
     @classmethod
-    def single_domain(cls, domain: str, texts: list[str], row_index: Sequence[int], labels: np.ndarray | None,
-                      class_names: Sequence[str], source: dict[str, Any]) -> "TextSet":
+    def single_domain(
+        cls,
+        domain: str,
+        texts: list[str],
+        row_index: Sequence[int],
+        labels: np.ndarray | None,
+        class_names: Sequence[str],
+        source: dict[str, Any],
+    ) -> "TextSet":
         """A text set of one domain.
 
         Parameters
@@ -72,8 +87,16 @@ class TextSet:
         """
         n = len(texts)
         label = np.full(n, -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
-        return cls(texts, np.zeros(n, dtype=np.int64), [domain], label, [f"{domain}/{c}" for c in class_names],
-                   np.zeros(len(class_names), dtype=np.int64), [f"{domain}/{i}" for i in row_index], [source])
+        return cls(
+            texts,
+            np.zeros(n, dtype=np.int64),
+            [domain],
+            label,
+            [f"{domain}/{c}" for c in class_names],
+            np.zeros(len(class_names), dtype=np.int64),
+            [f"{domain}/{i}" for i in row_index],
+            [source],
+        )
 
 
 def concat(parts: Sequence[TextSet]) -> TextSet:
@@ -90,8 +113,9 @@ def concat(parts: Sequence[TextSet]) -> TextSet:
     for part in parts:
         clash = set(part.domain_names) & set(domain_names)
         if clash:
-            raise DataError(f"domain name(s) {sorted(clash)} come from more than one source; give each source "
-                            f"its own 'domain'")
+            raise DataError(
+                f"domain name(s) {sorted(clash)} come from more than one source; give each source its own 'domain'"
+            )
         domains.append(part.domain + len(domain_names))
         labels.append(np.where(part.label >= 0, part.label + len(label_names), -1))
         label_domains.append(part.label_domain + len(domain_names))

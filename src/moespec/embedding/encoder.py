@@ -2,7 +2,7 @@
 
 Why length-sorted batches: a batch is padded to its longest text, so batching texts in input order
 wastes most of the compute on pads when lengths are heavy-tailed. Measured on this project's
-2-core CPU with tiny BERT/LLaMA models (``research/geometry_perf.md`` §5): pad efficiency
+2-core CPU with tiny BERT/LLaMA models (docs/performance.md, "Embedding extraction throughput"): pad efficiency
 0.23 -> 0.94 and 5-6x more real tokens per second, with identical outputs (max |diff| ~1e-6).
 Sorting is what ``sentence-transformers``' ``encode`` does.
 
@@ -48,8 +48,9 @@ class BatchPlan:
     batches: tuple[tuple[int, np.ndarray], ...]
 
 
-def plan_batches(lengths: np.ndarray, batch_size: int, *, sort_by_length: bool = True,
-                 window_rows: Optional[int] = None) -> BatchPlan:
+def plan_batches(
+    lengths: np.ndarray, batch_size: int, *, sort_by_length: bool = True, window_rows: Optional[int] = None
+) -> BatchPlan:
     """Batches of row indices: in input order, or sorted by descending length within each window.
 
     Parameters
@@ -71,7 +72,7 @@ def plan_batches(lengths: np.ndarray, batch_size: int, *, sort_by_length: bool =
         if sort_by_length:
             rows = rows[np.argsort(-np.asarray(lengths[start:stop]), kind="stable")]
         windows.append((start, stop))
-        batches += [(number, rows[b:b + batch_size]) for b in range(0, len(rows), batch_size)]
+        batches += [(number, rows[b : b + batch_size]) for b in range(0, len(rows), batch_size)]
     return BatchPlan(tuple(windows), tuple(batches))
 
 
@@ -126,8 +127,18 @@ class TextEncoder:
         sequence length, or ``pooling`` is unknown.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, pooling: str = "mean", layers: Sequence[int] = (-1,),
-                 max_length: int = 128, batch_size: int = 32, device: Optional[str] = None, name: str = "model"):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        pooling: str = "mean",
+        layers: Sequence[int] = (-1,),
+        max_length: int = 128,
+        batch_size: int = 32,
+        device: Optional[str] = None,
+        name: str = "model",
+    ):
         if pooling not in POOLINGS:
             raise ConfigError(f"embed.pooling: must be one of {POOLINGS}, got {pooling!r}")
         self.model = model
@@ -157,15 +168,17 @@ class TextEncoder:
         """
         lengths = np.empty(len(texts), dtype=np.int64)
         for start in range(0, len(texts), LENGTH_CHUNK):
-            chunk = list(texts[start:start + LENGTH_CHUNK])
-            ids = self.tokenizer(chunk, truncation=False, return_attention_mask=False,
-                                 return_token_type_ids=False, verbose=False)["input_ids"]
-            lengths[start:start + len(chunk)] = [len(row) for row in ids]
+            chunk = list(texts[start : start + LENGTH_CHUNK])
+            ids = self.tokenizer(
+                chunk, truncation=False, return_attention_mask=False, return_token_type_ids=False, verbose=False
+            )["input_ids"]
+            lengths[start : start + len(chunk)] = [len(row) for row in ids]
         return lengths
 
     def _tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt")
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _forward(self, batch: dict[str, torch.Tensor], all_states: bool) -> Any:
@@ -196,9 +209,14 @@ class TextEncoder:
             pooled[layer] = pool(hidden, mask, self.pooling).cpu()
         return pooled, int(mask.sum()), int(mask.numel())
 
-    def iter_windows(self, texts: Sequence[str], plan: BatchPlan, *,
-                     progress: Optional[Callable[[Iterable, int], Iterable]] = None,
-                     text_ids: Optional[Sequence[str]] = None) -> Iterator[EncodedWindow]:
+    def iter_windows(
+        self,
+        texts: Sequence[str],
+        plan: BatchPlan,
+        *,
+        progress: Optional[Callable[[Iterable, int], Iterable]] = None,
+        text_ids: Optional[Sequence[str]] = None,
+    ) -> Iterator[EncodedWindow]:
         """Embed ``texts`` batch by batch following ``plan``; yield each window once complete.
 
         Parameters
@@ -266,19 +284,24 @@ class TextEncoder:
     def _absolute_layer(self, layer: int) -> int:
         n = self.n_hidden_states
         if not -n <= layer < n:
-            raise ConfigError(f"embed.layer: index {layer} is out of range for {self.name!r}, which has {n} hidden "
-                              f"states (0 = embedding output ... {n - 1} = last layer; -1 = last)")
+            raise ConfigError(
+                f"embed.layer: index {layer} is out of range for {self.name!r}, which has {n} hidden "
+                f"states (0 = embedding output ... {n - 1} = last layer; -1 = last)"
+            )
         return layer % n
 
-    def _check_finite(self, pooled: dict[int, torch.Tensor], rows: np.ndarray,
-                      text_ids: Optional[Sequence[str]]) -> None:
+    def _check_finite(
+        self, pooled: dict[int, torch.Tensor], rows: np.ndarray, text_ids: Optional[Sequence[str]]
+    ) -> None:
         for layer, values in pooled.items():
             bad = ~torch.isfinite(values).all(dim=1)
             if bool(bad.any()):
                 names = [text_ids[i] if text_ids is not None else f"row {i}" for i in rows[bad.numpy()]]
-                raise DataError(f"model {self.name!r} produced NaN/inf embeddings at layer {layer} for "
-                                f"{len(names)} text(s), e.g. {names[:5]}; check the model weights and the compute "
-                                f"dtype (float16 overflows easily)")
+                raise DataError(
+                    f"model {self.name!r} produced NaN/inf embeddings at layer {layer} for "
+                    f"{len(names)} text(s), e.g. {names[:5]}; check the model weights and the compute "
+                    f"dtype (float16 overflows easily)"
+                )
 
 
 def _check_max_length(tokenizer: Any, max_length: int, name: str) -> None:

@@ -1,7 +1,8 @@
 """Router logits and expert ablation in pretrained Hugging Face MoE models, through forward hooks.
 
 Written for the router layout of transformers v5 (the installed version), where every MoE block
-calls a router module that returns its routing decision (research/moe.md section 2.7):
+calls a router module that returns its routing decision (docs/moe.md, "Router logits from pretrained
+Hugging Face MoEs"):
 
 ``topk`` routers (``MixtralTopKRouter``, ``Qwen2MoeTopKRouter``, ``Qwen3MoeTopKRouter``, ``OlmoeTopKRouter``)
     ``forward(hidden) -> (router_logits, top_k_weights, top_k_index)``: softmax over all experts in
@@ -111,19 +112,24 @@ def find_routers(model: nn.Module) -> list[RouterSite]:
         cls = type(module).__name__
         if cls in TOPK_ROUTERS:
             renormalize = cls in _ALWAYS_RENORMALISE or bool(getattr(module, "norm_topk_prob", False))
-            sites.append(RouterSite(len(sites), name, module, "topk", int(module.num_experts), int(module.top_k),
-                                    renormalize))
+            sites.append(
+                RouterSite(len(sites), name, module, "topk", int(module.num_experts), int(module.top_k), renormalize)
+            )
         elif cls in SWITCH_ROUTERS:
             sites.append(RouterSite(len(sites), name, module, "switch", int(module.num_experts), 1, False))
         elif "router" in cls.lower() or (cls.lower().endswith("gate") and hasattr(module, "top_k")):
             unsupported.add(cls)
     if not sites:
         if unsupported:
-            raise ConfigError(f"model {type(model).__name__}: router class(es) {sorted(unsupported)} are not supported "
-                              f"for routing capture and ablation; supported: "
-                              f"{', '.join(TOPK_ROUTERS + SWITCH_ROUTERS)}")
-        raise ConfigError(f"model {type(model).__name__} is not a mixture-of-experts model: it has no router module "
-                          f"(supported: {', '.join(TOPK_ROUTERS + SWITCH_ROUTERS)})")
+            raise ConfigError(
+                f"model {type(model).__name__}: router class(es) {sorted(unsupported)} are not supported "
+                f"for routing capture and ablation; supported: "
+                f"{', '.join(TOPK_ROUTERS + SWITCH_ROUTERS)}"
+            )
+        raise ConfigError(
+            f"model {type(model).__name__} is not a mixture-of-experts model: it has no router module "
+            f"(supported: {', '.join(TOPK_ROUTERS + SWITCH_ROUTERS)})"
+        )
     for site in sites:
         match = _BLOCK_PATTERN.match(site.name)
         if match:
@@ -224,16 +230,16 @@ def router_logits(site: RouterSite, args: tuple, kwargs: dict, output: Any) -> t
     return F.linear(hidden.reshape(-1, weight.shape[-1]), weight)  # as the router computes them
 
 
-def _reroute_topk(site: RouterSite, output: tuple, logits: torch.Tensor, rows: torch.Tensor,
-                  mode: HookMode) -> tuple:
+def _reroute_topk(site: RouterSite, output: tuple, logits: torch.Tensor, rows: torch.Tensor, mode: HookMode) -> tuple:
     routing = route_topk(logits, site.top_k, site.renormalize, Ablation(rows, mode))
     weights = routing.combine_weights.gather(-1, routing.expert_index)  # (rows, k), slot order
     new_logits = routing.logits.to(output[0].dtype) if torch.is_tensor(output[0]) else output[0]
     return new_logits, weights.to(output[1].dtype), routing.expert_index.to(output[2].dtype)
 
 
-def _reroute_switch(module: nn.Module, output: tuple, logits: torch.Tensor, rows: torch.Tensor,
-                    mode: HookMode) -> tuple:
+def _reroute_switch(
+    module: nn.Module, output: tuple, logits: torch.Tensor, rows: torch.Tensor, mode: HookMode
+) -> tuple:
     dispatch, top_probability, raw_logits = output  # (B, T, E), (B, T, 1), (B, T, E)
     rows = rows.reshape(dispatch.shape)
     if mode != "mask":  # top-1, never renormalised: zero and drop both silence the chosen expert
@@ -346,9 +352,17 @@ class LoadedMoE:
     dtype: Any
 
 
-def load_moe_model(name: str, *, task: Literal["lm", "probe"], revision: Optional[str] = None,
-                   dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False,
-                   key: str = "ablate.source.model", log: logging.Logger = _log) -> LoadedMoE:
+def load_moe_model(
+    name: str,
+    *,
+    task: Literal["lm", "probe"],
+    revision: Optional[str] = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    key: str = "ablate.source.model",
+    log: logging.Logger = _log,
+) -> LoadedMoE:
     """Load a pretrained MoE (hub name, local folder or ``builtin:`` name) and find its routers.
 
     Raises
@@ -368,12 +382,15 @@ def load_moe_model(name: str, *, task: Literal["lm", "probe"], revision: Optiona
     hub = hub_loading_options(name, revision, key) if path == name and not Path(path).is_dir() else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, **hub)
-        model = loader.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, dtype=torch_dtype,
-                                       **hub)
+        model = loader.from_pretrained(
+            path, revision=revision, trust_remote_code=trust_remote_code, dtype=torch_dtype, **hub
+        )
     except ValueError as e:
         if task == "lm" and "Unrecognized configuration class" in str(e):
-            raise ConfigError(f"{key}.name: {what} is not a causal language model, so task 'lm' (next-token "
-                              f"loss) does not apply; use task 'probe'") from e
+            raise ConfigError(
+                f"{key}.name: {what} is not a causal language model, so task 'lm' (next-token "
+                f"loss) does not apply; use task 'probe'"
+            ) from e
         raise ConfigError(f"{key}.name: cannot load model {what}: {_first_line(e)}") from e
     except (OSError, KeyError, ImportError) as e:
         raise ConfigError(f"{key}.name: cannot load model {what}: {_first_line(e)} {offline_hint()}") from e
@@ -386,9 +403,17 @@ def load_moe_model(name: str, *, task: Literal["lm", "probe"], revision: Optiona
     _prepare_tokenizer(tokenizer, what, log)
     model = model.to(device).eval()
     commit = str(getattr(model.config, "_commit_hash", None) or "")
-    log.info("MoE %s: %s, %d MoE layers x %d experts (top-%d), %.1fM parameters, %s on %s", what,
-             type(model).__name__, len(sites), sites[0].n_experts, sites[0].top_k,
-             sum(p.numel() for p in model.parameters()) / 1e6, str(torch_dtype).removeprefix("torch."), device)
+    log.info(
+        "MoE %s: %s, %d MoE layers x %d experts (top-%d), %.1fM parameters, %s on %s",
+        what,
+        type(model).__name__,
+        len(sites),
+        sites[0].n_experts,
+        sites[0].top_k,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        str(torch_dtype).removeprefix("torch."),
+        device,
+    )
     return LoadedMoE(model, tokenizer, sites, commit, device, torch_dtype)
 
 
@@ -397,8 +422,9 @@ def _model_path(name: str, key: str) -> str:
 
     if is_builtin(name):
         if name not in BUILTIN_MODELS:
-            raise ConfigError(f"{key}.name: unknown built-in model {name!r}; built-in models are "
-                              f"{', '.join(BUILTIN_MODELS)}")
+            raise ConfigError(
+                f"{key}.name: unknown built-in model {name!r}; built-in models are {', '.join(BUILTIN_MODELS)}"
+            )
         return str(builtin_model_dir(name))
     if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
         raise ConfigError(f"{key}.name: local model folder {name!r} does not exist")
@@ -495,11 +521,20 @@ class TextPasses:
     routing: Optional[TokenRouting] = None
 
 
-def run_texts(loaded: LoadedMoE, texts: list[str], measure: Callable[[Any, dict], np.ndarray], *,
-              max_length: int, batch_size: int, tokens_per_pass: int = 8192,
-              masks: Optional[np.ndarray] = None, layers: Optional[np.ndarray] = None,
-              modes: tuple[str, ...] = ("mask",), record_routing: bool = False,
-              progress: Callable = lambda batches, total: batches) -> TextPasses:
+def run_texts(
+    loaded: LoadedMoE,
+    texts: list[str],
+    measure: Callable[[Any, dict], np.ndarray],
+    *,
+    max_length: int,
+    batch_size: int,
+    tokens_per_pass: int = 8192,
+    masks: Optional[np.ndarray] = None,
+    layers: Optional[np.ndarray] = None,
+    modes: tuple[str, ...] = ("mask",),
+    record_routing: bool = False,
+    progress: Callable = lambda batches, total: batches,
+) -> TextPasses:
     """Run texts through the model unablated and under every ablation, batch by batch.
 
     Per batch of length-sorted texts: one unablated pass (recording router logits when asked, and
@@ -527,14 +562,15 @@ def run_texts(loaded: LoadedMoE, texts: list[str], measure: Callable[[Any, dict]
     tokenizer = loaded.tokenizer
     lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]])
     order = np.argsort(-lengths, kind="stable")  # length-sorted batches: little padding
-    batches = [order[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(texts), batch_size)]
     base, n_tokens, routing = [], [], []
     ablated: dict[str, list[np.ndarray]] = {mode: [] for mode in modes}
     hooks, replay = RouterHooks(loaded.sites), BlockReplay(loaded.model, loaded.sites)
     with torch.no_grad(), hooks:
         for rows in progress(batches, len(batches)):
-            batch = tokenizer([texts[r] for r in rows], padding=True, truncation=True, max_length=max_length,
-                              return_tensors="pt").to(loaded.device)
+            batch = tokenizer(
+                [texts[r] for r in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            ).to(loaded.device)
             hooks.capture = record_routing
             with replay.recording():
                 base.append(measure(loaded.model, batch))
@@ -543,20 +579,31 @@ def run_texts(loaded: LoadedMoE, texts: list[str], measure: Callable[[Any, dict]
             if record_routing:
                 routing.append(_token_routing(hooks.logits, loaded.sites[0].top_k, batch, rows))
             if masks is not None and len(masks):
-                for mode, values in _ablated_batch(loaded, batch, measure, masks, layers, modes, tokens_per_pass,
-                                                   hooks, replay).items():
+                for mode, values in _ablated_batch(
+                    loaded, batch, measure, masks, layers, modes, tokens_per_pass, hooks, replay
+                ).items():
                     ablated[mode].append(values)
     back = np.empty(len(texts), dtype=np.int64)
     back[order] = np.arange(len(texts))  # batches ran in length order; restore the order of ``texts``
-    return TextPasses(np.concatenate(base)[back],
-                      {m: np.concatenate(v, axis=1)[:, back] for m, v in ablated.items() if v},
-                      np.concatenate(n_tokens)[back].astype(np.int64),
-                      _merge_routing(routing) if record_routing else None)
+    return TextPasses(
+        np.concatenate(base)[back],
+        {m: np.concatenate(v, axis=1)[:, back] for m, v in ablated.items() if v},
+        np.concatenate(n_tokens)[back].astype(np.int64),
+        _merge_routing(routing) if record_routing else None,
+    )
 
 
-def _ablated_batch(loaded: LoadedMoE, batch: dict, measure: Callable, masks: np.ndarray, layers: np.ndarray,
-                   modes: tuple[str, ...], tokens_per_pass: int, hooks: RouterHooks,
-                   replay: BlockReplay) -> dict[str, np.ndarray]:
+def _ablated_batch(
+    loaded: LoadedMoE,
+    batch: dict,
+    measure: Callable,
+    masks: np.ndarray,
+    layers: np.ndarray,
+    modes: tuple[str, ...],
+    tokens_per_pass: int,
+    hooks: RouterHooks,
+    replay: BlockReplay,
+) -> dict[str, np.ndarray]:
     """Every ablation on one batch: mode -> (n_ablations, batch_size, ...)."""
     n_texts, seq = batch["input_ids"].shape
     copies = max(1, tokens_per_pass // (n_texts * seq))
@@ -566,12 +613,12 @@ def _ablated_batch(loaded: LoadedMoE, batch: dict, measure: Callable, masks: np.
         indices = np.flatnonzero(layers == layer)
         for mode in modes:
             for start in range(0, len(indices), copies):
-                chunk = indices[start:start + copies]
+                chunk = indices[start : start + copies]
                 experts = torch.as_tensor(masks[chunk], device=batch["input_ids"].device)
                 with replay.replaying(site, len(chunk)), hooks.ablating(RouterAblation(experts, mode, int(layer))):
                     values = measure(loaded.model, repeat_batch(batch, len(chunk)))  # (copies * B, ...)
                 for copy, index in enumerate(chunk):
-                    measured[mode][index] = values[copy * n_texts:(copy + 1) * n_texts]
+                    measured[mode][index] = values[copy * n_texts : (copy + 1) * n_texts]
     return {mode: np.stack(rows) for mode, rows in measured.items()}
 
 
@@ -581,10 +628,13 @@ def _token_routing(logits: list[torch.Tensor], top_k: int, batch: dict, rows: np
     probs = torch.stack([torch.softmax(layer_logits[real], dim=-1) for layer_logits in logits], dim=1)  # (n, L, E)
     seq = batch["input_ids"].shape[1]
     real_np = real.cpu().numpy()
-    return (probs.cpu().numpy(), probs.topk(top_k, dim=-1).indices.cpu().numpy(),
-            np.repeat(np.asarray(rows, dtype=np.int64), seq)[real_np],
-            batch["input_ids"].reshape(-1)[real].cpu().numpy().astype(np.int64),
-            np.tile(np.arange(seq, dtype=np.int64), len(rows))[real_np])
+    return (
+        probs.cpu().numpy(),
+        probs.topk(top_k, dim=-1).indices.cpu().numpy(),
+        np.repeat(np.asarray(rows, dtype=np.int64), seq)[real_np],
+        batch["input_ids"].reshape(-1)[real].cpu().numpy().astype(np.int64),
+        np.tile(np.arange(seq, dtype=np.int64), len(rows))[real_np],
+    )
 
 
 def _merge_routing(parts: list[tuple]) -> TokenRouting:

@@ -39,16 +39,19 @@ from moespec.errors import ConfigError
 _log = logging.getLogger("moespec")
 
 
-
 def offline_hint() -> str:
     """What to do when a hub model cannot be loaded, said once and only where it applies."""
     from moespec.hub import offline
 
     if offline():
-        return ("HF_HUB_OFFLINE is set: fetch the whole model on a machine with internet into the same HF_HOME "
-                "(see hpc/README.md).")
-    return ("If this machine has no internet, fetch the model on one that has into the same HF_HOME and run with "
-            "HF_HUB_OFFLINE=1 (see hpc/README.md).")
+        return (
+            "HF_HUB_OFFLINE is set: fetch the whole model on a machine with internet into the same HF_HOME "
+            "(see hpc/README.md)."
+        )
+    return (
+        "If this machine has no internet, fetch the model on one that has into the same HF_HOME and run with "
+        "HF_HUB_OFFLINE=1 (see hpc/README.md)."
+    )
 
 
 @dataclass
@@ -93,8 +96,10 @@ def resolve_device(requested: str, default: str = "cpu") -> str:
 
     device = default if requested == "auto" else requested
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"embed.model.device: {requested!r} asks for a GPU but torch sees none "
-                          f"(torch {torch.__version__}); use 'auto' or 'cpu'")
+        raise ConfigError(
+            f"embed.model.device: {requested!r} asks for a GPU but torch sees none "
+            f"(torch {torch.__version__}); use 'auto' or 'cpu'"
+        )
     return device
 
 
@@ -107,8 +112,15 @@ def resolve_dtype(requested: str, device: str) -> Any:
     return getattr(torch, requested)
 
 
-def load_model(name: str, *, revision: Optional[str] = None, trust_remote_code: bool = False, dtype: str = "auto",
-               device: str = "cpu", log: logging.Logger = _log) -> LoadedModel:
+def load_model(
+    name: str,
+    *,
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
+    dtype: str = "auto",
+    device: str = "cpu",
+    log: logging.Logger = _log,
+) -> LoadedModel:
     """Load a model and its tokenizer for embedding.
 
     Parameters
@@ -138,18 +150,27 @@ def load_model(name: str, *, revision: Optional[str] = None, trust_remote_code: 
     hub = hub_loading_options(name, revision) if from_hub else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, **hub)
-        model = AutoModel.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
-                                          dtype=torch_dtype, **hub)
+        model = AutoModel.from_pretrained(
+            path, revision=revision, trust_remote_code=trust_remote_code, dtype=torch_dtype, **hub
+        )
     except (OSError, ValueError, KeyError, ImportError) as e:
-        raise ConfigError(f"embed.model.name: cannot load model {what}: {_first_line(e)} "
-                          f"{offline_hint() if from_hub else ''}".rstrip()) from e
+        raise ConfigError(
+            f"embed.model.name: cannot load model {what}: {_first_line(e)} "
+            f"{offline_hint() if from_hub else ''}".rstrip()
+        ) from e
     if getattr(model.config, "is_encoder_decoder", False):
         model = model.get_encoder()  # embed with the encoder; the decoder needs target tokens
     _ensure_pad_token(tokenizer, what, log)
     model = model.to(device).eval()
     commit = str(getattr(model.config, "_commit_hash", None) or "")
-    log.info("model %s: %s, %.1fM parameters, %s on %s", what, type(model).__name__,
-             sum(p.numel() for p in model.parameters()) / 1e6, str(torch_dtype).removeprefix("torch."), device)
+    log.info(
+        "model %s: %s, %.1fM parameters, %s on %s",
+        what,
+        type(model).__name__,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        str(torch_dtype).removeprefix("torch."),
+        device,
+    )
     return LoadedModel(model, tokenizer, name, revision, commit, device, torch_dtype)
 
 
@@ -191,8 +212,9 @@ def hub_loading_options(name: str, revision: Optional[str], key: str = "embed.mo
 def _model_path(name: str, revision: Optional[str]) -> str:
     if is_builtin(name):
         if name not in BUILTIN_MODELS:
-            raise ConfigError(f"embed.model.name: unknown built-in model {name!r}; built-in models are "
-                              f"{', '.join(BUILTIN_MODELS)}")
+            raise ConfigError(
+                f"embed.model.name: unknown built-in model {name!r}; built-in models are {', '.join(BUILTIN_MODELS)}"
+            )
         if revision:
             raise ConfigError(f"embed.model.revision: built-in model {name!r} has no revisions, got {revision!r}")
         return str(builtin_model_dir(name))
@@ -206,13 +228,18 @@ def _ensure_pad_token(tokenizer: Any, what: str, log: logging.Logger) -> None:
     if tokenizer.pad_token is not None:
         return
     if tokenizer.eos_token is None:
-        raise ConfigError(f"embed.model.name: the tokenizer of {what} has neither a pad nor an eos token; "
-                          f"batched embedding needs one")
+        raise ConfigError(
+            f"embed.model.name: the tokenizer of {what} has neither a pad nor an eos token; batched embedding needs one"
+        )
     # LLaMA-style tokenizers ship without a pad token. Pads are masked out of attention and of
     # pooling, so which id fills them does not matter; eos is the usual choice.
     tokenizer.pad_token = tokenizer.eos_token
-    log.info("tokenizer of %s has no pad token: using eos %r for padding (%s padding)", what,
-             tokenizer.eos_token, tokenizer.padding_side)
+    log.info(
+        "tokenizer of %s has no pad token: using eos %r for padding (%s padding)",
+        what,
+        tokenizer.eos_token,
+        tokenizer.padding_side,
+    )
 
 
 def _first_line(error: BaseException) -> str:

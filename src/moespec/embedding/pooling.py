@@ -1,6 +1,6 @@
 """Pooling token states into one vector per text, padding-aware, always in float32.
 
-Measured pitfalls these functions avoid (``research/geometry_perf.md`` §5): a plain
+Measured pitfalls these functions avoid (docs/performance.md, "Pooling"): a plain
 ``hidden.mean(1)`` averages the pads in (min cosine 0.87 against the correct embedding), and
 ``hidden[:, -1]`` with right padding returns a pad position (min cosine 0.93). Every pooler here
 finds positions from the attention mask, so it is correct with right *and* left padding.
@@ -61,7 +61,10 @@ def last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 POOLERS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "mean": masked_mean, "cls": first_token, "last": last_token}
+    "mean": masked_mean,
+    "cls": first_token,
+    "last": last_token,
+}
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:

@@ -135,8 +135,13 @@ class FiberBundleResult:
         for name in ("dimension_small", "dimension_large"):
             values = getattr(self, name)[testable]
             quartiles = np.quantile(values, [0.25, 0.5, 0.75]) if n_testable else [np.nan] * 3
-            out.update({f"{name}_q1": float(quartiles[0]), f"{name}_median": float(quartiles[1]),
-                        f"{name}_q3": float(quartiles[2])})
+            out.update(
+                {
+                    f"{name}_q1": float(quartiles[0]),
+                    f"{name}_median": float(quartiles[1]),
+                    f"{name}_q3": float(quartiles[2]),
+                }
+            )
         out["threshold"] = self.threshold
         return out
 
@@ -165,18 +170,31 @@ class FiberBundleResult:
 
 
 def _rejections(result: FiberBundleResult) -> dict[str, np.ndarray]:
-    return {"rejection_rate": result.reject_manifold, "fiber_rejection_rate": result.reject_fiber,
-            "fiber_small_rejection_rate": result.reject_fiber_small,
-            "fiber_large_rejection_rate": result.reject_fiber_large}
+    return {
+        "rejection_rate": result.reject_manifold,
+        "fiber_rejection_rate": result.reject_fiber,
+        "fiber_small_rejection_rate": result.reject_fiber_small,
+        "fiber_large_rejection_rate": result.reject_fiber_large,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
 # public entry points
 
 
-def fiber_bundle_test(X, *, vol_min: int = 10, vol_max: int = 100, window: int = 10, alpha: float = 1e-3,
-                      max_strata: int = 2, correction: str = "none", points=None, device: str | None = None,
-                      block_size: int | None = None) -> FiberBundleResult:
+def fiber_bundle_test(
+    X,
+    *,
+    vol_min: int = 10,
+    vol_max: int = 100,
+    window: int = 10,
+    alpha: float = 1e-3,
+    max_strata: int = 2,
+    correction: str = "none",
+    points=None,
+    device: str | None = None,
+    block_size: int | None = None,
+) -> FiberBundleResult:
     """Run the manifold and fiber-bundle tests on the rows of ``X``.
 
     Parameters
@@ -207,26 +225,45 @@ def fiber_bundle_test(X, *, vol_min: int = 10, vol_max: int = 100, window: int =
     -------
     FiberBundleResult
     """
-    problems = check_parameters(vol_min=vol_min, vol_max=vol_max, window=window, alpha=alpha,
-                                max_strata=max_strata, correction=correction)
+    problems = check_parameters(
+        vol_min=vol_min, vol_max=vol_max, window=window, alpha=alpha, max_strata=max_strata, correction=correction
+    )
     if problems:
         raise ConfigError(problems)
     X = np.asarray(X)
     if X.ndim != 2:
         raise DataError(f"X must be 2-D (n_samples, n_features), got shape {X.shape}")
     if X.shape[0] < vol_max + 1:
-        raise DataError(f"the fiber-bundle test with vol_max = {vol_max} needs at least vol_max + 1 = "
-                        f"{vol_max + 1} points, got {X.shape[0]}")
+        raise DataError(
+            f"the fiber-bundle test with vol_max = {vol_max} needs at least vol_max + 1 = "
+            f"{vol_max + 1} points, got {X.shape[0]}"
+        )
     check_finite_rows(X)
     rows = np.arange(len(X)) if points is None else np.asarray(points, dtype=np.int64)
     distances, _ = knn_distances(X, vol_max - 1, queries=rows, device=device, block_size=block_size)
-    return fiber_bundle_test_from_radii(distances, vol_min=vol_min, vol_max=vol_max, window=window, alpha=alpha,
-                                        max_strata=max_strata, correction=correction, point_index=rows)
+    return fiber_bundle_test_from_radii(
+        distances,
+        vol_min=vol_min,
+        vol_max=vol_max,
+        window=window,
+        alpha=alpha,
+        max_strata=max_strata,
+        correction=correction,
+        point_index=rows,
+    )
 
 
-def fiber_bundle_test_from_radii(distances, *, vol_min: int = 10, vol_max: int = 100, window: int = 10,
-                                 alpha: float = 1e-3, max_strata: int = 2, correction: str = "none",
-                                 point_index=None) -> FiberBundleResult:
+def fiber_bundle_test_from_radii(
+    distances,
+    *,
+    vol_min: int = 10,
+    vol_max: int = 100,
+    window: int = 10,
+    alpha: float = 1e-3,
+    max_strata: int = 2,
+    correction: str = "none",
+    point_index=None,
+) -> FiberBundleResult:
     """The test on precomputed neighbour distances.
 
     Parameters
@@ -242,25 +279,36 @@ def fiber_bundle_test_from_radii(distances, *, vol_min: int = 10, vol_max: int =
     -------
     FiberBundleResult
     """
-    problems = check_parameters(vol_min=vol_min, vol_max=vol_max, window=window, alpha=alpha,
-                                max_strata=max_strata, correction=correction)
+    problems = check_parameters(
+        vol_min=vol_min, vol_max=vol_max, window=window, alpha=alpha, max_strata=max_strata, correction=correction
+    )
     distances = np.asarray(distances, dtype=np.float64)
     if distances.ndim != 2 or distances.shape[1] < vol_max - 1:
         problems.append(f"distances: need shape (n_tested, >= vol_max - 1 = {vol_max - 1}), got {distances.shape}")
     if problems:
         raise ConfigError(problems)
-    radii = snap_ties(distances[:, vol_min - 1: vol_max - 1])
+    radii = snap_ties(distances[:, vol_min - 1 : vol_max - 1])
     log_volume = np.log(np.arange(vol_min, vol_max, dtype=np.float64))
     start = (radii <= _ZERO_RADIUS * radii[:, -1:]).sum(axis=1)  # zero radii form a prefix (sorted)
     testable = _testable(radii, start, window)
     pvalue = _first_search_pvalues(radii, log_volume, start, testable, window, max_strata)
     adjusted, threshold = _correct(pvalue, testable, alpha, correction)
-    segments = _segment_all(radii, log_volume, start, testable & (pvalue < threshold), window,
-                            threshold, max_strata)
+    segments = _segment_all(radii, log_volume, start, testable & (pvalue < threshold), window, threshold, max_strata)
     rows = np.arange(len(radii)) if point_index is None else np.asarray(point_index, dtype=np.int64)
-    return _assemble(rows, testable, pvalue, adjusted, threshold, radii, log_volume, start, segments,
-                     dict(vol_min=vol_min, vol_max=vol_max, window=window, alpha=alpha,
-                          max_strata=max_strata, correction=correction))
+    return _assemble(
+        rows,
+        testable,
+        pvalue,
+        adjusted,
+        threshold,
+        radii,
+        log_volume,
+        start,
+        segments,
+        dict(
+            vol_min=vol_min, vol_max=vol_max, window=window, alpha=alpha, max_strata=max_strata, correction=correction
+        ),
+    )
 
 
 def snap_ties(radii: np.ndarray, tolerance: float = TIE_TOLERANCE) -> np.ndarray:
@@ -329,11 +377,12 @@ def window_pvalues(slopes: np.ndarray, window: int) -> np.ndarray:
     rows_per_block = max(1, _WINDOW_BLOCK_ELEMENTS // max(n * window, 1))
     out = np.empty((n_points, n - 4 * window))
     for s in range(0, n_points, rows_per_block):
-        count, mean, var = _window_moments(slopes[s:s + rows_per_block], window)
-        left = slice(0, n - 4 * window)            # windows starting at w - 2 ws
-        right = slice(3 * window, n - window)      # windows starting at w + ws
-        out[s:s + rows_per_block] = _welch_pvalue(count[:, left], mean[:, left], var[:, left],
-                                                  count[:, right], mean[:, right], var[:, right])
+        count, mean, var = _window_moments(slopes[s : s + rows_per_block], window)
+        left = slice(0, n - 4 * window)  # windows starting at w - 2 ws
+        right = slice(3 * window, n - window)  # windows starting at w + ws
+        out[s : s + rows_per_block] = _welch_pvalue(
+            count[:, left], mean[:, left], var[:, left], count[:, right], mean[:, right], var[:, right]
+        )
     return out
 
 
@@ -427,8 +476,10 @@ def _segment_point(log_radius, log_volume, start, window, threshold, max_strata)
 
 def _segment_all(radii, log_volume, start, has_change, window, threshold, max_strata) -> dict[int, list]:
     log_radius = np.log(np.where(radii > 0, radii, 1.0))  # zero radii lie before `start`, never read
-    return {int(i): _segment_point(log_radius[i], log_volume, start[i], window, threshold, max_strata)
-            for i in np.flatnonzero(has_change)}
+    return {
+        int(i): _segment_point(log_radius[i], log_volume, start[i], window, threshold, max_strata)
+        for i in np.flatnonzero(has_change)
+    }
 
 
 def _slopes(log_radius: np.ndarray, log_volume: np.ndarray) -> np.ndarray:
@@ -467,12 +518,25 @@ def _assemble(rows, testable, pvalue, adjusted, threshold, radii, log_volume, st
     small = (n_changes >= 1) & (dims[:, 1] > dims[:, 0])
     large = (n_changes >= 2) & (dims[:, 2] > dims[:, 1]) if max_strata >= 2 else np.zeros(n_tested, bool)
     return FiberBundleResult(
-        point_index=rows, testable=testable, pvalue=pvalue, pvalue_adjusted=adjusted, n_changes=n_changes,
-        change_radius=change_radius, change_pvalue=change_pvalue, change_volume=change_volume,
-        segment_dimension=dims, segment_start_radius=seg_start, dimension_small=dims[:, 0],
-        dimension_large=np.where(n_changes >= 1, dims[:, 1], dims[:, 0]), reject_manifold=n_changes >= 1,
-        reject_fiber_small=small, reject_fiber_large=large, reject_fiber=small | large,
-        threshold=float(threshold), **params)
+        point_index=rows,
+        testable=testable,
+        pvalue=pvalue,
+        pvalue_adjusted=adjusted,
+        n_changes=n_changes,
+        change_radius=change_radius,
+        change_pvalue=change_pvalue,
+        change_volume=change_volume,
+        segment_dimension=dims,
+        segment_start_radius=seg_start,
+        dimension_small=dims[:, 0],
+        dimension_large=np.where(n_changes >= 1, dims[:, 1], dims[:, 0]),
+        reject_manifold=n_changes >= 1,
+        reject_fiber_small=small,
+        reject_fiber_large=large,
+        reject_fiber=small | large,
+        threshold=float(threshold),
+        **params,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -567,13 +631,24 @@ class NullCalibration:
             hits_null = int(np.round(np.sum(values * self.n_testable)))
             hits = int(round(observed[name] * n_observed)) if n_observed else 0
             table = [[hits, n_observed - hits], [hits_null, int(self.n_testable.sum()) - hits_null]]
-            out[f"{name}_null_fisher_pvalue"] = (float(stats.fisher_exact(table, alternative="greater")[1])
-                                                 if n_observed and self.n_testable.sum() else float("nan"))
+            out[f"{name}_null_fisher_pvalue"] = (
+                float(stats.fisher_exact(table, alternative="greater")[1])
+                if n_observed and self.n_testable.sum()
+                else float("nan")
+            )
         return out
 
 
-def null_calibration(X, *, kind: str = "gaussian", n_repeats: int = 3, n_points: int | None = None,
-                     random_state=None, device: str | None = None, **test_params) -> NullCalibration:
+def null_calibration(
+    X,
+    *,
+    kind: str = "gaussian",
+    n_repeats: int = 3,
+    n_points: int | None = None,
+    random_state=None,
+    device: str | None = None,
+    **test_params,
+) -> NullCalibration:
     """The test's false-alarm rates on smooth data matched to ``X`` (see :func:`null_sample`).
 
     Parameters
@@ -609,9 +684,16 @@ def null_calibration(X, *, kind: str = "gaussian", n_repeats: int = 3, n_points:
         n_testable.append(summary["n_testable"])
         for name in _REJECTION_RATES:
             rates.setdefault(name, []).append(summary[name])
-    return NullCalibration(kind=kind, rates={name: np.asarray(v) for name, v in rates.items()},
-                           n_testable=np.asarray(n_testable, dtype=np.int64))
+    return NullCalibration(
+        kind=kind,
+        rates={name: np.asarray(v) for name, v in rates.items()},
+        n_testable=np.asarray(n_testable, dtype=np.int64),
+    )
 
 
-_REJECTION_RATES = ("rejection_rate", "fiber_rejection_rate", "fiber_small_rejection_rate",
-                    "fiber_large_rejection_rate")
+_REJECTION_RATES = (
+    "rejection_rate",
+    "fiber_rejection_rate",
+    "fiber_small_rejection_rate",
+    "fiber_large_rejection_rate",
+)

@@ -107,7 +107,7 @@ def mle_pointwise(distances, k: int = 20) -> np.ndarray:
     radii = distances[:, :k]
     usable = radii[:, 0] > 0.0
     estimates = np.full(len(radii), np.nan)
-    logs = np.log(radii[usable, k - 1:k] / radii[usable, : k - 1]).sum(axis=1)
+    logs = np.log(radii[usable, k - 1 : k] / radii[usable, : k - 1]).sum(axis=1)
     with np.errstate(divide="ignore"):
         estimates[usable] = (k - 1) / logs
     estimates[usable & ~np.isfinite(estimates)] = np.nan  # all k radii equal: no scale information
@@ -164,9 +164,16 @@ class IntrinsicDimension:
         return {name: getattr(self, name) for name in (*ESTIMATORS, "n_points")}
 
 
-def estimate_intrinsic_dimension(X, *, threshold: float = 0.75, mle_k: int = 20,
-                                 discard_fraction: float = 0.1, max_points: int | None = None,
-                                 random_state=None, device: str | None = None) -> IntrinsicDimension:
+def estimate_intrinsic_dimension(
+    X,
+    *,
+    threshold: float = 0.75,
+    mle_k: int = 20,
+    discard_fraction: float = 0.1,
+    max_points: int | None = None,
+    random_state=None,
+    device: str | None = None,
+) -> IntrinsicDimension:
     """All estimators on one point set, sharing one exact neighbour search.
 
     Parameters
@@ -195,7 +202,9 @@ def estimate_intrinsic_dimension(X, *, threshold: float = 0.75, mle_k: int = 20,
     if len(X) < mle_k + 1:
         raise DataError(f"intrinsic dimension needs more than mle_k = {mle_k} points, got {len(X)}")
     distances, _ = knn_distances(X, max(mle_k, 2), device=device)
-    return IntrinsicDimension(pca_count=pca_count(covariance_spectrum(X), threshold),
-                              twonn=twonn(distances, discard_fraction),
-                              mle_levina_bickel=mle_levina_bickel(distances, mle_k),
-                              n_points=len(X))
+    return IntrinsicDimension(
+        pca_count=pca_count(covariance_spectrum(X), threshold),
+        twonn=twonn(distances, discard_fraction),
+        mle_levina_bickel=mle_levina_bickel(distances, mle_k),
+        n_points=len(X),
+    )

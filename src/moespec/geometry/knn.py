@@ -5,7 +5,7 @@ fused ``addmm`` into a reused buffer, then ``topk``), and the final radii are re
 as ``||x - q||`` from the input rows themselves. The float32 ranking is what makes the search fast;
 the direct float64 recomputation is what makes the radii exact: in float32 the expanded form loses
 about ``1e-7 * ||x||^2`` to cancellation, which turns exact duplicates into small positive radii and
-can swap near-ties (geometry_perf.md section 3). A few extra candidates per query absorb those
+can swap near-ties (docs/performance.md, "Nearest neighbours"). A few extra candidates per query absorb those
 swaps; exact duplicates come out exactly 0. The recomputation gathers the candidates' input rows in
 the input's dtype (float32 for embeddings: half the memory traffic of a float64 copy) into a small
 buffer, widens it to float64 in cache, and takes differences and norms there: about 23 us per query
@@ -44,8 +44,10 @@ def check_finite_rows(X: np.ndarray, what: str = "X") -> None:
     if bad.any():
         rows = np.flatnonzero(bad)
         shown = ", ".join(str(r) for r in rows[:5])
-        raise DataError(f"{what} has {rows.size} row(s) with NaN or inf values (rows {shown}"
-                        f"{', ...' if rows.size > 5 else ''}); remove or repair them first")
+        raise DataError(
+            f"{what} has {rows.size} row(s) with NaN or inf values (rows {shown}"
+            f"{', ...' if rows.size > 5 else ''}); remove or repair them first"
+        )
 
 
 def _row_chunk(X: np.ndarray) -> int:
@@ -60,13 +62,14 @@ def rms_radius(X: np.ndarray) -> float:
     total = 0.0
     chunk = _row_chunk(X)
     for start in range(0, X.shape[0], chunk):
-        block = X[start:start + chunk].astype(np.float64) - mean
+        block = X[start : start + chunk].astype(np.float64) - mean
         total += float(np.einsum("ij,ij->", block, block))
     return math.sqrt(total / max(X.shape[0], 1))
 
 
-def knn_distances(X, k: int, *, queries=None, exclude_self: bool = True, device: str | None = None,
-                  block_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def knn_distances(
+    X, k: int, *, queries=None, exclude_self: bool = True, device: str | None = None, block_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact Euclidean distances from each query point to its ``k`` nearest points of ``X``.
 
     Parameters
@@ -111,7 +114,7 @@ def knn_distances(X, k: int, *, queries=None, exclude_self: bool = True, device:
     gathered = torch.empty((step * n_candidates, X.shape[1]), dtype=source.dtype, device=device)
     widened = gathered if source.dtype == torch.float64 else torch.empty_like(gathered, dtype=torch.float64)
     for start in range(0, len(query_rows), block):
-        rows = torch.from_numpy(query_rows[start:start + block]).to(device)
+        rows = torch.from_numpy(query_rows[start : start + block]).to(device)
         scores = buffer[: len(rows)]
         # ||x||^2 - 2 q.x ranks x by distance to q (||q||^2 is constant per row): one fused pass.
         torch.addmm(ranked_norms, ranked[rows], ranked.T, beta=1.0, alpha=-2.0, out=scores[:, :n_samples])
@@ -120,8 +123,8 @@ def knn_distances(X, k: int, *, queries=None, exclude_self: bool = True, device:
         else:
             candidates = torch.topk(scores, n_candidates, dim=1, largest=False, sorted=False).indices
         dist, idx = _refine(source, rows, candidates, k, exclude_self, gathered, widened)
-        distances[start:start + len(rows)] = dist.cpu().numpy()
-        indices[start:start + len(rows)] = idx.cpu().numpy()
+        distances[start : start + len(rows)] = dist.cpu().numpy()
+        indices[start : start + len(rows)] = idx.cpu().numpy()
     return distances, indices
 
 
@@ -153,8 +156,8 @@ def _prepared(X: np.ndarray, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     ranked = torch.empty(X.shape, dtype=torch.float32, device=device)
     chunk = _row_chunk(X)
     for start in range(0, X.shape[0], chunk):
-        block = torch.from_numpy(X[start:start + chunk].astype(np.float64) - mean).to(device)
-        ranked[start:start + chunk] = block.div_(scale)
+        block = torch.from_numpy(X[start : start + chunk].astype(np.float64) - mean).to(device)
+        ranked[start : start + chunk] = block.div_(scale)
     return source, ranked
 
 
@@ -187,8 +190,15 @@ def _smallest(scores: torch.Tensor, n: int) -> torch.Tensor:
     return (pick // n) * per_group + best.gather(1, pick % n)
 
 
-def _refine(source: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor, k: int, exclude_self: bool,
-            gathered: torch.Tensor, widened: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _refine(
+    source: torch.Tensor,
+    rows: torch.Tensor,
+    candidates: torch.Tensor,
+    k: int,
+    exclude_self: bool,
+    gathered: torch.Tensor,
+    widened: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact float64 distances ``||x - q||`` to the candidates; drop self; keep the k nearest, sorted.
 
     Per chunk of queries: gather the candidates' rows in the input dtype into ``gathered``, widen
@@ -202,12 +212,12 @@ def _refine(source: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor, 
     queries = torch.index_select(source, 0, rows).to(torch.float64).unsqueeze(1)  # (n_rows, 1, D)
     radii = torch.empty((n_rows, n_cand), dtype=torch.float64, device=source.device)
     for s in range(0, n_rows, step):
-        cand = candidates[s:s + step]
+        cand = candidates[s : s + step]
         x = torch.index_select(source, 0, cand.reshape(-1), out=gathered[: cand.numel()])
         if widened is not gathered:
             x = widened[: cand.numel()].copy_(x)
-        difference = torch.sub(x.view(len(cand), n_cand, -1), queries[s:s + step], out=x.view(len(cand), n_cand, -1))
-        torch.linalg.vector_norm(difference, dim=-1, out=radii[s:s + step])
+        difference = torch.sub(x.view(len(cand), n_cand, -1), queries[s : s + step], out=x.view(len(cand), n_cand, -1))
+        torch.linalg.vector_norm(difference, dim=-1, out=radii[s : s + step])
     if exclude_self:
         radii.masked_fill_(candidates == rows.unsqueeze(1), torch.inf)
     nearest, position = torch.topk(radii, k, dim=1, largest=False, sorted=True)

@@ -14,40 +14,57 @@ CORRECTIONS = ("none", "bonferroni_nominal", "bh_nominal")
 RENAMED_CORRECTIONS = {"bonferroni": "bonferroni_nominal", "bh": "bh_nominal"}
 
 
-def check_parameters(*, vol_min: int, vol_max: int, window: int, alpha: float, max_strata: int,
-                     correction: str = "none", prefix: str = "") -> list[str]:
+def check_parameters(
+    *,
+    vol_min: int,
+    vol_max: int,
+    window: int,
+    alpha: float,
+    max_strata: int,
+    correction: str = "none",
+    prefix: str = "",
+) -> list[str]:
     """Every problem with a set of test parameters, one line each (empty when valid).
 
     ``prefix`` is prepended to the parameter names (``"fiber."`` in stage configs).
     """
     problems = []
     if vol_min < 1:
-        problems.append(f"{prefix}vol_min: must be >= 1 (a ball around a point holds at least one other "
-                        f"point), got {vol_min}")
+        problems.append(
+            f"{prefix}vol_min: must be >= 1 (a ball around a point holds at least one other point), got {vol_min}"
+        )
     if vol_max <= vol_min:
         problems.append(f"{prefix}vol_max: must exceed vol_min ({vol_min}), got {vol_max}")
     if window < 1:
         problems.append(f"{prefix}window: must be >= 1, got {window}")
     elif vol_max > vol_min and vol_max - vol_min <= 4 * window:
-        problems.append(f"{prefix}window: {prefix}vol_max - {prefix}vol_min = {vol_max} - {vol_min} = "
-                        f"{vol_max - vol_min} must exceed 4 * {prefix}window = {4 * window}: the two windows and "
-                        "their guard gap need that many radii, otherwise no position can be tested")
+        problems.append(
+            f"{prefix}window: {prefix}vol_max - {prefix}vol_min = {vol_max} - {vol_min} = "
+            f"{vol_max - vol_min} must exceed 4 * {prefix}window = {4 * window}: the two windows and "
+            "their guard gap need that many radii, otherwise no position can be tested"
+        )
     if not 0.0 < alpha < 1.0:
         problems.append(f"{prefix}alpha: must be in (0, 1), got {alpha}")
     if max_strata < 1:
         problems.append(f"{prefix}max_strata: must be >= 1, got {max_strata}")
     if correction in RENAMED_CORRECTIONS:
-        problems.append(f"{prefix}correction: {correction!r} is now {RENAMED_CORRECTIONS[correction]!r}: the per-point "
-                        "p-values are not uniform on smooth data, so the correction does not control the error rate "
-                        "it names; compare rejection rates with the null calibration instead")
+        problems.append(
+            f"{prefix}correction: {correction!r} is now {RENAMED_CORRECTIONS[correction]!r}: the per-point "
+            "p-values are not uniform on smooth data, so the correction does not control the error rate "
+            "it names; compare rejection rates with the null calibration instead"
+        )
     elif correction not in CORRECTIONS:
         problems.append(f"{prefix}correction: must be one of {CORRECTIONS}, got {correction!r}")
     return problems
 
 
 #: Flat stage-config keys of the intrinsic-dimension settings, still accepted, and their sub-section names.
-LEGACY_ID_KEYS = {"id_threshold": "threshold", "mle_k": "mle_k", "twonn_discard_fraction": "twonn_discard_fraction",
-                  "id_max_points": "max_points"}
+LEGACY_ID_KEYS = {
+    "id_threshold": "threshold",
+    "mle_k": "mle_k",
+    "twonn_discard_fraction": "twonn_discard_fraction",
+    "id_max_points": "max_points",
+}
 
 
 class IntrinsicDimensionConfig(BaseModel):
@@ -93,8 +110,9 @@ def nest_legacy_id_keys(data: Any) -> Any:
     for flat, nested in LEGACY_ID_KEYS.items():
         if flat in data:
             if nested in section:
-                raise ValueError(f"{flat} and intrinsic_dimension.{nested} are both set; keep only "
-                                 f"intrinsic_dimension.{nested}")
+                raise ValueError(
+                    f"{flat} and intrinsic_dimension.{nested} are both set; keep only intrinsic_dimension.{nested}"
+                )
             section[nested] = data.pop(flat)
     data["intrinsic_dimension"] = section
     return data

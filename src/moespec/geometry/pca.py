@@ -43,8 +43,10 @@ def _check_chunk(rows: np.ndarray, start: int) -> None:
     bad = ~np.isfinite(rows).all(axis=1)
     if bad.any():
         first = start + int(np.flatnonzero(bad)[0])
-        raise DataError(f"input has NaN or inf values ({int(bad.sum())} bad row(s) in rows {start}.."
-                        f"{start + len(rows) - 1}, first at row {first}); PCA needs finite data")
+        raise DataError(
+            f"input has NaN or inf values ({int(bad.sum())} bad row(s) in rows {start}.."
+            f"{start + len(rows) - 1}, first at row {first}); PCA needs finite data"
+        )
 
 
 def _compute_dtype(dtype: np.dtype) -> np.dtype:
@@ -99,9 +101,18 @@ class StreamingPCA:
     n_components_, n_samples_, n_features_in_ : int
     """
 
-    def __init__(self, n_components: int | None = None, *, variance_target: float | None = None,
-                 solver: str = "covariance", whiten: bool = False, chunk_rows: int = 8192,
-                 n_oversamples: int = 10, n_iter: int = 12, random_state=None):
+    def __init__(
+        self,
+        n_components: int | None = None,
+        *,
+        variance_target: float | None = None,
+        solver: str = "covariance",
+        whiten: bool = False,
+        chunk_rows: int = 8192,
+        n_oversamples: int = 10,
+        n_iter: int = 12,
+        random_state=None,
+    ):
         self.n_components = n_components
         self.variance_target = variance_target
         self.solver = solver
@@ -126,15 +137,19 @@ class StreamingPCA:
     def _validate(self, X) -> None:
         problems = []
         if (self.n_components is None) == (self.variance_target is None):
-            problems.append("exactly one of n_components and variance_target must be set, got "
-                            f"n_components={self.n_components}, variance_target={self.variance_target}")
+            problems.append(
+                "exactly one of n_components and variance_target must be set, got "
+                f"n_components={self.n_components}, variance_target={self.variance_target}"
+            )
         if self.solver not in _SOLVERS:
             problems.append(f"solver: must be one of {_SOLVERS}, got {self.solver!r}")
         if self.variance_target is not None and not 0.0 < self.variance_target <= 1.0:
             problems.append(f"variance_target: must be in (0, 1], got {self.variance_target}")
         if self.variance_target is not None and self.solver == "randomized":
-            problems.append("variance_target needs solver='covariance' (the randomized solver sees only "
-                            "the leading spectrum); set n_components instead")
+            problems.append(
+                "variance_target needs solver='covariance' (the randomized solver sees only "
+                "the leading spectrum); set n_components instead"
+            )
         if self.chunk_rows < 1:
             problems.append(f"chunk_rows: must be >= 1, got {self.chunk_rows}")
         if len(X.shape) != 2:
@@ -143,8 +158,10 @@ class StreamingPCA:
         if n_samples < 2:
             raise DataError(f"PCA needs at least 2 rows, got {n_samples}")
         if self.n_components is not None and not 1 <= self.n_components <= min(n_samples, n_features):
-            problems.append(f"n_components: must be between 1 and min(n_samples, n_features) = "
-                            f"min({n_samples}, {n_features}), got {self.n_components}")
+            problems.append(
+                f"n_components: must be between 1 and min(n_samples, n_features) = "
+                f"min({n_samples}, {n_features}), got {self.n_components}"
+            )
         if problems:
             raise ConfigError(problems)
 
@@ -245,8 +262,7 @@ class StreamingPCA:
         if not hasattr(self, "components_"):
             raise RuntimeError("StreamingPCA.transform called before fit")
         if X.shape[1] != self.n_features_in_:
-            raise DataError(f"transform input has {X.shape[1]} features, the PCA was fitted on "
-                            f"{self.n_features_in_}")
+            raise DataError(f"transform input has {X.shape[1]} features, the PCA was fitted on {self.n_features_in_}")
         if out is None:
             out = np.empty((X.shape[0], self.n_components_), dtype=np.float64)
         projection = self.components_.T
@@ -254,7 +270,7 @@ class StreamingPCA:
             projection = projection / np.sqrt(np.maximum(self.explained_variance_, np.finfo(float).tiny))
         for start, rows in iter_row_chunks(X, chunk_rows or self.chunk_rows):
             _check_chunk(rows, start)
-            out[start:start + len(rows)] = (rows.astype(np.float64) - self.mean_) @ projection
+            out[start : start + len(rows)] = (rows.astype(np.float64) - self.mean_) @ projection
         return out
 
     def fit_transform(self, X, out=None):

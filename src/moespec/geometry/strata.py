@@ -47,10 +47,18 @@ class Stratifier:
         The selection criterion for each candidate k (empty when ``n_clusters`` is fixed).
     """
 
-    def __init__(self, method: str = "kmeans", *, n_clusters: int | None = None,
-                 k_range: tuple[int, int] = (2, 10), selection: str = "silhouette",
-                 silhouette_sample_size: int = 10000, covariance_type: str = "full", n_init: int = 10,
-                 random_state: int = 0):
+    def __init__(
+        self,
+        method: str = "kmeans",
+        *,
+        n_clusters: int | None = None,
+        k_range: tuple[int, int] = (2, 10),
+        selection: str = "silhouette",
+        silhouette_sample_size: int = 10000,
+        covariance_type: str = "full",
+        n_init: int = 10,
+        random_state: int = 0,
+    ):
         self.method = method
         self.n_clusters = n_clusters
         self.k_range = k_range
@@ -77,8 +85,9 @@ class Stratifier:
             scores = self.selection_scores_
             self.n_clusters_ = min(scores, key=lambda k: sign * scores[k] if np.isfinite(scores[k]) else np.inf)
         self.labels_ = fits[self.n_clusters_]
-        self.scores_ = cluster_scores(X, self.labels_, sample_size=self.silhouette_sample_size,
-                                      random_state=self.random_state)
+        self.scores_ = cluster_scores(
+            X, self.labels_, sample_size=self.silhouette_sample_size, random_state=self.random_state
+        )
         return self
 
     def _validate(self, n_samples: int) -> list[int]:
@@ -97,8 +106,10 @@ class Stratifier:
             if low < 2 or high < low:
                 problems.append(f"k_range: need 2 <= low <= high, got {tuple(self.k_range)}")
         if candidates and (min(candidates) < 1 or max(candidates) >= n_samples):
-            problems.append(f"number of strata must be between 1 and n_samples - 1 = {n_samples - 1}, "
-                            f"got {candidates[0] if len(candidates) == 1 else tuple(self.k_range)}")
+            problems.append(
+                f"number of strata must be between 1 and n_samples - 1 = {n_samples - 1}, "
+                f"got {candidates[0] if len(candidates) == 1 else tuple(self.k_range)}"
+            )
         if problems:
             raise ConfigError(problems)
         return candidates
@@ -111,8 +122,9 @@ class Stratifier:
             return model, model.labels_.astype(np.int64)
         from sklearn.mixture import GaussianMixture
 
-        model = GaussianMixture(n_components=k, covariance_type=self.covariance_type, n_init=self.n_init,
-                                random_state=self.random_state).fit(X)
+        model = GaussianMixture(
+            n_components=k, covariance_type=self.covariance_type, n_init=self.n_init, random_state=self.random_state
+        ).fit(X)
         return model, model.predict(X).astype(np.int64)
 
     def _criterion(self, X, model, labels) -> float:
@@ -137,14 +149,25 @@ def cluster_scores(X, labels, *, sample_size: int = 10000, random_state: int = 0
 
     if len(np.unique(labels)) < 2:
         return {"silhouette": float("nan"), "davies_bouldin": float("nan"), "calinski_harabasz": float("nan")}
-    return {"silhouette": silhouette(X, labels, sample_size=sample_size, random_state=random_state),
-            "davies_bouldin": float(davies_bouldin_score(X, labels)),
-            "calinski_harabasz": float(calinski_harabasz_score(X, labels))}
+    return {
+        "silhouette": silhouette(X, labels, sample_size=sample_size, random_state=random_state),
+        "davies_bouldin": float(davies_bouldin_score(X, labels)),
+        "calinski_harabasz": float(calinski_harabasz_score(X, labels)),
+    }
 
 
-def stratum_dimensions(X, labels, n_strata: int, *, threshold: float = 0.75, mle_k: int = 20,
-                       discard_fraction: float = 0.1, max_points: int | None = 5000, random_state=0,
-                       device: str | None = None) -> dict[str, np.ndarray]:
+def stratum_dimensions(
+    X,
+    labels,
+    n_strata: int,
+    *,
+    threshold: float = 0.75,
+    mle_k: int = 20,
+    discard_fraction: float = 0.1,
+    max_points: int | None = 5000,
+    random_state=0,
+    device: str | None = None,
+) -> dict[str, np.ndarray]:
     """Intrinsic-dimension estimates of each stratum.
 
     Parameters

@@ -125,9 +125,15 @@ def compress_indices(indices: Iterable[int]) -> str:
     return ",".join(parts)
 
 
-def plan_arrays(plan: Plan, to_submit: Iterable[Task], *, resources: Mapping[str, Resources],
-                max_array_size: int, done: Collection[TaskKey] = frozenset(),
-                active_jobs: Mapping[TaskKey, str] | None = None) -> list[ArrayJob]:
+def plan_arrays(
+    plan: Plan,
+    to_submit: Iterable[Task],
+    *,
+    resources: Mapping[str, Resources],
+    max_array_size: int,
+    done: Collection[TaskKey] = frozenset(),
+    active_jobs: Mapping[TaskKey, str] | None = None,
+) -> list[ArrayJob]:
     """Group the tasks to submit into job arrays, chunked and chained by their dependencies.
 
     Parameters
@@ -174,7 +180,8 @@ def plan_arrays(plan: Plan, to_submit: Iterable[Task], *, resources: Mapping[str
     for stage in plan.stages():
         members = by_stage.get(stage, [])
         groups = _corresponding_groups(members, plan.stages(), arrays, array_of, shards_of) or [
-            (members[start:start + max_array_size], None) for start in range(0, len(members), max_array_size)]
+            (members[start : start + max_array_size], None) for start in range(0, len(members), max_array_size)
+        ]
         for chunk, (group, corresponding) in enumerate(groups):
             after: set[int] = set()
             after_jobs: set[str] = set()
@@ -188,23 +195,37 @@ def plan_arrays(plan: Plan, to_submit: Iterable[Task], *, resources: Mapping[str
                         after_jobs.add(active_jobs[key])
                     elif key not in done:
                         unreachable.setdefault(upstream.label, []).append(task.label)
-            array = ArrayJob(stage, chunk, tuple(group), tuple(index_of[task_key(t)] for t in group), resources[stage],
-                             tuple(sorted(after)), () if corresponding is None else (corresponding,),
-                             tuple(sorted(after_jobs)))
+            array = ArrayJob(
+                stage,
+                chunk,
+                tuple(group),
+                tuple(index_of[task_key(t)] for t in group),
+                resources[stage],
+                tuple(sorted(after)),
+                () if corresponding is None else (corresponding,),
+                tuple(sorted(after_jobs)),
+            )
             for task in group:
                 array_of[task_key(task)] = len(arrays)
             arrays.append(array)
     if unreachable:
-        lines = [f"{upstream} is not done and not submitted; {len(readers)} task(s) read it ({', '.join(readers[:3])}"
-                 f"{', ...' if len(readers) > 3 else ''})" for upstream, readers in unreachable.items()]
+        lines = [
+            f"{upstream} is not done and not submitted; {len(readers)} task(s) read it ({', '.join(readers[:3])}"
+            f"{', ...' if len(readers) > 3 else ''})"
+            for upstream, readers in unreachable.items()
+        ]
         shown = lines[:10] + ([f"... and {len(lines) - 10} more"] if len(lines) > 10 else [])
         raise ClusterError("some tasks could never start (submit their upstream stages too):\n  " + "\n  ".join(shown))
     return arrays
 
 
-def _corresponding_groups(members: list[Task], stages: list[str], arrays: list[ArrayJob],
-                          array_of: Mapping[TaskKey, int], shards_of: Mapping[tuple[str, str], list[Task]],
-                          ) -> list[tuple[list[Task], int]] | None:
+def _corresponding_groups(
+    members: list[Task],
+    stages: list[str],
+    arrays: list[ArrayJob],
+    array_of: Mapping[TaskKey, int],
+    shards_of: Mapping[tuple[str, str], list[Task]],
+) -> list[tuple[list[Task], int]] | None:
     """``members`` split and ordered like the upstream arrays they correspond to one to one, or None.
 
     An upstream stage qualifies when every member reads exactly one of its tasks, submitted now,

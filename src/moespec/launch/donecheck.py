@@ -45,8 +45,12 @@ def write_stamp(task: Task, code_version: str | None = None, stage_code: str | N
     signature = _signature(task.h5_path)
     if signature is not None:
         with contextlib.suppress(OSError):  # read-only results (e.g. someone else's scratch)
-            artifacts.atomic_write_text(stamp_path(task), json.dumps({
-                "file": task.h5_path.name, **signature, "code_version": code_version, "stage_code": stage_code}))
+            artifacts.atomic_write_text(
+                stamp_path(task),
+                json.dumps(
+                    {"file": task.h5_path.name, **signature, "code_version": code_version, "stage_code": stage_code}
+                ),
+            )
 
 
 def check(task: Task) -> tuple[bool, str]:

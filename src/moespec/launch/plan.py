@@ -165,8 +165,18 @@ def make_plan(experiment: Experiment) -> Plan:
                 key = (stage, uid, shard)
                 points_of.setdefault(key, []).append(point_index)
                 if key not in by_key:
-                    by_key[key] = Task(experiment.name, experiment.root, stage, uid, stage_cfg, inputs, shard, shards,
-                                       code_version=code, stage_code=stage_code)
+                    by_key[key] = Task(
+                        experiment.name,
+                        experiment.root,
+                        stage,
+                        uid,
+                        stage_cfg,
+                        inputs,
+                        shard,
+                        shards,
+                        code_version=code,
+                        stage_code=stage_code,
+                    )
     order = {stage: i for i, stage in enumerate(STAGE_ORDER)}
     keys = sorted(by_key, key=lambda k: order[k[0]])  # stable: first appearance within a stage
     tasks = [_with_points(by_key[k], points_of[k]) for k in keys]

@@ -143,8 +143,10 @@ def find_profile(name_or_path: str, what: str = "infra.cluster") -> Path:
                 return path.resolve()
     searched = ", ".join(str(d) for d in profile_dirs())
     known = ", ".join(available_profiles()) or "none"
-    raise ConfigError(f"{what}: unknown cluster profile {name_or_path!r} (profiles: {known}; "
-                      f"searched {searched}; set $MOESPEC_CLUSTERS or give a path to a YAML file)")
+    raise ConfigError(
+        f"{what}: unknown cluster profile {name_or_path!r} (profiles: {known}; "
+        f"searched {searched}; set $MOESPEC_CLUSTERS or give a path to a YAML file)"
+    )
 
 
 def load_profile(name_or_path: str, what: str = "infra.cluster") -> Cluster:
@@ -174,9 +176,13 @@ def stage_resources(cluster: Cluster | None, experiment: Experiment, stage: str)
     values: dict[str, Any] = {}
     if cluster is not None:
         profile = cluster.profile
-        for key, value in (("slurm_partition", profile.partition), ("slurm_account", profile.account),
-                           ("slurm_qos", profile.qos), ("slurm_constraint", profile.constraint),
-                           ("slurm_array_parallelism", profile.array_parallelism)):
+        for key, value in (
+            ("slurm_partition", profile.partition),
+            ("slurm_account", profile.account),
+            ("slurm_qos", profile.qos),
+            ("slurm_constraint", profile.constraint),
+            ("slurm_array_parallelism", profile.array_parallelism),
+        ):
             if value is not None:
                 values[key] = value
         values.update(_overrides(profile.defaults))
@@ -198,8 +204,9 @@ def limit_problems(cluster: Cluster, stage: str, resources: Resources) -> list[s
     problems = []
     for key, asked, limit, limit_key in checks:
         if limit is not None and asked > limit:
-            problems.append(f"infra.resources.{stage}.{key}: asks for {asked:g} but {where} allows at most "
-                            f"{limit_key}: {limit:g}")
+            problems.append(
+                f"infra.resources.{stage}.{key}: asks for {asked:g} but {where} allows at most {limit_key}: {limit:g}"
+            )
     return problems + signal_problems(stage, resources)
 
 
@@ -212,10 +219,12 @@ def signal_problems(stage: str, resources: Resources) -> list[str]:
     fixes = [f"timeout_min >= {math.ceil((delay + MIN_WORK_BEFORE_SIGNAL_S) / 60)}"]
     if limit_s - MIN_WORK_BEFORE_SIGNAL_S >= 1:
         fixes.append(f"slurm_signal_delay_s <= {limit_s - MIN_WORK_BEFORE_SIGNAL_S}")
-    return [f"infra.resources.{stage}.timeout_min: {resources.timeout_min} min leaves {max(0, limit_s - delay)} s "
-            f"of work before the checkpoint signal (sent slurm_signal_delay_s={delay} s before the limit; at least "
-            f"{MIN_WORK_BEFORE_SIGNAL_S} s needed), so each attempt would be requeued before it gets anywhere; "
-            f"set {' or '.join(fixes)}"]
+    return [
+        f"infra.resources.{stage}.timeout_min: {resources.timeout_min} min leaves {max(0, limit_s - delay)} s "
+        f"of work before the checkpoint signal (sent slurm_signal_delay_s={delay} s before the limit; at least "
+        f"{MIN_WORK_BEFORE_SIGNAL_S} s needed), so each attempt would be requeued before it gets anywhere; "
+        f"set {' or '.join(fixes)}"
+    ]
 
 
 def check_resources(cluster: Cluster, experiment: Experiment, stages: list[str]) -> dict[str, Resources]:
@@ -249,8 +258,9 @@ def expand_path(text: str, what: str) -> Path:
     return Path(expanded)
 
 
-def apply_scratch_root(experiment: Experiment, cluster: Cluster | None, explicit_root: str | None, *,
-                       unset_ok: bool = False) -> str:
+def apply_scratch_root(
+    experiment: Experiment, cluster: Cluster | None, explicit_root: str | None, *, unset_ok: bool = False
+) -> str:
     """Place a relative experiment root under the profile's ``scratch_root`` (in place).
 
     Nothing changes when ``--root`` was given, the file's ``root`` is absolute, or the profile

@@ -75,11 +75,20 @@ def new_submission_id() -> str:
 def array_entry(array: ArrayJob, job_id: str | None, log_pattern: str, *, single: bool = False) -> dict[str, Any]:
     """The JSON form of one array of a record (``single``: submitted as a plain job, not an array)."""
     return {
-        "name": array.name, "stage": array.stage, "chunk": array.chunk, "job_id": job_id, "single": single,
-        "array_spec": array.array_spec(), "after": list(array.after), "after_jobs": list(array.after_jobs),
-        "after_corresponding": list(array.after_corresponding), "log": log_pattern,
-        "tasks": [[t.uid, t.shard_index, index, position]
-                  for position, (t, index) in enumerate(zip(array.tasks, array.task_indices))],
+        "name": array.name,
+        "stage": array.stage,
+        "chunk": array.chunk,
+        "job_id": job_id,
+        "single": single,
+        "array_spec": array.array_spec(),
+        "after": list(array.after),
+        "after_jobs": list(array.after_jobs),
+        "after_corresponding": list(array.after_corresponding),
+        "log": log_pattern,
+        "tasks": [
+            [t.uid, t.shard_index, index, position]
+            for position, (t, index) in enumerate(zip(array.tasks, array.task_indices))
+        ],
     }
 
 
@@ -133,8 +142,15 @@ def latest_entries(records: list[dict[str, Any]]) -> dict[TaskKey, RecordedTask]
             job_id = array.get("job_id") or emitted.get(array["name"])
             for uid, shard, task_index, array_index in array["tasks"]:
                 key = (array["stage"], uid, int(shard))
-                latest[key] = RecordedTask(key, int(task_index), int(array_index), array["name"], job_id,
-                                           _beside(record, array.get("log", "")), record.get("id", ""),
-                                           record.get("executor", ""),
-                                           bool(array.get("single", False)))
+                latest[key] = RecordedTask(
+                    key,
+                    int(task_index),
+                    int(array_index),
+                    array["name"],
+                    job_id,
+                    _beside(record, array.get("log", "")),
+                    record.get("id", ""),
+                    record.get("executor", ""),
+                    bool(array.get("single", False)),
+                )
     return latest

@@ -106,8 +106,9 @@ def execute_task(task: Task, mode: Mode = "cached") -> TaskOutcome:
         except (KeyboardInterrupt, SystemExit) as e:
             # Preemption and time limits reach the stage as SystemExit from submitit's signal
             # handler, which then requeues the job: an interruption, not a failure (no FAILED.txt).
-            logger.warning("interrupted %s (%s); a requeued attempt resumes from %s", task.label,
-                           type(e).__name__, task.dir)
+            logger.warning(
+                "interrupted %s (%s); a requeued attempt resumes from %s", task.label, type(e).__name__, task.dir
+            )
             raise
         except BaseException as e:
             _record_failure(task, logger, e)
@@ -125,17 +126,26 @@ def execute_task(task: Task, mode: Mode = "cached") -> TaskOutcome:
 def _run_stage(task: Task, logger: logging.Logger) -> dict[str, Any]:
     module = stage_module(task.stage)
     writer = artifacts.ArtifactWriter(
-        task.dir, task.stage, task.uid, schema=module.schema(task.config), shard_index=task.shard_index,
-        num_shards=task.num_shards, seed=int(getattr(task.config, "seed", 0) or 0), device=_device(),
-        logger=logger, root_attrs={
+        task.dir,
+        task.stage,
+        task.uid,
+        schema=module.schema(task.config),
+        shard_index=task.shard_index,
+        num_shards=task.num_shards,
+        seed=int(getattr(task.config, "seed", 0) or 0),
+        device=_device(),
+        logger=logger,
+        root_attrs={
             "experiment": task.experiment,
             "config": task.config_yaml(),
             "schema_version": module.SCHEMA_VERSION,
             "input_uids": json.dumps({name: i.uid for name, i in task.inputs.items()}, sort_keys=True),
             # what decides that the artifact is current (launch/codeversion.py)
-            "code_version": task.code_version, "stage_code": task.stage_code,
+            "code_version": task.code_version,
+            "stage_code": task.stage_code,
             "threads": json.dumps(thread_counts(), sort_keys=True),
-        })
+        },
+    )
     inputs = _open_inputs(task)
     try:
         with artifacts.write_artifact(writer):
@@ -168,8 +178,9 @@ def _record_failure(task: Task, logger: logging.Logger, error: BaseException) ->
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     logger.error("FAILED %s: %s\n%s", task.label, error, text)
     with contextlib.suppress(OSError):
-        artifacts.atomic_write_text(task.failed_path,
-                                    f"{task.label} failed at {artifacts.now_iso()}\n{error}\n\n{text}")
+        artifacts.atomic_write_text(
+            task.failed_path, f"{task.label} failed at {artifacts.now_iso()}\n{error}\n\n{text}"
+        )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -262,8 +273,13 @@ def run_plan_inline(plan: Plan, mode: Mode = "cached", stages: list[str] | None 
     return outcomes
 
 
-def run_inline(config: Path | str | dict[str, Any], *, root: Path | str | None = None,
-               mode: Mode = "cached", stages: list[str] | None = None) -> dict[tuple, Path]:
+def run_inline(
+    config: Path | str | dict[str, Any],
+    *,
+    root: Path | str | None = None,
+    mode: Mode = "cached",
+    stages: list[str] | None = None,
+) -> dict[tuple, Path]:
     """Plan and run an experiment in this process (for tests and notebooks).
 
     Returns
@@ -290,8 +306,7 @@ def run_inline(config: Path | str | dict[str, Any], *, root: Path | str | None =
     return result
 
 
-def run_plan_local(plan: Plan, mode: Mode = "cached", stages: list[str] | None = None,
-                   echo=print) -> list[TaskOutcome]:
+def run_plan_local(plan: Plan, mode: Mode = "cached", stages: list[str] | None = None, echo=print) -> list[TaskOutcome]:
     """Run the missing tasks of ``plan`` as submitit local jobs (real subprocesses), stage by stage.
 
     Tasks of a stage run in waves of ``infra.local.max_parallel`` processes, each with an equal
@@ -322,13 +337,15 @@ def run_plan_local(plan: Plan, mode: Mode = "cached", stages: list[str] | None =
                 todo.append(task)
         if not todo:
             continue
-        echo(f"[{stage}] running {len(todo)} task{'s' if len(todo) != 1 else ''} as local jobs "
-             f"({infra.local.max_parallel} at a time)")
+        echo(
+            f"[{stage}] running {len(todo)} task{'s' if len(todo) != 1 else ''} as local jobs "
+            f"({infra.local.max_parallel} at a time)"
+        )
         resources = infra.resources_for(stage)
         executor = submitit.LocalExecutor(folder=str(folder))
         executor.update_parameters(timeout_min=resources.timeout_min)
         for start in range(0, len(todo), infra.local.max_parallel):
-            wave = todo[start:start + infra.local.max_parallel]
+            wave = todo[start : start + infra.local.max_parallel]
             watches = [TaskWatch(task) for task in wave]
             jobs = executor.map_array(run_task_job, wave, [mode] * len(wave), [threads] * len(wave))
             _follow(watches, jobs, echo)
@@ -366,8 +383,13 @@ class TaskWatch:
         """The lines to print now (each at most ``width`` columns)."""
         texts = self._new_records()
         progress = self._progress()
-        if not final and progress and progress != self.last_progress and not texts \
-                and now - self.last_line >= PROGRESS_S:
+        if (
+            not final
+            and progress
+            and progress != self.last_progress
+            and not texts
+            and now - self.last_line >= PROGRESS_S
+        ):
             texts.append(f"{progress}, {now - self.started:.0f} s")
         elif not final and not texts and now - self.last_line >= HEARTBEAT_S:
             texts.append(f"running, {now - self.started:.0f} s" + (f"; {progress}" if progress else ""))
@@ -384,7 +406,7 @@ class TaskWatch:
                 chunk = stream.read()
         except OSError:
             return []
-        complete = chunk[:chunk.rfind(b"\n") + 1]  # a record still being written waits for the next poll
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a record still being written waits for the next poll
         self.offset += len(complete)
         records = []
         for line in complete.decode("utf-8", errors="replace").splitlines():
@@ -395,8 +417,9 @@ class TaskWatch:
         return records
 
     def _progress(self) -> str:
-        path = self.task.dir / ("progress.json" if self.task.num_shards == 1
-                                else f"progress.shard-{self.task.shard_index:05d}.json")
+        path = self.task.dir / (
+            "progress.json" if self.task.num_shards == 1 else f"progress.shard-{self.task.shard_index:05d}.json"
+        )
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -407,7 +430,7 @@ class TaskWatch:
 
 
 def _clip(line: str, width: int) -> str:
-    return line if len(line) <= width else line[:width - 3] + "..."
+    return line if len(line) <= width else line[: width - 3] + "..."
 
 
 def _follow(watches: list[TaskWatch], jobs: list[Any], echo) -> None:
@@ -465,5 +488,13 @@ def plan_from_file(path: Path | str, root: Path | str | None = None) -> Plan:
     return make_plan(load_experiment(path, root=root))
 
 
-__all__ = ["execute_task", "run_inline", "run_plan_inline", "run_plan_local", "run_task_job", "TaskOutcome",
-           "plan_from_file", "MoespecError"]
+__all__ = [
+    "execute_task",
+    "run_inline",
+    "run_plan_inline",
+    "run_plan_local",
+    "run_task_job",
+    "TaskOutcome",
+    "plan_from_file",
+    "MoespecError",
+]

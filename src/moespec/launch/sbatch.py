@@ -119,16 +119,27 @@ def render_array(array: ArrayJob, context: ScriptContext, template: str | None =
     """The job script of one array."""
     res = array.resources
     values = {
-        "experiment": context.experiment, "stage": array.stage, "chunk": array.chunk, "name": array.name,
-        "num_tasks": len(array.tasks), "task_indices": " ".join(map(str, array.task_indices)),
+        "experiment": context.experiment,
+        "stage": array.stage,
+        "chunk": array.chunk,
+        "name": array.name,
+        "num_tasks": len(array.tasks),
+        "task_indices": " ".join(map(str, array.task_indices)),
         "job_name": f"moespec-{context.experiment}-{array.stage}",
-        "array": array.array_spec(), "time": res.timeout_min, "cpus_per_task": res.cpus_per_task,
-        "mem": mem_string(res.mem_gb), "sbatch_options": "\n".join(sbatch_options(array)),
-        "log_dir": shlex.quote(str(context.log_dir)), "thread_variables": THREAD_VARIABLES,
-        "signal_delay_s": res.slurm_signal_delay_s or DEFAULT_SIGNAL_DELAY_S, "cluster": context.cluster,
+        "array": array.array_spec(),
+        "time": res.timeout_min,
+        "cpus_per_task": res.cpus_per_task,
+        "mem": mem_string(res.mem_gb),
+        "sbatch_options": "\n".join(sbatch_options(array)),
+        "log_dir": shlex.quote(str(context.log_dir)),
+        "thread_variables": THREAD_VARIABLES,
+        "signal_delay_s": res.slurm_signal_delay_s or DEFAULT_SIGNAL_DELAY_S,
+        "cluster": context.cluster,
         "setup": "\n".join(context.setup) if context.setup else "# (none)",
         "max_requeues": DEFAULT_MAX_REQUEUES if res.slurm_max_num_timeout is None else res.slurm_max_num_timeout,
-        "moespec": context.moespec, "config": shlex.quote(str(context.config)), "mode": context.mode,
+        "moespec": context.moespec,
+        "config": shlex.quote(str(context.config)),
+        "mode": context.mode,
     }
     return render(template if template is not None else read_template("array.sbatch"), values)
 
@@ -145,8 +156,11 @@ def render_submit(arrays: list[ArrayJob], context: ScriptContext, template: str 
         after = array.dependency(variables)
         dependency = f' --dependency="{after}"' if after else ""
         lines.append(f'submit {array.name}{dependency} "$here/{script_name(array)}"')
-    values = {"experiment": context.experiment, "project_dir": shlex.quote(context.project_dir),
-              "submit_lines": "\n".join(lines) or "echo 'nothing to submit'"}
+    values = {
+        "experiment": context.experiment,
+        "project_dir": shlex.quote(context.project_dir),
+        "submit_lines": "\n".join(lines) or "echo 'nothing to submit'",
+    }
     return render(template if template is not None else read_template("submit.sh"), values)
 
 
@@ -160,10 +174,12 @@ def moespec_command(cluster: Cluster) -> str:
     """
     python = cluster.profile.python
     if not python:
-        raise ConfigError(f"{cluster.path}: python: not set; --emit-sbatch needs the cluster's Python (the "
-                          f"interpreter of its virtualenv, e.g. `python: $WORK/venvs/moespec/bin/python`, or "
-                          f"`python: python` after a `source .../activate` line in setup), since the scripts "
-                          f"run on the cluster, not here")
+        raise ConfigError(
+            f"{cluster.path}: python: not set; --emit-sbatch needs the cluster's Python (the "
+            f"interpreter of its virtualenv, e.g. `python: $WORK/venvs/moespec/bin/python`, or "
+            f"`python: python` after a `source .../activate` line in setup), since the scripts "
+            f"run on the cluster, not here"
+        )
     return f"{python} -m moespec.cli"
 
 
@@ -200,15 +216,25 @@ def emit(submission: Submission, directory: Path, echo: Callable[[str], None] = 
     (directory / "logs").mkdir(parents=True, exist_ok=True)
     config_path = directory / "experiment.yaml"
     root = portable_path(experiment.root, project)
-    header = (f"# {experiment.source} as submitted by `moespec submit --emit-sbatch` ({artifacts.now_iso()}),\n"
-              f"# with its root as the jobs see it (relative to the project folder, where submit.sh starts them).\n"
-              f"# The job scripts beside it run tasks of this file.\n")
-    artifacts.atomic_write_text(config_path, header + yaml.safe_dump(resolved_config(experiment.source, root),
-                                                                     sort_keys=False))
+    header = (
+        f"# {experiment.source} as submitted by `moespec submit --emit-sbatch` ({artifacts.now_iso()}),\n"
+        f"# with its root as the jobs see it (relative to the project folder, where submit.sh starts them).\n"
+        f"# The job scripts beside it run tasks of this file.\n"
+    )
+    artifacts.atomic_write_text(
+        config_path, header + yaml.safe_dump(resolved_config(experiment.source, root), sort_keys=False)
+    )
     _check_same_tasks(submission, config_path)
     script_dir = Path(portable_path(directory, project))
-    context = ScriptContext(experiment.name, submission.cluster.name, script_dir / "experiment.yaml", script_dir,
-                            command, tuple(submission.cluster.profile.setup), submission.mode)
+    context = ScriptContext(
+        experiment.name,
+        submission.cluster.name,
+        script_dir / "experiment.yaml",
+        script_dir,
+        command,
+        tuple(submission.cluster.profile.setup),
+        submission.mode,
+    )
     written = [config_path]
     for array in submission.arrays:
         path = directory / script_name(array)
@@ -218,20 +244,30 @@ def emit(submission: Submission, directory: Path, echo: Callable[[str], None] = 
     artifacts.atomic_write_text(submit_path, render_submit(submission.arrays, context))
     submit_path.chmod(0o755)
     written.append(submit_path)
+
     def beside(path: Path) -> str:  # relative to the record, so that the project can move with it
         return os.path.relpath(path, submission.record_path.parent)
 
     record = {
-        "id": submission.id, "created": artifacts.now_iso(), "executor": "sbatch", "cluster": submission.cluster.name,
-        "profile": str(submission.cluster.path), "mode": submission.mode, "experiment": experiment.name,
-        "source": experiment.source, "script_dir": beside(directory), "job_ids_file": beside(directory / "job_ids.txt"),
+        "id": submission.id,
+        "created": artifacts.now_iso(),
+        "executor": "sbatch",
+        "cluster": submission.cluster.name,
+        "profile": str(submission.cluster.path),
+        "mode": submission.mode,
+        "experiment": experiment.name,
+        "source": experiment.source,
+        "script_dir": beside(directory),
+        "job_ids_file": beside(directory / "job_ids.txt"),
         "state": "emitted",
         "arrays": [array_entry(a, None, beside(directory / "logs" / f"{a.name}-%A_%a.err")) for a in submission.arrays],
     }
     if submission.arrays:
         write_record(submission.record_path, record)
-    for line in [f"wrote {len(submission.arrays)} array script(s) to {directory}",
-                 f"submit them with: bash {submit_path}"]:
+    for line in [
+        f"wrote {len(submission.arrays)} array script(s) to {directory}",
+        f"submit them with: bash {submit_path}",
+    ]:
         echo(line)
     return written
 
@@ -239,8 +275,10 @@ def emit(submission: Submission, directory: Path, echo: Callable[[str], None] = 
 def check_emit_dir(directory: Path | str) -> None:
     """Refuse to overwrite scripts that were submitted (their ``submit.sh`` wrote ``job_ids.txt``)."""
     if (Path(directory) / "job_ids.txt").exists():
-        raise ConfigError(f"--emit-sbatch: {Path(directory).resolve()} holds scripts that were already submitted "
-                          f"(job_ids.txt); emit into a new folder")
+        raise ConfigError(
+            f"--emit-sbatch: {Path(directory).resolve()} holds scripts that were already submitted "
+            f"(job_ids.txt); emit into a new folder"
+        )
 
 
 def _check_same_tasks(submission: Submission, config_path: Path) -> None:
@@ -249,5 +287,7 @@ def _check_same_tasks(submission: Submission, config_path: Path) -> None:
         before = [(t.uid, t.shard_index) for t in submission.plan.tasks_for(stage)]
         after = [(t.uid, t.shard_index) for t in replanned.tasks_for(stage)]
         if before != after:
-            raise ConfigError(f"{config_path}: re-planning the written config changes the {stage} task list; "
-                              f"array indices would not match (please report this)")
+            raise ConfigError(
+                f"{config_path}: re-planning the written config changes the {stage} task list; "
+                f"array indices would not match (please report this)"
+            )

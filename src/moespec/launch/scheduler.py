@@ -23,8 +23,16 @@ RETRY_DELAYS_S = (1.0, 3.0)
 
 #: sacct states of jobs that will still run (or are running); everything else is final.
 RUNNING_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING"}
-PENDING_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "RESV_DEL_HOLD",
-                  "SPECIAL_EXIT", "STOPPED"}
+PENDING_STATES = {
+    "PENDING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "SUSPENDED",
+    "RESV_DEL_HOLD",
+    "SPECIAL_EXIT",
+    "STOPPED",
+}
 
 
 def available() -> bool:
@@ -111,7 +119,7 @@ class JobState:
     """
 
     job_id: str
-    state: str          # e.g. "RUNNING", "CANCELLED" (the "by <uid>" suffix removed)
+    state: str  # e.g. "RUNNING", "CANCELLED" (the "by <uid>" suffix removed)
     exit_code: str = ""
     reason: str = ""
     ending: str = ""
@@ -162,8 +170,9 @@ def job_states(array_ids: list[str]) -> dict[str, JobState] | None:
     if not array_ids:
         return {}
     try:
-        text = run_slurm(["sacct", "-X", "-n", "-P", "-o", "JobID,State,ExitCode,Reason",
-                          "-j", ",".join(sorted(set(array_ids)))])
+        text = run_slurm(
+            ["sacct", "-X", "-n", "-P", "-o", "JobID,State,ExitCode,Reason", "-j", ",".join(sorted(set(array_ids)))]
+        )
     except ClusterError as e:
         log.warning("cannot read job states from sacct: %s", e)
         return None
@@ -190,8 +199,9 @@ def live_states(array_ids: list[str]) -> dict[str, JobState] | None:
     if not array_ids:
         return {}
     try:
-        text = run_slurm(["squeue", "-t", "all", "-r", "-h", "-o", "%i|%T|%r", "-j", ",".join(sorted(set(array_ids)))],
-                         retries=0)
+        text = run_slurm(
+            ["squeue", "-t", "all", "-r", "-h", "-o", "%i|%T|%r", "-j", ",".join(sorted(set(array_ids)))], retries=0
+        )
     except ClusterError as e:
         log.info("squeue does not know these jobs (%s); using sacct alone", e)
         return None

@@ -37,10 +37,23 @@ from moespec.errors import ClusterError, ConfigError
 from moespec.launch import donecheck, scheduler
 from moespec.launch.arrays import ArrayJob, TaskKey, plan_arrays, task_key
 from moespec.launch.plan import Plan, make_plan
-from moespec.launch.profiles import (DEFAULT_MAX_ARRAY_SIZE, Cluster, ClusterProfile, apply_scratch_root,
-                                     check_resources, load_profile, stage_resources)
-from moespec.launch.records import (array_entry, latest_entries, load_records, new_submission_id, records_dir,
-                                    write_record)
+from moespec.launch.profiles import (
+    DEFAULT_MAX_ARRAY_SIZE,
+    Cluster,
+    ClusterProfile,
+    apply_scratch_root,
+    check_resources,
+    load_profile,
+    stage_resources,
+)
+from moespec.launch.records import (
+    array_entry,
+    latest_entries,
+    load_records,
+    new_submission_id,
+    records_dir,
+    write_record,
+)
 from moespec.launch.runner import Mode, run_task_job, thread_counts
 from moespec.launch.status import TaskStatus, collect_status
 
@@ -49,8 +62,9 @@ log = logging.getLogger("moespec.slurm")
 #: Thread-count variables of BLAS / OpenMP / numba, set from ``SLURM_CPUS_PER_TASK`` before Python
 #: starts: OpenBLAS and MKL read them once, when numpy or torch is first imported, so setting them
 #: from Python inside the job is too late (and a 2-thread BLAS changes float sums at ~1e-14).
-THREAD_VARIABLES = ("OMP_NUM_THREADS MKL_NUM_THREADS OPENBLAS_NUM_THREADS NUMEXPR_NUM_THREADS "
-                    "VECLIB_MAXIMUM_THREADS NUMBA_NUM_THREADS")
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS MKL_NUM_THREADS OPENBLAS_NUM_THREADS NUMEXPR_NUM_THREADS VECLIB_MAXIMUM_THREADS NUMBA_NUM_THREADS"
+)
 
 #: sbatch messages that mean "try again" rather than "this job is wrong".
 _TRANSIENT = ("temporarily", "timed out", "Socket", "try again", "Unable to contact slurm controller")
@@ -70,8 +84,11 @@ class TaskJob(submitit.helpers.Checkpointable):
 
         # Says which code runs (the submission's snapshot) and which attempt this is.
         attempt = int(os.environ.get("SLURM_RESTART_COUNT") or 0) + 1
-        print(f"moespec {moespec.__version__} from {Path(moespec.__file__).parent}: {task.label}, attempt {attempt}",
-              file=sys.stderr, flush=True)
+        print(
+            f"moespec {moespec.__version__} from {Path(moespec.__file__).parent}: {task.label}, attempt {attempt}",
+            file=sys.stderr,
+            flush=True,
+        )
         # numpy is loaded by now (unpickling the task): its BLAS pool shows what the job started with.
         print(f"threads at start: {json.dumps(thread_counts(), sort_keys=True)}", file=sys.stderr, flush=True)
         result = run_task_job(task, mode, threads)
@@ -86,8 +103,14 @@ class TaskJob(submitit.helpers.Checkpointable):
 DEFAULT_CLUSTER = Cluster("default", Path("(no profile: the scheduler's defaults)"), ClusterProfile())
 
 
-def load_plan(file: str, *, root: str | None = None, cluster: str | None = None,
-              executor: str | None = None, away_ok: bool = False) -> tuple[Plan, Cluster | None]:
+def load_plan(
+    file: str,
+    *,
+    root: str | None = None,
+    cluster: str | None = None,
+    executor: str | None = None,
+    away_ok: bool = False,
+) -> tuple[Plan, Cluster | None]:
     """Load an experiment with its cluster profile and plan it.
 
     The profile is ``--cluster`` if given, else ``infra.cluster`` when the executor is Slurm
@@ -159,8 +182,15 @@ def effective_max_array_size(cluster: Cluster, ask_scheduler: bool = True) -> in
     return min(limit, from_scheduler) if from_scheduler else limit
 
 
-def prepare(plan: Plan, cluster: Cluster, *, mode: Mode = "cached", retry_failed: bool = False,
-            stages: list[str] | None = None, ask_scheduler: bool = True) -> Submission:
+def prepare(
+    plan: Plan,
+    cluster: Cluster,
+    *,
+    mode: Mode = "cached",
+    retry_failed: bool = False,
+    stages: list[str] | None = None,
+    ask_scheduler: bool = True,
+) -> Submission:
     """Decide what to submit: tasks, arrays, dependencies, resources; nothing is submitted.
 
     Reads the artifacts (writing done stamps, see :mod:`moespec.launch.donecheck`), the
@@ -183,14 +213,18 @@ def prepare(plan: Plan, cluster: Cluster, *, mode: Mode = "cached", retry_failed
     statuses = collect_status(plan, ask_scheduler=ask_scheduler)
     unknown_states = [s for s in statuses if s.state == "unknown"]
     if unknown_states and ask_scheduler:
-        raise ClusterError(f"the state of {len(unknown_states)} submitted task(s) is unknown "
-                           f"({unknown_states[0].task.label}: {unknown_states[0].detail}); refusing to submit them "
-                           f"again while they may still run. Check `moespec status` once sacct answers.")
+        raise ClusterError(
+            f"the state of {len(unknown_states)} submitted task(s) is unknown "
+            f"({unknown_states[0].task.label}: {unknown_states[0].detail}); refusing to submit them "
+            f"again while they may still run. Check `moespec status` once sacct answers."
+        )
     cancelling = [s for s in statuses if s.state == "cancelling"]
     if cancelling:
-        raise ClusterError(f"{len(cancelling)} task(s) are being cancelled and their processes still run "
-                           f"({cancelling[0].task.label}, job {cancelling[0].job_id}); submit again once "
-                           f"`moespec status` says they ended")
+        raise ClusterError(
+            f"{len(cancelling)} task(s) are being cancelled and their processes still run "
+            f"({cancelling[0].task.label}, job {cancelling[0].job_id}); submit again once "
+            f"`moespec status` says they ended"
+        )
     active = {s.key: s.job_id for s in statuses if s.state in ("running", "pending")}
     done = {s.key for s in statuses if s.state == "done"} if mode != "force" else set()
     wanted = [s for s in statuses if s.key not in active and (not stages or s.task.stage in stages)]
@@ -200,8 +234,9 @@ def prepare(plan: Plan, cluster: Cluster, *, mode: Mode = "cached", retry_failed
     elif mode != "force":
         wanted = [s for s in wanted if s.state != "done"]
     max_size = effective_max_array_size(cluster, ask_scheduler)
-    arrays = plan_arrays(plan, [s.task for s in wanted], resources=resources, max_array_size=max_size,
-                         done=done, active_jobs=active)
+    arrays = plan_arrays(
+        plan, [s.task for s in wanted], resources=resources, max_array_size=max_size, done=done, active_jobs=active
+    )
     if ask_scheduler and arrays:
         check_partitions(arrays, cluster)
     skipped = sum(1 for s in statuses if s.key in active and (not stages or s.task.stage in stages))
@@ -222,12 +257,16 @@ def retry_notes(plan: Plan, statuses: list[TaskStatus]) -> list[str]:
     gone = [key for key in latest_entries(load_records(experiment.root, experiment.name)) if key not in current]
     stages = sorted({s.task.stage for s in never}, key=plan.stages().index)
     counts = ", ".join(f"{stage} {sum(s.task.stage == stage for s in never)}" for stage in stages)
-    note = (f"--retry-failed resubmits only tasks whose jobs failed; {len(never)} task(s) were never submitted "
-            f"({counts}) and are left out")
+    note = (
+        f"--retry-failed resubmits only tasks whose jobs failed; {len(never)} task(s) were never submitted "
+        f"({counts}) and are left out"
+    )
     if gone:
         gone_stages = sorted({key[0] for key in gone})
-        note += (f"; {len(gone)} task(s) of earlier submissions ({', '.join(gone_stages)}) are no longer in the plan: "
-                 f"their config changed since (a fix changes a task's uid), so they come back as new tasks")
+        note += (
+            f"; {len(gone)} task(s) of earlier submissions ({', '.join(gone_stages)}) are no longer in the plan: "
+            f"their config changed since (a fix changes a task's uid), so they come back as new tasks"
+        )
     return [note + f". Submit them with: moespec submit {experiment.source} (without --retry-failed)"]
 
 
@@ -239,8 +278,10 @@ def check_partitions(arrays: list[ArrayJob], cluster: Cluster) -> None:
     for array in arrays:
         partition = array.resources.slurm_partition
         if partition and partition not in known:
-            raise ClusterError(f"the {array.stage} stage asks for partition {partition!r} (profile {cluster.name!r}, "
-                               f"{cluster.path}), which this scheduler does not have; partitions: {', '.join(known)}")
+            raise ClusterError(
+                f"the {array.stage} stage asks for partition {partition!r} (profile {cluster.name!r}, "
+                f"{cluster.path}), which this scheduler does not have; partitions: {', '.join(known)}"
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,8 +297,12 @@ def sbatch_parameters(array: ArrayJob, *, job_name: str, setup: list[str], depen
     """``SlurmExecutor.update_parameters`` arguments of one array."""
     res: Resources = array.resources
     params: dict[str, Any] = {
-        "job_name": job_name, "time": res.timeout_min, "cpus_per_task": res.cpus_per_task,
-        "mem": mem_string(res.mem_gb), "array_parallelism": array.parallelism, "setup": list(setup),
+        "job_name": job_name,
+        "time": res.timeout_min,
+        "cpus_per_task": res.cpus_per_task,
+        "mem": mem_string(res.mem_gb),
+        "array_parallelism": array.parallelism,
+        "setup": list(setup),
         # Without it a dependant of a failed task stays PENDING (DependencyNeverSatisfied) forever
         # unless the cluster sets DependencyParameters=kill_invalid_depend.
         "additional_parameters": {"kill-on-invalid-dep": "yes", **res.slurm_additional_parameters},
@@ -298,8 +343,9 @@ def render_script(submission: Submission, array: ArrayJob, dependency: str) -> s
     from submitit.slurm.slurm import _make_sbatch_string  # what SlurmExecutor itself renders
 
     folder = submission.submitit_folder
-    params = sbatch_parameters(array, job_name=job_name(submission, array), setup=job_setup(submission),
-                               dependency=dependency)
+    params = sbatch_parameters(
+        array, job_name=job_name(submission, array), setup=job_setup(submission), dependency=dependency
+    )
     command = " ".join([python_command(submission.cluster), "-u -m submitit.core._submit", shlex.quote(str(folder))])
     # submitit submits a single task as a plain job, not as an array of one.
     map_count = len(array.tasks) if len(array.tasks) > 1 else None
@@ -335,25 +381,37 @@ def describe_arrays(arrays: list[ArrayJob]) -> list[str]:
     lines = []
     for array in arrays:
         res = array.resources
-        extras = ", ".join(f"{k.removeprefix('slurm_')}={v}" for k, v in
-                           (("slurm_partition", res.slurm_partition), ("slurm_account", res.slurm_account),
-                            ("slurm_qos", res.slurm_qos)) if v)
-        lines.append(f"  {array.name:<10} {len(array.tasks):>5} task(s)  --array={array.array_spec():<12} "
-                     f"after: {array.waits_for(arrays):<22} time={res.timeout_min}m cpus={res.cpus_per_task} "
-                     f"mem={mem_string(res.mem_gb)} gpus={res.gpus_per_node}" + (f" {extras}" if extras else ""))
+        extras = ", ".join(
+            f"{k.removeprefix('slurm_')}={v}"
+            for k, v in (
+                ("slurm_partition", res.slurm_partition),
+                ("slurm_account", res.slurm_account),
+                ("slurm_qos", res.slurm_qos),
+            )
+            if v
+        )
+        lines.append(
+            f"  {array.name:<10} {len(array.tasks):>5} task(s)  --array={array.array_spec():<12} "
+            f"after: {array.waits_for(arrays):<22} time={res.timeout_min}m cpus={res.cpus_per_task} "
+            f"mem={mem_string(res.mem_gb)} gpus={res.gpus_per_node}" + (f" {extras}" if extras else "")
+        )
     return lines
 
 
 def print_dry_run(submission: Submission, echo: Callable[[str], None] = print) -> None:
     """Print what would be submitted, with each array's rendered sbatch script. Writes nothing."""
-    echo(f"dry run: {submission.num_tasks} task(s) in {len(submission.arrays)} array(s) on cluster "
-         f"{submission.cluster.name} (MaxArraySize {submission.max_array_size}); nothing is submitted")
+    echo(
+        f"dry run: {submission.num_tasks} task(s) in {len(submission.arrays)} array(s) on cluster "
+        f"{submission.cluster.name} (MaxArraySize {submission.max_array_size}); nothing is submitted"
+    )
     for line in describe(submission):
         echo(line)
     placeholders = [f"<job id of {a.name}>" for a in submission.arrays]
     for array in submission.arrays:
-        echo(f"\n# ---- sbatch script of array {array.name} ({len(array.tasks)} task(s): indices "
-             f"{','.join(map(str, array.task_indices[:20]))}{',...' if len(array.task_indices) > 20 else ''})")
+        echo(
+            f"\n# ---- sbatch script of array {array.name} ({len(array.tasks)} task(s): indices "
+            f"{','.join(map(str, array.task_indices[:20]))}{',...' if len(array.task_indices) > 20 else ''})"
+        )
         echo(render_script(submission, array, array.dependency(placeholders)))
 
 
@@ -387,9 +445,17 @@ def submit(submission: Submission, echo: Callable[[str], None] = print) -> dict[
     """
     experiment = submission.plan.experiment
     record: dict[str, Any] = {
-        "id": submission.id, "created": artifacts.now_iso(), "executor": "slurm", "cluster": submission.cluster.name,
-        "profile": str(submission.cluster.path), "mode": submission.mode, "experiment": experiment.name,
-        "source": experiment.source, "snapshot": str(submission.snapshot_dir), "state": "submitting", "arrays": [],
+        "id": submission.id,
+        "created": artifacts.now_iso(),
+        "executor": "slurm",
+        "cluster": submission.cluster.name,
+        "profile": str(submission.cluster.path),
+        "mode": submission.mode,
+        "experiment": experiment.name,
+        "source": experiment.source,
+        "snapshot": str(submission.snapshot_dir),
+        "state": "submitting",
+        "arrays": [],
     }
     if not submission.arrays:
         return record
@@ -406,17 +472,25 @@ def submit(submission: Submission, echo: Callable[[str], None] = print) -> dict[
             write_record(submission.record_path, record)
             if not isinstance(e, ClusterError):
                 raise
-            cancelled = f"; cancelled the {len(job_ids)} array(s) it had already queued ({', '.join(job_ids)})" \
-                if job_ids else "; nothing had been queued"
-            raise ClusterError(f"submission {submission.id} stopped at array {array.name}: {e}{cancelled}. "
-                               f"Record: {submission.record_path}") from e
+            cancelled = (
+                f"; cancelled the {len(job_ids)} array(s) it had already queued ({', '.join(job_ids)})"
+                if job_ids
+                else "; nothing had been queued"
+            )
+            raise ClusterError(
+                f"submission {submission.id} stopped at array {array.name}: {e}{cancelled}. "
+                f"Record: {submission.record_path}"
+            ) from e
         job_ids.append(master)
         # submitit submits a single task as a plain job (id "123", not "123_0").
-        record["arrays"].append(array_entry(array, master, log_pattern(submission, array),
-                                            single=len(array.tasks) == 1))
+        record["arrays"].append(
+            array_entry(array, master, log_pattern(submission, array), single=len(array.tasks) == 1)
+        )
         write_record(submission.record_path, record)
-        echo(f"  submitted {array.name:<10} job {master:<8} {len(array.tasks)} task(s)"
-             + (f", {dependency}" if dependency else ""))
+        echo(
+            f"  submitted {array.name:<10} job {master:<8} {len(array.tasks)} task(s)"
+            + (f", {dependency}" if dependency else "")
+        )
     record["state"] = "submitted"
     write_record(submission.record_path, record)
     return record
@@ -424,19 +498,23 @@ def submit(submission: Submission, echo: Callable[[str], None] = print) -> dict[
 
 def _submit_array(submission: Submission, array: ArrayJob, dependency: str) -> str:
     """One ``map_array`` call; returns the array's job id (a plain job id for a single task)."""
-    params = sbatch_parameters(array, job_name=job_name(submission, array), setup=job_setup(submission),
-                               dependency=dependency)
+    params = sbatch_parameters(
+        array, job_name=job_name(submission, array), setup=job_setup(submission), dependency=dependency
+    )
     max_num_timeout = array.resources.slurm_max_num_timeout
     attempts = 3
     for attempt in range(1, attempts + 1):
         try:
-            executor = submitit.SlurmExecutor(folder=str(submission.submitit_folder),
-                                              max_num_timeout=3 if max_num_timeout is None else max_num_timeout,
-                                              python=python_command(submission.cluster))
+            executor = submitit.SlurmExecutor(
+                folder=str(submission.submitit_folder),
+                max_num_timeout=3 if max_num_timeout is None else max_num_timeout,
+                python=python_command(submission.cluster),
+            )
             executor.update_parameters(**params)
             n = len(array.tasks)
-            jobs = executor.map_array(TaskJob(), list(array.tasks), [submission.mode] * n,
-                                      [array.resources.cpus_per_task] * n)
+            jobs = executor.map_array(
+                TaskJob(), list(array.tasks), [submission.mode] * n, [array.resources.cpus_per_task] * n
+            )
             return jobs[0].job_id.split("_")[0]
         except submitit.core.utils.FailedJobError as e:
             message = str(e).strip() or repr(e)
@@ -472,9 +550,17 @@ def planned_arrays(plan: Plan, cluster: Cluster | None) -> tuple[dict[TaskKey, s
     return why, plan_arrays(plan, todo, resources=resources, max_array_size=size, done=done)
 
 
-def submit_command(plan: Plan, cluster: Cluster, *, mode: Mode, stages: list[str] | None = None,
-                   retry_failed: bool = False, dry_run: bool = False, emit_dir: str | None = None,
-                   echo: Callable[[str], None] = print) -> dict[str, Any] | None:
+def submit_command(
+    plan: Plan,
+    cluster: Cluster,
+    *,
+    mode: Mode,
+    stages: list[str] | None = None,
+    retry_failed: bool = False,
+    dry_run: bool = False,
+    emit_dir: str | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any] | None:
     """``moespec submit`` for Slurm: prepare, then dry-run, emit plain sbatch scripts, or submit.
 
     Returns the submission record (None for a dry run or emitted scripts).
@@ -484,21 +570,27 @@ def submit_command(plan: Plan, cluster: Cluster, *, mode: Mode, stages: list[str
 
         check_emit_dir(emit_dir)
     if not (emit_dir or dry_run or scheduler.available()):
-        raise ClusterError("sbatch/sacct are not on PATH: run this on a Slurm login node, or use --dry-run, "
-                           "or --emit-sbatch DIR to write scripts to submit there")
+        raise ClusterError(
+            "sbatch/sacct are not on PATH: run this on a Slurm login node, or use --dry-run, "
+            "or --emit-sbatch DIR to write scripts to submit there"
+        )
     # A dry run or emitted scripts need no scheduler: one try; a submission retries a flaky one.
     retries = 0 if (emit_dir or dry_run) else len(scheduler.RETRY_DELAYS_S)
     ask, problem = scheduler.reachable(retries) if scheduler.available() else (False, "")
     if problem and not (emit_dir or dry_run):
         raise ClusterError(f"the Slurm controller does not answer ({problem}); nothing was submitted")
     if problem:
-        echo(f"note: the Slurm controller does not answer ({problem}); MaxArraySize is the profile's, and "
-             f"partitions and earlier jobs are not checked")
+        echo(
+            f"note: the Slurm controller does not answer ({problem}); MaxArraySize is the profile's, and "
+            f"partitions and earlier jobs are not checked"
+        )
     submission = prepare(plan, cluster, mode=mode, retry_failed=retry_failed, stages=stages, ask_scheduler=ask)
     experiment = plan.experiment
-    echo(f"experiment {experiment.name}: {len(plan.tasks)} tasks; {submission.num_tasks} to submit"
-         + (f", {submission.skipped_active} already pending or running" if submission.skipped_active else "")
-         + f"; cluster {cluster.name}; results under {experiment.root / experiment.name}")
+    echo(
+        f"experiment {experiment.name}: {len(plan.tasks)} tasks; {submission.num_tasks} to submit"
+        + (f", {submission.skipped_active} already pending or running" if submission.skipped_active else "")
+        + f"; cluster {cluster.name}; results under {experiment.root / experiment.name}"
+    )
     if dry_run:
         print_dry_run(submission, echo)
         return None

@@ -43,8 +43,15 @@ class TaskStatus:
         return task_key(self.task)
 
 
-def classify(done: bool, entry: RecordedTask | None, job: JobState | None, *, scheduler_reachable: bool,
-             failed_marker: bool, array_known: bool = False) -> tuple[str, str]:
+def classify(
+    done: bool,
+    entry: RecordedTask | None,
+    job: JobState | None,
+    *,
+    scheduler_reachable: bool,
+    failed_marker: bool,
+    array_known: bool = False,
+) -> tuple[str, str]:
     """The state of one task and a short detail, from what is known about it (pure).
 
     Parameters
@@ -110,14 +117,22 @@ def collect_status(plan: Plan, *, ask_scheduler: bool = True) -> list[TaskStatus
         key = task_key(task)
         entry = entries.get(key)
         job = (states or {}).get(entry.job_id) if entry and entry.job_id else None
-        state, detail = classify(done[key], entry, job, scheduler_reachable=reachable and ask_scheduler,
-                                 failed_marker=not done[key] and task.failed_path.exists(),
-                                 array_known=bool(entry and entry.array_job_id in known_arrays))
+        state, detail = classify(
+            done[key],
+            entry,
+            job,
+            scheduler_reachable=reachable and ask_scheduler,
+            failed_marker=not done[key] and task.failed_path.exists(),
+            array_known=bool(entry and entry.array_job_id in known_arrays),
+        )
         why_not_done = checks[key][1]
         if why_not_done and state in ("not submitted", "failed", "unknown"):
             detail = f"{detail}; {why_not_done}" if detail else why_not_done
-        statuses.append(TaskStatus(task, index, state, detail, (entry.job_id or "") if entry else "",
-                                   entry.log_path if entry else None))
+        statuses.append(
+            TaskStatus(
+                task, index, state, detail, (entry.job_id or "") if entry else "", entry.log_path if entry else None
+            )
+        )
     return statuses
 
 
@@ -136,8 +151,11 @@ def tail(path: Path | None, lines: int = 5) -> list[str]:
 def failure_report(status: TaskStatus, lines: int = 5) -> list[str]:
     """What to show for a failed task: where its logs are and the last lines of the error."""
     task = status.task
-    report = [f"FAILED {task.label} (task {status.index}{', job ' + status.job_id if status.job_id else ''}): "
-              f"{status.detail}", f"  log: {task.log_path}"]
+    report = [
+        f"FAILED {task.label} (task {status.index}{', job ' + status.job_id if status.job_id else ''}): "
+        f"{status.detail}",
+        f"  log: {task.log_path}",
+    ]
     if status.scheduler_log is not None:
         report.append(f"  scheduler log: {status.scheduler_log}")
     error = tail(task.failed_path, lines) or tail(status.scheduler_log, lines)

@@ -35,8 +35,14 @@ def lora_config(rank: int, alpha: float, dropout: float, target_modules: Sequenc
     """The PEFT ``LoraConfig`` of a causal-LM adapter (no bias terms are trained)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                      bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def linear_widths(model: Any) -> dict[str, tuple[int, int]]:
@@ -53,8 +59,9 @@ def linear_widths(model: Any) -> dict[str, tuple[int, int]]:
     return widths
 
 
-def adapter_target_problems(widths: dict[str, tuple[int, int]], target_modules: Sequence[str], rank: int,
-                            key: str) -> list[str]:
+def adapter_target_problems(
+    widths: dict[str, tuple[int, int]], target_modules: Sequence[str], rank: int, key: str
+) -> list[str]:
     """Why a LoRA of ``rank`` on ``target_modules`` cannot be put on a model with these linear layers.
 
     A target matches a module whose name is the target or ends with ``"." + target`` (PEFT's rule for
@@ -75,13 +82,17 @@ def adapter_target_problems(widths: dict[str, tuple[int, int]], target_modules: 
     for target in target_modules:
         matched = {name: w for name, w in widths.items() if name == target or name.endswith("." + target)}
         if not matched:
-            problems.append(f"{key}.target_modules: the base model has no linear layer named {target!r} "
-                            f"(its linear layers: {', '.join(leaf_names)})")
+            problems.append(
+                f"{key}.target_modules: the base model has no linear layer named {target!r} "
+                f"(its linear layers: {', '.join(leaf_names)})"
+            )
             continue
         narrowest = min(min(w) for w in matched.values())
         if rank > narrowest:
-            problems.append(f"{key}.rank: {rank} is above the width {narrowest} of the {target!r} layers "
-                            f"(min of their input and output sizes)")
+            problems.append(
+                f"{key}.rank: {rank} is above the width {narrowest} of the {target!r} layers "
+                f"(min of their input and output sizes)"
+            )
     return problems
 
 
@@ -129,8 +140,7 @@ class TokenizedTexts:
 
 def tokenize_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> TokenizedTexts:
     """Tokenise ``texts`` (with the tokenizer's special tokens), truncated to ``max_length`` tokens."""
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding="longest",
-                        return_tensors="np")
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding="longest", return_tensors="np")
     mask = np.asarray(encoded["attention_mask"], dtype=np.int64)
     ids = np.asarray(encoded["input_ids"], dtype=np.int64)
     if tokenizer.padding_side == "left":  # store right-padded rows whatever the tokenizer's habit
@@ -169,7 +179,7 @@ def text_nll(model: Any, texts: TokenizedTexts, batch_size: int, device: Any) ->
             mask = torch.as_tensor(batch.attention_mask, device=device)
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
             losses = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
-            nll[start:start + len(batch)] = (losses * mask[:, 1:]).sum(dim=1).double().cpu().numpy()
+            nll[start : start + len(batch)] = (losses * mask[:, 1:]).sum(dim=1).double().cpu().numpy()
     return nll, np.maximum(texts.lengths - 1, 0).astype(np.int64)
 
 
@@ -289,8 +299,15 @@ class AdapterObjective:
         Training forward passes under autocast to this dtype; validation runs in the weights' dtype.
     """
 
-    def __init__(self, train: TokenizedTexts, val: TokenizedTexts, batch_size: int, seed: int, device: Any,
-                 autocast: Optional[Any] = None):
+    def __init__(
+        self,
+        train: TokenizedTexts,
+        val: TokenizedTexts,
+        batch_size: int,
+        seed: int,
+        device: Any,
+        autocast: Optional[Any] = None,
+    ):
         import torch
 
         self.train, self.val = train, val
@@ -302,7 +319,7 @@ class AdapterObjective:
         from moespec.models.training import epoch_order
 
         order = epoch_order(len(self.train), self.seed, epoch).numpy()
-        return [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
 
     def train_batch(self, model: Any, batch: Any, scale: float) -> tuple[dict[str, float], float]:
         import torch

@@ -26,7 +26,7 @@ TargetKey = Literal["label", "domain", "domain_label"]
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
 
-#: The earlier pipeline's seven sparsity levels (research/moe.md section 1.2).
+#: The earlier pipeline's seven sparsity levels (docs/moe.md, "The earlier pipeline (dictionary-expert MoE)").
 DEFAULT_SPARSITY_LEVELS = (8, 12, 16, 20, 24, 28, 32)
 
 
@@ -144,8 +144,9 @@ class DictionaryMoEConfig(_ModelConfigBase):
         """The sample key the training objective needs (here: what defines positive pairs)."""
         return self.positive_pairs
 
-    def training_targets(self, domain: np.ndarray, label: np.ndarray, domain_names: list[str],
-                         label_names: list[str]) -> tuple[np.ndarray, None, list[str]]:
+    def training_targets(
+        self, domain: np.ndarray, label: np.ndarray, domain_names: list[str], label_names: list[str]
+    ) -> tuple[np.ndarray, None, list[str]]:
         """Contrastive keys per row (two columns for ``domain_label``); no classes."""
         keys = {"label": label, "domain": domain, "domain_label": np.stack([domain, label], axis=1)}
         return keys[self.positive_pairs], None, []
@@ -171,8 +172,10 @@ class DictionaryMoEConfig(_ModelConfigBase):
         its one sparsity level is the mean of this config's levels, scaled to the twin's code width.
         """
         target = self.active_parameter_count(input_dim)
-        width = min(range(1, 16 * self.code_dim * self.n_experts + 1),
-                    key=lambda m: abs(_dictionary_active(self, input_dim, m, 1) - target))
+        width = min(
+            range(1, 16 * self.code_dim * self.n_experts + 1),
+            key=lambda m: abs(_dictionary_active(self, input_dim, m, 1) - target),
+        )
         levels = self.sparsity_levels or []
         level = max(1, min(width, round(sum(levels) / len(levels) / self.code_dim * width)))
         return self.model_copy(update={"n_experts": 1, "code_dim": width, "sparsity_levels": [level]})
@@ -218,8 +221,9 @@ class TopKMoEConfig(_ModelConfigBase):
     #: The per-input metric of an ablation: correct (1) or not (0).
     ablation_metric: ClassVar[str] = "accuracy"
 
-    def training_targets(self, domain: np.ndarray, label: np.ndarray, domain_names: list[str],
-                         label_names: list[str]) -> tuple[np.ndarray, int, list[str]]:
+    def training_targets(
+        self, domain: np.ndarray, label: np.ndarray, domain_names: list[str], label_names: list[str]
+    ) -> tuple[np.ndarray, int, list[str]]:
         """Class id per row, the number of classes and their names.
 
         ``domain_label`` numbers the (domain, label) pairs that occur densely: label ids of
@@ -240,13 +244,19 @@ class TopKMoEConfig(_ModelConfigBase):
     def heldout_schema(self) -> dict[str, Any]:
         from moespec.artifacts import DatasetSpec
 
-        return {"heldout/target": DatasetSpec(("n_val",), "int"), "heldout/prediction": DatasetSpec(("n_val",), "int"),
-                "target_names": DatasetSpec(("n_classes",), "str")}
+        return {
+            "heldout/target": DatasetSpec(("n_val",), "int"),
+            "heldout/prediction": DatasetSpec(("n_val",), "int"),
+            "target_names": DatasetSpec(("n_classes",), "str"),
+        }
 
     def heldout_outputs(self, output: np.ndarray, targets: np.ndarray, target_names: list[str]) -> dict[str, Any]:
         """What the train stage writes of the held-out rows beyond their routing: targets and predictions."""
-        return {"heldout/target": targets, "heldout/prediction": output.argmax(axis=-1).astype(np.int64),
-                "target_names": list(target_names)}
+        return {
+            "heldout/target": targets,
+            "heldout/prediction": output.argmax(axis=-1).astype(np.int64),
+            "target_names": list(target_names),
+        }
 
     @property
     def renormalizes(self) -> bool:
@@ -266,9 +276,15 @@ class TopKMoEConfig(_ModelConfigBase):
         """
         per_unit = (3 if self.activation == "swiglu" else 2) * self.hidden_dim
         width = round((self.top_k * per_unit * self.ffn_dim + self.hidden_dim * self.n_experts) / per_unit)
-        return self.model_copy(update={"n_experts": 1, "top_k": 1, "renormalize": None, "ffn_dim": width,
-                                       "shared_expert_dim": self.shared_expert_dim or (
-                                           self.ffn_dim if self.shared_expert else None)})
+        return self.model_copy(
+            update={
+                "n_experts": 1,
+                "top_k": 1,
+                "renormalize": None,
+                "ffn_dim": width,
+                "shared_expert_dim": self.shared_expert_dim or (self.ffn_dim if self.shared_expert else None),
+            }
+        )
 
     def build(self, *, input_dim: int, n_classes: int | None = None, seed: int = 0):
         """Build the ``TopKMoEClassifier`` for ``n_classes`` classes."""
@@ -300,12 +316,17 @@ class TopKMoEConfig(_ModelConfigBase):
 def _name(names: list[str], index: int) -> str:
     return names[index] if 0 <= index < len(names) else str(index)
 
+
 def _dictionary_active(cfg: DictionaryMoEConfig, input_dim: int, code_dim: int, n_experts: int) -> int:
     """Active parameters of a dictionary MoE of ``n_experts`` experts of width ``code_dim``."""
     d, m, layers = input_dim, code_dim, cfg.n_layers
     expert = layers * m * d + layers * m * m + d * m + (layers * m if cfg.shrinkage == "soft" else 0)
-    head = m * cfg.projection_hidden + cfg.projection_hidden + cfg.projection_hidden * cfg.projection_dim \
+    head = (
+        m * cfg.projection_hidden
+        + cfg.projection_hidden
+        + cfg.projection_hidden * cfg.projection_dim
         + cfg.projection_dim
+    )
     if n_experts == 1:
         return expert + head  # a one-expert gate is constant
     gate = d * cfg.query_dim + cfg.query_dim + n_experts * cfg.query_dim
@@ -313,8 +334,7 @@ def _dictionary_active(cfg: DictionaryMoEConfig, input_dim: int, code_dim: int, 
     return gate + used * expert + head
 
 
-def _topk_active(cfg: TopKMoEConfig, input_dim: int, n_classes: int, ffn_dim: int, n_experts: int,
-                 top_k: int) -> int:
+def _topk_active(cfg: TopKMoEConfig, input_dim: int, n_classes: int, ffn_dim: int, n_experts: int, top_k: int) -> int:
     """Active parameters of a top-k classifier with ``n_experts`` experts of width ``ffn_dim``."""
     h = cfg.hidden_dim
     per_unit = (3 if cfg.activation == "swiglu" else 2) * h

@@ -8,8 +8,8 @@ Sparse Coding", eq. 3) with its own dictionary D_e and sparsity level k_e::
 An attention-style gate scores the experts, ``p = softmax(W_q x K^T / sqrt(q))``; the combined code
 ``sum_e w_e z_e`` goes through a projection head trained with a margin contrastive loss.
 
-Differences from the earlier public implementation (research/moe.md sections 0.2 and 1.7), which
-gave the gate and the dictionaries no gradient:
+Differences from the earlier public implementation (docs/moe.md, "Defects of the earlier pipeline"
+and "What moespec changed"), which gave the gate and the dictionaries no gradient:
 
 * routing is differentiable (soft mixture, or straight-through hard selection) and a Switch
   load-balancing term keeps it from collapsing;
@@ -96,13 +96,28 @@ def head_forward(x: torch.Tensor, codes: torch.Tensor, weights: HeadWeights, str
     query = torch.addmm(weights.query_bias.unsqueeze(-1), weights.query_weight, xt)  # (q, N)
     logits = torch.mm(weights.keys, query).mul_(1.0 / math.sqrt(weights.keys.shape[1]))  # (E, N)
     probs, expert_index, selected, combine, code, dispatch_fraction, balance_loss = _route(
-        logits, codes, straight_through)
+        logits, codes, straight_through
+    )
     hidden = torch.addmm(weights.b1.unsqueeze(-1), weights.w1, code).relu_()  # (H, N)
     embedding = torch.addmm(weights.b2, hidden.t(), weights.w2.t())  # (N, P)
     residual = torch.bmm(weights.dictionary, codes)  # (E, d, N) D_e z_e, minus x below
     error, reconstruction_loss = _reconstruction_error_(residual, xt, combine)
-    return HeadState(query, logits, probs, expert_index, selected, combine, code, hidden, embedding, residual,
-                     error, dispatch_fraction, reconstruction_loss, balance_loss)
+    return HeadState(
+        query,
+        logits,
+        probs,
+        expert_index,
+        selected,
+        combine,
+        code,
+        hidden,
+        embedding,
+        residual,
+        error,
+        dispatch_fraction,
+        reconstruction_loss,
+        balance_loss,
+    )
 
 
 def _route(logits: torch.Tensor, codes: torch.Tensor, straight_through: bool) -> tuple[torch.Tensor, ...]:
@@ -118,8 +133,9 @@ def _route(logits: torch.Tensor, codes: torch.Tensor, straight_through: bool) ->
     return probs, expert_index, selected, combine, code, dispatch_fraction, balance_loss
 
 
-def _reconstruction_error_(residual: torch.Tensor, xt: torch.Tensor,
-                           combine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _reconstruction_error_(
+    residual: torch.Tensor, xt: torch.Tensor, combine: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Subtract x from ``residual`` (E, d, N) in place; return ``|residual|^2`` (E, N) and its
     combine-weighted mean over samples."""
     batch = xt.shape[1]
@@ -127,9 +143,17 @@ def _reconstruction_error_(residual: torch.Tensor, xt: torch.Tensor,
     return error, torch.mul(combine, error).sum() / batch
 
 
-def head_backward(x: torch.Tensor, codes: torch.Tensor, weights: HeadWeights, state: HeadState,
-                  grad_embedding: torch.Tensor | None, reconstruction: Any, balance: Any,
-                  grads: dict[str, torch.Tensor | None], grad_codes: torch.Tensor) -> None:
+def head_backward(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    weights: HeadWeights,
+    state: HeadState,
+    grad_embedding: torch.Tensor | None,
+    reconstruction: Any,
+    balance: Any,
+    grads: dict[str, torch.Tensor | None],
+    grad_codes: torch.Tensor,
+) -> None:
     """Accumulate the gradients of ``head_forward`` into ``grads`` and write dL/dcodes.
 
     The straight-through gradient of the combine weights is that of ``p`` (``onehot + p -
@@ -151,8 +175,7 @@ def head_backward(x: torch.Tensor, codes: torch.Tensor, weights: HeadWeights, st
         Receives dL/dcodes (overwritten).
     """
     grad_code = None if grad_embedding is None else _projection_backward(weights, state, grad_embedding, grads)
-    grad_residual, grad_logits = _route_backward(codes, weights, state, grad_code, reconstruction, balance,
-                                                 grad_codes)
+    grad_residual, grad_logits = _route_backward(codes, weights, state, grad_code, reconstruction, balance, grad_codes)
     if grad_residual is not None:
         if grads.get("dictionary") is not None:
             grads["dictionary"].baddbmm_(grad_residual, codes.transpose(1, 2))  # (E, d, m)
@@ -167,8 +190,9 @@ def head_backward(x: torch.Tensor, codes: torch.Tensor, weights: HeadWeights, st
         grads["x"].sub_(grad_residual.sum(0).t())
 
 
-def _projection_backward(weights: HeadWeights, state: HeadState, grad_embedding: torch.Tensor,
-                         grads: dict[str, torch.Tensor | None]) -> torch.Tensor:
+def _projection_backward(
+    weights: HeadWeights, state: HeadState, grad_embedding: torch.Tensor, grads: dict[str, torch.Tensor | None]
+) -> torch.Tensor:
     """Accumulate the projection head's gradients; return dL/dcode (m, N)."""
     _add_matmul(grads.get("w2"), grad_embedding.t(), state.hidden.t())
     _add_sum(grads.get("b2"), grad_embedding, 0)
@@ -178,8 +202,15 @@ def _projection_backward(weights: HeadWeights, state: HeadState, grad_embedding:
     return torch.mm(weights.w1.t(), grad_hidden)
 
 
-def _route_backward(codes: torch.Tensor, weights: HeadWeights, state: HeadState, grad_code: torch.Tensor | None,
-                    reconstruction: Any, balance: Any, grad_codes: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+def _route_backward(
+    codes: torch.Tensor,
+    weights: HeadWeights,
+    state: HeadState,
+    grad_code: torch.Tensor | None,
+    reconstruction: Any,
+    balance: Any,
+    grad_codes: torch.Tensor,
+) -> tuple[torch.Tensor | None, ...]:
     """Routing backward: dL/dcodes from the mixture, dL/dresidual, dL/dlogits; any term may be absent (None).
 
     Returns dL/dresidual (E, d, N) and dL/dlogits (E, N), each None when nothing reaches it.
@@ -233,8 +264,15 @@ class GatedDictionaryHead(torch.autograd.Function):
             aux_loss = reconstruction_weight * state.reconstruction_loss + balance_weight * state.balance_loss
         ctx.save_for_backward(x, codes, *weights, *state)
         ctx.loss_weights = (reconstruction_weight, balance_weight)
-        routing = (state.logits.t(), state.probs.t(), state.weights.t(), state.expert_index.unsqueeze(-1),
-                   state.selected.t(), state.code.t(), state.error.t())
+        routing = (
+            state.logits.t(),
+            state.probs.t(),
+            state.weights.t(),
+            state.expert_index.unsqueeze(-1),
+            state.selected.t(),
+            state.code.t(),
+            state.error.t(),
+        )
         ctx.mark_non_differentiable(*routing)
         return (state.embedding, state.reconstruction_loss, state.balance_loss, aux_loss, *routing)
 
@@ -242,16 +280,26 @@ class GatedDictionaryHead(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_embedding, grad_reconstruction, grad_balance, grad_aux, *_):
         x, codes, *saved = ctx.saved_tensors
-        weights, state = HeadWeights(*saved[:len(HeadWeights._fields)]), HeadState(*saved[len(HeadWeights._fields):])
+        weights, state = HeadWeights(*saved[: len(HeadWeights._fields)]), HeadState(*saved[len(HeadWeights._fields) :])
         reconstruction_weight, balance_weight = ctx.loss_weights
         needed = ctx.needs_input_grad[:1] + ctx.needs_input_grad[5:]  # x and the head weights
-        grads = {name: torch.zeros_like(value) if need else None
-                 for name, value, need in zip(("x", *HeadWeights._fields), (x, *weights), needed)}
+        grads = {
+            name: torch.zeros_like(value) if need else None
+            for name, value, need in zip(("x", *HeadWeights._fields), (x, *weights), needed)
+        }
         grad_codes = torch.empty_like(codes)
         with torch.autocast(x.device.type, enabled=False):
-            head_backward(x, codes, weights, state, grad_embedding,
-                          _sum_grads(grad_reconstruction, grad_aux, reconstruction_weight),
-                          _sum_grads(grad_balance, grad_aux, balance_weight), grads, grad_codes)
+            head_backward(
+                x,
+                codes,
+                weights,
+                state,
+                grad_embedding,
+                _sum_grads(grad_reconstruction, grad_aux, reconstruction_weight),
+                _sum_grads(grad_balance, grad_aux, balance_weight),
+                grads,
+                grad_codes,
+            )
         return (grads["x"], grad_codes, None, None, None, *(grads[name] for name in HeadWeights._fields))
 
 
@@ -260,6 +308,7 @@ def _sum_grads(direct, through_aux, weight: float):
     if through_aux is None:
         return direct
     return through_aux * weight if direct is None else direct + through_aux * weight
+
 
 class AttentionGate(nn.Module):
     """Attention-style gate: query ``W_q x + b`` against E learned keys, scaled by sqrt(q).
@@ -378,14 +427,39 @@ class DictionaryMoE(nn.Module):
         if ablation is not None:
             return self._forward_autograd(x, ablation)
         codes = self.experts.encode(x)  # (E, m, B)
-        (embedding, reconstruction_loss, balance_loss, aux_loss, logits, probs, weights, expert_index, selected,
-         code, reconstruction_error) = GatedDictionaryHead.apply(
-            x, codes, self.routing == "straight_through", self.reconstruction_weight, self.balance_loss_weight,
-            *self._head_weights())
+        (
+            embedding,
+            reconstruction_loss,
+            balance_loss,
+            aux_loss,
+            logits,
+            probs,
+            weights,
+            expert_index,
+            selected,
+            code,
+            reconstruction_error,
+        ) = GatedDictionaryHead.apply(
+            x,
+            codes,
+            self.routing == "straight_through",
+            self.reconstruction_weight,
+            self.balance_loss_weight,
+            *self._head_weights(),
+        )
         return embedding, _aux_outputs(
-            router_logits=logits, router_probs=probs, combine_weights=weights, expert_index=expert_index,
-            selected=selected, codes=codes, code=code, reconstruction_error=reconstruction_error,
-            reconstruction_loss=reconstruction_loss, balance_loss=balance_loss, aux_loss=aux_loss)
+            router_logits=logits,
+            router_probs=probs,
+            combine_weights=weights,
+            expert_index=expert_index,
+            selected=selected,
+            codes=codes,
+            code=code,
+            reconstruction_error=reconstruction_error,
+            reconstruction_loss=reconstruction_loss,
+            balance_loss=balance_loss,
+            aux_loss=aux_loss,
+        )
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.input_dim:
@@ -393,8 +467,16 @@ class DictionaryMoE(nn.Module):
 
     def _head_weights(self) -> HeadWeights:
         query, hidden, output = self.gate.query, self.projection[0], self.projection[2]
-        return HeadWeights(query.weight, query.bias, self.gate.keys, self.experts.dictionary,
-                           hidden.weight, hidden.bias, output.weight, output.bias)
+        return HeadWeights(
+            query.weight,
+            query.bias,
+            self.gate.keys,
+            self.experts.dictionary,
+            hidden.weight,
+            hidden.bias,
+            output.weight,
+            output.bias,
+        )
 
     def _forward_autograd(
         self, x: torch.Tensor, ablation: Ablation | None
@@ -414,10 +496,18 @@ class DictionaryMoE(nn.Module):
         balance_loss = switch_load_balancing_loss(routing.probs, routing.expert_index, self.n_experts)
         aux_loss = self.reconstruction_weight * reconstruction_loss + self.balance_loss_weight * balance_loss
         return embedding, _aux_outputs(
-            router_logits=routing.logits, router_probs=routing.probs, combine_weights=routing.combine_weights,
-            expert_index=routing.expert_index, selected=routing.selected, codes=codes, code=code,
-            reconstruction_error=reconstruction_error, reconstruction_loss=reconstruction_loss,
-            balance_loss=balance_loss, aux_loss=aux_loss)
+            router_logits=routing.logits,
+            router_probs=routing.probs,
+            combine_weights=routing.combine_weights,
+            expert_index=routing.expert_index,
+            selected=routing.selected,
+            codes=codes,
+            code=code,
+            reconstruction_error=reconstruction_error,
+            reconstruction_loss=reconstruction_loss,
+            balance_loss=balance_loss,
+            aux_loss=aux_loss,
+        )
 
     def loss_terms(
         self, output: torch.Tensor, aux: dict[str, torch.Tensor], targets: torch.Tensor
@@ -446,7 +536,9 @@ class DictionaryMoE(nn.Module):
             "total": self.contrastive_weight * contrastive + aux["aux_loss"],
         }
 
-    def accumulate_gradients(self, x: torch.Tensor, targets: torch.Tensor, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    def accumulate_gradients(
+        self, x: torch.Tensor, targets: torch.Tensor, scale: float = 1.0
+    ) -> dict[str, torch.Tensor]:
         """One training batch without autograd: the loss terms, and ``scale`` times the gradient of
         ``total`` added to every parameter's ``.grad`` (created as zeros where it is None).
 
@@ -475,8 +567,11 @@ class DictionaryMoE(nn.Module):
         experts, weights = self.experts, self._head_weights()
         soft = experts.raw_threshold is not None
         grads = {name: _grad_buffer(parameter) for name, parameter in zip(HeadWeights._fields, weights)}
-        loss_weights = (self.contrastive_weight * scale, self.reconstruction_weight * scale,
-                        self.balance_loss_weight * scale)
+        loss_weights = (
+            self.contrastive_weight * scale,
+            self.reconstruction_weight * scale,
+            self.balance_loss_weight * scale,
+        )
         with torch.no_grad():
             thresholds = experts.thresholds() if soft else None
             codes = lista_forward(x, experts.encoder, experts.lateral, experts.sparsity, thresholds)  # (L, E, m, B)
@@ -487,12 +582,16 @@ class DictionaryMoE(nn.Module):
                 losses = self._head_step(x, codes[-1], positive, weights, grads, loss_weights, grad_pre[-1])
             else:
                 losses = self._head_step_torch(x, codes[-1], positive, weights, grads, loss_weights, grad_pre[-1])
-            lista_grads = {"encoder": _grad_buffer(experts.encoder), "lateral": _grad_buffer(experts.lateral),
-                           "thresholds": torch.zeros_like(thresholds) if soft else None}
+            lista_grads = {
+                "encoder": _grad_buffer(experts.encoder),
+                "lateral": _grad_buffer(experts.lateral),
+                "thresholds": torch.zeros_like(thresholds) if soft else None,
+            }
             lista_backward(x, experts.encoder, experts.lateral, codes, grad_pre, soft, lista_grads)
             if soft and experts.raw_threshold.requires_grad:  # through theta = softplus(raw)
-                _grad_buffer(experts.raw_threshold).addcmul_(lista_grads["thresholds"],
-                                                             torch.sigmoid(experts.raw_threshold))
+                _grad_buffer(experts.raw_threshold).addcmul_(
+                    lista_grads["thresholds"], torch.sigmoid(experts.raw_threshold)
+                )
         return dict(zip(("contrastive", "reconstruction", "balance", "total"), losses))
 
     def _objective_weights(self) -> tuple[float, float, float]:
@@ -501,19 +600,39 @@ class DictionaryMoE(nn.Module):
     def _head_step(self, x, codes, positive, weights, grads, loss_weights, grad_codes) -> tuple[torch.Tensor, ...]:
         """Head forward and backward as one compiled CPU call (``kernels.head_step``); the loss terms."""
         losses = codes.new_empty(4)
-        kernels.head_step(x.contiguous().numpy(), codes.numpy(), positive.numpy(),
-                          *(weight.detach().numpy() for weight in weights),
-                          self.routing == "straight_through", self.margin, MIN_SQUARED_DISTANCE,
-                          np.array(loss_weights), np.array(self._objective_weights()),
-                          *(grads[name].numpy() for name in HeadWeights._fields), grad_codes.numpy(), losses.numpy())
+        kernels.head_step(
+            x.contiguous().numpy(),
+            codes.numpy(),
+            positive.numpy(),
+            *(weight.detach().numpy() for weight in weights),
+            self.routing == "straight_through",
+            self.margin,
+            MIN_SQUARED_DISTANCE,
+            np.array(loss_weights),
+            np.array(self._objective_weights()),
+            *(grads[name].numpy() for name in HeadWeights._fields),
+            grad_codes.numpy(),
+            losses.numpy(),
+        )
         return losses.unbind()
 
-    def _head_step_torch(self, x, codes, positive, weights, grads, loss_weights, grad_codes) -> tuple[torch.Tensor, ...]:
+    def _head_step_torch(
+        self, x, codes, positive, weights, grads, loss_weights, grad_codes
+    ) -> tuple[torch.Tensor, ...]:
         """``_head_step`` as torch operations (GPU, bfloat16, or numba missing)."""
         state = head_forward(x, codes, weights, self.routing == "straight_through")
         contrastive, saved = contrastive_forward(state.embedding, positive, self.margin)
-        head_backward(x, codes, weights, state, contrastive_backward(saved, loss_weights[0]), loss_weights[1],
-                      loss_weights[2], grads, grad_codes)
+        head_backward(
+            x,
+            codes,
+            weights,
+            state,
+            contrastive_backward(saved, loss_weights[0]),
+            loss_weights[1],
+            loss_weights[2],
+            grads,
+            grad_codes,
+        )
         losses = (contrastive, state.reconstruction_loss, state.balance_loss)
         return (*losses, sum(weight * loss for weight, loss in zip(self._objective_weights(), losses)))
 

@@ -84,8 +84,9 @@ def _combine(per_slot: torch.Tensor, slot_of_token: torch.Tensor, n_tokens: int)
     return per_slot.index_select(0, slot_of_token).view(n_tokens, -1, per_slot.shape[-1]).sum(1)
 
 
-def sorted_mm_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                              top_k_weights: torch.Tensor) -> torch.Tensor:
+def sorted_mm_experts_forward(
+    self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """transformers' experts-forward signature: (T, d) tokens, (T, k) expert ids and weights -> (T, d).
 
     Raises
@@ -94,11 +95,18 @@ def sorted_mm_experts_forward(self, hidden_states: torch.Tensor, top_k_index: to
         For experts layers this implementation does not cover (bias, no gate, transposed or
         interleaved weights, a post-expert norm, expert parallelism).
     """
-    if (getattr(self, "has_bias", False) or not getattr(self, "has_gate", True) or getattr(self, "is_transposed", False)
-            or not getattr(self, "is_concatenated", True) or getattr(self, "has_post_expert_norm", False)
-            or getattr(self, "_is_expert_parallel", False)):
-        raise NotImplementedError(f"{SORTED_MM} covers SwiGLU experts with [gate; up] weights and no bias; "
-                                  f"use 'eager' for {type(self).__name__}")
+    if (
+        getattr(self, "has_bias", False)
+        or not getattr(self, "has_gate", True)
+        or getattr(self, "is_transposed", False)
+        or not getattr(self, "is_concatenated", True)
+        or getattr(self, "has_post_expert_norm", False)
+        or getattr(self, "_is_expert_parallel", False)
+    ):
+        raise NotImplementedError(
+            f"{SORTED_MM} covers SwiGLU experts with [gate; up] weights and no bias; "
+            f"use 'eager' for {type(self).__name__}"
+        )
     n_tokens, k = top_k_index.shape
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)  # slots grouped by expert, token order kept inside a group
@@ -106,8 +114,9 @@ def sorted_mm_experts_forward(self, hidden_states: torch.Tensor, top_k_index: to
     slot_of_token = torch.empty_like(order)
     slot_of_token[order] = torch.arange(order.numel(), device=order.device)
     slot_weights = top_k_weights.reshape(-1)[order].to(hidden_states.dtype)
-    out = _SortedExperts.apply(hidden_states, slot_weights, order // k, slot_of_token, counts,
-                               self.gate_up_proj, self.down_proj)
+    out = _SortedExperts.apply(
+        hidden_states, slot_weights, order // k, slot_of_token, counts, self.gate_up_proj, self.down_proj
+    )
     return out.to(hidden_states.dtype)
 
 

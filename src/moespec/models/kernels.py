@@ -132,8 +132,6 @@ def _keep_largest_network_py(codes, keep, network):
                     values[column] = 0.0
 
 
-
-
 # ---------------------------------------------------------------- the dictionary MoE's training step
 #
 # ``DictionaryMoE.accumulate_gradients`` on CPU: the LISTA recursion and everything after the
@@ -199,8 +197,9 @@ def _route_py(logits, codes, straight_through, probs, combine, selected, expert_
             mean_probability += probs[expert, column]
             selected[expert, column] = expert_index[column] == expert
             routed += selected[expert, column]
-            combine[expert, column] = (1.0 if selected[expert, column] else 0.0) if straight_through \
-                else probs[expert, column]
+            combine[expert, column] = (
+                (1.0 if selected[expert, column] else 0.0) if straight_through else probs[expert, column]
+            )
         dispatch_fraction[expert] = routed / n_columns
         balance += dispatch_fraction[expert] * mean_probability / n_columns
     code[:] = 0.0
@@ -256,8 +255,20 @@ def _contrastive_pairs_py(gram, positive, margin, min_squared_distance, slope, s
     return loss
 
 
-def _route_backward_py(codes, grad_code, combine, probs, error, dispatch_fraction, residual,
-                       reconstruction, balance, logit_scale, grad_codes, grad_logits):
+def _route_backward_py(
+    codes,
+    grad_code,
+    combine,
+    probs,
+    error,
+    dispatch_fraction,
+    residual,
+    reconstruction,
+    balance,
+    logit_scale,
+    grad_codes,
+    grad_logits,
+):
     """From dL/dcode (m, N) and the loss weights to dL/dcodes (E, m, N), dL/dlogits (E, N), and
     ``residual`` (E, d, N) scaled in place into dL/dresidual (``_route_backward`` in dictionary.py)."""
     n_experts, code_dim, n_columns = codes.shape
@@ -279,8 +290,9 @@ def _route_backward_py(codes, grad_code, combine, probs, error, dispatch_fractio
             weighted[column] += grad_probs[expert, column] * probs[expert, column]
     for expert in range(n_experts):  # softmax backward
         for column in range(n_columns):
-            grad_logits[expert, column] = (probs[expert, column] * (grad_probs[expert, column] - weighted[column])
-                                           * logit_scale)
+            grad_logits[expert, column] = (
+                probs[expert, column] * (grad_probs[expert, column] - weighted[column]) * logit_scale
+            )
 
 
 def _add_bias_py(values, bias):
@@ -307,10 +319,34 @@ def _add_row_sums_py(into, values):
         into[row] += total
 
 
-def _head_step_py(x, codes, positive, query_weight, query_bias, keys, dictionary, w1, b1, w2, b2,
-                  straight_through, margin, min_squared_distance, loss_weights, objective_weights,
-                  grad_query_weight, grad_query_bias, grad_keys, grad_dictionary, grad_w1, grad_b1, grad_w2, grad_b2,
-                  grad_codes, losses):
+def _head_step_py(
+    x,
+    codes,
+    positive,
+    query_weight,
+    query_bias,
+    keys,
+    dictionary,
+    w1,
+    b1,
+    w2,
+    b2,
+    straight_through,
+    margin,
+    min_squared_distance,
+    loss_weights,
+    objective_weights,
+    grad_query_weight,
+    grad_query_bias,
+    grad_keys,
+    grad_dictionary,
+    grad_w1,
+    grad_b1,
+    grad_w2,
+    grad_b2,
+    grad_codes,
+    losses,
+):
     """Forward and backward of everything after the experts' codes, for ``accumulate_gradients``.
 
     ``head_forward`` + ``contrastive_forward`` + ``contrastive_backward`` + ``head_backward`` of the
@@ -334,8 +370,7 @@ def _head_step_py(x, codes, positive, query_weight, query_bias, keys, dictionary
     probs, combine = np.empty_like(logits), np.empty_like(logits)
     selected, expert_index = np.empty(logits.shape, dtype=np.bool_), np.empty(n_columns, dtype=np.int64)
     code, dispatch_fraction = np.empty((code_dim, n_columns), dtype=dtype), np.empty(n_experts, dtype=dtype)
-    losses[2] = _route(logits, codes, straight_through, probs, combine, selected, expert_index, code,
-                       dispatch_fraction)
+    losses[2] = _route(logits, codes, straight_through, probs, combine, selected, expert_index, code, dispatch_fraction)
     # Projection head.
     hidden = np.dot(w1, code)  # (H, N)
     _add_bias(hidden, b1)
@@ -353,16 +388,19 @@ def _head_step_py(x, codes, positive, query_weight, query_bias, keys, dictionary
     # Contrastive loss over the ordered off-diagonal pairs.
     slope, slope_sum = np.empty((n_columns, n_columns), dtype=dtype), np.empty(n_columns, dtype=dtype)
     pairs = n_columns * (n_columns - 1)
-    losses[0] = _contrastive_pairs(np.dot(embedding.T, embedding), positive, margin, min_squared_distance,
-                                   slope, slope_sum) / pairs
+    losses[0] = (
+        _contrastive_pairs(np.dot(embedding.T, embedding), positive, margin, min_squared_distance, slope, slope_sum)
+        / pairs
+    )
     losses[3] = objective_weights[0] * losses[0] + objective_weights[1] * losses[1] + objective_weights[2] * losses[2]
     # Backward: the contrastive gradient 4 c (rowsum(C) e - C e), column i for sample i (C symmetric).
     grad_embedding = np.dot(embedding, slope)  # (P, N)
     coefficient = -4.0 * loss_weights[0] / pairs
     for row in range(grad_embedding.shape[0]):
         for column in range(n_columns):
-            grad_embedding[row, column] = coefficient * (grad_embedding[row, column]
-                                                         - slope_sum[column] * embedding[row, column])
+            grad_embedding[row, column] = coefficient * (
+                grad_embedding[row, column] - slope_sum[column] * embedding[row, column]
+            )
     _add_product(grad_w2, grad_embedding, hidden.T)
     _add_row_sums(grad_b2, grad_embedding)
     grad_hidden = np.dot(w2.T, grad_embedding)  # (H, N)
@@ -374,8 +412,20 @@ def _head_step_py(x, codes, positive, query_weight, query_bias, keys, dictionary
     _add_row_sums(grad_b1, grad_hidden)
     grad_code = np.dot(w1.T, grad_hidden)  # (m, N)
     grad_logits = np.empty_like(logits)
-    _route_backward(codes, grad_code, combine, probs, error, dispatch_fraction, residual, loss_weights[1],
-                    loss_weights[2], logit_scale, grad_codes, grad_logits)
+    _route_backward(
+        codes,
+        grad_code,
+        combine,
+        probs,
+        error,
+        dispatch_fraction,
+        residual,
+        loss_weights[1],
+        loss_weights[2],
+        logit_scale,
+        grad_codes,
+        grad_logits,
+    )
     for expert in range(n_experts):  # residual is dL/dresidual now
         _add_product(grad_dictionary[expert], residual[expert], codes[expert].T)
         _add_product(grad_codes[expert], dictionary[expert].T, residual[expert])

@@ -83,7 +83,7 @@ class ExpertFFN(nn.Module):
     Layout as transformers' ``MixtralExperts`` (v5): ``gate_up_proj`` (E, 2F, H) for SwiGLU or
     (E, F, H) otherwise, ``down_proj`` (E, H, F). All experts run on all tokens (one batched matmul
     per projection); at the sizes of this project (E <= 16, H <= 512) that wastes at most E/k FLOPs
-    and beats any gather/scatter dispatch, which is launch-bound (research/moe.md section 4).
+    and beats any gather/scatter dispatch, which is launch-bound (docs/moe.md, "Efficient implementation").
 
     Parameters
     ----------

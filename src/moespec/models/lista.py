@@ -37,8 +37,13 @@ from moespec.models.layers import uniform_fan_in_
 Shrinkage = Literal["topk", "soft"]
 
 
-def lista_forward(x: torch.Tensor, encoder: torch.Tensor, lateral: torch.Tensor, sparsity: torch.Tensor,
-                  thresholds: torch.Tensor | None) -> torch.Tensor:
+def lista_forward(
+    x: torch.Tensor,
+    encoder: torch.Tensor,
+    lateral: torch.Tensor,
+    sparsity: torch.Tensor,
+    thresholds: torch.Tensor | None,
+) -> torch.Tensor:
     """Every step's codes of every expert.
 
     Parameters
@@ -73,8 +78,15 @@ def lista_forward(x: torch.Tensor, encoder: torch.Tensor, lateral: torch.Tensor,
     return codes
 
 
-def lista_backward(x: torch.Tensor, encoder: torch.Tensor, lateral: torch.Tensor, codes: torch.Tensor,
-                   grad_pre: torch.Tensor, soft: bool, grads: dict[str, torch.Tensor | None]) -> None:
+def lista_backward(
+    x: torch.Tensor,
+    encoder: torch.Tensor,
+    lateral: torch.Tensor,
+    codes: torch.Tensor,
+    grad_pre: torch.Tensor,
+    soft: bool,
+    grads: dict[str, torch.Tensor | None],
+) -> None:
     """Accumulate the gradients of ``lista_forward`` into ``grads``.
 
     Parameters
@@ -106,8 +118,9 @@ def lista_backward(x: torch.Tensor, encoder: torch.Tensor, lateral: torch.Tensor
     if grads.get("encoder") is not None:
         grads["encoder"].view(-1, input_dim).addmm_(flat, x)
     if grads.get("lateral") is not None:  # S_0 multiplies z_0 = 0: its gradient stays as it is
-        grads["lateral"][1:].flatten(0, 1).baddbmm_(grad_pre[1:].flatten(0, 1),
-                                                     codes[:-1].flatten(0, 1).transpose(1, 2))
+        grads["lateral"][1:].flatten(0, 1).baddbmm_(
+            grad_pre[1:].flatten(0, 1), codes[:-1].flatten(0, 1).transpose(1, 2)
+        )
     if soft and grads.get("thresholds") is not None:
         grads["thresholds"].sub_((grad_pre * codes.sign()).sum(dim=-1))
 

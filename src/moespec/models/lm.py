@@ -107,8 +107,10 @@ class LMModelConfig(BaseModel):
         if self.top_k > self.num_experts:
             problems.append(f"top_k {self.top_k} is above num_experts {self.num_experts}")
         if self.decoder_sparse_step > self.num_layers:
-            problems.append(f"decoder_sparse_step {self.decoder_sparse_step} is above num_layers {self.num_layers} "
-                            f"(no block would be an MoE block)")
+            problems.append(
+                f"decoder_sparse_step {self.decoder_sparse_step} is above num_layers {self.num_layers} "
+                f"(no block would be an MoE block)"
+            )
         outside = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
         if outside:
             problems.append(f"mlp_only_layers {outside} are not blocks 0..{self.num_layers - 1}")
@@ -128,8 +130,11 @@ class LMModelConfig(BaseModel):
 
     def moe_layers(self) -> list[int]:
         """Blocks that are MoE blocks in the MoE model (Qwen2-MoE's rule)."""
-        return [i for i in range(self.num_layers)
-                if i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0]
+        return [
+            i
+            for i in range(self.num_layers)
+            if i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+        ]
 
     def dense_width(self) -> int:
         return self.intermediate_size or 4 * self.hidden_size
@@ -138,50 +143,75 @@ class LMModelConfig(BaseModel):
         return self.expert_size or self.hidden_size
 
 
-def moe_hf_config(cfg: LMModelConfig, vocab_size: int, max_positions: int, eot_id: int,
-                  aux_loss_coef: float = 0.01) -> Any:
+def moe_hf_config(
+    cfg: LMModelConfig, vocab_size: int, max_positions: int, eot_id: int, aux_loss_coef: float = 0.01
+) -> Any:
     """The ``Qwen2MoeConfig`` of the MoE model described by ``cfg`` (``aux_loss_coef``: its load-balancing weight)."""
     from transformers import Qwen2MoeConfig
 
     return Qwen2MoeConfig(
-        vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.dense_width(),
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads, max_position_embeddings=max_positions,
-        initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings,
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.dense_width(),
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+        max_position_embeddings=max_positions,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        attention_dropout=cfg.dropout, decoder_sparse_step=cfg.decoder_sparse_step,
-        moe_intermediate_size=cfg.expert_width(), shared_expert_intermediate_size=cfg.shared_expert_size,
-        num_experts_per_tok=cfg.top_k, num_experts=cfg.num_experts, norm_topk_prob=cfg.norm_topk_prob,
-        mlp_only_layers=list(cfg.mlp_only_layers), qkv_bias=True, router_aux_loss_coef=aux_loss_coef,
-        bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
+        attention_dropout=cfg.dropout,
+        decoder_sparse_step=cfg.decoder_sparse_step,
+        moe_intermediate_size=cfg.expert_width(),
+        shared_expert_intermediate_size=cfg.shared_expert_size,
+        num_experts_per_tok=cfg.top_k,
+        num_experts=cfg.num_experts,
+        norm_topk_prob=cfg.norm_topk_prob,
+        mlp_only_layers=list(cfg.mlp_only_layers),
+        qkv_bias=True,
+        router_aux_loss_coef=aux_loss_coef,
+        bos_token_id=eot_id,
+        eos_token_id=eot_id,
+        pad_token_id=eot_id,
+    )
 
 
 def dense_hf_config(cfg: LMModelConfig, vocab_size: int, max_positions: int, eot_id: int, width: int) -> Any:
     """The config of a dense twin with FFN width ``width`` (Qwen2, or Llama with biased q/k/v)."""
     from transformers import LlamaConfig, Qwen2Config
 
-    common = dict(vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=width,
-                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                  num_key_value_heads=cfg.num_kv_heads or cfg.num_heads, max_position_embeddings=max_positions,
-                  initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings,
-                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-                  attention_dropout=cfg.dropout, rms_norm_eps=1e-6,
-                  bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=width,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+        max_position_embeddings=max_positions,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        attention_dropout=cfg.dropout,
+        rms_norm_eps=1e-6,
+        bos_token_id=eot_id,
+        eos_token_id=eot_id,
+        pad_token_id=eot_id,
+    )
     if cfg.dense_architecture == "llama":
         return LlamaConfig(**common, attention_bias=False)
     return Qwen2Config(**common)
 
 
-def hf_config(cfg: LMModelConfig, vocab_size: int, max_positions: int, eot_id: int,
-              aux_loss_coef: float = 0.01) -> Any:
+def hf_config(cfg: LMModelConfig, vocab_size: int, max_positions: int, eot_id: int, aux_loss_coef: float = 0.01) -> Any:
     """The transformers config of the model ``cfg`` describes (the MoE, or its matched dense twin)."""
     moe = moe_hf_config(cfg, vocab_size, max_positions, eot_id, aux_loss_coef)
     if cfg.is_moe:
         return moe
     total, active = parameter_counts_of_config(moe)
     target = active if cfg.dense_twin == "active" else total
-    return dense_hf_config(cfg, vocab_size, max_positions, eot_id, matched_width(cfg, vocab_size, max_positions,
-                                                                                  eot_id, target))
+    return dense_hf_config(
+        cfg, vocab_size, max_positions, eot_id, matched_width(cfg, vocab_size, max_positions, eot_id, target)
+    )
 
 
 def matched_width(cfg: LMModelConfig, vocab_size: int, max_positions: int, eot_id: int, target: int) -> int:
@@ -263,8 +293,9 @@ def add_dropout(model: Any, p: float) -> list[Any]:
             return (F.dropout(output[0], p, True),) + tuple(output[1:])
         return F.dropout(output, p, True)
 
-    return [layer.self_attn.register_forward_hook(drop) for layer in model.model.layers] + \
-           [layer.mlp.register_forward_hook(drop) for layer in model.model.layers]
+    return [layer.self_attn.register_forward_hook(drop) for layer in model.model.layers] + [
+        layer.mlp.register_forward_hook(drop) for layer in model.model.layers
+    ]
 
 
 def router_z_loss(router_logits: Any) -> Any:
@@ -274,8 +305,9 @@ def router_z_loss(router_logits: Any) -> Any:
     return torch.stack([torch.logsumexp(logits.float(), dim=-1).square().mean() for logits in router_logits]).mean()
 
 
-def loss_terms(model: Any, input_ids: Any, labels: Any, balance_weight: float,
-               z_weight: float) -> tuple[dict[str, Any], Any]:
+def loss_terms(
+    model: Any, input_ids: Any, labels: Any, balance_weight: float, z_weight: float
+) -> tuple[dict[str, Any], Any]:
     """The training objective of a causal LM, term by term.
 
     Parameters
@@ -311,8 +343,9 @@ def loss_terms(model: Any, input_ids: Any, labels: Any, balance_weight: float,
     return terms, output
 
 
-def choose_experts_implementation(model: Any, input_ids: Any, labels: Any, candidates: tuple[str, ...],
-                                  repeats: int = 2) -> tuple[str, dict[str, float]]:
+def choose_experts_implementation(
+    model: Any, input_ids: Any, labels: Any, candidates: tuple[str, ...], repeats: int = 2
+) -> tuple[str, dict[str, float]]:
     """Time a training step (forward + backward) of ``model`` under each experts implementation; pick the fastest.
 
     Runs on a deep copy under a forked RNG: the model, its gradients and the caller's random
@@ -354,4 +387,3 @@ def _synchronise(device: Any) -> None:
 def flops_per_token(params_active: int, num_layers: int, seq_len: int, hidden_size: int) -> float:
     """Training FLOPs per token: 6 N_active plus attention's 12 L T d (Kaplan et al. 2020, table 1; PaLM app. B)."""
     return 6.0 * params_active + 12.0 * num_layers * seq_len * hidden_size
-

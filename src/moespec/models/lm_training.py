@@ -75,9 +75,22 @@ class LMObjective:
         Validation tokens whose routing :attr:`last_routing` keeps.
     """
 
-    def __init__(self, train: PackedTokens, val: PackedTokens, val_domain: np.ndarray, val_bytes: np.ndarray,
-                 n_domains: int, eot_id: int, batch_size: int, seed: int, device: Any, balance_weight: float,
-                 z_weight: float, autocast: Optional[Any] = None, routing_tokens: int = 0):
+    def __init__(
+        self,
+        train: PackedTokens,
+        val: PackedTokens,
+        val_domain: np.ndarray,
+        val_bytes: np.ndarray,
+        n_domains: int,
+        eot_id: int,
+        batch_size: int,
+        seed: int,
+        device: Any,
+        balance_weight: float,
+        z_weight: float,
+        autocast: Optional[Any] = None,
+        routing_tokens: int = 0,
+    ):
         self.train = torch.as_tensor(train.windows)
         self.val = val
         self.val_domain = np.asarray(val_domain, dtype=np.int64)
@@ -99,7 +112,7 @@ class LMObjective:
         from moespec.models.training import epoch_order
 
         order = epoch_order(len(self.train), self.seed, epoch)
-        return [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
 
     def train_batch(self, model: Any, batch: Any, scale: float) -> tuple[dict[str, float], float]:
         inputs, labels = self._tensors(self.train[batch].numpy())
@@ -116,8 +129,8 @@ class LMObjective:
         sums = _Sums(self.n_domains)
         routing: list[tuple[np.ndarray, ...]] = []
         for start in range(0, len(self.val), self.batch_size):
-            windows = self.val.windows[start:start + self.batch_size]
-            owner = self.val.owner[start:start + self.batch_size]
+            windows = self.val.windows[start : start + self.batch_size]
+            owner = self.val.owner[start : start + self.batch_size]
             inputs, labels = self._tensors(windows)
             terms, output = loss_terms(model, inputs, labels, 0.0, 0.0)
             target_domain = self._domains(owner[:, 1:])
@@ -125,11 +138,19 @@ class LMObjective:
             if output.get("router_logits") is not None:
                 input_domain = self._domains(owner[:, :-1])  # the router sees the input token
                 real = torch.as_tensor(input_domain >= 0, device=self.device).reshape(-1)
-                sums.add_routing(output.router_logits, real, model.config.num_experts_per_tok,
-                                 float(terms["balance"]), float(terms["z"]))
+                sums.add_routing(
+                    output.router_logits,
+                    real,
+                    model.config.num_experts_per_tok,
+                    float(terms["balance"]),
+                    float(terms["z"]),
+                )
                 if sum(len(r[1]) for r in routing) < self.routing_tokens:
-                    routing.append(_routing_rows(output.router_logits, real, model.config.num_experts_per_tok,
-                                                 windows[:, :-1], input_domain))
+                    routing.append(
+                        _routing_rows(
+                            output.router_logits, real, model.config.num_experts_per_tok, windows[:, :-1], input_domain
+                        )
+                    )
         metrics = sums.metrics(self.domain_bytes)
         if routing:
             self.last_routing = _merge_routing(routing, self.routing_tokens)
@@ -189,24 +210,36 @@ class _Sums:
         with np.errstate(invalid="ignore", divide="ignore"):
             domain_loss = np.where(self.tokens > 0, self.nll / np.maximum(self.tokens, 1), np.nan)
             domain_bpb = np.where(domain_bytes > 0, self.nll / math.log(2) / np.maximum(domain_bytes, 1), np.nan)
-        metrics = {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 700.0)),
-                   "val_bits_per_byte": total_nll / math.log(2) / max(float(domain_bytes.sum()), 1.0),
-                   "val_accuracy": self.correct / max(total_tokens, 1.0), "val_tokens": int(total_tokens),
-                   "val_domain_loss": domain_loss.tolist(), "val_domain_bits_per_byte": domain_bpb.tolist()}
+        metrics = {
+            "val_loss": val_loss,
+            "val_perplexity": math.exp(min(val_loss, 700.0)),
+            "val_bits_per_byte": total_nll / math.log(2) / max(float(domain_bytes.sum()), 1.0),
+            "val_accuracy": self.correct / max(total_tokens, 1.0),
+            "val_tokens": int(total_tokens),
+            "val_domain_loss": domain_loss.tolist(),
+            "val_domain_bits_per_byte": domain_bpb.tolist(),
+        }
         if self.load is not None:
-            metrics.update(expert_load=(self.load / self.load.sum(axis=1, keepdims=True)).tolist(),
-                           router_entropy=(self.entropy / max(self.routed, 1.0)).tolist(),
-                           val_balance=self.balance / self.batches, val_z=self.z / self.batches)
+            metrics.update(
+                expert_load=(self.load / self.load.sum(axis=1, keepdims=True)).tolist(),
+                router_entropy=(self.entropy / max(self.routed, 1.0)).tolist(),
+                val_balance=self.balance / self.batches,
+                val_z=self.z / self.batches,
+            )
         return metrics
 
 
-def _routing_rows(router_logits: tuple, real: Any, top_k: int, inputs: np.ndarray,
-                  input_domain: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _routing_rows(
+    router_logits: tuple, real: Any, top_k: int, inputs: np.ndarray, input_domain: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(expert_index (n, L, k), token ids (n,), domains (n,)) of a batch's real input positions."""
     index = torch.stack([logits.float()[real].topk(top_k, dim=-1).indices for logits in router_logits], dim=1)
     mask = real.cpu().numpy()
-    return (index.to(torch.int16).cpu().numpy(), inputs.reshape(-1)[mask].astype(np.int64),
-            input_domain.reshape(-1)[mask].astype(np.int64))
+    return (
+        index.to(torch.int16).cpu().numpy(),
+        inputs.reshape(-1)[mask].astype(np.int64),
+        input_domain.reshape(-1)[mask].astype(np.int64),
+    )
 
 
 def _merge_routing(parts: list[tuple[np.ndarray, ...]], limit: int) -> ValidationRouting:

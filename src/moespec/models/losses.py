@@ -20,9 +20,7 @@ def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
-def switch_load_balancing_loss(
-    router_probs: torch.Tensor, expert_index: torch.Tensor, n_experts: int
-) -> torch.Tensor:
+def switch_load_balancing_loss(router_probs: torch.Tensor, expert_index: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Switch Transformer load-balancing loss, generalised to top-k as in transformers' Mixtral.
 
     ``E * sum_i f_i * P_i`` (Fedus et al. 2021, arXiv 2101.03961, eqs. 4-6), where ``f_i`` is the
@@ -93,9 +91,7 @@ def positive_pair_mask(keys: torch.Tensor) -> torch.Tensor:
     return (keys.unsqueeze(1) == keys.unsqueeze(0)).all(dim=-1)  # (B, B)
 
 
-def contrastive_margin_loss(
-    embeddings: torch.Tensor, positive: torch.Tensor, margin: float = 1.0
-) -> torch.Tensor:
+def contrastive_margin_loss(embeddings: torch.Tensor, positive: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
     """Margin contrastive loss over all ordered pairs of a batch (Hadsell, Chopra & LeCun 2006, eq. 4).
 
     ``mean_{i != j} [ s_ij d_ij^2 + (1 - s_ij) max(0, margin - d_ij)^2 ]`` with ``d_ij`` the Euclidean
@@ -122,8 +118,9 @@ def contrastive_margin_loss(
     return _ContrastiveMarginLoss.apply(embeddings, positive, margin)
 
 
-def contrastive_forward(embeddings: torch.Tensor, positive: torch.Tensor,
-                        margin: float) -> tuple[torch.Tensor, tuple[Any, ...]]:
+def contrastive_forward(
+    embeddings: torch.Tensor, positive: torch.Tensor, margin: float
+) -> tuple[torch.Tensor, tuple[Any, ...]]:
     """``contrastive_margin_loss`` without autograd, and what ``contrastive_backward`` needs.
 
     With ``l_ij`` the pair loss, its slope ``dl/d(d_ij^2)`` is 1 for a positive and
@@ -149,8 +146,9 @@ def contrastive_forward(embeddings: torch.Tensor, positive: torch.Tensor,
     return loss / pairs, (embeddings.detach(), slope, slope_sum, 1.0 / pairs)
 
 
-def _contrastive_pairs(gram: torch.Tensor, positive: torch.Tensor,
-                       margin: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _contrastive_pairs(
+    gram: torch.Tensor, positive: torch.Tensor, margin: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum of the pair losses, their slopes dl/d(d^2) and the slopes' row sums, from ``e e^T``."""
     squared_norm = gram.diagonal(dim1=-2, dim2=-1)  # (..., B)
     # The clamp removes the small negative values cancellation can leave.

@@ -50,8 +50,8 @@ def flatten_parameters_(module: nn.Module) -> nn.Parameter:
     offset = 0
     for parameter in parameters:
         size = parameter.numel()
-        parameter.data = flat.data[offset:offset + size].view_as(parameter)
-        parameter.grad = flat.grad[offset:offset + size].view_as(parameter)
+        parameter.data = flat.data[offset : offset + size].view_as(parameter)
+        parameter.grad = flat.grad[offset : offset + size].view_as(parameter)
         offset += size
     return flat
 
@@ -71,17 +71,39 @@ class _FlatFusedAdam:
         group = self.param_groups[0]
         parameter = group["params"][0]
         state = self.state.get(parameter)
-        if (closure is not None or len(self.param_groups) != 1 or len(group["params"]) != 1 or not state
-                or parameter.grad is None or group["amsgrad"] or group["maximize"] or group["differentiable"]
-                or torch.is_tensor(group["lr"])):
+        if (
+            closure is not None
+            or len(self.param_groups) != 1
+            or len(group["params"]) != 1
+            or not state
+            or parameter.grad is None
+            or group["amsgrad"]
+            or group["maximize"]
+            or group["differentiable"]
+            or torch.is_tensor(group["lr"])
+        ):
             return super().step(closure)
         fused = torch._fused_adamw_ if group.get("decoupled_weight_decay") else torch._fused_adam_
         beta1, beta2 = group["betas"]
         with torch.no_grad():
             state["step"].add_(1)
-            fused([parameter], [parameter.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]],
-                  amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                  eps=group["eps"], maximize=False, grad_scale=None, found_inf=None)
+            fused(
+                [parameter],
+                [parameter.grad],
+                [state["exp_avg"]],
+                [state["exp_avg_sq"]],
+                [],
+                [state["step"]],
+                amsgrad=False,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=False,
+                grad_scale=None,
+                found_inf=None,
+            )
         return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002 - the views must survive
@@ -99,8 +121,9 @@ class FlatAdamW(_FlatFusedAdam, torch.optim.AdamW):
     """Fused ``torch.optim.AdamW`` over a flat parameter (see ``_FlatFusedAdam``)."""
 
 
-def flat_adam(module: nn.Module, *, lr: float, weight_decay: float = 0.0,
-              kind: Literal["adam", "adamw"] = "adam") -> torch.optim.Optimizer:
+def flat_adam(
+    module: nn.Module, *, lr: float, weight_decay: float = 0.0, kind: Literal["adam", "adamw"] = "adam"
+) -> torch.optim.Optimizer:
     """Fused Adam or AdamW over the flattened parameters of ``module`` (see the module docstring).
 
     The update of each parameter is exactly torch's fused Adam(W) on that parameter: the optimiser

@@ -4,7 +4,7 @@ Routing is computed densely: every function returns a ``(..., E)`` weight per to
 for experts that are not used, so a layer combines all experts with one matrix product and no
 per-sample Python or data-dependent indexing (no host synchronisation, compile friendly).
 
-Ablations follow research/moe.md section 3.5 (interventions A, B, C):
+Ablations follow docs/moe.md, "Ablation interventions" (A, B, C):
 
 ``"mask"``  (A) the expert's router logit is set to -inf before the softmax and top-k: tokens re-route.
 ``"zero"``  (B) routing is unchanged; the ablated expert's contribution is multiplied by 0.
@@ -19,7 +19,6 @@ import math
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, get_args
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -105,8 +104,7 @@ def _broadcast_ablation(logits: torch.Tensor, ablation: Ablation) -> tuple[torch
     return logits.expand(shape), ablated.expand(shape)
 
 
-def _ablated_logits(router_logits: torch.Tensor,
-                    ablation: Ablation | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _ablated_logits(router_logits: torch.Tensor, ablation: Ablation | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits in at least float32 (softmax in fp32, as Switch's "selective precision" and Mixtral do;
     float64 stays float64), broadcast against the ablation, with masked experts at -inf; and the
     ablated-expert mask (None without one)."""
@@ -171,7 +169,7 @@ def route_dictionary(
     mode: Literal["soft", "straight_through"],
     ablation: Ablation | None = None,
 ) -> Routing:
-    """Routing of the dictionary MoE, built so that the gate is trained (research/moe.md section 1.7).
+    """Routing of the dictionary MoE, built so that the gate is trained (docs/moe.md, "What moespec changed").
 
     ``"soft"``: the mixture weights are the probabilities themselves (every expert contributes).
     ``"straight_through"``: the forward pass uses the arg-max expert alone (weight 1); the backward
@@ -222,7 +220,7 @@ def expert_counts(selected: torch.Tensor) -> torch.Tensor:
 
 
 def routing_entropy(router_probs: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-    """Per-token entropy of the routing distribution, ``-sum_e p_e log p_e`` (research/moe.md 3.5).
+    """Per-token entropy of the routing distribution, ``-sum_e p_e log p_e`` (docs/moe.md, "Specialisation metrics").
 
     Parameters
     ----------

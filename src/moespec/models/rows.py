@@ -60,13 +60,18 @@ def load_training_data(model_cfg: Any, reader: Any, dataset: str) -> TrainingDat
     label = reader.read("label").astype(np.int64)
     target = model_cfg.target
     if target in ("label", "domain_label") and (label < 0).any():
-        raise DataError(f"train.model.{model_cfg.target_key}: {target!r} needs a label on every row, but "
-                        f"{int((label < 0).sum())} of {len(label)} input rows are unlabelled (label = -1); "
-                        f"use 'domain' or give every source labels")
-    names = {key: [str(n) for n in reader.read(key)] if key in reader else [] for key in ("domain_names", "label_names")}
+        raise DataError(
+            f"train.model.{model_cfg.target_key}: {target!r} needs a label on every row, but "
+            f"{int((label < 0).sum())} of {len(label)} input rows are unlabelled (label = -1); "
+            f"use 'domain' or give every source labels"
+        )
+    names = {
+        key: [str(n) for n in reader.read(key)] if key in reader else [] for key in ("domain_names", "label_names")
+    }
     try:
-        targets, n_classes, target_names = model_cfg.training_targets(domain, label, names["domain_names"],
-                                                                      names["label_names"])
+        targets, n_classes, target_names = model_cfg.training_targets(
+            domain, label, names["domain_names"], names["label_names"]
+        )
     except ValueError as e:
         raise DataError(f"train.model.{model_cfg.target_key}: {e}") from e
     return TrainingData(features, domain, label, targets, n_classes, target_names)
@@ -101,8 +106,18 @@ class RowObjective:
         ``collapse(expert_load) -> (collapsed, reasons)``, recorded at every evaluation.
     """
 
-    def __init__(self, features: Any, targets: Any, train_rows: Any, val_rows: Any, *, batch_size: int, seed: int,
-                 dtype: Any = None, collapse: Any = None):
+    def __init__(
+        self,
+        features: Any,
+        targets: Any,
+        train_rows: Any,
+        val_rows: Any,
+        *,
+        batch_size: int,
+        seed: int,
+        dtype: Any = None,
+        collapse: Any = None,
+    ):
         self.features, self.targets = features, targets
         self.train_rows, self.val_rows = train_rows, val_rows
         self.batch_size, self.seed, self.dtype, self.collapse = batch_size, seed, dtype, collapse
@@ -116,16 +131,27 @@ class RowObjective:
 
     def evaluate(self, model: Any) -> dict[str, Any]:
         metrics = self.evaluate_all(model)
-        record = {"val_loss": metrics["loss"]["total"], "val": metrics["loss"], "val_accuracy": metrics["accuracy"],
-                  "expert_load": metrics["expert_load"], "routing_entropy": metrics["routing_entropy"]}
+        record = {
+            "val_loss": metrics["loss"]["total"],
+            "val": metrics["loss"],
+            "val_accuracy": metrics["accuracy"],
+            "expert_load": metrics["expert_load"],
+            "routing_entropy": metrics["routing_entropy"],
+        }
         if self.collapse is not None:
             record["collapsed"], record["collapse_reasons"] = self.collapse(metrics["expert_load"])
         return record
 
     def evaluate_all(self, model: Any) -> dict[str, Any]:
         """Everything :func:`evaluate` measures on the validation rows (outputs and routing per row included)."""
-        return evaluate(model, self.features[self.val_rows], self.targets[self.val_rows], self.batch_size,
-                        train_features=self.features[self.train_rows], train_targets=self.targets[self.train_rows])
+        return evaluate(
+            model,
+            self.features[self.val_rows],
+            self.targets[self.val_rows],
+            self.batch_size,
+            train_features=self.features[self.train_rows],
+            train_targets=self.targets[self.train_rows],
+        )
 
 
 def train_batch(model: Any, features: Any, targets: Any, scale: float, dtype: Any = None) -> dict[str, float]:
@@ -164,8 +190,9 @@ def make_optimizer(model: Any, *, lr: float, weight_decay: float, kind: str) -> 
 # evaluation
 
 
-def evaluate(model: Any, features: Any, targets: Any, batch_size: int, *, train_features: Any = None,
-             train_targets: Any = None) -> dict[str, Any]:
+def evaluate(
+    model: Any, features: Any, targets: Any, batch_size: int, *, train_features: Any = None, train_targets: Any = None
+) -> dict[str, Any]:
     """Loss terms, accuracy and routing of a model on held-out rows (eval mode, no gradient).
 
     Returns
@@ -224,8 +251,9 @@ def argmax_accuracy(model: Any, output: Any, targets: Any, *_: Any) -> float:
     return float((output.argmax(dim=-1) == targets).float().mean())
 
 
-def centroid_accuracy(model: Any, output: Any, targets: Any, train_features: Any, train_targets: Any,
-                      batch_size: int) -> float:
+def centroid_accuracy(
+    model: Any, output: Any, targets: Any, train_features: Any, train_targets: Any, batch_size: int
+) -> float:
     """Dictionary MoE: share of rows whose projection is nearest the centroid of its own pair key.
 
     The centroids are the mean projections of the training rows of each key; NaN without training rows.
@@ -235,12 +263,16 @@ def centroid_accuracy(model: Any, output: Any, targets: Any, train_features: Any
     if train_features is None:
         return float("nan")
     with torch.no_grad():
-        train_embedding = torch.cat([model(train_features[rows])[0] for rows in
-                                     row_batches(torch.arange(len(train_features), device=train_features.device),
-                                                 batch_size)])
-    keys, key_id = torch.unique(torch.cat([train_targets, targets]).reshape(len(train_targets) + len(targets), -1),
-                                dim=0, return_inverse=True)
-    train_id, val_id = key_id[:len(train_targets)], key_id[len(train_targets):]
+        train_embedding = torch.cat(
+            [
+                model(train_features[rows])[0]
+                for rows in row_batches(torch.arange(len(train_features), device=train_features.device), batch_size)
+            ]
+        )
+    keys, key_id = torch.unique(
+        torch.cat([train_targets, targets]).reshape(len(train_targets) + len(targets), -1), dim=0, return_inverse=True
+    )
+    train_id, val_id = key_id[: len(train_targets)], key_id[len(train_targets) :]
     centroids = torch.zeros(len(keys), train_embedding.shape[-1], device=output.device)
     centroids.index_add_(0, train_id, train_embedding)
     counts = torch.bincount(train_id, minlength=len(keys))
@@ -261,9 +293,19 @@ def save_model(path: Path, model_cfg: Any, stage_config: dict, data: TrainingDat
     """Write a loadable model file (``best.pt`` / ``final.pt``): weights, configs and what rebuilding needs."""
     import torch
 
-    torch.save({"format": MODEL_FORMAT, "config": stage_config, "model_config": model_cfg.model_dump(mode="json"),
-                "input_dim": int(data.features.shape[1]), "n_classes": data.n_classes,
-                "target_names": data.target_names, "model": weights, **extra}, path)
+    torch.save(
+        {
+            "format": MODEL_FORMAT,
+            "config": stage_config,
+            "model_config": model_cfg.model_dump(mode="json"),
+            "input_dim": int(data.features.shape[1]),
+            "n_classes": data.n_classes,
+            "target_names": data.target_names,
+            "model": weights,
+            **extra,
+        },
+        path,
+    )
 
 
 def load_model(path: Path | str, *, map_location: str = "cpu"):
@@ -283,8 +325,9 @@ def load_model(path: Path | str, *, map_location: str = "cpu"):
 
     path = Path(path)
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    if not (isinstance(checkpoint, dict) and checkpoint.get("format") in MODEL_FORMATS
-            and "model_config" in checkpoint):
+    if not (
+        isinstance(checkpoint, dict) and checkpoint.get("format") in MODEL_FORMATS and "model_config" in checkpoint
+    ):
         raise ConfigError(f"{path}: not a model checkpoint of the moespec train stage")
     model_config = TypeAdapter(ModelConfig).validate_python(checkpoint["model_config"])
     model = model_config.build(input_dim=checkpoint["input_dim"], n_classes=checkpoint["n_classes"])

@@ -37,8 +37,9 @@ class KeywordRouter:
     case_sensitive : bool
     """
 
-    def __init__(self, rules: Mapping[str, Sequence[str]], default: str, domains: Sequence[str],
-                 case_sensitive: bool = False):
+    def __init__(
+        self, rules: Mapping[str, Sequence[str]], default: str, domains: Sequence[str], case_sensitive: bool = False
+    ):
         self.rules, self.default, self.domains, self.case_sensitive = rules, default, domains, case_sensitive
 
     def fit(self, texts: Optional[Sequence[str]] = None, domain: Optional[np.ndarray] = None) -> "KeywordRouter":
@@ -47,8 +48,11 @@ class KeywordRouter:
         if unknown:
             raise ValueError(f"keyword rules name unknown domain(s) {unknown}; the domains are {list(self.domains)}")
         flags = 0 if self.case_sensitive else re.IGNORECASE
-        self.patterns_ = [(list(self.domains).index(d), re.compile("|".join(_pattern(k) for k in keywords), flags))
-                          for d, keywords in self.rules.items() if keywords]
+        self.patterns_ = [
+            (list(self.domains).index(d), re.compile("|".join(_pattern(k) for k in keywords), flags))
+            for d, keywords in self.rules.items()
+            if keywords
+        ]
         self.default_index_ = list(self.domains).index(self.default)
         return self
 
@@ -92,8 +96,9 @@ class LearnedRouter:
 
         if len(np.unique(domain)) < 2:
             raise ValueError("a learned router needs training texts of at least two domains")
-        self.pipeline_ = make_pipeline(StandardScaler(), LogisticRegression(C=self.C, max_iter=self.max_iter,
-                                                                            random_state=self.random_state))
+        self.pipeline_ = make_pipeline(
+            StandardScaler(), LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.random_state)
+        )
         self.pipeline_.fit(np.asarray(features, dtype=np.float64), domain)
         self.classes_ = self.pipeline_.classes_
         return self

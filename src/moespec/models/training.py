@@ -128,10 +128,18 @@ class TrainState:
     stopped_early: bool = False
 
 
-def fit(model: Any, optimizer: Any, scheduler: Any, objective: Objective, loop: LoopConfig, *,
-        checkpoint: Optional["Checkpointer"] = None, log: Any = None,
-        progress: Optional[Callable[[TrainState], None]] = None,
-        on_evaluation: Optional[Callable[[dict[str, Any]], None]] = None) -> TrainState:
+def fit(
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    objective: Objective,
+    loop: LoopConfig,
+    *,
+    checkpoint: Optional["Checkpointer"] = None,
+    log: Any = None,
+    progress: Optional[Callable[[TrainState], None]] = None,
+    on_evaluation: Optional[Callable[[dict[str, Any]], None]] = None,
+) -> TrainState:
     """Train ``model`` on ``objective`` until the budget of ``loop`` is spent or early stopping.
 
     A checkpoint of this run found by ``checkpoint`` is resumed first. ``progress(state)`` is
@@ -143,8 +151,13 @@ def fit(model: Any, optimizer: Any, scheduler: Any, objective: Objective, loop: 
         on_evaluation = partial(_log_evaluation, log)
     state = (checkpoint.resume(model, optimizer, scheduler) if checkpoint else None) or TrainState()
     if state.step and log is not None:
-        log.info("resumed from %s at epoch %d, batch %d (step %d)", checkpoint.path, state.epoch,
-                 state.batch_in_epoch, state.step)
+        log.info(
+            "resumed from %s at epoch %d, batch %d (step %d)",
+            checkpoint.path,
+            state.epoch,
+            state.batch_in_epoch,
+            state.step,
+        )
     save = (lambda: checkpoint.save(model, optimizer, scheduler, state)) if checkpoint else (lambda: None)
     while not _budget_spent(state, loop) and not state.stopped_early:
         batches = objective.batches(state.epoch)
@@ -177,8 +190,9 @@ def fit(model: Any, optimizer: Any, scheduler: Any, objective: Objective, loop: 
 
 
 def _budget_spent(state: TrainState, loop: LoopConfig) -> bool:
-    return ((loop.epochs is not None and state.epoch >= loop.epochs)
-            or (loop.max_steps is not None and state.step >= loop.max_steps))
+    return (loop.epochs is not None and state.epoch >= loop.epochs) or (
+        loop.max_steps is not None and state.step >= loop.max_steps
+    )
 
 
 def _accumulate(state: TrainState, terms: Mapping[str, float], weight: float) -> None:
@@ -199,8 +213,9 @@ def _optimiser_step(model: Any, optimizer: Any, scheduler: Any, loop: LoopConfig
     scheduler.step()
     optimizer.zero_grad()
     state.step += 1
-    state.steps.append({"step": state.step, "epoch": state.epoch + 1, "lr": lr,
-                        "train": _means(state.window, state.window_weight)})
+    state.steps.append(
+        {"step": state.step, "epoch": state.epoch + 1, "lr": lr, "train": _means(state.window, state.window_weight)}
+    )
     state.window, state.window_weight = {}, 0.0
 
 
@@ -209,16 +224,33 @@ def _means(sums: Mapping[str, float], weight: float) -> dict[str, float]:
 
 
 def _log_evaluation(log: Any, record: dict[str, Any]) -> None:
-    log.info("step %d (epoch %d): train loss %.4g | val loss %.4g", record["step"], record["epoch"],
-             record["train"].get("total", math.nan), record["val_loss"])
+    log.info(
+        "step %d (epoch %d): train loss %.4g | val loss %.4g",
+        record["step"],
+        record["epoch"],
+        record["train"].get("total", math.nan),
+        record["val_loss"],
+    )
 
 
-def _evaluate(model: Any, scheduler: Any, objective: Objective, loop: LoopConfig, state: TrainState,
-              log: Any, on_evaluation: Optional[Callable[[dict[str, Any]], None]]) -> None:
+def _evaluate(
+    model: Any,
+    scheduler: Any,
+    objective: Objective,
+    loop: LoopConfig,
+    state: TrainState,
+    log: Any,
+    on_evaluation: Optional[Callable[[dict[str, Any]], None]],
+) -> None:
     """Evaluate, record, keep the best weights and decide early stopping."""
     metrics = objective.evaluate(model)
-    record = {"step": state.step, "epoch": state.epoch, "lr": float(scheduler.get_last_lr()[0]),
-              "train": _means(state.since_eval, state.since_eval_weight), **metrics}
+    record = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "lr": float(scheduler.get_last_lr()[0]),
+        "train": _means(state.since_eval, state.since_eval_weight),
+        **metrics,
+    }
     state.history.append(record)
     state.since_eval, state.since_eval_weight = {}, 0.0
     if on_evaluation is not None:
@@ -229,13 +261,22 @@ def _evaluate(model: Any, scheduler: Any, objective: Objective, loop: LoopConfig
         state.evaluations_without_improvement = 0
     else:
         state.evaluations_without_improvement += 1
-    if (loop.patience is not None and state.evaluations_without_improvement >= loop.patience
-            and not _budget_spent(state, loop)):
+    if (
+        loop.patience is not None
+        and state.evaluations_without_improvement >= loop.patience
+        and not _budget_spent(state, loop)
+    ):
         state.stopped_early = True
         if log is not None:
-            log.info("early stop at step %d (epoch %d): no validation improvement for %d evaluations "
-                     "(best at epoch %d, step %d)", state.step, state.epoch, loop.patience, state.best_epoch,
-                     state.best_step)
+            log.info(
+                "early stop at step %d (epoch %d): no validation improvement for %d evaluations "
+                "(best at epoch %d, step %d)",
+                state.step,
+                state.epoch,
+                loop.patience,
+                state.best_epoch,
+                state.best_step,
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,14 +293,15 @@ def epoch_order(n_rows: int, seed: int, epoch: int):
 
 def row_batches(order: Any, batch_size: int) -> list[Any]:
     """Consecutive batches of ``order``; a last batch of one row joins the previous one (pairs need 2)."""
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     if len(batches) > 1 and len(batches[-1]) < 2:
-        batches[-2:] = [order[-(len(batches[-2]) + len(batches[-1])):]]
+        batches[-2:] = [order[-(len(batches[-2]) + len(batches[-1])) :]]
     return batches
 
 
-def lr_schedule(kind: str, warmup_steps: int, total_steps: int, *, step_every: int = 0,
-                step_gamma: float = 0.1) -> Callable[[int], float]:
+def lr_schedule(
+    kind: str, warmup_steps: int, total_steps: int, *, step_every: int = 0, step_gamma: float = 0.1
+) -> Callable[[int], float]:
     """Multiplier of the base learning rate after ``step`` optimiser steps (for ``LambdaLR``).
 
     Linear warm-up over ``warmup_steps``, then ``constant``, ``cosine`` decay to 0 at
@@ -319,9 +361,15 @@ class Checkpointer:
     def save(self, model: Any, optimizer: Any, scheduler: Any, state: TrainState) -> None:
         import torch
 
-        payload = {"format": CHECKPOINT_FORMAT, "identity": self.identity, "model": model.state_dict(),
-                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                   "torch_rng": torch.random.get_rng_state(), "state": _state_to_checkpoint(state)}
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "identity": self.identity,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.random.get_rng_state(),
+            "state": _state_to_checkpoint(state),
+        }
         if torch.cuda.is_available():
             payload["cuda_rng"] = torch.cuda.get_rng_state_all()
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -337,8 +385,10 @@ class Checkpointer:
         checkpoint = self._load()
         differences = differences_between(checkpoint.get("identity", {}), self.identity, self.section)
         if differences:
-            raise ConfigError(f"{self.path}: checkpoint was written by a different run (differs in: "
-                              f"{', '.join(differences[:8])}); remove it or restore that config")
+            raise ConfigError(
+                f"{self.path}: checkpoint was written by a different run (differs in: "
+                f"{', '.join(differences[:8])}); remove it or restore that config"
+            )
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -359,8 +409,10 @@ class Checkpointer:
             raise ConfigError(f"{self.path}: not a readable moespec checkpoint: {e}") from e
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
         if found != CHECKPOINT_FORMAT:
-            raise ConfigError(f"{self.path}: not a resumable moespec checkpoint (format {found!r}, expected "
-                              f"{CHECKPOINT_FORMAT!r}); remove it to start this task afresh")
+            raise ConfigError(
+                f"{self.path}: not a resumable moespec checkpoint (format {found!r}, expected "
+                f"{CHECKPOINT_FORMAT!r}); remove it to start this task afresh"
+            )
         return checkpoint
 
 

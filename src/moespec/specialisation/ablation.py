@@ -62,8 +62,9 @@ class AblationPlan:
     control_target: np.ndarray
 
 
-def plan_ablations(layers: list[int], experts: list[int], load: np.ndarray, n_random: int,
-                   rng: np.random.Generator) -> AblationPlan:
+def plan_ablations(
+    layers: list[int], experts: list[int], load: np.ndarray, n_random: int, rng: np.random.Generator
+) -> AblationPlan:
     """Single-expert ablations of ``experts`` in each of ``layers``, and ``n_random`` matched-load sets for each.
 
     Parameters
@@ -85,9 +86,13 @@ def plan_ablations(layers: list[int], experts: list[int], load: np.ndarray, n_ra
                 masks.append(mask)
                 layer_of.append(layer)
                 targets.append(index)
-    return AblationPlan(np.array(masks, dtype=bool).reshape(-1, n_experts), np.array(layer_of, dtype=np.int64),
-                        len(singles), np.array([e for _, e in singles], dtype=np.int64),
-                        np.array(targets, dtype=np.int64))
+    return AblationPlan(
+        np.array(masks, dtype=bool).reshape(-1, n_experts),
+        np.array(layer_of, dtype=np.int64),
+        len(singles),
+        np.array([e for _, e in singles], dtype=np.int64),
+        np.array(targets, dtype=np.int64),
+    )
 
 
 def plan_tables(plan: AblationPlan, load: np.ndarray) -> dict[str, np.ndarray]:
@@ -96,7 +101,7 @@ def plan_tables(plan: AblationPlan, load: np.ndarray) -> dict[str, np.ndarray]:
     control_layer = plan.layer[controls]
     control_load = (plan.masks[controls] * load[control_layer]).sum(axis=-1) if len(control_layer) else np.zeros(0)
     return {
-        "ablations/layer": plan.layer[:plan.n_single],
+        "ablations/layer": plan.layer[: plan.n_single],
         "ablations/expert": plan.expert,
         "controls/random/experts": plan.masks[controls],
         "controls/random/layer": control_layer,
@@ -109,8 +114,9 @@ def plan_tables(plan: AblationPlan, load: np.ndarray) -> dict[str, np.ndarray]:
 # routing and specialisation
 
 
-def routing_tables(probs: np.ndarray, expert_index: np.ndarray, groups: Groups, *, entropy_bins: int = 20,
-                   dead_threshold: float = 0.1) -> dict[str, np.ndarray]:
+def routing_tables(
+    probs: np.ndarray, expert_index: np.ndarray, groups: Groups, *, entropy_bins: int = 20, dead_threshold: float = 0.1
+) -> dict[str, np.ndarray]:
     """Load, importance, entropy and the specialisation tables of each MoE layer.
 
     Parameters
@@ -141,8 +147,9 @@ def routing_tables(probs: np.ndarray, expert_index: np.ndarray, groups: Groups, 
         "experts/load": load,
         "experts/importance": np.stack([spec.expert_importance(probs[:, layer]) for layer in range(n_layers)]),
         "experts/dead": dead_expert_mask(load, dead_threshold),
-        "experts/entropy": np.stack([spec.mean_entropy_by_expert(entropy[:, layer], selected[:, layer])
-                                     for layer in range(n_layers)]),
+        "experts/entropy": np.stack(
+            [spec.mean_entropy_by_expert(entropy[:, layer], selected[:, layer]) for layer in range(n_layers)]
+        ),
         "layers/load_cv": np.array([spec.coefficient_of_variation(row) for row in load]),
         "layers/entropy_mean": entropy.mean(axis=0).astype(np.float64),
         "layers/router_information": np.array([spec.router_information(probs[:, layer]) for layer in range(n_layers)]),
@@ -151,22 +158,32 @@ def routing_tables(probs: np.ndarray, expert_index: np.ndarray, groups: Groups, 
         "entropy_bin_edges": distributions[0][1],
     }
     for key, codes in groups.routed.items():
-        counts = np.stack([spec.contingency_table(codes, selected[:, layer], groups.size(key))
-                           for layer in range(n_layers)])  # (L, G, E)
+        counts = np.stack(
+            [spec.contingency_table(codes, selected[:, layer], groups.size(key)) for layer in range(n_layers)]
+        )  # (L, G, E)
         share = np.stack([spec.specialisation_share(table) for table in counts])
-        tables.update({
-            f"specialisation/{key}/counts": counts,
-            f"specialisation/{key}/share": share,
-            f"specialisation/{key}/lift_uniform": spec.lift_over_uniform(share),
-            f"specialisation/{key}/lift_load": np.stack([spec.lift_over_load(s, l) for s, l in zip(share, load)]),
-            f"specialisation/{key}/mutual_information": np.array([spec.mutual_information(t) for t in counts]),
-            f"specialisation/{key}/nmi": np.array([spec.normalized_mutual_information(t) for t in counts]),
-        })
+        tables.update(
+            {
+                f"specialisation/{key}/counts": counts,
+                f"specialisation/{key}/share": share,
+                f"specialisation/{key}/lift_uniform": spec.lift_over_uniform(share),
+                f"specialisation/{key}/lift_load": np.stack([spec.lift_over_load(s, l) for s, l in zip(share, load)]),
+                f"specialisation/{key}/mutual_information": np.array([spec.mutual_information(t) for t in counts]),
+                f"specialisation/{key}/nmi": np.array([spec.normalized_mutual_information(t) for t in counts]),
+            }
+        )
     return tables
 
 
-def token_tables(top1: np.ndarray, token_ids: np.ndarray, sequence: np.ndarray, n_experts: int, *,
-                 min_count: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def token_tables(
+    top1: np.ndarray,
+    token_ids: np.ndarray,
+    sequence: np.ndarray,
+    n_experts: int,
+    *,
+    min_count: int,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
     """Token-level specialisation per layer, to compare with the domain / class tables.
 
     Parameters
@@ -186,13 +203,20 @@ def token_tables(top1: np.ndarray, token_ids: np.ndarray, sequence: np.ndarray, 
     shuffled = rng.permutation(token_ids)
     _, codes = np.unique(token_ids, return_inverse=True)
     codes = codes.reshape(-1)
-    rows: dict[str, list[float]] = {name: [] for name in ("consistency", "consistency_weighted",
-                                                          "consistency_shuffled", "mutual_information", "nmi",
-                                                          "repetition")}
+    rows: dict[str, list[float]] = {
+        name: []
+        for name in (
+            "consistency",
+            "consistency_weighted",
+            "consistency_shuffled",
+            "mutual_information",
+            "nmi",
+            "repetition",
+        )
+    }
     n_counted = 0
     for layer in range(top1.shape[1]):
-        vocab_mean, occurrence_mean, n_counted = spec.token_consistency(token_ids, top1[:, layer], n_experts,
-                                                                        min_count)
+        vocab_mean, occurrence_mean, n_counted = spec.token_consistency(token_ids, top1[:, layer], n_experts, min_count)
         table = spec.contingency_table(codes, spec.one_hot(top1[:, layer], n_experts), int(codes.max()) + 1)
         rows["consistency"].append(vocab_mean)
         rows["consistency_weighted"].append(occurrence_mean)
@@ -210,14 +234,22 @@ def token_tables(top1: np.ndarray, token_ids: np.ndarray, sequence: np.ndarray, 
 
 
 def _keyed_codes(n: int, groups: Groups) -> dict[str, tuple[np.ndarray, int]]:
-    """"" (everything) and "_<key>" -> (codes, number of groups)."""
+    """ "" (everything) and "_<key>" -> (codes, number of groups)."""
     keyed = {"": (np.zeros(n, dtype=np.int64), 1)}
     keyed.update({f"_{key}": (codes, groups.size(key)) for key, codes in groups.eval.items()})
     return keyed
 
 
-def baseline_tables(metric: str, baseline: np.ndarray, groups: Groups, *, rng: np.random.Generator,
-                    n_resamples: int, confidence: float, weights: Optional[np.ndarray] = None) -> dict[str, Any]:
+def baseline_tables(
+    metric: str,
+    baseline: np.ndarray,
+    groups: Groups,
+    *,
+    rng: np.random.Generator,
+    n_resamples: int,
+    confidence: float,
+    weights: Optional[np.ndarray] = None,
+) -> dict[str, Any]:
     """``baseline/<metric>[_<key>]`` with ``_low`` / ``_high`` bootstrap bounds.
 
     Parameters
@@ -229,16 +261,26 @@ def baseline_tables(metric: str, baseline: np.ndarray, groups: Groups, *, rng: n
     """
     tables: dict[str, Any] = {}
     for suffix, (codes, n_groups) in _keyed_codes(len(baseline), groups).items():
-        point, low, high = spec.bootstrap_group_means(baseline, codes, n_groups, rng=rng, n_resamples=n_resamples,
-                                                      confidence=confidence, weights=weights)
+        point, low, high = spec.bootstrap_group_means(
+            baseline, codes, n_groups, rng=rng, n_resamples=n_resamples, confidence=confidence, weights=weights
+        )
         for name, array in [("", point), ("_low", low), ("_high", high)]:
             tables[f"baseline/{metric}{suffix}{name}"] = np.float64(array[0, 0]) if suffix == "" else array[0]
     return tables
 
 
-def comparison_tables(prefix: str, metric: str, baseline: np.ndarray, values: np.ndarray, groups: Groups, *,
-                      rng: np.random.Generator, n_resamples: int, confidence: float,
-                      weights: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+def comparison_tables(
+    prefix: str,
+    metric: str,
+    baseline: np.ndarray,
+    values: np.ndarray,
+    groups: Groups,
+    *,
+    rng: np.random.Generator,
+    n_resamples: int,
+    confidence: float,
+    weights: Optional[np.ndarray] = None,
+) -> dict[str, np.ndarray]:
     """Group means of per-input ``values`` and their paired differences from ``baseline``.
 
     Parameters
@@ -266,9 +308,15 @@ def comparison_tables(prefix: str, metric: str, baseline: np.ndarray, values: np
         if binary:
             delta, low, high = _paired_score_by_group(baseline, values, codes, n_groups, confidence)
         else:
-            delta, low, high = spec.bootstrap_group_means(values - baseline, codes, n_groups, rng=rng,
-                                                          n_resamples=n_resamples, confidence=confidence,
-                                                          weights=weights)
+            delta, low, high = spec.bootstrap_group_means(
+                values - baseline,
+                codes,
+                n_groups,
+                rng=rng,
+                n_resamples=n_resamples,
+                confidence=confidence,
+                weights=weights,
+            )
         squeeze = (lambda array: array[:, 0]) if suffix == "" else (lambda array: array)
         tables[f"{prefix}/{metric}{suffix}"] = squeeze(means)
         tables[f"{prefix}/n_changed_{metric}{suffix}"] = squeeze(_group_counts(changed, codes, n_groups))
@@ -287,22 +335,25 @@ def _group_counts(flags: np.ndarray, codes: np.ndarray, n_groups: int) -> np.nda
     return flags.astype(np.int64) @ one_hot
 
 
-def _paired_score_by_group(baseline: np.ndarray, values: np.ndarray, codes: np.ndarray, n_groups: int,
-                           confidence: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _paired_score_by_group(
+    baseline: np.ndarray, values: np.ndarray, codes: np.ndarray, n_groups: int, confidence: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean paired difference of 0/1 outcomes per group with Tango's score interval: (A, G) each."""
     gained = _group_counts((values == 1) & (baseline == 0), codes, n_groups)  # wrong -> correct
-    lost = _group_counts((values == 0) & (baseline == 1), codes, n_groups)    # correct -> wrong
+    lost = _group_counts((values == 0) & (baseline == 1), codes, n_groups)  # correct -> wrong
     sizes = np.bincount(codes, minlength=n_groups)[:n_groups]
     delta, low, high = (np.full(gained.shape, np.nan) for _ in range(3))
     present = np.broadcast_to(sizes > 0, gained.shape)
-    estimate, lower, upper = paired_score_interval(gained[present], lost[present],
-                                                   np.broadcast_to(sizes, gained.shape)[present], confidence)
+    estimate, lower, upper = paired_score_interval(
+        gained[present], lost[present], np.broadcast_to(sizes, gained.shape)[present], confidence
+    )
     delta[present], low[present], high[present] = estimate, lower, upper
     return delta, low, high
 
 
-def paired_score_interval(gained, lost, n, confidence: float = 0.95,
-                          iterations: int = 60) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def paired_score_interval(
+    gained, lost, n, confidence: float = 0.95, iterations: int = 60
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tango's score interval for the difference of two paired proportions (Tango 1998, Stat. Med. 17:891).
 
     Of ``n`` inputs, ``gained`` went from 0 to 1 and ``lost`` from 1 to 0; the difference is
@@ -361,9 +412,17 @@ def _tango_statistic(gained: np.ndarray, lost: np.ndarray, n: np.ndarray, delta:
 # the per-expert headline table
 
 
-def expert_table(plan: AblationPlan, routing: dict[str, np.ndarray], tables: dict[str, dict[str, np.ndarray]],
-                 modes: list[str], metric: str, names: dict[str, list[str]], *, higher_is_better: bool,
-                 extra: Optional[dict[str, np.ndarray]] = None) -> dict[str, list]:
+def expert_table(
+    plan: AblationPlan,
+    routing: dict[str, np.ndarray],
+    tables: dict[str, dict[str, np.ndarray]],
+    modes: list[str],
+    metric: str,
+    names: dict[str, list[str]],
+    *,
+    higher_is_better: bool,
+    extra: Optional[dict[str, np.ndarray]] = None,
+) -> dict[str, list]:
     """One row per single-expert ablation: utilisation, entropy, the metric change and the group it hits most.
 
     Parameters
@@ -396,7 +455,7 @@ def expert_table(plan: AblationPlan, routing: dict[str, np.ndarray], tables: dic
     sign = -1.0 if higher_is_better else 1.0
     harm = "drop" if higher_is_better else "increase"
     first = tables[modes[0]]
-    layer, expert = plan.layer[:plan.n_single], plan.expert
+    layer, expert = plan.layer[: plan.n_single], plan.expert
     table: dict[str, list] = {
         "layer": layer.tolist(),
         "expert": expert.tolist(),
@@ -413,8 +472,10 @@ def expert_table(plan: AblationPlan, routing: dict[str, np.ndarray], tables: dic
     table[f"max_{key}"] = [names[key][g] if by_group[a, g] > 0 else None for a, g in enumerate(worst)]
     control = first.get(f"controls/random/{modes[0]}/delta_{metric}")
     if control is not None and len(control):
-        table["control_mean"] = [rounded(np.mean(sign * control[plan.control_target == a]))
-                                 if (plan.control_target == a).any() else None for a in range(plan.n_single)]
+        table["control_mean"] = [
+            rounded(np.mean(sign * control[plan.control_target == a])) if (plan.control_target == a).any() else None
+            for a in range(plan.n_single)
+        ]
     for name, values in (extra or {}).items():
         table[name] = [rounded(v) for v in values]
     for mode in modes[1:]:

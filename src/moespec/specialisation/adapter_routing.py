@@ -83,9 +83,18 @@ class RouterLosses:
     domain_delta_high: np.ndarray
 
 
-def router_losses(nll: np.ndarray, tokens: np.ndarray, domain: np.ndarray, n_domains: int, base_row: int,
-                  oracle_row: int, *, rng: np.random.Generator, n_resamples: int = 1000,
-                  confidence: float = 0.95) -> RouterLosses:
+def router_losses(
+    nll: np.ndarray,
+    tokens: np.ndarray,
+    domain: np.ndarray,
+    n_domains: int,
+    base_row: int,
+    oracle_row: int,
+    *,
+    rng: np.random.Generator,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+) -> RouterLosses:
     """Per-domain and overall losses and gains of each row of ``nll``, with paired, stratified bootstraps.
 
     Parameters
@@ -123,16 +132,23 @@ def router_losses(nll: np.ndarray, tokens: np.ndarray, domain: np.ndarray, n_dom
         base = np.take(losses, [base_row], axis=rows_axis)
         return gain_recovered(losses, base, np.take(losses, [oracle_row], axis=rows_axis))
 
-    return RouterLosses(point_loss, *interval(boot_loss, point_loss.shape), point_all,
-                        *interval(boot_all, point_all.shape), gains(point_loss, -2),
-                        *interval(gains(boot_loss, -2), point_loss.shape), gains(point_all, -1),
-                        *interval(gains(boot_all, -1), point_all.shape),
-                        point_loss - point_loss[base_row], *interval(boot_loss - boot_loss[:, base_row:base_row + 1],
-                                                                     point_loss.shape))
+    return RouterLosses(
+        point_loss,
+        *interval(boot_loss, point_loss.shape),
+        point_all,
+        *interval(boot_all, point_all.shape),
+        gains(point_loss, -2),
+        *interval(gains(boot_loss, -2), point_loss.shape),
+        gains(point_all, -1),
+        *interval(gains(boot_all, -1), point_all.shape),
+        point_loss - point_loss[base_row],
+        *interval(boot_loss - boot_loss[:, base_row : base_row + 1], point_loss.shape),
+    )
 
 
-def _resampled_sums(nll: np.ndarray, tokens: np.ndarray, domain: np.ndarray, n_domains: int,
-                    rng: np.random.Generator, n_resamples: int) -> tuple[np.ndarray, np.ndarray]:
+def _resampled_sums(
+    nll: np.ndarray, tokens: np.ndarray, domain: np.ndarray, n_domains: int, rng: np.random.Generator, n_resamples: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Summed NLL (B, R, D) and tokens (B, D) of each stratified resample of the texts."""
     nll_sums = np.zeros((n_resamples, nll.shape[0], n_domains))
     token_sums = np.zeros((n_resamples, n_domains))

@@ -1,6 +1,6 @@
 """Expert-specialisation metrics computed from measured routing: pure numpy functions.
 
-Notation (research/moe.md section 3.5): ``n`` routed inputs (samples or tokens), ``E`` experts,
+Notation (docs/moe.md, "Specialisation metrics"): ``n`` routed inputs (samples or tokens), ``E`` experts,
 ``k`` experts selected per input, router probabilities ``p`` (n, E), the selected set as a boolean
 matrix ``selected`` (n, E) with ``k`` True per row, and a grouping of the inputs (class, domain,
 stratum or token id) as integer codes ``groups`` (n,).
@@ -97,8 +97,9 @@ def _shares(load) -> np.ndarray:
     return np.divide(load, total, out=np.zeros_like(load), where=total > 0)
 
 
-def collapse_report(load, dead_threshold: float = DEAD_THRESHOLD,
-                    max_share: float = MAX_SHARE) -> tuple[bool, list[str]]:
+def collapse_report(
+    load, dead_threshold: float = DEAD_THRESHOLD, max_share: float = MAX_SHARE
+) -> tuple[bool, list[str]]:
     """Whether routing has collapsed, and why: a dead expert, or one expert above ``max_share``.
 
     Both count: an MoE whose 7 experts carry loads 0, 0, 0.002, 0.18, 0.21, 0.29, 0.31 uses 4 experts
@@ -129,8 +130,9 @@ def collapse_report(load, dead_threshold: float = DEAD_THRESHOLD,
     for layer, (row, dead_row) in enumerate(zip(load, dead)):
         problems = []
         if dead_row.any():
-            problems.append(f"experts {np.flatnonzero(dead_row).tolist()} dead "
-                            f"(load < {dead_threshold / load.shape[-1]:.4g})")
+            problems.append(
+                f"experts {np.flatnonzero(dead_row).tolist()} dead (load < {dead_threshold / load.shape[-1]:.4g})"
+            )
         if row.max() > max_share:
             problems.append(f"expert {int(row.argmax())} takes {row.max():.1%} of the rows (> {max_share:.0%})")
         if problems:
@@ -302,8 +304,9 @@ def lift_over_load(share: np.ndarray, load: np.ndarray) -> np.ndarray:
 # tokens
 
 
-def token_consistency(token_ids: np.ndarray, top1: np.ndarray, n_experts: int,
-                      min_count: int = 1) -> tuple[float, float, int]:
+def token_consistency(
+    token_ids: np.ndarray, top1: np.ndarray, n_experts: int, min_count: int = 1
+) -> tuple[float, float, int]:
     """How often a token goes to its most frequent top-1 expert (OLMoE's vocabulary specialisation).
 
     For each token id ``v`` seen at least ``min_count`` times, ``c_v = max_e N[v, e] / N_v``
@@ -358,8 +361,7 @@ def consecutive_repetition(top1: np.ndarray, sequence: np.ndarray) -> float:
 # grouped means and the bootstrap
 
 
-def group_means(values: np.ndarray, groups: np.ndarray, n_groups: int,
-                weights: np.ndarray | None = None) -> np.ndarray:
+def group_means(values: np.ndarray, groups: np.ndarray, n_groups: int, weights: np.ndarray | None = None) -> np.ndarray:
     """Weighted mean of ``values`` within each group, ``sum_i w_i v_i / sum_i w_i``.
 
     Parameters
@@ -386,9 +388,16 @@ def group_means(values: np.ndarray, groups: np.ndarray, n_groups: int,
         return np.where(totals > 0, (values @ member) / np.where(totals > 0, totals, 1.0), np.nan)
 
 
-def bootstrap_group_means(values: np.ndarray, groups: np.ndarray, n_groups: int, *, rng: np.random.Generator,
-                          n_resamples: int = 1000, confidence: float = 0.95,
-                          weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def bootstrap_group_means(
+    values: np.ndarray,
+    groups: np.ndarray,
+    n_groups: int,
+    *,
+    rng: np.random.Generator,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    weights: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Group means of per-input values with percentile bootstrap intervals over inputs.
 
     The bootstrap is stratified: each group's inputs are resampled with replacement within the
@@ -440,8 +449,9 @@ def bootstrap_group_means(values: np.ndarray, groups: np.ndarray, n_groups: int,
 # controls
 
 
-def matched_load_sets(load: np.ndarray, target: int, n_sets: int, rng: np.random.Generator,
-                      tolerance: float = 0.25) -> np.ndarray:
+def matched_load_sets(
+    load: np.ndarray, target: int, n_sets: int, rng: np.random.Generator, tolerance: float = 0.25
+) -> np.ndarray:
     """Random expert sets, excluding ``target``, whose total load matches the target's.
 
     The candidates are the non-empty subsets of the other experts whose summed load is within
@@ -470,7 +480,7 @@ def matched_load_sets(load: np.ndarray, target: int, n_sets: int, rng: np.random
     if others.size == 0 or n_sets == 0:
         return sets
     if others.size <= MAX_ENUMERATED_EXPERTS:
-        codes = np.arange(1, 2 ** others.size)  # every non-empty subset of the others, as bit masks
+        codes = np.arange(1, 2**others.size)  # every non-empty subset of the others, as bit masks
         members = (codes[:, None] >> np.arange(others.size)) & 1  # (n_subsets, n_others)
     else:
         prefix = np.arange(others.size)[None, :] <= np.arange(others.size)[:, None]  # (n_others, n_others)

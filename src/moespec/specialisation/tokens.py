@@ -96,8 +96,10 @@ def vocabulary_specialisation(top1: np.ndarray, token_id: np.ndarray, min_count:
     """
     tokens = _codes(token_id)
     n_experts = int(np.max(top1)) + 1 if len(top1) else 1
-    table = np.bincount(tokens * n_experts + np.asarray(top1, dtype=np.int64),
-                        minlength=(int(tokens.max()) + 1 if tokens.size else 0) * n_experts)
+    table = np.bincount(
+        tokens * n_experts + np.asarray(top1, dtype=np.int64),
+        minlength=(int(tokens.max()) + 1 if tokens.size else 0) * n_experts,
+    )
     table = table.reshape(-1, n_experts)
     counts = table.sum(axis=1)
     kept = counts >= min_count
@@ -144,8 +146,14 @@ def router_saturation(expert_index: np.ndarray, final_index: np.ndarray) -> floa
 def domain_expert_share(expert_index: np.ndarray, domain: np.ndarray, n_domains: int, n_experts: int) -> np.ndarray:
     """Share of each domain's routed slots that go to each expert: (n_domains, n_experts), rows sum to 1."""
     k = expert_index.shape[1]
-    table = np.bincount(np.repeat(np.asarray(domain, dtype=np.int64), k) * n_experts + expert_index.reshape(-1),
-                        minlength=n_domains * n_experts).reshape(n_domains, n_experts).astype(np.float64)
+    table = (
+        np.bincount(
+            np.repeat(np.asarray(domain, dtype=np.int64), k) * n_experts + expert_index.reshape(-1),
+            minlength=n_domains * n_experts,
+        )
+        .reshape(n_domains, n_experts)
+        .astype(np.float64)
+    )
     totals = table.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(totals > 0, table / np.maximum(totals, 1.0), np.nan)
@@ -186,8 +194,15 @@ class LayerSpecialisation:
     n_token_ids: int
 
 
-def layer_specialisation(top1: np.ndarray, token_id: np.ndarray, domain: np.ndarray, *, n_shuffles: int,
-                         min_count: int, rng: np.random.Generator) -> LayerSpecialisation:
+def layer_specialisation(
+    top1: np.ndarray,
+    token_id: np.ndarray,
+    domain: np.ndarray,
+    *,
+    n_shuffles: int,
+    min_count: int,
+    rng: np.random.Generator,
+) -> LayerSpecialisation:
     """Every token-level measure of one layer from the top-1 expert, token id and domain of n tokens.
 
     Parameters
@@ -200,15 +215,29 @@ def layer_specialisation(top1: np.ndarray, token_id: np.ndarray, domain: np.ndar
     """
     top1, token_id, domain = (np.asarray(v, dtype=np.int64) for v in (top1, token_id, domain))
     cmi = conditional_mutual_information(top1, domain, token_id)
-    null = np.array([conditional_mutual_information(top1, shuffle_within_groups(domain, token_id, rng), token_id)
-                     for _ in range(n_shuffles)])
+    null = np.array(
+        [
+            conditional_mutual_information(top1, shuffle_within_groups(domain, token_id, rng), token_id)
+            for _ in range(n_shuffles)
+        ]
+    )
     vocab, n_ids = vocabulary_specialisation(top1, token_id, min_count)
-    vocab_null = np.mean([vocabulary_specialisation(rng.permutation(top1), token_id, min_count)[0]
-                          for _ in range(max(1, n_shuffles // 4))])
+    vocab_null = np.mean(
+        [
+            vocabulary_specialisation(rng.permutation(top1), token_id, min_count)[0]
+            for _ in range(max(1, n_shuffles // 4))
+        ]
+    )
     return LayerSpecialisation(
-        mi_token=mutual_information(top1, token_id), nmi_token=normalized_mutual_information(top1, token_id),
-        mi_domain=mutual_information(top1, domain), nmi_domain=normalized_mutual_information(top1, domain),
-        cmi_domain_given_token=cmi, cmi_null_mean=float(null.mean()) if n_shuffles else float("nan"),
+        mi_token=mutual_information(top1, token_id),
+        nmi_token=normalized_mutual_information(top1, token_id),
+        mi_domain=mutual_information(top1, domain),
+        nmi_domain=normalized_mutual_information(top1, domain),
+        cmi_domain_given_token=cmi,
+        cmi_null_mean=float(null.mean()) if n_shuffles else float("nan"),
         cmi_null_std=float(null.std()) if n_shuffles else float("nan"),
         cmi_p_value=float((1 + (null >= cmi).sum()) / (1 + n_shuffles)),
-        vocab_specialisation=vocab, vocab_specialisation_null=float(vocab_null), n_token_ids=n_ids)
+        vocab_specialisation=vocab,
+        vocab_specialisation_null=float(vocab_null),
+        n_token_ids=n_ids,
+    )

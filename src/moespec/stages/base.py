@@ -69,8 +69,11 @@ def stage_module(name: str) -> Stage:
         raise KeyError(f"unknown stage {name!r}; stages are {', '.join(STAGE_ORDER)}")
     module = importlib.import_module(f"moespec.stages.{name}")
     if not isinstance(module, Stage):
-        missing = [attr for attr in ("NAME", "SCHEMA_VERSION", "Config", "inputs", "schema", "run")
-                   if not hasattr(module, attr)]
+        missing = [
+            attr
+            for attr in ("NAME", "SCHEMA_VERSION", "Config", "inputs", "schema", "run")
+            if not hasattr(module, attr)
+        ]
         raise TypeError(f"moespec.stages.{name} is not a stage: it lacks {', '.join(missing)}")
     return module
 

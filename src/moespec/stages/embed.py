@@ -115,8 +115,14 @@ class ModelConfig(BaseModel):
         from moespec.embedding.loading import load_model, resolve_device
 
         device = resolve_device(self.device, default_device)
-        return load_model(self.name, revision=self.revision, trust_remote_code=self.trust_remote_code,
-                          dtype=self.dtype, device=device, log=log)
+        return load_model(
+            self.name,
+            revision=self.revision,
+            trust_remote_code=self.trust_remote_code,
+            dtype=self.dtype,
+            device=device,
+            log=log,
+        )
 
 
 class Config(StageConfig):
@@ -140,7 +146,7 @@ class Config(StageConfig):
     shards : int
         Contiguous row slices processed by separate tasks (a SLURM array).
     storage_dtype : {"float32", "float16"}
-        float16 halves the file, relative row error ~2e-4 (``geometry_perf.md`` §4).
+        float16 halves the file, relative row error ~2e-4 (docs/performance.md, "HDF5 storage").
     """
 
     model: ModelConfig = ModelConfig()
@@ -176,8 +182,10 @@ class Config(StageConfig):
         domains = [d for source in self.data for d in source_domains(source)]
         repeated = sorted({d for d in domains if domains.count(d) > 1})
         if repeated:
-            raise ValueError(f"data: domain(s) {repeated} come from more than one source; give each source its "
-                             f"own 'domain' (text ids and labels would collide)")
+            raise ValueError(
+                f"data: domain(s) {repeated} come from more than one source; give each source its "
+                f"own 'domain' (text ids and labels would collide)"
+            )
         return self
 
     @property
@@ -231,22 +239,45 @@ def _embed_texts(cfg: Config, loaded: Any, out: Any) -> None:
     texts = load_texts(cfg.data, out.log)
     start, stop = _shard_rows(len(texts), out)
     shard = texts.rows(start, stop)
-    encoder = TextEncoder(loaded.model, loaded.tokenizer, pooling=cfg.pooling, layers=cfg.layers,
-                          max_length=cfg.max_length, batch_size=cfg.batch_size, device=loaded.device,
-                          name=cfg.model.name)
+    encoder = TextEncoder(
+        loaded.model,
+        loaded.tokenizer,
+        pooling=cfg.pooling,
+        layers=cfg.layers,
+        max_length=cfg.max_length,
+        batch_size=cfg.batch_size,
+        device=loaded.device,
+        name=cfg.model.name,
+    )
     started = time.perf_counter()
     real, padded, n_truncated = _stream_embeddings(cfg, encoder, shard, out)
     seconds = time.perf_counter() - started
-    _write_rows(out, shard.domain, shard.domain_names, shard.label, shard.label_names, shard.label_domain,
-                shard.text_id)
+    _write_rows(
+        out, shard.domain, shard.domain_names, shard.label, shard.label_names, shard.label_domain, shard.text_id
+    )
     out.attrs["layer_indices"] = np.asarray(encoder.layer_indices, dtype=np.int64)
     out.attrs["sources"] = json.dumps(texts.sources, sort_keys=True, default=str)
     out.attrs["row_offset"], out.attrs["n_total"] = start, len(texts)
-    out.summary.update(n_texts=len(shard), dim=encoder.dim, tokens=real, tokens_per_s=round(real / seconds, 1),
-                       pad_efficiency=round(real / max(padded, 1), 4), n_truncated=n_truncated,
-                       seconds=round(seconds, 2))
-    out.log.info("embedded %d texts (rows %d:%d of %d): %d real tokens in %.1f s (%.0f tokens/s), pad efficiency "
-                 "%.2f", len(shard), start, stop, len(texts), real, seconds, real / seconds, real / max(padded, 1))
+    out.summary.update(
+        n_texts=len(shard),
+        dim=encoder.dim,
+        tokens=real,
+        tokens_per_s=round(real / seconds, 1),
+        pad_efficiency=round(real / max(padded, 1), 4),
+        n_truncated=n_truncated,
+        seconds=round(seconds, 2),
+    )
+    out.log.info(
+        "embedded %d texts (rows %d:%d of %d): %d real tokens in %.1f s (%.0f tokens/s), pad efficiency %.2f",
+        len(shard),
+        start,
+        stop,
+        len(texts),
+        real,
+        seconds,
+        real / seconds,
+        real / max(padded, 1),
+    )
 
 
 def _stream_embeddings(cfg: Config, encoder: Any, shard: Any, out: Any) -> tuple[int, int, int]:
@@ -258,18 +289,26 @@ def _stream_embeddings(cfg: Config, encoder: Any, shard: Any, out: Any) -> tuple
     n_truncated = int((lengths > cfg.max_length).sum())
     datasets = _create_embedding_datasets(cfg, out, len(shard), encoder.dim)
     window = _window_rows(encoder.dim, len(cfg.layers), datasets["embeddings"].chunks[0])
-    plan = plan_batches(np.minimum(lengths, cfg.max_length), cfg.batch_size, sort_by_length=cfg.sort_by_length,
-                        window_rows=window)
-    out.log.info("embedding %d texts into D=%d: %d batches of %d in %d window(s); %d text(s) truncated at %d tokens",
-                 len(shard), encoder.dim, len(plan.batches), cfg.batch_size, len(plan.windows), n_truncated,
-                 cfg.max_length)
+    plan = plan_batches(
+        np.minimum(lengths, cfg.max_length), cfg.batch_size, sort_by_length=cfg.sort_by_length, window_rows=window
+    )
+    out.log.info(
+        "embedding %d texts into D=%d: %d batches of %d in %d window(s); %d text(s) truncated at %d tokens",
+        len(shard),
+        encoder.dim,
+        len(plan.batches),
+        cfg.batch_size,
+        len(plan.windows),
+        n_truncated,
+        cfg.max_length,
+    )
     real = padded = 0
     progress = lambda batches, total: out.progress(batches, total=total, desc="embed batches")  # noqa: E731
     for block in encoder.iter_windows(shard.texts, plan, progress=progress, text_ids=shard.text_id):
         for layer, values in block.embeddings.items():
-            stored = _to_storage(values, cfg.storage_dtype, shard.text_id[block.start:block.stop])
+            stored = _to_storage(values, cfg.storage_dtype, shard.text_id[block.start : block.stop])
             for name in _names_of_layer(cfg, layer):
-                datasets[name][block.start:block.stop] = stored  # whole chunks, in row order
+                datasets[name][block.start : block.stop] = stored  # whole chunks, in row order
         real, padded = real + block.real_tokens, padded + block.padded_tokens
     return real, padded, n_truncated
 
@@ -302,16 +341,24 @@ def _embed_tokens(cfg: Config, loaded: Any, out: Any) -> None:
     tokens = token_strings(loaded.tokenizer, n_total)[start:stop]
     blocks = iter_token_blocks(loaded.model, start, stop, block_rows)
     for a, b, values in out.progress(blocks, total=-(-(stop - start) // block_rows), desc="embed token rows"):
-        dataset[a - start:b - start] = _to_storage(values, cfg.storage_dtype, tokens[a - start:b - start])
+        dataset[a - start : b - start] = _to_storage(values, cfg.storage_dtype, tokens[a - start : b - start])
     n = stop - start
     _write_rows(out, np.zeros(n, np.int64), ["tokens"], np.full(n, -1, np.int64), [], np.zeros(0, np.int64), tokens)
     out.write("token_id", np.arange(start, stop, dtype=np.int64))
     out.attrs["row_offset"], out.attrs["n_total"] = start, n_total
-    out.attrs["sources"] = json.dumps([{"kind": "token_embeddings", "vocab_rows": int(n_total),
-                                        "tokenizer_size": len(loaded.tokenizer)}])
+    out.attrs["sources"] = json.dumps(
+        [{"kind": "token_embeddings", "vocab_rows": int(n_total), "tokenizer_size": len(loaded.tokenizer)}]
+    )
     seconds = time.perf_counter() - started
-    out.summary.update(n_texts=n, dim=int(dim), tokens=0, tokens_per_s=0.0, pad_efficiency=1.0, n_truncated=0,
-                       seconds=round(seconds, 2))
+    out.summary.update(
+        n_texts=n,
+        dim=int(dim),
+        tokens=0,
+        tokens_per_s=0.0,
+        pad_efficiency=1.0,
+        n_truncated=0,
+        seconds=round(seconds, 2),
+    )
     out.log.info("exported input embeddings of %d tokens (rows %d:%d of %d), D=%d", n, start, stop, n_total, dim)
 
 
@@ -322,8 +369,10 @@ def _embed_tokens(cfg: Config, loaded: Any, out: Any) -> None:
 def _shard_rows(n_total: int, out: Any) -> tuple[int, int]:
     start, stop = shard_bounds(n_total, out.shard_index, out.num_shards)
     if stop <= start:
-        raise DataError(f"shard {out.shard_index} of {out.num_shards} has no rows: there are only {n_total} rows; "
-                        f"use at most {n_total} shards")
+        raise DataError(
+            f"shard {out.shard_index} of {out.num_shards} has no rows: there are only {n_total} rows; "
+            f"use at most {n_total} shards"
+        )
     return start, stop
 
 
@@ -348,14 +397,24 @@ def _to_storage(values: np.ndarray, storage_dtype: str, text_ids: list[str]) -> 
     finite = np.isfinite(stored).all(axis=1)
     if not finite.all():
         bad = [text_ids[i] for i in np.flatnonzero(~finite)[:5]]
-        reason = ("exceed the float16 range (|x| > 65504); use storage_dtype: float32"
-                  if storage_dtype == "float16" and np.isfinite(values).all() else "are NaN/inf")
+        reason = (
+            "exceed the float16 range (|x| > 65504); use storage_dtype: float32"
+            if storage_dtype == "float16" and np.isfinite(values).all()
+            else "are NaN/inf"
+        )
         raise DataError(f"embeddings of {int((~finite).sum())} row(s) {reason}, e.g. {bad}")
     return stored
 
 
-def _write_rows(out: Any, domain: np.ndarray, domain_names: list[str], label: np.ndarray, label_names: list[str],
-                label_domain: np.ndarray, text_id: list[str]) -> None:
+def _write_rows(
+    out: Any,
+    domain: np.ndarray,
+    domain_names: list[str],
+    label: np.ndarray,
+    label_names: list[str],
+    label_domain: np.ndarray,
+    text_id: list[str],
+) -> None:
     out.write("domain", np.asarray(domain, dtype=np.int64))
     _write_strings(out, "domain_names", domain_names)
     out.write("label", np.asarray(label, dtype=np.int64))
@@ -386,7 +445,13 @@ def _write_model_attrs(cfg: Config, loaded: Any, out: Any) -> None:
         "padding_side": str(loaded.tokenizer.padding_side),
     }
     if cfg.mode == "texts":
-        attrs.update(pooling=cfg.pooling, layers=np.asarray(cfg.layers, dtype=np.int64), max_length=cfg.max_length,
-                     batch_size=cfg.batch_size, sort_by_length=cfg.sort_by_length, embeddings_layer=cfg.layers[0])
+        attrs.update(
+            pooling=cfg.pooling,
+            layers=np.asarray(cfg.layers, dtype=np.int64),
+            max_length=cfg.max_length,
+            batch_size=cfg.batch_size,
+            sort_by_length=cfg.sort_by_length,
+            embeddings_layer=cfg.layers[0],
+        )
     for key, value in attrs.items():
         out.attrs[key] = value

@@ -178,16 +178,28 @@ class Config(StageConfig):
     def _testable(self) -> "Config":
         from moespec.geometry.params import check_parameters
 
-        problems = check_parameters(vol_min=self.vol_min, vol_max=self.vol_max, window=self.window,
-                                    alpha=self.alpha, max_strata=self.max_strata, correction=self.correction)
+        problems = check_parameters(
+            vol_min=self.vol_min,
+            vol_max=self.vol_max,
+            window=self.window,
+            alpha=self.alpha,
+            max_strata=self.max_strata,
+            correction=self.correction,
+        )
         if problems:
             raise ValueError("\n".join(problems))  # one "key: problem" line each; config.py splits them
         return self
 
     def test_parameters(self) -> dict[str, Any]:
         """Keyword arguments of :func:`moespec.geometry.fiber_bundle_test`."""
-        return dict(vol_min=self.vol_min, vol_max=self.vol_max, window=self.window, alpha=self.alpha,
-                    max_strata=self.max_strata, correction=self.correction)
+        return dict(
+            vol_min=self.vol_min,
+            vol_max=self.vol_max,
+            window=self.window,
+            alpha=self.alpha,
+            max_strata=self.max_strata,
+            correction=self.correction,
+        )
 
 
 def inputs(cfg: Config) -> dict[str, str]:
@@ -250,12 +262,23 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
     rng = np.random.default_rng(cfg.seed)
     tested = _tested_rows(cfg, len(points), rng)
     n_tested = len(points) if tested is None else len(tested)
-    out.log.info("fiber-bundle test of %d of %d points (D = %d), %s", n_tested, len(points), points.shape[1],
-                 cfg.test_parameters())
+    out.log.info(
+        "fiber-bundle test of %d of %d points (D = %d), %s",
+        n_tested,
+        len(points),
+        points.shape[1],
+        cfg.test_parameters(),
+    )
     result = fiber_bundle_test(points, points=tested, device=out.device, **cfg.test_parameters())
-    null = null_calibration(points, kind=cfg.calibration.kind, n_repeats=cfg.calibration.n_repeats,
-                            n_points=None if tested is None else n_tested, random_state=rng, device=out.device,
-                            **cfg.test_parameters())
+    null = null_calibration(
+        points,
+        kind=cfg.calibration.kind,
+        n_repeats=cfg.calibration.n_repeats,
+        n_points=None if tested is None else n_tested,
+        random_state=rng,
+        device=out.device,
+        **cfg.test_parameters(),
+    )
     _write_test(result, null, out)
     labels, n_strata, scores = _stratify(cfg, points, domain, len(domain_names), out)
     _write_group_rates(result, domain[result.point_index], len(domain_names), "per_domain", out)
@@ -272,11 +295,14 @@ def _load_points(cfg: Config, source: Any) -> np.ndarray:
     dataset = source["reduced" if cfg.input == "reduce" else "embeddings"]
     n_rows = dataset.shape[0]
     if n_rows < cfg.vol_max + 1:
-        raise DataError(f"fiber: the input has N = {n_rows} points, but fiber.vol_max = {cfg.vol_max} needs at "
-                        f"least vol_max + 1 = {cfg.vol_max + 1}")
+        raise DataError(
+            f"fiber: the input has N = {n_rows} points, but fiber.vol_max = {cfg.vol_max} needs at "
+            f"least vol_max + 1 = {cfg.vol_max + 1}"
+        )
     if cfg.strata.k is not None and cfg.strata.k >= n_rows:
-        raise ConfigError(f"fiber.strata.k: {cfg.strata.k} strata need more than {cfg.strata.k} points, the input "
-                          f"has N = {n_rows}")
+        raise ConfigError(
+            f"fiber.strata.k: {cfg.strata.k} strata need more than {cfg.strata.k} points, the input has N = {n_rows}"
+        )
     points = dataset[()]
     check_finite_rows(points, f"fiber input {cfg.input!r}")
     return points
@@ -309,15 +335,23 @@ def _write_test(result: Any, null: Any, out: Any) -> None:
         out.write(f"local_dimension/{name}", quantiles)
 
 
-def _stratify(cfg: Config, points: np.ndarray, domain: np.ndarray, n_domains: int,
-              out: Any) -> tuple[np.ndarray, int, dict[str, float]]:
+def _stratify(
+    cfg: Config, points: np.ndarray, domain: np.ndarray, n_domains: int, out: Any
+) -> tuple[np.ndarray, int, dict[str, float]]:
     from moespec.geometry import Stratifier, contingency_table, stratum_dimensions
 
     s, ids = cfg.strata, cfg.intrinsic_dimension
     high = min(s.k_range[1], len(points) - 1)
-    stratifier = Stratifier(s.method, n_clusters=s.k, k_range=(min(s.k_range[0], high), high),
-                            selection=s.selection, silhouette_sample_size=s.silhouette_sample_size,
-                            covariance_type=s.covariance_type, n_init=s.n_init, random_state=cfg.seed)
+    stratifier = Stratifier(
+        s.method,
+        n_clusters=s.k,
+        k_range=(min(s.k_range[0], high), high),
+        selection=s.selection,
+        silhouette_sample_size=s.silhouette_sample_size,
+        covariance_type=s.covariance_type,
+        n_init=s.n_init,
+        random_state=cfg.seed,
+    )
     stratifier.fit(points)
     labels, n_strata = stratifier.labels_, stratifier.n_clusters_
     out.write("strata/labels", labels)
@@ -326,9 +360,17 @@ def _stratify(cfg: Config, points: np.ndarray, domain: np.ndarray, n_domains: in
     candidates = sorted(stratifier.selection_scores_)
     out.write("strata/candidate_k", np.asarray(candidates, dtype=np.int64))
     out.write("strata/candidate_score", np.asarray([stratifier.selection_scores_[k] for k in candidates], dtype=float))
-    dims = stratum_dimensions(points, labels, n_strata, threshold=ids.threshold, mle_k=ids.mle_k,
-                              discard_fraction=ids.twonn_discard_fraction, max_points=ids.max_points,
-                              random_state=cfg.seed, device=out.device)
+    dims = stratum_dimensions(
+        points,
+        labels,
+        n_strata,
+        threshold=ids.threshold,
+        mle_k=ids.mle_k,
+        discard_fraction=ids.twonn_discard_fraction,
+        max_points=ids.max_points,
+        random_state=cfg.seed,
+        device=out.device,
+    )
     out.write("strata/n_points", dims.pop("n_points").astype(np.int64))
     for name, values in dims.items():
         out.write(f"strata/dimension/{name}", values)
@@ -343,16 +385,20 @@ def _write_group_rates(result: Any, groups: np.ndarray, n_groups: int, kind: str
         out.write(f"rates/{kind}/{name}", values)
 
 
-def _summarise(cfg: Config, source: Any, result: Any, null: Any, n_strata: int, scores: dict[str, float],
-               out: Any) -> None:
+def _summarise(
+    cfg: Config, source: Any, result: Any, null: Any, n_strata: int, scores: dict[str, float], out: Any
+) -> None:
     summary = result.summary()
-    headline = {key: summary[key] for key in ("n_tested", "n_testable", *RATES, "dimension_small_median",
-                                              "dimension_large_median")}
+    headline = {
+        key: summary[key]
+        for key in ("n_tested", "n_testable", *RATES, "dimension_small_median", "dimension_large_median")
+    }
     headline.update({f"{rate}_all_points": summary[f"{rate}_all_points"] for rate in RATES})
     headline.update(null.summary())
     tests = null.compare(result)
-    headline.update({f"{rate}_null_{name}": tests[f"{rate}_null_{name}"] for rate in RATES
-                     for name in ("pvalue", "fisher_pvalue")})
+    headline.update(
+        {f"{rate}_null_{name}": tests[f"{rate}_null_{name}"] for rate in RATES for name in ("pvalue", "fisher_pvalue")}
+    )
     headline.update(n_strata=int(n_strata), silhouette=scores["silhouette"])
     if cfg.input == "reduce":
         headline["variance_retained"] = float(source["variance_retained"][()])
@@ -360,12 +406,19 @@ def _summarise(cfg: Config, source: Any, result: Any, null: Any, n_strata: int, 
             if f"id/global/{name}" in source:
                 headline[f"id_{name}"] = float(source[f"id/global/{name}"][()])
     out.summary.update({key: _rounded(value) for key, value in headline.items()})
-    out.log.info("manifold rejection rate %.4f over testable points, %.4f over all (null %.4f +- %.4f, one-sided "
-                 "p = %.3g); fiber-bundle %.4f (null %.4f +- %.4f, p = %.3g)", summary["rejection_rate"],
-                 summary["rejection_rate_all_points"], headline["null_rejection_rate"],
-                 headline["null_rejection_rate_std"], tests["rejection_rate_null_pvalue"],
-                 summary["fiber_rejection_rate"], headline["null_fiber_rejection_rate"],
-                 headline["null_fiber_rejection_rate_std"], tests["fiber_rejection_rate_null_pvalue"])
+    out.log.info(
+        "manifold rejection rate %.4f over testable points, %.4f over all (null %.4f +- %.4f, one-sided "
+        "p = %.3g); fiber-bundle %.4f (null %.4f +- %.4f, p = %.3g)",
+        summary["rejection_rate"],
+        summary["rejection_rate_all_points"],
+        headline["null_rejection_rate"],
+        headline["null_rejection_rate_std"],
+        tests["rejection_rate_null_pvalue"],
+        summary["fiber_rejection_rate"],
+        headline["null_fiber_rejection_rate"],
+        headline["null_fiber_rejection_rate_std"],
+        tests["fiber_rejection_rate_null_pvalue"],
+    )
 
 
 def _rounded(value: Any) -> Any:

@@ -72,9 +72,19 @@ SCHEMA_VERSION = 1
 #: Training steps below this many FLOP run on one CPU thread (see ``_threads_for``).
 SMALL_STEP_FLOPS = 2e9
 #: Per-layer token-level measures written under ``specialisation/`` (fields of LayerSpecialisation).
-SPECIALISATION_MEASURES = ("mi_token", "nmi_token", "mi_domain", "nmi_domain", "cmi_domain_given_token",
-                           "cmi_null_mean", "cmi_null_std", "cmi_p_value", "vocab_specialisation",
-                           "vocab_specialisation_null", "n_token_ids")
+SPECIALISATION_MEASURES = (
+    "mi_token",
+    "nmi_token",
+    "mi_domain",
+    "nmi_domain",
+    "cmi_domain_given_token",
+    "cmi_null_mean",
+    "cmi_null_std",
+    "cmi_p_value",
+    "vocab_specialisation",
+    "vocab_specialisation_null",
+    "n_token_ids",
+)
 
 
 class SpecialisationConfig(BaseModel):
@@ -174,10 +184,15 @@ class Config(StageConfig):
             problems.append(f"data: domain(s) {repeated} come from more than one source; give each its own 'domain'")
         if self.model.max_positions is not None and self.seq_len > self.model.max_positions:
             problems.append(f"seq_len {self.seq_len} is beyond model.max_positions {self.model.max_positions}")
-        if (isinstance(self.tokenizer, BPETokenizerConfig) and self.model.vocab_size is not None
-                and self.tokenizer.vocab_size > self.model.vocab_size):
-            problems.append(f"tokenizer.vocab_size {self.tokenizer.vocab_size} does not fit model.vocab_size "
-                            f"{self.model.vocab_size}")
+        if (
+            isinstance(self.tokenizer, BPETokenizerConfig)
+            and self.model.vocab_size is not None
+            and self.tokenizer.vocab_size > self.model.vocab_size
+        ):
+            problems.append(
+                f"tokenizer.vocab_size {self.tokenizer.vocab_size} does not fit model.vocab_size "
+                f"{self.model.vocab_size}"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -224,8 +239,13 @@ def schema(cfg: Config) -> dict[str, DatasetSpec]:
         spec[f"curves/train/{term}"] = DatasetSpec(("n_evals",), "float")
     for measure in SPECIALISATION_MEASURES:
         spec[f"specialisation/{measure}"] = DatasetSpec(("L",), "float", required=moe)
-    for name, kind in (("val_loss", "float"), ("val_bits_per_byte", "float"), ("params_total", "int"),
-                       ("params_active", "int"), ("tokens_per_s", "float")):
+    for name, kind in (
+        ("val_loss", "float"),
+        ("val_bits_per_byte", "float"),
+        ("params_total", "int"),
+        ("params_active", "int"),
+        ("tokens_per_s", "float"),
+    ):
         spec[name] = DatasetSpec((), kind)
     return spec
 
@@ -245,13 +265,34 @@ def run(cfg: Config, inputs: dict[str, Any], out: Any) -> None:
     device = torch.device(out.device)
     model = _build(cfg, data).to(device)
     total, active = _counts(model)
-    out.log.info("%s: %d blocks, d=%d, %s; %.2fM parameters (%.2fM active); %d train / %d validation windows of %d",
-                 type(model).__name__, cfg.model.num_layers, cfg.model.hidden_size, _describe(cfg, model),
-                 total / 1e6, active / 1e6, len(data.train), len(data.val), cfg.seq_len)
+    out.log.info(
+        "%s: %d blocks, d=%d, %s; %.2fM parameters (%.2fM active); %d train / %d validation windows of %d",
+        type(model).__name__,
+        cfg.model.num_layers,
+        cfg.model.hidden_size,
+        _describe(cfg, model),
+        total / 1e6,
+        active / 1e6,
+        len(data.train),
+        len(data.val),
+        cfg.seq_len,
+    )
     autocast = autocast_dtype(cfg.precision, device)
-    objective = LMObjective(data.train, data.val, data.val_domain, data.val_bytes, len(data.domain_names),
-                            data.eot_id, cfg.batch_size, cfg.seed, device, cfg.balance_loss_weight,
-                            cfg.z_loss_weight, autocast, cfg.specialisation.max_tokens if cfg.model.is_moe else 0)
+    objective = LMObjective(
+        data.train,
+        data.val,
+        data.val_domain,
+        data.val_bytes,
+        len(data.domain_names),
+        data.eot_id,
+        cfg.batch_size,
+        cfg.seed,
+        device,
+        cfg.balance_loss_weight,
+        cfg.z_loss_weight,
+        autocast,
+        cfg.specialisation.max_tokens if cfg.model.is_moe else 0,
+    )
     with _threads_for(cfg, active, device, out.log):
         implementation = _experts_implementation(cfg, model, objective, out)
         _add_dropout(cfg, model)
@@ -260,8 +301,17 @@ def run(cfg: Config, inputs: dict[str, Any], out: Any) -> None:
         checkpoint = Checkpointer(out.work_dir / "checkpoint.pt", {"config": config_dict(cfg)}, NAME)
         clock = _Clock(objective)
         torch.manual_seed(cfg.seed)  # dropout draws; a resumed run restores the generator from its checkpoint
-        state = fit(model, optimizer, scheduler, objective, _loop(cfg), checkpoint=checkpoint, log=out.log,
-                    progress=clock.tick, on_evaluation=lambda record: _on_evaluation(record, objective, out, clock))
+        state = fit(
+            model,
+            optimizer,
+            scheduler,
+            objective,
+            _loop(cfg),
+            checkpoint=checkpoint,
+            log=out.log,
+            progress=clock.tick,
+            on_evaluation=lambda record: _on_evaluation(record, objective, out, clock),
+        )
         tokens_per_s = clock.tokens_per_s(cfg.batch_size * cfg.grad_accumulation * cfg.seq_len)
         if cfg.model.is_moe and objective.last_routing is None:
             objective.evaluate(model)  # resumed after the final evaluation: its routing, recomputed (eval is exact)
@@ -275,9 +325,14 @@ def run(cfg: Config, inputs: dict[str, Any], out: Any) -> None:
 def _loop(cfg: Config) -> Any:
     from moespec.models.training import LoopConfig
 
-    return LoopConfig(epochs=None, max_steps=cfg.total_steps(), grad_accumulation=cfg.grad_accumulation,
-                      max_grad_norm=cfg.max_grad_norm, eval_every=cfg.eval_every,
-                      checkpoint_every=cfg.checkpoint_every)
+    return LoopConfig(
+        epochs=None,
+        max_steps=cfg.total_steps(),
+        grad_accumulation=cfg.grad_accumulation,
+        max_grad_norm=cfg.max_grad_norm,
+        eval_every=cfg.eval_every,
+        checkpoint_every=cfg.checkpoint_every,
+    )
 
 
 def make_optimizer(cfg: Config, model: Any) -> Any:
@@ -286,8 +341,11 @@ def make_optimizer(cfg: Config, model: Any) -> Any:
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=cfg.betas,
+    )
 
 
 def make_scheduler(cfg: Config, optimizer: Any) -> Any:
@@ -347,26 +405,46 @@ def prepare_data(cfg: Config, log: Any) -> LMData:
     texts = concat([_load_source(i, source, log) for i, source in enumerate(cfg.data)])
     train_index, val_index = stratified_split(texts.domain, cfg.validation_fraction, cfg.seed)
     if not len(train_index) or not len(val_index):
-        raise DataError(f"lm.data: {len(texts)} texts give {len(train_index)} training and {len(val_index)} "
-                        f"validation texts; each split needs at least one (more texts per domain)")
+        raise DataError(
+            f"lm.data: {len(texts)} texts give {len(train_index)} training and {len(val_index)} "
+            f"validation texts; each split needs at least one (more texts per domain)"
+        )
     train_texts = [texts.texts[i] for i in train_index]
     val_texts = [texts.texts[i] for i in val_index]
     tokenizer, eot_id = load_tokenizer(cfg.tokenizer, train_texts)
     if cfg.model.vocab_size is not None and len(tokenizer) > cfg.model.vocab_size:
-        raise ConfigError(f"lm.model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                          f"({len(tokenizer)} tokens)")
+        raise ConfigError(
+            f"lm.model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({len(tokenizer)} tokens)"
+        )
     train = pack(encode(tokenizer, train_texts), cfg.seq_len, eot_id, keep_tail=False)
     val = pack(encode(tokenizer, val_texts), cfg.seq_len, eot_id, keep_tail=True)
     if not len(train):
-        raise DataError(f"lm.seq_len: the training split has {train.n_targets + 1} tokens, fewer than one window of "
-                        f"{cfg.seq_len + 1}; give more texts or a shorter seq_len")
-    log.info("%d texts (%d domains): %d train, %d validation; tokenizer %s, %d tokens; %d train tokens",
-             len(texts), len(texts.domain_names), len(train_index), len(val_index), cfg.tokenizer.kind,
-             len(tokenizer), len(train) * cfg.seq_len)
-    return LMData(tokenizer=tokenizer, eot_id=eot_id, train=train, val=val, domain_names=texts.domain_names,
-                  val_texts=val_texts, val_domain=texts.domain[val_index],
-                  val_text_id=[texts.text_id[i] for i in val_index],
-                  val_bytes=np.array([len(t.encode("utf-8")) for t in val_texts], dtype=np.int64))
+        raise DataError(
+            f"lm.seq_len: the training split has {train.n_targets + 1} tokens, fewer than one window of "
+            f"{cfg.seq_len + 1}; give more texts or a shorter seq_len"
+        )
+    log.info(
+        "%d texts (%d domains): %d train, %d validation; tokenizer %s, %d tokens; %d train tokens",
+        len(texts),
+        len(texts.domain_names),
+        len(train_index),
+        len(val_index),
+        cfg.tokenizer.kind,
+        len(tokenizer),
+        len(train) * cfg.seq_len,
+    )
+    return LMData(
+        tokenizer=tokenizer,
+        eot_id=eot_id,
+        train=train,
+        val=val,
+        domain_names=texts.domain_names,
+        val_texts=val_texts,
+        val_domain=texts.domain[val_index],
+        val_text_id=[texts.text_id[i] for i in val_index],
+        val_bytes=np.array([len(t.encode("utf-8")) for t in val_texts], dtype=np.int64),
+    )
 
 
 def _load_source(index: int, source: Any, log: Any) -> Any:
@@ -399,7 +477,7 @@ def _counts(model: Any) -> tuple[int, int]:
 
 def _describe(cfg: Config, model: Any) -> str:
     if cfg.model.is_moe:
-        return (f"{cfg.model.num_experts} experts top-{cfg.model.top_k} in blocks {cfg.model.moe_layers()}")
+        return f"{cfg.model.num_experts} experts top-{cfg.model.top_k} in blocks {cfg.model.moe_layers()}"
     return f"dense twin matched on {cfg.model.dense_twin} parameters, FFN {model.config.intermediate_size}"
 
 
@@ -420,8 +498,11 @@ def _experts_implementation(cfg: Config, model: Any, objective: Any, out: Any) -
         inputs, labels = objective._tensors(batch)
         candidates = AUTO_CANDIDATES.get(torch.device(out.device).type, AUTO_CANDIDATES["cpu"])
         name, seconds = choose_experts_implementation(model, inputs, labels, candidates)
-        out.log.info("experts implementation: %s (seconds per step: %s)", name,
-                     ", ".join(f"{k} {v:.4f}" for k, v in seconds.items()))
+        out.log.info(
+            "experts implementation: %s (seconds per step: %s)",
+            name,
+            ", ".join(f"{k} {v:.4f}" for k, v in seconds.items()),
+        )
         record.write_text(json.dumps({"chosen": name, "seconds": seconds}))
     model.set_experts_implementation(name)
     return name
@@ -439,8 +520,11 @@ def _threads_for(cfg: Config, params_active: int, device: Any, log: Any):
 
     from moespec.models.lm import flops_per_token
 
-    step_flops = flops_per_token(params_active, cfg.model.num_layers, cfg.seq_len, cfg.model.hidden_size) \
-        * cfg.batch_size * cfg.seq_len
+    step_flops = (
+        flops_per_token(params_active, cfg.model.num_layers, cfg.seq_len, cfg.model.hidden_size)
+        * cfg.batch_size
+        * cfg.seq_len
+    )
     threads = torch.get_num_threads()
     small = device.type == "cpu" and threads > 1 and step_flops < SMALL_STEP_FLOPS
     if small:
@@ -483,10 +567,16 @@ class _Clock:
 def _on_evaluation(record: dict[str, Any], objective: Any, out: Any, clock: _Clock) -> None:
     """Log the evaluation and keep the routing of its validation tokens (router saturation)."""
     started = time.perf_counter()
-    out.log.info("step %d: train loss %.4f | val loss %.4f, ppl %.2f, bits/byte %.4f, accuracy %.4f%s",
-                 record["step"], record["train"].get("lm", math.nan), record["val_loss"], record["val_perplexity"],
-                 record["val_bits_per_byte"], record["val_accuracy"],
-                 f" | load {np.round(record['expert_load'], 3).tolist()}" if "expert_load" in record else "")
+    out.log.info(
+        "step %d: train loss %.4f | val loss %.4f, ppl %.2f, bits/byte %.4f, accuracy %.4f%s",
+        record["step"],
+        record["train"].get("lm", math.nan),
+        record["val_loss"],
+        record["val_perplexity"],
+        record["val_bits_per_byte"],
+        record["val_accuracy"],
+        f" | load {np.round(record['expert_load'], 3).tolist()}" if "expert_load" in record else "",
+    )
     if objective.last_routing is not None:
         path = out.work_dir / f"routing-{record['step']:08d}.npy"
         tmp = path.with_name(path.name + ".tmp.npy")
@@ -499,8 +589,16 @@ def _on_evaluation(record: dict[str, Any], objective: Any, out: Any, clock: _Clo
 # outputs
 
 
-def _write_outputs(cfg: Config, data: LMData, state: Any, objective: Any, counts: tuple[int, int],
-                   tokens_per_s: float, implementation: str, out: Any) -> None:
+def _write_outputs(
+    cfg: Config,
+    data: LMData,
+    state: Any,
+    objective: Any,
+    counts: tuple[int, int],
+    tokens_per_s: float,
+    implementation: str,
+    out: Any,
+) -> None:
     history, steps = state.history, state.steps
     out.write("steps/index", np.array([s["step"] for s in steps], dtype=np.int64))
     out.write("steps/lr", np.array([s["lr"] for s in steps], dtype=np.float64))
@@ -530,16 +628,24 @@ def _write_outputs(cfg: Config, data: LMData, state: Any, objective: Any, counts
     out.attrs["experts_implementation"] = implementation
     out.attrs["model_folder"] = "model"
     out.summary.update(
-        val_loss=round(final["val_loss"], 5), val_perplexity=round(final["val_perplexity"], 3),
-        val_bits_per_byte=round(final["val_bits_per_byte"], 5), val_accuracy=round(final["val_accuracy"], 4),
-        best_val_loss=round(state.best_val_loss, 5), params_total=counts[0], params_active=counts[1],
-        tokens_per_s=round(tokens_per_s, 1), steps=state.step,
+        val_loss=round(final["val_loss"], 5),
+        val_perplexity=round(final["val_perplexity"], 3),
+        val_bits_per_byte=round(final["val_bits_per_byte"], 5),
+        val_accuracy=round(final["val_accuracy"], 4),
+        best_val_loss=round(state.best_val_loss, 5),
+        params_total=counts[0],
+        params_active=counts[1],
+        tokens_per_s=round(tokens_per_s, 1),
+        steps=state.step,
         tokens=state.step * cfg.batch_size * cfg.grad_accumulation * cfg.seq_len,
         model="moe" if cfg.model.is_moe else f"dense ({cfg.model.dense_twin}-matched)",
-        experts_implementation=implementation)
+        experts_implementation=implementation,
+    )
     if cfg.model.is_moe:
-        out.summary.update(expert_load=np.round(final["expert_load"], 4).tolist(),
-                           router_entropy=np.round(final["router_entropy"], 4).tolist())
+        out.summary.update(
+            expert_load=np.round(final["expert_load"], 4).tolist(),
+            router_entropy=np.round(final["router_entropy"], 4).tolist(),
+        )
 
 
 def _write_routing(cfg: Config, history: list[dict[str, Any]], objective: Any, out: Any) -> None:
@@ -562,20 +668,38 @@ def _write_routing(cfg: Config, history: list[dict[str, Any]], objective: Any, o
     routing = objective.last_routing
     n_experts, n_domains = cfg.model.num_experts, len(objective.domain_bytes)
     rng = np.random.default_rng(cfg.specialisation.seed)
-    layers = [spec.layer_specialisation(routing.expert_index[:, layer, 0], routing.token_id, routing.domain,
-                                        n_shuffles=cfg.specialisation.n_shuffles,
-                                        min_count=cfg.specialisation.min_count, rng=rng) for layer in range(n_layers)]
+    layers = [
+        spec.layer_specialisation(
+            routing.expert_index[:, layer, 0],
+            routing.token_id,
+            routing.domain,
+            n_shuffles=cfg.specialisation.n_shuffles,
+            min_count=cfg.specialisation.min_count,
+            rng=rng,
+        )
+        for layer in range(n_layers)
+    ]
     for measure in SPECIALISATION_MEASURES:
         out.write(f"specialisation/{measure}", np.array([getattr(layer, measure) for layer in layers], dtype=float))
-    out.write("specialisation/coactivation",
-              np.stack([spec.coactivation(routing.expert_index[:, layer], n_experts) for layer in range(n_layers)]))
-    out.write("specialisation/domain_share",
-              np.stack([spec.domain_expert_share(routing.expert_index[:, layer], routing.domain, n_domains, n_experts)
-                        for layer in range(n_layers)]))
-    out.summary.update(nmi_token=[round(layer.nmi_token, 4) for layer in layers],
-                       nmi_domain=[round(layer.nmi_domain, 4) for layer in layers],
-                       cmi_domain_given_token=[round(layer.cmi_domain_given_token, 5) for layer in layers],
-                       cmi_null=[round(layer.cmi_null_mean, 5) for layer in layers])
+    out.write(
+        "specialisation/coactivation",
+        np.stack([spec.coactivation(routing.expert_index[:, layer], n_experts) for layer in range(n_layers)]),
+    )
+    out.write(
+        "specialisation/domain_share",
+        np.stack(
+            [
+                spec.domain_expert_share(routing.expert_index[:, layer], routing.domain, n_domains, n_experts)
+                for layer in range(n_layers)
+            ]
+        ),
+    )
+    out.summary.update(
+        nmi_token=[round(layer.nmi_token, 4) for layer in layers],
+        nmi_domain=[round(layer.nmi_domain, 4) for layer in layers],
+        cmi_domain_given_token=[round(layer.cmi_domain_given_token, 5) for layer in layers],
+        cmi_null=[round(layer.cmi_null_mean, 5) for layer in layers],
+    )
 
 
 def _save_model(model: Any, tokenizer: Any, out: Any) -> None:

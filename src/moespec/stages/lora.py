@@ -148,8 +148,7 @@ class AdapterSettings(_Section):
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0.0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-                                      min_length=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
 
 
 class TrainingSettings(_Section):
@@ -255,8 +254,10 @@ def _split_problems(cfg: Config) -> list[str]:
     for index, source in enumerate(cfg.data):
         count, key = (source.n_per_domain, "n_per_domain") if isinstance(source, BuiltinSource) else (source.n, "n")
         if count is not None and min(split_sizes(count, cfg.test_fraction, cfg.val_fraction)) < 1:
-            problems.append(f"lora.data[{index}].{key}: {count} text(s) per domain cannot be split into training, "
-                            f"validation and test texts; each domain needs at least {MIN_TEXTS}")
+            problems.append(
+                f"lora.data[{index}].{key}: {count} text(s) per domain cannot be split into training, "
+                f"validation and test texts; each domain needs at least {MIN_TEXTS}"
+            )
     return problems
 
 
@@ -271,8 +272,7 @@ def _base_problems(cfg: Config) -> list[str]:
         model = meta_model(str(folder), cfg.base.trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         return [f"lora.base.name: cannot read the model config in {folder}: {e}"]
-    return adapter_target_problems(linear_widths(model), cfg.adapter.target_modules, cfg.adapter.rank,
-                                   "lora.adapter")
+    return adapter_target_problems(linear_widths(model), cfg.adapter.target_modules, cfg.adapter.rank, "lora.adapter")
 
 
 #: Texts a domain needs so that its training, validation and test splits are each non-empty.
@@ -303,8 +303,10 @@ def text_splits(domain: np.ndarray, cfg: Config) -> tuple[np.ndarray, np.ndarray
     counts = np.bincount(domain, minlength=len(cfg.domains))
     small = [f"{cfg.domains[d]} ({counts[d]})" for d in range(len(counts)) if counts[d] < MIN_TEXTS]
     if small:
-        raise DataError(f"lora.data: domain(s) {', '.join(small)} have too few texts to split into training, "
-                        f"validation and test texts (at least {MIN_TEXTS} each)")
+        raise DataError(
+            f"lora.data: domain(s) {', '.join(small)} have too few texts to split into training, "
+            f"validation and test texts (at least {MIN_TEXTS} each)"
+        )
     rest, test = stratified_split(domain, cfg.test_fraction, cfg.seed)
     train, val = stratified_split(domain[rest], cfg.val_fraction / (1.0 - cfg.test_fraction), cfg.seed + 1)
     return rest[train], rest[val], test
@@ -355,15 +357,30 @@ def inputs(cfg: Config) -> dict[str, str]:
 
 
 def schema(cfg: Config) -> dict[str, DatasetSpec]:
-    per_adapter = {name: DatasetSpec(("N",), kind) for name, kind in [
-        ("adapter_domain", "int"), ("adapter_name", "str"), ("adapter_folder", "str"), ("base_val_loss", "float"),
-        ("best_val_loss", "float"), ("best_step", "int"), ("steps_run", "int"), ("trainable_params", "int"),
-        ("n_train", "int"), ("n_val", "int"), ("n_test", "int"), ("train_seconds", "float")]}
-    return {**per_adapter,
-            "curves/train_loss": DatasetSpec(("N", cfg.training.max_steps), "float"),
-            "curves/val_loss": DatasetSpec(("N", cfg.training.n_evaluations), "float"),
-            "curves/val_step": DatasetSpec(("N", cfg.training.n_evaluations), "int"),
-            "domain_names": DatasetSpec(("n_domains",), "str")}
+    per_adapter = {
+        name: DatasetSpec(("N",), kind)
+        for name, kind in [
+            ("adapter_domain", "int"),
+            ("adapter_name", "str"),
+            ("adapter_folder", "str"),
+            ("base_val_loss", "float"),
+            ("best_val_loss", "float"),
+            ("best_step", "int"),
+            ("steps_run", "int"),
+            ("trainable_params", "int"),
+            ("n_train", "int"),
+            ("n_val", "int"),
+            ("n_test", "int"),
+            ("train_seconds", "float"),
+        ]
+    }
+    return {
+        **per_adapter,
+        "curves/train_loss": DatasetSpec(("N", cfg.training.max_steps), "float"),
+        "curves/val_loss": DatasetSpec(("N", cfg.training.n_evaluations), "float"),
+        "curves/val_step": DatasetSpec(("N", cfg.training.n_evaluations), "int"),
+        "domain_names": DatasetSpec(("n_domains",), "str"),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,18 +403,26 @@ def load_base(cfg: Config, path: str, device: str, log: Any, experts_implementat
 
     from moespec.models.adapters import adapter_target_problems, linear_widths
 
-    dtype = torch.bfloat16 if cfg.base.dtype == "bfloat16" or (
-        cfg.base.dtype == "auto" and device.startswith("cuda")) else torch.float32
+    dtype = (
+        torch.bfloat16
+        if cfg.base.dtype == "bfloat16" or (cfg.base.dtype == "auto" and device.startswith("cuda"))
+        else torch.float32
+    )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.base.revision,
-                                                  trust_remote_code=cfg.base.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, revision=cfg.base.revision, dtype=dtype,
-                                                     trust_remote_code=cfg.base.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=cfg.base.revision, trust_remote_code=cfg.base.trust_remote_code
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=cfg.base.revision, dtype=dtype, trust_remote_code=cfg.base.trust_remote_code
+        )
     except (OSError, ValueError, KeyError, ImportError) as e:
-        raise ConfigError(f"lora.base.name: cannot load the causal LM {cfg.base.name!r}: "
-                          f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
-    problems = adapter_target_problems(linear_widths(model), cfg.adapter.target_modules, cfg.adapter.rank,
-                                       "lora.adapter")
+        raise ConfigError(
+            f"lora.base.name: cannot load the causal LM {cfg.base.name!r}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+        ) from e
+    problems = adapter_target_problems(
+        linear_widths(model), cfg.adapter.target_modules, cfg.adapter.rank, "lora.adapter"
+    )
     if problems:
         raise ConfigError(problems)
     if tokenizer.pad_token is None:
@@ -407,8 +432,14 @@ def load_base(cfg: Config, path: str, device: str, log: Any, experts_implementat
 
         register()  # moespec's sorted_mm joins transformers' registry
         model.set_experts_implementation(experts_implementation)
-    log.info("base %s: %s, %.1fM parameters, %s on %s", cfg.base.name, type(model).__name__,
-             sum(p.numel() for p in model.parameters()) / 1e6, str(dtype).removeprefix("torch."), device)
+    log.info(
+        "base %s: %s, %.1fM parameters, %s on %s",
+        cfg.base.name,
+        type(model).__name__,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        str(dtype).removeprefix("torch."),
+        device,
+    )
     return model.to(device).eval(), tokenizer
 
 
@@ -442,16 +473,30 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
     experts = str(inputs["lm"].attrs.get("experts_implementation", "")) if cfg.base.kind == "lm" else ""
     base, tokenizer = load_base(cfg, base_path, out.device, out.log, experts)
     torch.manual_seed(cfg.seed * 1_000_003 + index)  # A's initialisation; B starts at zero
-    model = get_peft_model(base, lora_config(cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.dropout,
-                                             cfg.adapter.target_modules))
+    model = get_peft_model(
+        base, lora_config(cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.dropout, cfg.adapter.target_modules)
+    )
     view = TrainableView(model)
     encode = lambda rows: tokenize_texts(tokenizer, [texts.texts[i] for i in rows], cfg.max_length)  # noqa: E731
-    objective = AdapterObjective(encode(train), encode(val), cfg.training.batch_size, cfg.seed + index, out.device,
-                                 autocast_dtype(cfg.training.precision, out.device))
+    objective = AdapterObjective(
+        encode(train),
+        encode(val),
+        cfg.training.batch_size,
+        cfg.seed + index,
+        out.device,
+        autocast_dtype(cfg.training.precision, out.device),
+    )
     optimizer, scheduler = _optimiser(cfg.training, view)
     base_val_loss = objective.evaluate(view)["val_loss"]
-    out.log.info("lora %s (domain %d of %d): %d training, %d validation texts; base val loss %.4f", domain,
-                 index + 1, len(cfg.domains), len(train), len(val), base_val_loss)
+    out.log.info(
+        "lora %s (domain %d of %d): %d training, %d validation texts; base val loss %.4f",
+        domain,
+        index + 1,
+        len(cfg.domains),
+        len(train),
+        len(val),
+        base_val_loss,
+    )
     checkpoint = Checkpointer(out.work_dir / "checkpoint.pt", {"config": config_dict(cfg), "domain": domain}, NAME)
     started = time.perf_counter()
     with threads_for(cfg, sum(p.numel() for p in model.parameters()), out.device, out.log):
@@ -461,8 +506,18 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
     folder = adapter_folder_name(index, domain)
     model.save_pretrained(out.side_file(folder))
     counts = {"n_train": len(train), "n_val": len(val), "n_test": len(test)}
-    _write_row(cfg, out, domain, folder, state, base_val_loss, sum(p.numel() for p in view.parameters()),
-               counts, seconds, texts.domain_names)
+    _write_row(
+        cfg,
+        out,
+        domain,
+        folder,
+        state,
+        base_val_loss,
+        sum(p.numel() for p in view.parameters()),
+        counts,
+        seconds,
+        texts.domain_names,
+    )
     out.attrs["base"] = cfg.base.name if cfg.base.kind == "hf" else f"lm {inputs['lm'].uid}"
     out.attrs["base_path"] = base_path
     out.attrs["experts_implementation"] = experts
@@ -508,13 +563,28 @@ def _optimiser(training: TrainingSettings, view: Any) -> tuple[Any, Any]:
 def _loop(training: TrainingSettings) -> Any:
     from moespec.models.training import LoopConfig
 
-    return LoopConfig(max_steps=training.max_steps, grad_accumulation=training.grad_accumulation,
-                      max_grad_norm=training.max_grad_norm, eval_every=training.eval_every,
-                      checkpoint_every=training.checkpoint_every, patience=training.patience)
+    return LoopConfig(
+        max_steps=training.max_steps,
+        grad_accumulation=training.grad_accumulation,
+        max_grad_norm=training.max_grad_norm,
+        eval_every=training.eval_every,
+        checkpoint_every=training.checkpoint_every,
+        patience=training.patience,
+    )
 
 
-def _write_row(cfg: Config, out: ArtifactWriter, domain: str, folder: str, state: Any, base_val_loss: float,
-               trainable: int, counts: dict[str, int], seconds: float, domain_names: list[str]) -> None:
+def _write_row(
+    cfg: Config,
+    out: ArtifactWriter,
+    domain: str,
+    folder: str,
+    state: Any,
+    base_val_loss: float,
+    trainable: int,
+    counts: dict[str, int],
+    seconds: float,
+    domain_names: list[str],
+) -> None:
     """The adapter's row of the artifact (one row per shard; the shard view stacks them)."""
     train_loss = np.full((1, cfg.training.max_steps), np.nan)
     for record in state.steps:
@@ -523,16 +593,30 @@ def _write_row(cfg: Config, out: ArtifactWriter, domain: str, folder: str, state
     val_step = np.full((1, cfg.training.n_evaluations), -1, dtype=np.int64)
     for i, record in enumerate(state.history):
         val_loss[0, i], val_step[0, i] = record["val_loss"], record["step"]
-    rows = {"adapter_domain": [out.shard_index], "adapter_name": [domain], "adapter_folder": [folder],
-            "base_val_loss": [base_val_loss], "best_val_loss": [state.best_val_loss], "best_step": [state.best_step],
-            "steps_run": [state.step], "trainable_params": [trainable], **{k: [v] for k, v in counts.items()},
-            "train_seconds": [seconds]}
+    rows = {
+        "adapter_domain": [out.shard_index],
+        "adapter_name": [domain],
+        "adapter_folder": [folder],
+        "base_val_loss": [base_val_loss],
+        "best_val_loss": [state.best_val_loss],
+        "best_step": [state.best_step],
+        "steps_run": [state.step],
+        "trainable_params": [trainable],
+        **{k: [v] for k, v in counts.items()},
+        "train_seconds": [seconds],
+    }
     for name, values in rows.items():
         out.write(name, np.asarray(values, dtype=object if isinstance(values[0], str) else None))
     out.write("curves/train_loss", train_loss)
     out.write("curves/val_loss", val_loss)
     out.write("curves/val_step", val_step)
     out.write("domain_names", list(domain_names))
-    out.summary.update(domain=domain, base_val_loss=round(base_val_loss, 6),
-                       best_val_loss=round(state.best_val_loss, 6), best_step=state.best_step, steps_run=state.step,
-                       trainable_params=trainable, seconds=round(seconds, 2))
+    out.summary.update(
+        domain=domain,
+        base_val_loss=round(base_val_loss, 6),
+        best_val_loss=round(state.best_val_loss, 6),
+        best_step=state.best_step,
+        steps_run=state.step,
+        trainable_params=trainable,
+        seconds=round(seconds, 2),
+    )

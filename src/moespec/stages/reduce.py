@@ -92,11 +92,15 @@ class Config(StageConfig):
     @model_validator(mode="after")
     def _one_target(self) -> "Config":
         if (self.n_components is None) == (self.variance_target is None):
-            raise ValueError("give exactly one of n_components and variance_target, got "
-                             f"n_components={self.n_components}, variance_target={self.variance_target}")
+            raise ValueError(
+                "give exactly one of n_components and variance_target, got "
+                f"n_components={self.n_components}, variance_target={self.variance_target}"
+            )
         if self.variance_target is not None and self.solver == "randomized":
-            raise ValueError("variance_target needs solver: covariance (the randomized solver sees only the "
-                             "leading spectrum); give n_components instead")
+            raise ValueError(
+                "variance_target needs solver: covariance (the randomized solver sees only the "
+                "leading spectrum); give n_components instead"
+            )
         return self
 
 
@@ -130,20 +134,31 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
 
     embeddings = inputs["embed"]["embeddings"]
     _check_sizes(cfg, embeddings.shape)
-    pca = StreamingPCA(cfg.n_components, variance_target=cfg.variance_target, solver=cfg.solver,
-                       whiten=cfg.whiten, chunk_rows=cfg.chunk_rows, random_state=cfg.seed)
-    out.log.info("PCA of %d x %d embeddings (%s solver, chunks of %d rows)", *embeddings.shape, cfg.solver,
-                 cfg.chunk_rows)
+    pca = StreamingPCA(
+        cfg.n_components,
+        variance_target=cfg.variance_target,
+        solver=cfg.solver,
+        whiten=cfg.whiten,
+        chunk_rows=cfg.chunk_rows,
+        random_state=cfg.seed,
+    )
+    out.log.info(
+        "PCA of %d x %d embeddings (%s solver, chunks of %d rows)", *embeddings.shape, cfg.solver, cfg.chunk_rows
+    )
     pca.fit(embeddings)
     reduced = out.create_dataset("reduced", (embeddings.shape[0], pca.n_components_), "float64")
     pca.transform(embeddings, reduced)
     _write_pca(pca, out)
     _carry_rows(inputs["embed"], out)
     out.log.info("kept %d components, variance retained %.4f", pca.n_components_, pca.variance_retained_)
-    estimates = _write_intrinsic_dimension(cfg, pca, reduced[()], inputs["embed"]["domain"][()],
-                                           len(inputs["embed"]["domain_names"]), out)
-    out.summary.update(n_components=int(pca.n_components_), variance_retained=round(pca.variance_retained_, 6),
-                       **{f"id_{name}": _rounded(value) for name, value in estimates.items()})
+    estimates = _write_intrinsic_dimension(
+        cfg, pca, reduced[()], inputs["embed"]["domain"][()], len(inputs["embed"]["domain_names"]), out
+    )
+    out.summary.update(
+        n_components=int(pca.n_components_),
+        variance_retained=round(pca.variance_retained_, 6),
+        **{f"id_{name}": _rounded(value) for name, value in estimates.items()},
+    )
 
 
 def _check_sizes(cfg: Config, shape: tuple[int, ...]) -> None:
@@ -155,8 +170,10 @@ def _check_sizes(cfg: Config, shape: tuple[int, ...]) -> None:
         raise ConfigError(f"reduce.n_components: {cfg.n_components} exceeds the number of embeddings N = {n_rows}")
     mle_k = cfg.intrinsic_dimension.mle_k
     if n_rows <= mle_k:
-        raise DataError(f"reduce: {n_rows} embeddings are too few for the intrinsic-dimension estimates "
-                        f"(reduce.intrinsic_dimension.mle_k = {mle_k} needs more than {mle_k})")
+        raise DataError(
+            f"reduce: {n_rows} embeddings are too few for the intrinsic-dimension estimates "
+            f"(reduce.intrinsic_dimension.mle_k = {mle_k} needs more than {mle_k})"
+        )
 
 
 def _write_pca(pca: Any, out: Any) -> None:
@@ -193,8 +210,9 @@ def _write_strings(out: Any, name: str, values: list[str]) -> None:
         out.create_dataset(name, (0,), h5py.string_dtype())
 
 
-def _write_intrinsic_dimension(cfg: Config, pca: Any, reduced: np.ndarray, domain: np.ndarray, n_domains: int,
-                               out: Any) -> dict[str, float]:
+def _write_intrinsic_dimension(
+    cfg: Config, pca: Any, reduced: np.ndarray, domain: np.ndarray, n_domains: int, out: Any
+) -> dict[str, float]:
     from moespec.geometry import covariance_spectrum, pca_count
 
     ids = cfg.intrinsic_dimension
@@ -202,22 +220,30 @@ def _write_intrinsic_dimension(cfg: Config, pca: Any, reduced: np.ndarray, domai
     estimates = _estimates(ids, reduced, covariance_spectrum(reduced), out.device, np.random.default_rng(cfg.seed))
     for name, value in estimates.items():
         out.write(f"id/global/{name}", np.float64(value))
-    input_count = (pca_count(pca.spectrum_, ids.threshold) if pca.spectrum_ is not None
-                   else _count_if_reached(pca.explained_variance_ratio_, ids.threshold))
+    input_count = (
+        pca_count(pca.spectrum_, ids.threshold)
+        if pca.spectrum_ is not None
+        else _count_if_reached(pca.explained_variance_ratio_, ids.threshold)
+    )
     out.write("id/global/pca_count_input", np.float64(input_count))
     per_domain = _per_domain(cfg, reduced, domain, n_domains, out)
     for name, values in per_domain.items():
         out.write(f"id/per_domain/{name}", values)
-    for key, value in {"threshold": ids.threshold, "mle_k": ids.mle_k, "space": "reduced",
-                       "twonn_discard_fraction": ids.twonn_discard_fraction,
-                       "max_points": ids.max_points or 0}.items():
+    for key, value in {
+        "threshold": ids.threshold,
+        "mle_k": ids.mle_k,
+        "space": "reduced",
+        "twonn_discard_fraction": ids.twonn_discard_fraction,
+        "max_points": ids.max_points or 0,
+    }.items():
         out.attrs[f"id_{key}"] = value
     out.log.info("intrinsic dimension of the reduced data: %s (input pca_count %s)", estimates, input_count)
     return {**estimates, "pca_count_input": float(input_count)}
 
 
-def _estimates(ids: IntrinsicDimensionConfig, points: np.ndarray, variances: np.ndarray, device: str,
-               rng: np.random.Generator) -> dict[str, float]:
+def _estimates(
+    ids: IntrinsicDimensionConfig, points: np.ndarray, variances: np.ndarray, device: str, rng: np.random.Generator
+) -> dict[str, float]:
     """The three estimators on one point set; NaN where the set is too small or degenerate."""
     from moespec.geometry import knn_distances, mle_levina_bickel, pca_count, twonn
 
@@ -237,8 +263,9 @@ def _estimates(ids: IntrinsicDimensionConfig, points: np.ndarray, variances: np.
     return values
 
 
-def _per_domain(cfg: Config, reduced: np.ndarray, domain: np.ndarray, n_domains: int,
-                out: Any) -> dict[str, np.ndarray]:
+def _per_domain(
+    cfg: Config, reduced: np.ndarray, domain: np.ndarray, n_domains: int, out: Any
+) -> dict[str, np.ndarray]:
     from moespec.geometry import covariance_spectrum
 
     ids = cfg.intrinsic_dimension
@@ -251,8 +278,12 @@ def _per_domain(cfg: Config, reduced: np.ndarray, domain: np.ndarray, n_domains:
         for name, value in _estimates(ids, rows, spectrum, out.device, rng).items():
             per_domain[name][d] = value
         if len(rows) <= ids.mle_k:
-            out.log.warning("domain %d has %d rows: too few for twonn / mle_levina_bickel (mle_k = %d); NaN",
-                            d, len(rows), ids.mle_k)
+            out.log.warning(
+                "domain %d has %d rows: too few for twonn / mle_levina_bickel (mle_k = %d); NaN",
+                d,
+                len(rows),
+                ids.mle_k,
+            )
     return {**per_domain, "n_points": counts}
 
 

@@ -98,8 +98,10 @@ class KeywordRouterConfig(_Router):
     @model_validator(mode="after")
     def _has_default(self) -> "KeywordRouterConfig":
         if self.default is None:
-            raise ValueError("default: a keyword router needs a default domain for texts that match no rule "
-                             "(e.g. default: reasoning)")
+            raise ValueError(
+                "default: a keyword router needs a default domain for texts that match no rule "
+                "(e.g. default: reasoning)"
+            )
         return self
 
 
@@ -135,8 +137,10 @@ class MergeRouterConfig(_Router):
     kind: Literal["merge"] = "merge"
 
 
-Router = Annotated[Union[KeywordRouterConfig, LearnedRouterConfig, OracleRouterConfig, BaseRouterConfig,
-                         MergeRouterConfig], Field(discriminator="kind")]
+Router = Annotated[
+    Union[KeywordRouterConfig, LearnedRouterConfig, OracleRouterConfig, BaseRouterConfig, MergeRouterConfig],
+    Field(discriminator="kind"),
+]
 
 
 def _default_routers() -> list[Any]:
@@ -178,8 +182,10 @@ class Config(StageConfig):
         kinds = {r.kind for r in self.routers}
         missing = [k for k in ("base", "oracle") if k not in kinds]
         if missing:
-            raise ValueError(f"route.routers: gain recovered needs a base and an oracle router; add "
-                             f"{', '.join(f'{{kind: {k}}}' for k in missing)}")
+            raise ValueError(
+                f"route.routers: gain recovered needs a base and an oracle router; add "
+                f"{', '.join(f'{{kind: {k}}}' for k in missing)}"
+            )
         return self
 
 
@@ -200,27 +206,42 @@ def experiment_problems(experiment: Any) -> list[str]:
         for key, names in (("rules", list(router.rules)), ("default", [router.default])):
             unknown = [name for name in names if name not in domains]
             if unknown:
-                problems.append(f"route.routers[{index}].{key}: domain(s) {unknown} are not domains of lora.data "
-                                f"({', '.join(domains)})")
+                problems.append(
+                    f"route.routers[{index}].{key}: domain(s) {unknown} are not domains of lora.data "
+                    f"({', '.join(domains)})"
+                )
     return problems
 
 
 def schema(cfg: Config) -> dict[str, DatasetSpec]:
     spec = {
-        "domain_names": DatasetSpec(("D",), "str"), "model_names": DatasetSpec(("M",), "str"),
-        "router_names": DatasetSpec(("R",), "str"), "router_kinds": DatasetSpec(("R",), "str"),
-        "text_id": DatasetSpec(("T",), "str"), "text_domain": DatasetSpec(("T",), "int"),
-        "text_tokens": DatasetSpec(("T",), "int"), "text_nll": DatasetSpec(("M", "T"), "float"),
-        "router_choice": DatasetSpec(("R", "T"), "int"), "router_domain": DatasetSpec(("R", "T"), "int"),
+        "domain_names": DatasetSpec(("D",), "str"),
+        "model_names": DatasetSpec(("M",), "str"),
+        "router_names": DatasetSpec(("R",), "str"),
+        "router_kinds": DatasetSpec(("R",), "str"),
+        "text_id": DatasetSpec(("T",), "str"),
+        "text_domain": DatasetSpec(("T",), "int"),
+        "text_tokens": DatasetSpec(("T",), "int"),
+        "text_nll": DatasetSpec(("M", "T"), "float"),
+        "router_choice": DatasetSpec(("R", "T"), "int"),
+        "router_domain": DatasetSpec(("R", "T"), "int"),
         "router_confidence": DatasetSpec(("R", "T"), "float"),
         "router_domain_perplexity": DatasetSpec(("R", "D"), "float"),
-        "router_accuracy": DatasetSpec(("R",), "float"), "router_domain_accuracy": DatasetSpec(("R", "D"), "float"),
-        "confusion": DatasetSpec(("R", "D", "D"), "int"), "calibration_error": DatasetSpec(("R",), "float"),
+        "router_accuracy": DatasetSpec(("R",), "float"),
+        "router_domain_accuracy": DatasetSpec(("R", "D"), "float"),
+        "confusion": DatasetSpec(("R", "D", "D"), "int"),
+        "calibration_error": DatasetSpec(("R",), "float"),
         "routing_seconds_per_text": DatasetSpec(("R",), "float"),
     }
-    for name, shape in (("loss_matrix", ("M", "D")), ("router_domain_loss", ("R", "D")), ("router_loss", ("R",)),
-                        ("router_domain_gain", ("R", "D")), ("gain_recovered", ("R",)),
-                        ("router_domain_delta", ("R", "D")), ("router_domain_perplexity", ("R", "D"))):
+    for name, shape in (
+        ("loss_matrix", ("M", "D")),
+        ("router_domain_loss", ("R", "D")),
+        ("router_loss", ("R",)),
+        ("router_domain_gain", ("R", "D")),
+        ("gain_recovered", ("R",)),
+        ("router_domain_delta", ("R", "D")),
+        ("router_domain_perplexity", ("R", "D")),
+    ):
         for suffix in ("", "_low", "_high"):
             spec[name + suffix] = DatasetSpec(shape, "float")
     return spec
@@ -239,21 +260,38 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
     texts = lora.domain_texts(lora_cfg, out.log)
     train, _, test = lora.text_splits(texts.domain, lora_cfg)
     if lora.split_digest(texts.text_id, test) != reader.attrs.get("split_digest"):
-        raise ArtifactError(f"{reader.path}: the test texts recomputed from the lora config differ from those the "
-                            f"adapters were trained around (data sources changed since?)")
-    base, tokenizer = lora.load_base(lora_cfg, str(reader.attrs["base_path"]), out.device, out.log,
-                                     str(reader.attrs.get("experts_implementation", "")))
+        raise ArtifactError(
+            f"{reader.path}: the test texts recomputed from the lora config differ from those the "
+            f"adapters were trained around (data sources changed since?)"
+        )
+    base, tokenizer = lora.load_base(
+        lora_cfg,
+        str(reader.attrs["base_path"]),
+        out.device,
+        out.log,
+        str(reader.attrs.get("experts_implementation", "")),
+    )
     model, model_names = _load_adapters(reader, base, any(r.kind == "merge" for r in cfg.routers))
     test_texts = [texts.texts[i] for i in test]
     tokens = _tokenize(tokenizer, test_texts, lora_cfg.max_length)
     with lora.threads_for(lora_cfg, sum(p.numel() for p in base.parameters()), out.device, out.log):
         nll, n_tokens, base_seconds = _score_models(model, model_names, tokens, cfg.batch_size, out)
-        decisions = [_route(router, model, tokenizer, texts, train, test, lora_cfg, cfg, out)
-                     for router in cfg.routers]
+        decisions = [_route(router, model, tokenizer, texts, train, test, lora_cfg, cfg, out) for router in cfg.routers]
     domain = texts.domain[test]
     n_domains = len(lora_cfg.domains)
-    _write(cfg, out, lora_cfg.domains, model_names, [texts.text_id[i] for i in test], domain, n_tokens, nll,
-           decisions, n_domains, base_seconds)
+    _write(
+        cfg,
+        out,
+        lora_cfg.domains,
+        model_names,
+        [texts.text_id[i] for i in test],
+        domain,
+        n_tokens,
+        nll,
+        decisions,
+        n_domains,
+        base_seconds,
+    )
 
 
 def _tokenize(tokenizer: Any, texts: list[str], max_length: int) -> Any:
@@ -283,8 +321,9 @@ def _load_adapters(reader: ArtifactReader, base: Any, merge: bool) -> tuple[Any,
     return model.eval(), model_names
 
 
-def _score_models(model: Any, model_names: list[str], tokens: Any, batch_size: int,
-                  out: ArtifactWriter) -> tuple[np.ndarray, np.ndarray, float]:
+def _score_models(
+    model: Any, model_names: list[str], tokens: Any, batch_size: int, out: ArtifactWriter
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Summed NLL (M, T) of every test text under every model, tokens (T,), base seconds per text."""
     from moespec.models.adapters import text_nll
 
@@ -299,8 +338,9 @@ def _score_models(model: Any, model_names: list[str], tokens: Any, batch_size: i
             model.set_adapter("merge" if name == "merge" else f"domain_{index}")
             nll, n_tokens = text_nll(model, tokens, batch_size, out.device)
         rows.append(nll)
-        out.log.info("route: %s: test loss %.4f over %d tokens", name, nll.sum() / max(n_tokens.sum(), 1),
-                     n_tokens.sum())
+        out.log.info(
+            "route: %s: test loss %.4f over %d tokens", name, nll.sum() / max(n_tokens.sum(), 1), n_tokens.sum()
+        )
     return np.stack(rows), n_tokens, base_seconds
 
 
@@ -311,8 +351,17 @@ class _Decision:
         self.choice, self.domain, self.confidence, self.seconds = choice, domain, confidence, seconds
 
 
-def _route(router: Any, model: Any, tokenizer: Any, texts: Any, train: np.ndarray, test: np.ndarray,
-           lora_cfg: Any, cfg: Config, out: ArtifactWriter) -> _Decision:
+def _route(
+    router: Any,
+    model: Any,
+    tokenizer: Any,
+    texts: Any,
+    train: np.ndarray,
+    test: np.ndarray,
+    lora_cfg: Any,
+    cfg: Config,
+    out: ArtifactWriter,
+) -> _Decision:
     """Route the test texts with one router (adapter ``i`` is model column ``i``, base is column D)."""
     n_domains, n_test = len(lora_cfg.domains), len(test)
     true = texts.domain[test]
@@ -332,22 +381,34 @@ def _route(router: Any, model: Any, tokenizer: Any, texts: Any, train: np.ndarra
     return _learned(router, model, tokenizer, texts, train, test, lora_cfg, cfg, out)
 
 
-def _learned(router: LearnedRouterConfig, model: Any, tokenizer: Any, texts: Any, train: np.ndarray,
-             test: np.ndarray, lora_cfg: Any, cfg: Config, out: ArtifactWriter) -> _Decision:
+def _learned(
+    router: LearnedRouterConfig,
+    model: Any,
+    tokenizer: Any,
+    texts: Any,
+    train: np.ndarray,
+    test: np.ndarray,
+    lora_cfg: Any,
+    cfg: Config,
+    out: ArtifactWriter,
+) -> _Decision:
     from moespec.models.adapters import decoder_blocks, pooled_hidden
     from moespec.models.text_routers import LearnedRouter
 
     n_blocks = len(decoder_blocks(model.get_base_model()))
     if router.layer > n_blocks:
-        raise ConfigError(f"route.routers: learned router {router.label!r}: layer {router.layer} is above the "
-                          f"{n_blocks} blocks of the base model {lora_cfg.base.name!r}")
+        raise ConfigError(
+            f"route.routers: learned router {router.label!r}: layer {router.layer} is above the "
+            f"{n_blocks} blocks of the base model {lora_cfg.base.name!r}"
+        )
     fit_rows = _capped(train, texts.domain, router.max_train_texts, cfg.seed)
     encode = lambda rows: _tokenize(tokenizer, [texts.texts[i] for i in rows], lora_cfg.max_length)  # noqa: E731
     test_tokens = encode(test)  # tokenised outside the timing, as for the base forward pass it is compared to
     with model.disable_adapter():
         classifier = LearnedRouter(C=router.C, max_iter=router.max_iter, random_state=cfg.seed)
-        classifier.fit(pooled_hidden(model, encode(fit_rows), router.layer, cfg.batch_size, out.device),
-                       texts.domain[fit_rows])
+        classifier.fit(
+            pooled_hidden(model, encode(fit_rows), router.layer, cfg.batch_size, out.device), texts.domain[fit_rows]
+        )
         started = time.perf_counter()
         features = pooled_hidden(model, test_tokens, router.layer, cfg.batch_size, out.device)
         probs = classifier.predict_proba(features)  # (T, n_classes)
@@ -370,63 +431,117 @@ def _capped(rows: np.ndarray, domain: np.ndarray, cap: Optional[int], seed: int)
 # outputs
 
 
-def _write(cfg: Config, out: ArtifactWriter, domains: list[str], model_names: list[str], text_id: list[str],
-           domain: np.ndarray, n_tokens: np.ndarray, nll: np.ndarray, decisions: list[_Decision], n_domains: int,
-           base_seconds: float) -> None:
-    from moespec.specialisation.adapter_routing import (confusion_counts, expected_calibration_error,
-                                                        router_losses)
+def _write(
+    cfg: Config,
+    out: ArtifactWriter,
+    domains: list[str],
+    model_names: list[str],
+    text_id: list[str],
+    domain: np.ndarray,
+    n_tokens: np.ndarray,
+    nll: np.ndarray,
+    decisions: list[_Decision],
+    n_domains: int,
+    base_seconds: float,
+) -> None:
+    from moespec.specialisation.adapter_routing import confusion_counts, expected_calibration_error, router_losses
 
     kinds = [r.kind for r in cfg.routers]
     names = [r.label for r in cfg.routers]
     choice = np.stack([d.choice for d in decisions])  # (R, T)
     routed_nll = np.take_along_axis(nll, choice, axis=0)  # (R, T): each text's NLL under each router's choice
     rng = np.random.default_rng(cfg.seed)
-    losses = router_losses(routed_nll, n_tokens, domain, n_domains, kinds.index("base"), kinds.index("oracle"),
-                           rng=rng, n_resamples=cfg.bootstrap, confidence=cfg.confidence)
+    losses = router_losses(
+        routed_nll,
+        n_tokens,
+        domain,
+        n_domains,
+        kinds.index("base"),
+        kinds.index("oracle"),
+        rng=rng,
+        n_resamples=cfg.bootstrap,
+        confidence=cfg.confidence,
+    )
     # The loss matrix reuses the same bootstrap; its rows are models, so its gains are not used.
-    matrix = router_losses(nll, n_tokens, domain, n_domains, n_domains, 0, rng=rng, n_resamples=cfg.bootstrap,
-                           confidence=cfg.confidence)
+    matrix = router_losses(
+        nll, n_tokens, domain, n_domains, n_domains, 0, rng=rng, n_resamples=cfg.bootstrap, confidence=cfg.confidence
+    )
     chosen_domain = np.stack([d.domain for d in decisions])
     routes = np.array([k not in ("base", "merge") for k in kinds])
     correct = chosen_domain == domain[None, :]
     accuracy = np.where(routes, correct.mean(axis=1), np.nan)
-    domain_accuracy = np.array([[correct[r, domain == d].mean() if routes[r] and (domain == d).any() else np.nan
-                                 for d in range(n_domains)] for r in range(len(kinds))])
-    confusion = np.stack([confusion_counts(domain, chosen_domain[r], n_domains) if routes[r]
-                          else np.zeros((n_domains, n_domains), np.int64) for r in range(len(kinds))])
+    domain_accuracy = np.array(
+        [
+            [correct[r, domain == d].mean() if routes[r] and (domain == d).any() else np.nan for d in range(n_domains)]
+            for r in range(len(kinds))
+        ]
+    )
+    confusion = np.stack(
+        [
+            confusion_counts(domain, chosen_domain[r], n_domains)
+            if routes[r]
+            else np.zeros((n_domains, n_domains), np.int64)
+            for r in range(len(kinds))
+        ]
+    )
     confidence = np.stack([d.confidence for d in decisions])
-    ece = np.array([expected_calibration_error(confidence[r], correct[r], cfg.calibration_bins) if routes[r]
-                    else np.nan for r in range(len(kinds))])
+    ece = np.array(
+        [
+            expected_calibration_error(confidence[r], correct[r], cfg.calibration_bins) if routes[r] else np.nan
+            for r in range(len(kinds))
+        ]
+    )
     seconds = np.array([d.seconds for d in decisions])
     arrays = {
-        "domain_names": domains, "model_names": model_names, "router_names": names, "router_kinds": kinds,
-        "text_id": text_id, "text_domain": domain, "text_tokens": n_tokens, "text_nll": nll,
-        "loss_matrix": matrix.domain_loss, "loss_matrix_low": matrix.domain_loss_low,
+        "domain_names": domains,
+        "model_names": model_names,
+        "router_names": names,
+        "router_kinds": kinds,
+        "text_id": text_id,
+        "text_domain": domain,
+        "text_tokens": n_tokens,
+        "text_nll": nll,
+        "loss_matrix": matrix.domain_loss,
+        "loss_matrix_low": matrix.domain_loss_low,
         "loss_matrix_high": matrix.domain_loss_high,
-        "router_choice": choice, "router_domain": chosen_domain, "router_confidence": confidence,
-        "router_accuracy": accuracy, "router_domain_accuracy": domain_accuracy, "confusion": confusion,
-        "calibration_error": ece, "routing_seconds_per_text": seconds,
+        "router_choice": choice,
+        "router_domain": chosen_domain,
+        "router_confidence": confidence,
+        "router_accuracy": accuracy,
+        "router_domain_accuracy": domain_accuracy,
+        "confusion": confusion,
+        "calibration_error": ece,
+        "routing_seconds_per_text": seconds,
         **_loss_arrays(losses),
     }
     for name, values in arrays.items():
         out.write(name, np.asarray(values, dtype=object) if isinstance(values, list) else values)
     out.attrs["base_forward_seconds_per_text"] = base_seconds
     out.attrs["confidence"], out.attrs["n_resamples"] = cfg.confidence, cfg.bootstrap
-    own_best = [bool(np.nanargmin(matrix.domain_loss[:n_domains + 1, d]) == d) for d in range(n_domains)]
+    own_best = [bool(np.nanargmin(matrix.domain_loss[: n_domains + 1, d]) == d) for d in range(n_domains)]
     # Only defined values: base and merge route nowhere, so they have no accuracy or calibration error.
     plain = lambda values: {n: round(float(v), 6) for n, v in zip(names, values) if np.isfinite(v)}  # noqa: E731
-    out.summary.update(router_accuracy=plain(accuracy), gain_recovered=plain(losses.gain),
-                       router_loss=plain(losses.loss), calibration_error=plain(ece),
-                       routing_seconds_per_text=plain(seconds), base_forward_seconds_per_text=round(base_seconds, 6),
-                       routing_cost_vs_base_forward=plain(seconds / base_seconds if base_seconds > 0 else seconds * 0),
-                       own_adapter_best=dict(zip(domains, own_best)))
+    out.summary.update(
+        router_accuracy=plain(accuracy),
+        gain_recovered=plain(losses.gain),
+        router_loss=plain(losses.loss),
+        calibration_error=plain(ece),
+        routing_seconds_per_text=plain(seconds),
+        base_forward_seconds_per_text=round(base_seconds, 6),
+        routing_cost_vs_base_forward=plain(seconds / base_seconds if base_seconds > 0 else seconds * 0),
+        own_adapter_best=dict(zip(domains, own_best)),
+    )
 
 
 def _loss_arrays(losses: Any) -> dict[str, np.ndarray]:
     arrays = {}
-    for name, field in (("router_domain_loss", "domain_loss"), ("router_loss", "loss"),
-                        ("router_domain_gain", "domain_gain"), ("gain_recovered", "gain"),
-                        ("router_domain_delta", "domain_delta")):
+    for name, field in (
+        ("router_domain_loss", "domain_loss"),
+        ("router_loss", "loss"),
+        ("router_domain_gain", "domain_gain"),
+        ("gain_recovered", "gain"),
+        ("router_domain_delta", "domain_delta"),
+    ):
         for suffix in ("", "_low", "_high"):
             arrays[name + suffix] = getattr(losses, field + suffix)
     for suffix in ("", "_low", "_high"):

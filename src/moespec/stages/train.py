@@ -73,6 +73,7 @@ from moespec.stages.base import StageConfig
 NAME = "train"
 SCHEMA_VERSION = 1
 
+
 class Config(StageConfig):
     """The ``train`` section of an experiment.
 
@@ -141,9 +142,15 @@ class Config(StageConfig):
 
     def loop(self) -> LoopConfig:
         """The shared training loop's settings: epochs, accumulation, clipping, evaluation per epoch."""
-        return LoopConfig(epochs=self.epochs, grad_accumulation=self.grad_accumulation,
-                          max_grad_norm=self.max_grad_norm, eval_every="epoch",
-                          checkpoint_every=self.checkpoint_every, patience=self.patience, min_delta=self.min_delta)
+        return LoopConfig(
+            epochs=self.epochs,
+            grad_accumulation=self.grad_accumulation,
+            max_grad_norm=self.max_grad_norm,
+            eval_every="epoch",
+            checkpoint_every=self.checkpoint_every,
+            patience=self.patience,
+            min_delta=self.min_delta,
+        )
 
     def steps_per_epoch(self, n_train_rows: int) -> int:
         """Optimiser steps of one epoch over ``n_train_rows`` rows."""
@@ -156,8 +163,13 @@ class Config(StageConfig):
         import torch
 
         steps_per_epoch = self.steps_per_epoch(n_train_rows)
-        factor = lr_schedule(self.schedule, self.warmup_steps, steps_per_epoch * self.epochs,
-                             step_every=self.step_epochs * steps_per_epoch, step_gamma=self.step_gamma)
+        factor = lr_schedule(
+            self.schedule,
+            self.warmup_steps,
+            steps_per_epoch * self.epochs,
+            step_every=self.step_epochs * steps_per_epoch,
+            step_gamma=self.step_gamma,
+        )
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     @property
@@ -194,9 +206,14 @@ def schema(cfg: Config) -> dict[str, DatasetSpec]:
         **cfg.model.heldout_schema(),
     }
     if cfg.dense_baseline:
-        spec.update({"dense/curves/val/total": DatasetSpec(("n_dense_epochs",), "float"),
-                     "dense/curves/val_accuracy": DatasetSpec(("n_dense_epochs",), "float"),
-                     "dense/best_val_loss": DatasetSpec((), "float"), "dense/val_accuracy": DatasetSpec((), "float")})
+        spec.update(
+            {
+                "dense/curves/val/total": DatasetSpec(("n_dense_epochs",), "float"),
+                "dense/curves/val_accuracy": DatasetSpec(("n_dense_epochs",), "float"),
+                "dense/best_val_loss": DatasetSpec((), "float"),
+                "dense/val_accuracy": DatasetSpec((), "float"),
+            }
+        )
     for term in cfg.model.loss_terms:
         spec[f"curves/train/{term}"] = DatasetSpec(("n_epochs",), "float")
         spec[f"curves/val/{term}"] = DatasetSpec(("n_epochs",), "float")
@@ -221,21 +238,41 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
     data = rows.load_training_data(cfg.model, reader, cfg.dataset)
     train_index, val_index = stratified_split(data.domain, cfg.validation_fraction, cfg.seed)
     _check_split(train_index, val_index)
-    out.log.info("train %s MoE on %d x %d %s rows (%d train, %d validation), target %s",
-                 cfg.model.kind, *data.features.shape, cfg.input, len(train_index), len(val_index), cfg.model.target)
+    out.log.info(
+        "train %s MoE on %d x %d %s rows (%d train, %d validation), target %s",
+        cfg.model.kind,
+        *data.features.shape,
+        cfg.input,
+        len(train_index),
+        len(val_index),
+        cfg.model.target,
+    )
     device = torch.device(out.device)
     features, targets = torch.as_tensor(data.features, device=device), torch.as_tensor(data.targets, device=device)
-    objective = rows.RowObjective(features, targets, torch.as_tensor(train_index, device=device),
-                                  torch.as_tensor(val_index, device=device), batch_size=cfg.batch_size,
-                                  seed=cfg.seed, dtype=autocast_dtype(cfg.precision, device),
-                                  collapse=partial(collapse_report, max_share=cfg.collapse_threshold))
+    objective = rows.RowObjective(
+        features,
+        targets,
+        torch.as_tensor(train_index, device=device),
+        torch.as_tensor(val_index, device=device),
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        dtype=autocast_dtype(cfg.precision, device),
+        collapse=partial(collapse_report, max_share=cfg.collapse_threshold),
+    )
     identity = {"config": config_dict(cfg), "input_uid": reader.uid}
     model, optimizer, scheduler, state = _fit(cfg, cfg.model, data, objective, out, identity, "checkpoint.pt")
     stage_config = config_dict(cfg)
-    rows.save_model(out.side_file("best.pt"), cfg.model, stage_config, data, state.best_state,
-                    epoch=state.best_epoch)
-    rows.save_model(out.side_file("final.pt"), cfg.model, stage_config, data, model.state_dict(),
-                    epoch=state.epoch, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+    rows.save_model(out.side_file("best.pt"), cfg.model, stage_config, data, state.best_state, epoch=state.best_epoch)
+    rows.save_model(
+        out.side_file("final.pt"),
+        cfg.model,
+        stage_config,
+        data,
+        model.state_dict(),
+        epoch=state.epoch,
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+    )
     model.load_state_dict(state.best_state)  # the held-out outputs are those of the model that is kept
     heldout = objective.evaluate_all(model)
     _write_outputs(cfg, data, state, train_index, val_index, heldout, out)
@@ -263,8 +300,17 @@ def _fit(cfg: Config, model_cfg, data, objective, out: ArtifactWriter, identity:
     scheduler = cfg.scheduler(optimizer, n_train)
     checkpoint = Checkpointer(out.work_dir / checkpoint_name, {**identity, "model": config_dict(model_cfg)}, NAME)
     bar = iter(out.progress(range(cfg.steps_per_epoch(n_train) * cfg.epochs), desc=f"{checkpoint_name[:-3]} steps"))
-    state = fit(model, optimizer, scheduler, objective, cfg.loop(), checkpoint=checkpoint, log=out.log,
-                progress=lambda state: next(bar, None), on_evaluation=lambda record: _log_evaluation(cfg, record, out.log))
+    state = fit(
+        model,
+        optimizer,
+        scheduler,
+        objective,
+        cfg.loop(),
+        checkpoint=checkpoint,
+        log=out.log,
+        progress=lambda state: next(bar, None),
+        on_evaluation=lambda record: _log_evaluation(cfg, record, out.log),
+    )
     for _ in bar:  # close the bar (early stopping or a resumed run leaves steps in it)
         pass
     return model, optimizer, scheduler, state
@@ -280,9 +326,12 @@ def _write_dense(state, heldout: dict, model, twin_cfg, out: ArtifactWriter) -> 
     out.write("dense/val_accuracy", np.float64(heldout["accuracy"]))
     params = sum(p.numel() for p in model.parameters())
     out.attrs["dense_model"] = yaml_line(config_dict(twin_cfg))
-    out.summary.update(dense_val_accuracy=round(heldout["accuracy"], 4),
-                       dense_best_val_loss=round(state.best_val_loss, 6), dense_params_total=params,
-                       dense_params_active=active_parameters(model))
+    out.summary.update(
+        dense_val_accuracy=round(heldout["accuracy"], 4),
+        dense_best_val_loss=round(state.best_val_loss, 6),
+        dense_params_total=params,
+        dense_params_active=active_parameters(model),
+    )
 
 
 def yaml_line(config: dict) -> str:
@@ -291,18 +340,29 @@ def yaml_line(config: dict) -> str:
 
 def _check_split(train_index: np.ndarray, val_index: np.ndarray) -> None:
     if len(train_index) < 2 or len(val_index) < 2:
-        raise DataError(f"train: {len(train_index)} training and {len(val_index)} validation rows; "
-                        f"each needs at least 2 (more input rows or another validation_fraction)")
+        raise DataError(
+            f"train: {len(train_index)} training and {len(val_index)} validation rows; "
+            f"each needs at least 2 (more input rows or another validation_fraction)"
+        )
 
 
 def _log_evaluation(cfg: Config, record: dict, log) -> None:
     """One line per epoch (loss terms, accuracy, load, entropy); a warning where routing collapsed."""
-    log.info("epoch %d: train %s | val %s | val accuracy %.4f | load %s | entropy %s", record["epoch"],
-             _fmt(record["train"]), _fmt(record["val"]), record["val_accuracy"],
-             np.round(record["expert_load"], 3).tolist(), np.round(record["routing_entropy"], 3).tolist())
+    log.info(
+        "epoch %d: train %s | val %s | val accuracy %.4f | load %s | entropy %s",
+        record["epoch"],
+        _fmt(record["train"]),
+        _fmt(record["val"]),
+        record["val_accuracy"],
+        np.round(record["expert_load"], 3).tolist(),
+        np.round(record["routing_entropy"], 3).tolist(),
+    )
     if record["collapsed"]:
-        log.warning("routing collapse on validation rows after epoch %d: %s; consider a larger balance_loss_weight",
-                    record["epoch"], " | ".join(record["collapse_reasons"]))
+        log.warning(
+            "routing collapse on validation rows after epoch %d: %s; consider a larger balance_loss_weight",
+            record["epoch"],
+            " | ".join(record["collapse_reasons"]),
+        )
 
 
 def _fmt(terms: dict[str, float]) -> str:
@@ -313,8 +373,9 @@ def _fmt(terms: dict[str, float]) -> str:
 # outputs
 
 
-def _write_outputs(cfg: Config, data, state, train_index: np.ndarray, val_index: np.ndarray, heldout: dict,
-                   out: ArtifactWriter) -> None:
+def _write_outputs(
+    cfg: Config, data, state, train_index: np.ndarray, val_index: np.ndarray, heldout: dict, out: ArtifactWriter
+) -> None:
     history, steps = state.history, state.steps
     out.write("curves/epoch", np.array([r["epoch"] for r in history], dtype=np.int64))
     out.write("curves/lr", np.array([r["lr"] for r in history], dtype=np.float64))
@@ -336,23 +397,34 @@ def _write_outputs(cfg: Config, data, state, train_index: np.ndarray, val_index:
     out.write("heldout/assignment", heldout["assignment"].astype(np.int64))
     out.write("heldout/domain", data.domain[val_index])
     out.write("heldout/label", data.label[val_index])
-    for name, value in cfg.model.heldout_outputs(heldout["output"], data.targets[val_index],
-                                                 data.target_names).items():
+    for name, value in cfg.model.heldout_outputs(heldout["output"], data.targets[val_index], data.target_names).items():
         out.write(name, value)
     out.write("best_epoch", np.int64(state.best_epoch))
     out.write("epochs_run", np.int64(state.epoch))
     out.write("best_val_loss", np.float64(state.best_val_loss))
-    for key, value in {"model_kind": cfg.model.kind, "target": cfg.model.target, "input": cfg.input,
-                       "input_dim": int(data.features.shape[1]), "n_train": len(train_index),
-                       "n_val": len(val_index), "heldout_model": "best", "stopped_early": state.stopped_early,
-                       "val_accuracy_kind": heldout["accuracy_kind"]}.items():
+    for key, value in {
+        "model_kind": cfg.model.kind,
+        "target": cfg.model.target,
+        "input": cfg.input,
+        "input_dim": int(data.features.shape[1]),
+        "n_train": len(train_index),
+        "n_val": len(val_index),
+        "heldout_model": "best",
+        "stopped_early": state.stopped_early,
+        "val_accuracy_kind": heldout["accuracy_kind"],
+    }.items():
         out.attrs[key] = value
     last = history[-1]
     out.summary.update(
         model=cfg.model.kind,
         final_train_loss={name: round(float(v), 4) for name, v in last["train"].items()},
         final_val_loss={name: round(float(v), 4) for name, v in last["val"].items()},
-        epochs_run=state.epoch, best_epoch=state.best_epoch, best_val_loss=round(state.best_val_loss, 6),
-        val_accuracy=round(heldout["accuracy"], 4), stopped_early=state.stopped_early,
-        collapse_warning=any(r["collapsed"] for r in history), expert_load=np.round(heldout["expert_load"], 4).tolist(),
-        routing_entropy=np.round(heldout["routing_entropy"], 4).tolist())
+        epochs_run=state.epoch,
+        best_epoch=state.best_epoch,
+        best_val_loss=round(state.best_val_loss, 6),
+        val_accuracy=round(heldout["accuracy"], 4),
+        stopped_early=state.stopped_early,
+        collapse_warning=any(r["collapsed"] for r in history),
+        expert_load=np.round(heldout["expert_load"], 4).tolist(),
+        routing_entropy=np.round(heldout["routing_entropy"], 4).tolist(),
+    )

@@ -36,48 +36,95 @@ class _FilterAction(argparse.Action):
 def register(subparsers) -> None:
     """Add the ``sync`` command to ``moespec``'s subparsers."""
     p = subparsers.add_parser(
-        "sync", help="pull results from / push configs to a cluster over SSH (incremental, verified)",
+        "sync",
+        help="pull results from / push configs to a cluster over SSH (incremental, verified)",
         description="Pull a cluster's results into results/, or push configs (and the project) to it, over\n"
-                    "SSH: only what changed moves, every file is verified and renamed into place.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "SSH: only what changed moves, every file is verified and renamed into place.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     way = p.add_mutually_exclusive_group(required=True)
-    way.add_argument("--from-hpc", dest="direction", action="store_const", const="pull",
-                     help="pull <remote root>/<EXPERIMENT>/ into <local root>/<EXPERIMENT>/")
-    way.add_argument("--to-hpc", dest="direction", action="store_const", const="push",
-                     help="push project paths (default: the remote's push.paths) to its push.root")
-    p.add_argument("names", nargs="*", metavar="NAME",
-                   help="experiments (--from-hpc; default: all) or project paths (--to-hpc)")
+    way.add_argument(
+        "--from-hpc",
+        dest="direction",
+        action="store_const",
+        const="pull",
+        help="pull <remote root>/<EXPERIMENT>/ into <local root>/<EXPERIMENT>/",
+    )
+    way.add_argument(
+        "--to-hpc",
+        dest="direction",
+        action="store_const",
+        const="push",
+        help="push project paths (default: the remote's push.paths) to its push.root",
+    )
+    p.add_argument(
+        "names", nargs="*", metavar="NAME", help="experiments (--from-hpc; default: all) or project paths (--to-hpc)"
+    )
     p.add_argument("--remote", metavar="NAME", help="remote from the remotes file (default: its `default`)")
     p.add_argument("--remotes", type=Path, metavar="FILE", help="remotes file (default: sync/remotes.yaml)")
-    p.add_argument("--host", metavar="ALIAS",
-                   help="ssh host alias (overrides the remote's; with --remote-root no remotes file is needed)")
-    p.add_argument("--remote-root", metavar="PATH",
-                   help="remote root for this direction (overrides the remotes file)")
-    p.add_argument("--local-root", type=Path, metavar="DIR",
-                   help="local root (default: results/ for --from-hpc, . for --to-hpc)")
-    p.add_argument("--include", action=_FilterAction, const="include", metavar="GLOB", dest="filter_rules",
-                   help="transfer what matches (repeatable; first matching rule wins)")
-    p.add_argument("--exclude", action=_FilterAction, const="exclude", metavar="GLOB", dest="filter_rules",
-                   help="leave out what matches (repeatable)")
+    p.add_argument(
+        "--host",
+        metavar="ALIAS",
+        help="ssh host alias (overrides the remote's; with --remote-root no remotes file is needed)",
+    )
+    p.add_argument("--remote-root", metavar="PATH", help="remote root for this direction (overrides the remotes file)")
+    p.add_argument(
+        "--local-root", type=Path, metavar="DIR", help="local root (default: results/ for --from-hpc, . for --to-hpc)"
+    )
+    p.add_argument(
+        "--include",
+        action=_FilterAction,
+        const="include",
+        metavar="GLOB",
+        dest="filter_rules",
+        help="transfer what matches (repeatable; first matching rule wins)",
+    )
+    p.add_argument(
+        "--exclude",
+        action=_FilterAction,
+        const="exclude",
+        metavar="GLOB",
+        dest="filter_rules",
+        help="leave out what matches (repeatable)",
+    )
     p.add_argument("--all", action="store_true", help="ignore the remote's default filters")
     p.add_argument("-n", "--dry-run", action="store_true", help="show what would be done; change nothing")
-    p.add_argument("-c", "--checksum", action="store_true",
-                   help="compare equal-size files by SHA-256 instead of mtime, and verify copies by it")
+    p.add_argument(
+        "-c",
+        "--checksum",
+        action="store_true",
+        help="compare equal-size files by SHA-256 instead of mtime, and verify copies by it",
+    )
     p.add_argument("--delete", action="store_true", help="delete destination files that the source lacks")
-    p.add_argument("--force", action="store_true",
-                   help="overwrite destination files that are newer; let --delete go past --max-delete")
-    p.add_argument("--max-delete", type=float, metavar="SHARE",
-                   help="--delete refuses to remove more than this share of an experiment's files, and never "
-                        "all of them (default: the remote's max_delete, else 0.5)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite destination files that are newer; let --delete go past --max-delete",
+    )
+    p.add_argument(
+        "--max-delete",
+        type=float,
+        metavar="SHARE",
+        help="--delete refuses to remove more than this share of an experiment's files, and never "
+        "all of them (default: the remote's max_delete, else 0.5)",
+    )
     p.add_argument("--transport", choices=["paramiko", "openssh"], help="override the remote's transport")
     p.add_argument("--ssh-config", type=Path, metavar="FILE", help="ssh client config (default: ~/.ssh/config)")
-    p.add_argument("--known-hosts", type=Path, action="append", metavar="FILE",
-                   help="known_hosts file (repeatable; default: the ssh config's UserKnownHostsFile)")
+    p.add_argument(
+        "--known-hosts",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="known_hosts file (repeatable; default: the ssh config's UserKnownHostsFile)",
+    )
     p.add_argument("--channels", type=int, metavar="N", help="parallel SFTP channels (default: the remote's, else 4)")
-    p.add_argument("--retries", type=int, metavar="N",
-                   help="retries after a lost connection (default: the remote's, else 2)")
-    p.add_argument("--stall-timeout", type=float, metavar="SECONDS",
-                   help="seconds without progress before reconnecting")
+    p.add_argument(
+        "--retries", type=int, metavar="N", help="retries after a lost connection (default: the remote's, else 2)"
+    )
+    p.add_argument(
+        "--stall-timeout", type=float, metavar="SECONDS", help="seconds without progress before reconnecting"
+    )
     p.add_argument("--batch", action="store_true", help="never prompt (passphrases, 2FA); fail instead")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="list every action")
@@ -122,8 +169,9 @@ def _roots_and_scopes(args, source: str, remote):
         return args.remote_root or remote.root, args.local_root or Path("results"), tuple(names) or ("",)
     remote_root = args.remote_root or remote.push.root
     if remote_root is None:
-        raise ConfigError(f"{source}.push.root: required for --to-hpc (the project folder on the cluster); "
-                          "or pass --remote-root")
+        raise ConfigError(
+            f"{source}.push.root: required for --to-hpc (the project folder on the cluster); or pass --remote-root"
+        )
     local_root = args.local_root or Path(".")
     scopes = tuple(names or [p for p in remote.push.paths if (local_root / p).exists()])
     if not scopes:
@@ -137,8 +185,9 @@ def _filters(args, remote):
 
     defaults = remote.pull if args.direction == "pull" else remote.push
     try:
-        return Filters.build(args.filter_rules, () if args.all else defaults.include,
-                             () if args.all else defaults.exclude)
+        return Filters.build(
+            args.filter_rules, () if args.all else defaults.include, () if args.all else defaults.exclude
+        )
     except ValueError as e:
         raise ConfigError(f"--include/--exclude: {e}") from e
 
@@ -157,17 +206,27 @@ def build_request(args):
     remote_root, local_root, scopes = _roots_and_scopes(args, source, remote)
     known_hosts = args.known_hosts or remote.known_hosts
     return SyncRequest(
-        direction=args.direction, host=args.host or remote.sync_host, remote_root=remote_root,
-        local_root=local_root, scopes=scopes, filters=_filters(args, remote),
-        transport=args.transport or remote.transport, dry_run=args.dry_run, checksum=args.checksum,
-        delete=args.delete, force=args.force,
+        direction=args.direction,
+        host=args.host or remote.sync_host,
+        remote_root=remote_root,
+        local_root=local_root,
+        scopes=scopes,
+        filters=_filters(args, remote),
+        transport=args.transport or remote.transport,
+        dry_run=args.dry_run,
+        checksum=args.checksum,
+        delete=args.delete,
+        force=args.force,
         max_delete=remote.max_delete if args.max_delete is None else args.max_delete,
         ssh_config=args.ssh_config or (Path(remote.ssh_config).expanduser() if remote.ssh_config else None),
         known_hosts=tuple(Path(p).expanduser() for p in known_hosts) if known_hosts else None,
-        engine=EngineSettings(channels=args.channels or remote.channels,
-                              stall_timeout=args.stall_timeout or remote.stall_timeout),
+        engine=EngineSettings(
+            channels=args.channels or remote.channels, stall_timeout=args.stall_timeout or remote.stall_timeout
+        ),
         retries=remote.retries if args.retries is None else args.retries,
-        connect_timeout=remote.connect_timeout, interactive=not args.batch and sys.stdin.isatty())
+        connect_timeout=remote.connect_timeout,
+        interactive=not args.batch and sys.stdin.isatty(),
+    )
 
 
 def _print_plan(plan, verbose: bool, dry_run: bool) -> None:
@@ -243,9 +302,15 @@ def cmd_sync(args: argparse.Namespace) -> int:
         raise
     arrow = "->" if request.direction == "pull" else "<-"
     what = ", ".join(s for s in request.scopes if s) or "everything"
-    print(f"{request.direction} {request.host}:{request.remote_root} {arrow} {request.local_root} ({what}, "
-          f"{request.transport}{', dry run' if request.dry_run else ''})")
-    report = run_sync(request, show_progress=not args.no_progress and sys.stderr.isatty(),
-                      on_plan=lambda plan: _print_plan(plan, args.verbose, request.dry_run), transport=early)
+    print(
+        f"{request.direction} {request.host}:{request.remote_root} {arrow} {request.local_root} ({what}, "
+        f"{request.transport}{', dry run' if request.dry_run else ''})"
+    )
+    report = run_sync(
+        request,
+        show_progress=not args.no_progress and sys.stderr.isatty(),
+        on_plan=lambda plan: _print_plan(plan, args.verbose, request.dry_run),
+        transport=early,
+    )
     _print_report(report)
     return EXIT_OK if report.ok and not report.plan.refused else EXIT_FAILED

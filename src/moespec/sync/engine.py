@@ -28,7 +28,6 @@ from moespec.sync.plan import Action
 log = logging.getLogger("moespec.sync")
 
 
-
 @dataclass(frozen=True)
 class EngineSettings:
     """Knobs of the transfer engine.
@@ -237,8 +236,15 @@ class WarmChannel:
             pending.close()
 
 
-def run_channels(transport, actions: list[Action], settings: EngineSettings, make_channel,
-                 progress: Progress, on_tick=None, warm: WarmChannel | None = None) -> Outcome:
+def run_channels(
+    transport,
+    actions: list[Action],
+    settings: EngineSettings,
+    make_channel,
+    progress: Progress,
+    on_tick=None,
+    warm: WarmChannel | None = None,
+) -> Outcome:
     """Run ``actions`` on up to ``settings.channels`` channels, with a stall watchdog.
 
     Parameters

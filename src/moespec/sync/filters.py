@@ -47,7 +47,7 @@ def _translate(body: str) -> str:
             end = body.find("]", i + 2 if body.startswith("[!", i) or body.startswith("[]", i) else i + 1)
             if end < 0:
                 raise ValueError(f"unclosed '[' in pattern '{body}'")
-            inner = body[i + 1:end]
+            inner = body[i + 1 : end]
             if inner.startswith("!"):
                 inner = "^" + inner[1:]
             out.append("[" + inner.replace("\\", "\\\\") + "]")
@@ -99,8 +99,12 @@ class Filters:
     rules: tuple[Rule, ...] = ()
 
     @classmethod
-    def build(cls, cli_rules: Iterable[tuple[str, str]] = (), default_include: Iterable[str] = (),
-              default_exclude: Iterable[str] = ()) -> "Filters":
+    def build(
+        cls,
+        cli_rules: Iterable[tuple[str, str]] = (),
+        default_include: Iterable[str] = (),
+        default_exclude: Iterable[str] = (),
+    ) -> "Filters":
         """Command-line rules first (in their order), then a remote's defaults (includes first)."""
         rules = [Rule("exclude", p) for p in ALWAYS_EXCLUDED]
         rules += [Rule(action, pattern) for action, pattern in cli_rules]

@@ -136,8 +136,9 @@ def _add_hint(name: str, host: str, port: int, key_type: str, files: list[str], 
     )
 
 
-def verify_host_key(server_key_type: str, server_blob: bytes, name: str, known: KnownHosts, *,
-                    host: str, port: int, alias: str) -> None:
+def verify_host_key(
+    server_key_type: str, server_blob: bytes, name: str, known: KnownHosts, *, host: str, port: int, alias: str
+) -> None:
     """Accept the server's key only if known_hosts lists exactly it for ``name``.
 
     Raises
@@ -160,13 +161,16 @@ def verify_host_key(server_key_type: str, server_blob: bytes, name: str, known: 
             f"Someone may be intercepting the connection, or the host was reinstalled. Ask your centre. "
             f"If the new key is legitimate, remove the old one with\n"
             f"    ssh-keygen -R {shlex.quote(name)} -f {shlex.quote(plain[0].source.rsplit(':', 1)[0])}\n"
-            f"and add the new one as below.\n"
-            + _add_hint(name, host, port, server_key_type, known.files, alias))
+            f"and add the new one as below.\n" + _add_hint(name, host, port, server_key_type, known.files, alias)
+        )
     ca_note = ""
     if any(k.marker == "@cert-authority" for k in keys):
-        ca_note = ("known_hosts trusts a certificate authority for this host, which paramiko cannot check; "
-                   "use `transport: openssh` (or --transport openssh).\n")
+        ca_note = (
+            "known_hosts trusts a certificate authority for this host, which paramiko cannot check; "
+            "use `transport: openssh` (or --transport openssh).\n"
+        )
     searched = ", ".join(known.files) or "no known_hosts file exists"
     raise HostKeyError(
         f"the host key of {alias} ({name}) is not known (searched: {searched}).\n"
-        f"The server offered {offered}.\n" + ca_note + _add_hint(name, host, port, server_key_type, known.files, alias))
+        f"The server offered {offered}.\n" + ca_note + _add_hint(name, host, port, server_key_type, known.files, alias)
+    )

@@ -185,13 +185,13 @@ def parse_find_output(data: bytes, root: str, scopes: Iterable[str]) -> Listing:
     start = data.find(LISTING_MARKER)
     if start < 0:
         raise ValueError("listing marker not found in the remote output")
-    fields = data[start + len(LISTING_MARKER):].split(b"\0")
+    fields = data[start + len(LISTING_MARKER) :].split(b"\0")
     if fields[-1] != b"" or (len(fields) - 1) % _FIND_FIELDS:
         raise ValueError("truncated remote listing")
     by_start = {remote_join(root, scope).encode("utf-8", "surrogateescape"): scope for scope in scopes}
     listing, seen = Listing(method="find"), set()
     for i in range(0, len(fields) - 1, _FIND_FIELDS):
-        record = [f.decode("utf-8", "surrogateescape") for f in fields[i:i + _FIND_FIELDS]]
+        record = [f.decode("utf-8", "surrogateescape") for f in fields[i : i + _FIND_FIELDS]]
         start_point, kind_char, size, mtime, mode, rel, target = record
         scope = by_start.get(fields[i])
         shown = rel or start_point
@@ -230,8 +230,9 @@ def _sftp_entry(rel: str, attr, target: str = "") -> Entry:
         kind = "file"
     else:
         kind = "other"
-    return Entry(rel, kind, (attr.st_size or 0) if kind == "file" else 0, float(attr.st_mtime or 0),
-                 stat.S_IMODE(mode), target)
+    return Entry(
+        rel, kind, (attr.st_size or 0) if kind == "file" else 0, float(attr.st_mtime or 0), stat.S_IMODE(mode), target
+    )
 
 
 def remote_bytes(path: str) -> bytes:

@@ -90,8 +90,13 @@ def checksum_candidates(source: Listing, dest: Listing, filters: Filters) -> lis
     out = []
     for path, entry in source.entries.items():
         other = dest.entries.get(path)
-        if (entry.kind == "file" and other is not None and other.kind == "file" and other.size == entry.size
-                and filters.selects(path)):
+        if (
+            entry.kind == "file"
+            and other is not None
+            and other.kind == "file"
+            and other.size == entry.size
+            and filters.selects(path)
+        ):
             out.append(path)
     return sorted(out)
 
@@ -106,8 +111,9 @@ def _ancestor_conflict(path: str, dest: Listing) -> str | None:
     return None
 
 
-def _plan_file(src: Entry, dst: Entry | None, force: bool, window: int,
-               sums: tuple[Mapping[str, str], Mapping[str, str]] | None) -> Action | Skip | None:
+def _plan_file(
+    src: Entry, dst: Entry | None, force: bool, window: int, sums: tuple[Mapping[str, str], Mapping[str, str]] | None
+) -> Action | Skip | None:
     """Action for one selected source file (None: unchanged)."""
     if dst is None:
         return Action("copy", src.path, "new", src)
@@ -143,9 +149,17 @@ def _plan_link(src: Entry, dst: Entry | None, force: bool, links: Mapping[str, s
     return Action("link", src.path, "target differs", src, dst)
 
 
-def plan_sync(source: Listing, dest: Listing, filters: Filters, *, delete: bool = False, force: bool = False,
-              max_delete: float = 0.5, modify_window: int = 0,
-              checksums: tuple[Mapping[str, str], Mapping[str, str]] | None = None) -> Plan:
+def plan_sync(
+    source: Listing,
+    dest: Listing,
+    filters: Filters,
+    *,
+    delete: bool = False,
+    force: bool = False,
+    max_delete: float = 0.5,
+    modify_window: int = 0,
+    checksums: tuple[Mapping[str, str], Mapping[str, str]] | None = None,
+) -> Plan:
     """Compare two listings of the same scopes and return what to do on the destination.
 
     Parameters
@@ -246,8 +260,11 @@ def _record(plan: Plan, result) -> None:
 
 def _plan_deletes(plan: Plan, source: Listing, dest: Listing, filters: Filters) -> None:
     if source.missing or source.warnings:
-        plan.notes.append("nothing deleted: the source listing was incomplete ("
-                          + "; ".join([f"missing {m or 'root'}" for m in source.missing] + source.warnings[:3]) + ")")
+        plan.notes.append(
+            "nothing deleted: the source listing was incomplete ("
+            + "; ".join([f"missing {m or 'root'}" for m in source.missing] + source.warnings[:3])
+            + ")"
+        )
         return
     protected = {r.path for r in source.refused}
     doomed = []
@@ -288,6 +305,8 @@ def _refuse_mass_deletes(plan: Plan, source: Listing, dest: Listing, filters: Fi
         else:
             continue
         refused.add(experiment)
-        plan.deletes_refused.append(f"{where}: --delete would remove {count} of its {held[experiment]} files, and "
-                                    f"{why}; nothing deleted there (check the path, or pass --force)")
+        plan.deletes_refused.append(
+            f"{where}: --delete would remove {count} of its {held[experiment]} files, and "
+            f"{why}; nothing deleted there (check the path, or pass --force)"
+        )
     plan.deletes = [a for a in plan.deletes if _experiment(a.path) not in refused]

@@ -158,8 +158,10 @@ class RemotesFile(_Strict):
                 return self.remotes[self.default]
             if len(self.remotes) == 1:
                 return next(iter(self.remotes.values()))
-            raise ConfigError(f"{source}: default: several remotes ({', '.join(self.remotes)}) and no default; "
-                              "set `default:` or pass --remote NAME")
+            raise ConfigError(
+                f"{source}: default: several remotes ({', '.join(self.remotes)}) and no default; "
+                "set `default:` or pass --remote NAME"
+            )
         if name not in self.remotes:
             raise ConfigError(f"{source}: remotes.{name}: no such remote (known: {', '.join(self.remotes)})")
         return self.remotes[name]

@@ -3,7 +3,7 @@
 ``run_sync`` is what ``moespec sync`` calls and what the tests and the benchmark call directly.
 A pass that loses the connection or meets a file that changed while being read is retried
 (re-listed and re-planned, so finished files are skipped and kept ``.part`` files resumed), up to
-``retries`` times with a short back-off, as a flaky network deserves (STYLE.md rule 9).
+``retries`` times with a short back-off, as a flaky network deserves.
 """
 
 from __future__ import annotations
@@ -22,8 +22,15 @@ from moespec.errors import SyncError
 from moespec.sync import engine
 from moespec.sync.engine import EngineSettings, Failure, Outcome, Progress
 from moespec.sync.filters import Filters
-from moespec.sync.listing import (Listing, find_command, list_local, parse_find_output, remote_bytes, remote_join,
-                                  walk_sftp)
+from moespec.sync.listing import (
+    Listing,
+    find_command,
+    list_local,
+    parse_find_output,
+    remote_bytes,
+    remote_join,
+    walk_sftp,
+)
 from moespec.sync.paths import LocalRoot, check_relpath, hidden_name, printable
 from moespec.sync.plan import Action, Plan, Skip, checksum_candidates, plan_sync
 from moespec.sync.transport import ConnectOptions, Transport, TransportKind, connect
@@ -109,10 +116,19 @@ class SyncReport:
             files, size = self.files, self.bytes
             links, touched, deleted = self.links, self.touched, self.deleted
         rate = f", {_human(size / self.seconds)}/s" if self.seconds > 0 and size and not self.request.dry_run else ""
-        parts = [f"{verb} {files} file{'s' if files != 1 else ''} ({_human(size)}) in {self.seconds:.2f} s{rate}",
-                 f"{plan.unchanged} unchanged", f"{plan.excluded} excluded"]
-        for count, label in ((len(plan.kept), "kept"), (len(plan.refused), "refused"), (links, "links"),
-                             (touched, "mtimes set"), (deleted, "deleted"), (len(self.failed), "failed")):
+        parts = [
+            f"{verb} {files} file{'s' if files != 1 else ''} ({_human(size)}) in {self.seconds:.2f} s{rate}",
+            f"{plan.unchanged} unchanged",
+            f"{plan.excluded} excluded",
+        ]
+        for count, label in (
+            (len(plan.kept), "kept"),
+            (len(plan.refused), "refused"),
+            (links, "links"),
+            (touched, "mtimes set"),
+            (deleted, "deleted"),
+            (len(self.failed), "failed"),
+        ):
             if count:
                 parts.append(f"{count} {label}")
         return "; ".join(parts)
@@ -145,8 +161,9 @@ def remote_listing(transport: Transport, root: str, scopes: tuple[str, ...], tim
             listing.warnings += [line for line in errors if "No such file or directory" not in line]
             return listing
         reason = result.error_text or f"status {result.status}"
-    log.warning("remote `find` listing unavailable (%s); walking the tree over SFTP instead (slower)",
-                printable(reason))
+    log.warning(
+        "remote `find` listing unavailable (%s); walking the tree over SFTP instead (slower)", printable(reason)
+    )
     sftp = transport.open_sftp()
     try:
         return walk_sftp(sftp, root, scopes)
@@ -171,7 +188,7 @@ def parse_sha256sum(output: bytes, root: str) -> dict[str, str]:
         if escaped:
             name = name.replace("\\n", "\n").replace("\\\\", "\\")
         if name.startswith(prefix):
-            sums[name[len(prefix):]] = line[:64]
+            sums[name[len(prefix) :]] = line[:64]
     return sums
 
 
@@ -289,8 +306,17 @@ def _progress_bar(total: int, description: str, enabled: bool, progress: Progres
         return _NoBar(), lambda: None
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, file=sys.stderr,
-               disable=not enabled, dynamic_ncols=True, leave=False)
+    bar = tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=description,
+        file=sys.stderr,
+        disable=not enabled,
+        dynamic_ncols=True,
+        leave=False,
+    )
     start_bytes, start_files = progress.bytes, progress.files
 
     def tick() -> None:
@@ -305,12 +331,20 @@ class _NoBar:
         pass
 
 
-def _transfer(plan: Plan, request: SyncRequest, transport: Transport, progress: Progress, show_progress: bool,
-              expected_sums: dict[str, str], warm: engine.WarmChannel | None) -> Outcome:
+def _transfer(
+    plan: Plan,
+    request: SyncRequest,
+    transport: Transport,
+    progress: Progress,
+    show_progress: bool,
+    expected_sums: dict[str, str],
+    warm: engine.WarmChannel | None,
+) -> Outcome:
     from moespec.sync import sftp_channels  # paramiko: only once there is something to copy
 
     local = LocalRoot(request.local_root)
     if request.direction == "pull":
+
         def make_channel(sftp, shared):
             return sftp_channels.PullChannel(sftp, shared, local, request.remote_root, expected_sums)
     else:
@@ -319,8 +353,10 @@ def _transfer(plan: Plan, request: SyncRequest, transport: Transport, progress: 
 
         def make_channel(sftp, shared):
             return sftp_channels.PushChannel(sftp, shared, local, request.remote_root, folders, lock)
-    bar, tick = _progress_bar(plan.bytes, f"{request.direction} {request.host}", show_progress, progress,
-                              len(plan.copies))
+
+    bar, tick = _progress_bar(
+        plan.bytes, f"{request.direction} {request.host}", show_progress, progress, len(plan.copies)
+    )
     try:
         return engine.run_channels(transport, plan.copies, request.engine, make_channel, progress, tick, warm)
     finally:
@@ -349,8 +385,15 @@ def _plan(request: SyncRequest, transport: Transport) -> tuple[Plan, dict[str, s
         local_sums = local_checksums(request.local_root, candidates)
         sums = (remote_sums, local_sums) if request.direction == "pull" else (local_sums, remote_sums)
         source_sums = sums[0]
-    plan = plan_sync(source, dest, request.filters, delete=request.delete, force=request.force,
-                     max_delete=request.max_delete, checksums=sums)
+    plan = plan_sync(
+        source,
+        dest,
+        request.filters,
+        delete=request.delete,
+        force=request.force,
+        max_delete=request.max_delete,
+        checksums=sums,
+    )
     if request.direction == "push":
         plan.kept += [Skip(a.path, "links are not pushed") for a in plan.links]
         plan.links = []
@@ -398,8 +441,13 @@ def _read_only_mount(path: Path) -> bool:
         return False
 
 
-def run_sync(request: SyncRequest, *, show_progress: bool = False,
-             on_plan: Callable[[Plan], None] | None = None, transport: Transport | None = None) -> SyncReport:
+def run_sync(
+    request: SyncRequest,
+    *,
+    show_progress: bool = False,
+    on_plan: Callable[[Plan], None] | None = None,
+    transport: Transport | None = None,
+) -> SyncReport:
     """Carry out one sync and report what happened.
 
     Parameters
@@ -456,9 +504,14 @@ def run_sync(request: SyncRequest, *, show_progress: bool = False,
             if not retryable or attempt == request.retries:
                 report.failed = outcome.failed
                 break
-            log.warning("%d file(s) to retry (%s); attempt %d of %d", len(retryable), printable(retryable[0].reason),
-                        attempt + 2, request.retries + 1)
-            time.sleep(min(2.0 ** attempt, 10.0))
+            log.warning(
+                "%d file(s) to retry (%s); attempt %d of %d",
+                len(retryable),
+                printable(retryable[0].reason),
+                attempt + 2,
+                request.retries + 1,
+            )
+            time.sleep(min(2.0**attempt, 10.0))
             if outcome.connection_error is not None:
                 transport.close()
                 transport = connect(request.transport, request.connect_options())
@@ -469,16 +522,25 @@ def run_sync(request: SyncRequest, *, show_progress: bool = False,
     return report
 
 
-def _run_pass(plan: Plan, request: SyncRequest, transport: Transport, progress: Progress, show_progress: bool,
-              source_sums: dict[str, str], report: SyncReport, warm: engine.WarmChannel) -> Outcome:
+def _run_pass(
+    plan: Plan,
+    request: SyncRequest,
+    transport: Transport,
+    progress: Progress,
+    show_progress: bool,
+    source_sums: dict[str, str],
+    report: SyncReport,
+    warm: engine.WarmChannel,
+) -> Outcome:
     """Apply one plan: links and mtimes, the copies, then deletions."""
     local = LocalRoot(request.local_root)
     _remove_stale_parts(plan, request, local, transport)
     link_failures = _apply_local_actions(plan, local, report) if request.direction == "pull" else []
     expected = {a.path: source_sums[a.path] for a in plan.copies if a.path in source_sums}
     try:
-        outcome = _transfer(plan, request, transport, progress, show_progress, expected, warm) if plan.copies \
-            else Outcome()
+        outcome = (
+            _transfer(plan, request, transport, progress, show_progress, expected, warm) if plan.copies else Outcome()
+        )
     finally:
         warm.close()  # unused when nothing had to be copied (or when the first worker did not need it)
     outcome.failed += link_failures

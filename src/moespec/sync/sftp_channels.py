@@ -34,8 +34,20 @@ import threading
 from pathlib import Path
 
 import paramiko
-from paramiko.sftp import (CMD_ATTRS, CMD_CLOSE, CMD_DATA, CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_FSTAT, CMD_HANDLE,
-                           CMD_OPEN, CMD_READ, CMD_STATUS, SFTP_FLAG_READ, int64)
+from paramiko.sftp import (
+    CMD_ATTRS,
+    CMD_CLOSE,
+    CMD_DATA,
+    CMD_EXTENDED,
+    CMD_EXTENDED_REPLY,
+    CMD_FSTAT,
+    CMD_HANDLE,
+    CMD_OPEN,
+    CMD_READ,
+    CMD_STATUS,
+    SFTP_FLAG_READ,
+    int64,
+)
 from paramiko.sftp_attr import SFTPAttributes
 
 from moespec.errors import SyncError
@@ -104,8 +116,15 @@ class _Download:
         channel = self.channel
         while self.next_offset < self.size and channel.inflight < channel.settings.inflight_bytes:
             length = min(channel.read_size, self.size - self.next_offset)
-            self._send("read", CMD_READ, self.handle, int64(self.next_offset), int(length),
-                       offset=self.next_offset, length=length)
+            self._send(
+                "read",
+                CMD_READ,
+                self.handle,
+                int64(self.next_offset),
+                int(length),
+                offset=self.next_offset,
+                length=length,
+            )
             self.next_offset += length
         if self.next_offset >= self.size and not self.stat_sent:
             # queued right behind the last READ: answered after it, so it sees the file as read
@@ -192,8 +211,15 @@ class _Download:
         if len(data) < length:  # a short read is legal (the handle stays open until the end): ask for the rest
             self.channel.read_size = min(self.channel.read_size, max(len(data), 4096))  # and ask for less
             rest = offset + len(data)
-            self._send("read", CMD_READ, self.handle, int64(rest), int(length - len(data)), offset=rest,
-                       length=length - len(data))
+            self._send(
+                "read",
+                CMD_READ,
+                self.handle,
+                int64(rest),
+                int(length - len(data)),
+                offset=rest,
+                length=length - len(data),
+            )
         self.early[offset] = data
         while self.write_offset in self.early:
             chunk = self.early.pop(self.write_offset)
@@ -204,9 +230,10 @@ class _Download:
         tail_end = self.tail_offset + len(self.tail)
         if offset < tail_end:  # resuming: these bytes are already on disk and must match
             overlap = min(len(chunk), tail_end - offset)
-            if chunk[:overlap] != self.tail[offset - self.tail_offset:offset - self.tail_offset + overlap]:
-                self.fail("kept partial file does not match the remote file; it was removed", retryable=True,
-                          discard=True)
+            if chunk[:overlap] != self.tail[offset - self.tail_offset : offset - self.tail_offset + overlap]:
+                self.fail(
+                    "kept partial file does not match the remote file; it was removed", retryable=True, discard=True
+                )
                 return
             self.write_offset += overlap
             chunk = chunk[overlap:]
@@ -311,8 +338,7 @@ def server_limits(sftp) -> dict[str, int]:
 class PullChannel:
     """One SFTP channel and its thread: keeps many files in flight, reads up to a byte budget."""
 
-    def __init__(self, sftp, shared: PassState, local: LocalRoot, remote_root: str,
-                 expected_sums: dict[str, str]):
+    def __init__(self, sftp, shared: PassState, local: LocalRoot, remote_root: str, expected_sums: dict[str, str]):
         self.sftp = sftp
         self.shared = shared
         self.settings = shared.settings
@@ -370,8 +396,15 @@ class PullChannel:
 class PushChannel:
     """One SFTP channel uploading files into remote ``*.part`` names, then renaming them."""
 
-    def __init__(self, sftp, shared: PassState, local: LocalRoot, remote_root: str, folders: set[str],
-                 folders_lock: threading.Lock):
+    def __init__(
+        self,
+        sftp,
+        shared: PassState,
+        local: LocalRoot,
+        remote_root: str,
+        folders: set[str],
+        folders_lock: threading.Lock,
+    ):
         self.sftp = sftp
         self.shared = shared
         self.local = local

@@ -162,8 +162,9 @@ def load_config(config_path: Path | None):
         raise SyncError(f"{path}: cannot be read by paramiko ({e}); use `transport: openssh`") from e
 
 
-def resolve_host(alias: str, config_path: Path | None = None, known_hosts: list[Path] | None = None,
-                 hop: Hop | None = None) -> HostSpec:
+def resolve_host(
+    alias: str, config_path: Path | None = None, known_hosts: list[Path] | None = None, hop: Hop | None = None
+) -> HostSpec:
     """Resolve ``alias`` (or a ProxyJump hop) into a ``HostSpec``.
 
     Parameters
@@ -187,10 +188,14 @@ def resolve_host(alias: str, config_path: Path | None = None, known_hosts: list[
     if known_hosts is not None:
         user_files = tuple(str(p) for p in known_hosts)
     else:
-        user_files = tuple(_expand_path(p, user, hostname)
-                           for p in options.get("userknownhostsfile", " ".join(DEFAULT_USER_KNOWN_HOSTS)).split())
-    global_files = tuple(_expand_path(p, user, hostname)
-                         for p in options.get("globalknownhostsfile", " ".join(DEFAULT_GLOBAL_KNOWN_HOSTS)).split())
+        user_files = tuple(
+            _expand_path(p, user, hostname)
+            for p in options.get("userknownhostsfile", " ".join(DEFAULT_USER_KNOWN_HOSTS)).split()
+        )
+    global_files = tuple(
+        _expand_path(p, user, hostname)
+        for p in options.get("globalknownhostsfile", " ".join(DEFAULT_GLOBAL_KNOWN_HOSTS)).split()
+    )
     timeout = options.get("connecttimeout")
     agent = options.get("identityagent")
     return HostSpec(

@@ -64,7 +64,7 @@ class Transport(ABC):
     #: ``user@host:port`` or similar, for messages.
     description: str = ""
 
-    def ready(self) -> None:
+    def ready(self) -> None:  # noqa: B027 - a default no-op that transports may override
         """Wait until the connection is up (a no-op for a transport whose ``connect`` already waited)."""
 
     @abstractmethod

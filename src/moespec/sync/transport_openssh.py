@@ -39,8 +39,9 @@ class PipeSocket:
 
     def __init__(self, argv: list[str]):
         self._stderr = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=self._stderr, bufsize=0)
+        self.process = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, bufsize=0
+        )
         self._read_fd = self.process.stdout.fileno()
         self._write_fd = self.process.stdin.fileno()
         self._buffer = b""
@@ -62,7 +63,7 @@ class PipeSocket:
             if len(chunk) <= n:
                 return chunk
             self._buffer, self._offset = chunk, 0
-        out = self._buffer[self._offset:self._offset + n]
+        out = self._buffer[self._offset : self._offset + n]
         self._offset += len(out)
         return out
 
@@ -135,7 +136,8 @@ def _master_error(host: str, status: int, stderr: str) -> SyncError:
             f"the host key of {host} is {kind} (ssh: {stderr.splitlines()[-1] if stderr else ''}).\n"
             f"Connect once with `ssh {host}`, check the fingerprint it shows against the one your centre "
             f"publishes, and accept it (or, if it changed, ask your centre before removing the old key with "
-            f"ssh-keygen -R). moespec never adds host keys by itself.\nssh said:\n{stderr}")
+            f"ssh-keygen -R). moespec never adds host keys by itself.\nssh said:\n{stderr}"
+        )
     return SyncError(f"ssh to {host} failed (status {status}): {stderr or 'no message'}")
 
 
@@ -179,8 +181,16 @@ class OpenSSHTransport(Transport):
             base += ["-F", str(options.ssh_config)]
         if options.known_hosts is not None:
             base += ["-o", "UserKnownHostsFile=" + " ".join(shlex.quote(str(p)) for p in options.known_hosts)]
-        base += ["-o", "StrictHostKeyChecking=yes", "-o", f"ConnectTimeout={int(options.connect_timeout)}",
-                 "-o", "ClearAllForwardings=yes", "-x", "-a"]
+        base += [
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"ConnectTimeout={int(options.connect_timeout)}",
+            "-o",
+            "ClearAllForwardings=yes",
+            "-x",
+            "-a",
+        ]
         if not options.interactive:
             base += ["-o", "BatchMode=yes"]
         transport = cls(options, base)
@@ -198,9 +208,25 @@ class OpenSSHTransport(Transport):
         # command-line options win over the config's ControlPath / ControlMaster (ssh(1))
         self._mux = ["-o", f"ControlPath={self._socket}", "-o", "ControlMaster=no"]
         self._master = subprocess.Popen(
-            [*self._base, "-M", "-N", "-n", "-o", f"ControlPath={self._socket}", "-o", "ControlMaster=yes",
-             "-o", "ControlPersist=no", "-o", "ServerAliveInterval=15", self.host],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                *self._base,
+                "-M",
+                "-N",
+                "-n",
+                "-o",
+                f"ControlPath={self._socket}",
+                "-o",
+                "ControlMaster=yes",
+                "-o",
+                "ControlPersist=no",
+                "-o",
+                "ServerAliveInterval=15",
+                self.host,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
 
     def ready(self) -> None:
         """Wait until the master is up; raise ``HostKeyError`` / ``SyncError`` (and close) if it is not."""
@@ -228,8 +254,9 @@ class OpenSSHTransport(Transport):
     def run(self, command: str, stdin: bytes = b"", timeout: float | None = None) -> CommandResult:
         total = None if timeout is None else 10 * timeout
         try:
-            result = subprocess.run([*self._base, *self._mux, "-T", self.host, command], input=stdin,
-                                    capture_output=True, timeout=total)
+            result = subprocess.run(
+                [*self._base, *self._mux, "-T", self.host, command], input=stdin, capture_output=True, timeout=total
+            )
         except subprocess.TimeoutExpired as e:
             raise SyncError(f"remote command on {self.host} timed out after {total:.0f} s") from e
         if result.returncode == 255:

@@ -47,7 +47,8 @@ def _auth_failure(spec: HostSpec, tried: list[str], allowed: list[str]) -> SyncE
     return SyncError(
         f"authentication to {spec.alias} ({spec.describe()}) failed; keys tried: {keys}; "
         f"the server accepts: {', '.join(allowed) or 'unknown'}. Load your key into ssh-agent "
-        f"(ssh-add), set IdentityFile in your ssh config, or use `transport: openssh`.")
+        f"(ssh-add), set IdentityFile in your ssh config, or use `transport: openssh`."
+    )
 
 
 class _Authenticator:
@@ -129,7 +130,8 @@ class _Authenticator:
 def _configure(transport: paramiko.Transport, known_keys: list) -> None:
     options = transport.get_security_options()
     options.ciphers = tuple(c for c in _FAST_CIPHERS if c in options.ciphers) + tuple(
-        c for c in options.ciphers if c not in _FAST_CIPHERS)
+        c for c in options.ciphers if c not in _FAST_CIPHERS
+    )
     wanted = [k for k in preferred_key_types(known_keys) if k in options.key_types]
     if wanted:
         options.key_types = tuple(wanted) + tuple(k for k in options.key_types if k not in wanted)
@@ -145,8 +147,15 @@ def _handshake(sock, spec: HostSpec, options: ConnectOptions) -> paramiko.Transp
         _configure(transport, known.for_host(spec.known_hosts_name))
         transport.start_client(timeout=timeout)
         key = transport.get_remote_server_key()
-        verify_host_key(key.get_name(), key.asbytes(), spec.known_hosts_name, known,
-                        host=spec.hostname, port=spec.port, alias=spec.alias)
+        verify_host_key(
+            key.get_name(),
+            key.asbytes(),
+            spec.known_hosts_name,
+            known,
+            host=spec.hostname,
+            port=spec.port,
+            alias=spec.alias,
+        )
         _Authenticator(spec, options.interactive).run(transport)
         # paramiko's keepalive cannot detect a dead peer (no ServerAliveCountMax, paramiko#2463);
         # the engine's stall watchdog does that
@@ -161,12 +170,15 @@ def _tunnel(via: paramiko.Transport, spec: HostSpec, timeout: float, hop_name: s
     try:
         return via.open_channel("direct-tcpip", (spec.hostname, spec.port), ("127.0.0.1", 0), timeout=timeout)
     except (paramiko.ChannelException, paramiko.SSHException) as e:
-        raise SyncError(f"jump host {hop_name} could not open a connection to {spec.hostname}:{spec.port} ({e}); "
-                        "does it allow TCP forwarding?") from e
+        raise SyncError(
+            f"jump host {hop_name} could not open a connection to {spec.hostname}:{spec.port} ({e}); "
+            "does it allow TCP forwarding?"
+        ) from e
 
 
-def _open(spec: HostSpec, options: ConnectOptions, chain: list[paramiko.Transport],
-          depth: int = 0) -> paramiko.Transport:
+def _open(
+    spec: HostSpec, options: ConnectOptions, chain: list[paramiko.Transport], depth: int = 0
+) -> paramiko.Transport:
     """Connect to ``spec``, through its ProxyJump hops or ProxyCommand if it has any."""
     if depth > _MAX_HOPS:
         raise SyncError(f"ProxyJump chain for {spec.alias} is longer than {_MAX_HOPS} hops (a loop?)")
@@ -222,8 +234,10 @@ class ParamikoTransport(Transport):
             channel.settimeout(timeout)
             channel.exec_command(command)
             errors: list[bytes] = []
-            readers = [threading.Thread(target=_drain, args=(channel.recv_stderr, errors), daemon=True),
-                       threading.Thread(target=_feed, args=(channel, stdin), daemon=True)]
+            readers = [
+                threading.Thread(target=_drain, args=(channel.recv_stderr, errors), daemon=True),
+                threading.Thread(target=_feed, args=(channel, stdin), daemon=True),
+            ]
             for thread in readers:
                 thread.start()
             output: list[bytes] = []
@@ -237,8 +251,9 @@ class ParamikoTransport(Transport):
         return CommandResult(status, b"".join(output), b"".join(errors))
 
     def open_sftp(self) -> paramiko.SFTPClient:
-        return paramiko.SFTPClient.from_transport(self._transport, window_size=SFTP_WINDOW,
-                                                  max_packet_size=SFTP_MAX_PACKET)
+        return paramiko.SFTPClient.from_transport(
+            self._transport, window_size=SFTP_WINDOW, max_packet_size=SFTP_MAX_PACKET
+        )
 
     def abort(self) -> None:
         _close_all([self._transport, *self._chain])

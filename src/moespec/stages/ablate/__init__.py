@@ -268,13 +268,17 @@ class Config(StageConfig):
 
     @model_validator(mode="after")
     def _keys_fit_source(self) -> "Config":
-        needs = {"token": "token ids, which only a pretrained source has",
-                 "stratum": "fiber strata, which only a trained source has"}
+        needs = {
+            "token": "token ids, which only a pretrained source has",
+            "stratum": "fiber strata, which only a trained source has",
+        }
         for key in set(self.by) & set(needs) - set(self.source.extra_group_keys):
             raise ValueError(f"by: {key!r} needs {needs[key]}")
         if self.source.kind == "lm" and "class" in self.by:
-            raise ValueError("by: 'class' needs labels; an lm artifact's validation texts have domains only "
-                             "(e.g. by: [domain, token])")
+            raise ValueError(
+                "by: 'class' needs labels; an lm artifact's validation texts have domains only "
+                "(e.g. by: [domain, token])"
+            )
         return self
 
     @property
@@ -320,8 +324,9 @@ def schema(cfg: Config) -> dict[str, DatasetSpec]:
                 spec_[f"specialisation/token/{name}"] = DatasetSpec(("L",), "float")
             continue
         for name in ("counts", "share", "lift_uniform", "lift_load"):
-            spec_[f"specialisation/{key}/{name}"] = DatasetSpec(("L", f"G_{key}", "E"),
-                                                               "int" if name == "counts" else "float")
+            spec_[f"specialisation/{key}/{name}"] = DatasetSpec(
+                ("L", f"G_{key}", "E"), "int" if name == "counts" else "float"
+            )
         spec_[f"specialisation/{key}/nmi"] = DatasetSpec(("L",), "float")
         spec_[f"names/{key}"] = DatasetSpec((f"G_{key}",), "str")
     for mode in cfg.modes:

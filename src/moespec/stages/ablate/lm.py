@@ -27,8 +27,9 @@ def run(cfg: Any, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> Non
     if not (folder / "config.json").is_file():
         raise ArtifactError(f"{folder}: the lm artifact {reader.uid} has no model folder; rerun its lm task")
     device = pretrained._resolve_device(src.device, out.device)
-    loaded = hf_moe.load_moe_model(str(folder), task="lm", dtype=src.dtype, device=device,
-                                   key="ablate.source", log=out.log)
+    loaded = hf_moe.load_moe_model(
+        str(folder), task="lm", dtype=src.dtype, device=device, key="ablate.source", log=out.log
+    )
     pretrained.ablate_texts(cfg, loaded, validation_texts(reader), device, out, f"lm:{reader.uid}", "")
 
 
@@ -36,7 +37,13 @@ def validation_texts(reader: ArtifactReader) -> TextSet:
     """The validation texts of an ``lm`` artifact with their domains (unlabelled)."""
     texts = [str(t) for t in reader.read("val/texts")]
     domain_names = [str(n) for n in reader.read("domain_names")]
-    return TextSet(texts=texts, domain=reader.read("val/domain").astype(np.int64), domain_names=domain_names,
-                   label=np.full(len(texts), -1, dtype=np.int64), label_names=[],
-                   label_domain=np.zeros(0, dtype=np.int64), text_id=[str(i) for i in reader.read("val/text_id")],
-                   sources=[{"kind": "lm", "uid": reader.uid}])
+    return TextSet(
+        texts=texts,
+        domain=reader.read("val/domain").astype(np.int64),
+        domain_names=domain_names,
+        label=np.full(len(texts), -1, dtype=np.int64),
+        label_names=[],
+        label_domain=np.zeros(0, dtype=np.int64),
+        text_id=[str(i) for i in reader.read("val/text_id")],
+        sources=[{"kind": "lm", "uid": reader.uid}],
+    )

@@ -33,35 +33,53 @@ def run(cfg: Any, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> Non
     model, checkpoint = row_models.load_model(train_reader.path.parent / f"{cfg.source.checkpoint}.pt")
     train_cfg = train.Config.model_validate(checkpoint["config"])  # the config the weights were trained with
     if train_cfg.input != cfg.source.input:
-        raise ConfigError(f"ablate.source.input: the train stage read {train_cfg.input!r}, this says "
-                          f"{cfg.source.input!r}; set ablate.source.input: {train_cfg.input}")
+        raise ConfigError(
+            f"ablate.source.input: the train stage read {train_cfg.input!r}, this says "
+            f"{cfg.source.input!r}; set ablate.source.input: {train_cfg.input}"
+        )
     data = row_models.load_training_data(train_cfg.model, data_reader, train_cfg.dataset)
-    rows = (train_reader.read("split/val_index") if cfg.source.split == "heldout"
-            else np.arange(len(data.features))).astype(np.int64)
+    rows = (
+        train_reader.read("split/val_index") if cfg.source.split == "heldout" else np.arange(len(data.features))
+    ).astype(np.int64)
     kind, metric = train_cfg.model.kind, train_cfg.model.ablation_metric
     groups = _groups(cfg, data, data_reader, rows, inputs.get("strata"), train_cfg.model)
     model = model.to(torch.device(out.device))
     features = torch.as_tensor(data.features[rows], device=out.device)
     layers, experts = common.check_indices(cfg, model.n_moe_layers, model.n_experts)
-    out.log.info("ablate the %s MoE of train %s (%s.pt, epoch %s) on %d %s rows: %d MoE layer(s) x %d experts, "
-                 "modes %s", kind, train_reader.uid, cfg.source.checkpoint, checkpoint.get("epoch"), len(rows),
-                 cfg.source.split, model.n_moe_layers, model.n_experts, ", ".join(cfg.modes))
+    out.log.info(
+        "ablate the %s MoE of train %s (%s.pt, epoch %s) on %d %s rows: %d MoE layer(s) x %d experts, modes %s",
+        kind,
+        train_reader.uid,
+        cfg.source.checkpoint,
+        checkpoint.get("epoch"),
+        len(rows),
+        cfg.source.split,
+        model.n_moe_layers,
+        model.n_experts,
+        ", ".join(cfg.modes),
+    )
 
     baseline = trained_pass(model, features, None, cfg.batch_size)
     tables: dict[str, Any] = {"eval/row": rows, "routing/row": rows, **common.group_tables(groups)}
     routing_tables, routing, plan = common.routing_analysis(
-        cfg, baseline["probs"][0], baseline["expert_index"][0], groups,
-        [f"layer {i}" for i in range(model.n_moe_layers)], layers, experts)
+        cfg,
+        baseline["probs"][0],
+        baseline["expert_index"][0],
+        groups,
+        [f"layer {i}" for i in range(model.n_moe_layers)],
+        layers,
+        experts,
+    )
     tables.update(routing_tables)
     targets = data.targets[rows]
     base_values = METRIC_VALUES[kind](baseline, targets)[0]
     tables.update(common.baseline_tables(cfg, metric, base_values, groups))
     results, extra = {}, {}
     for mode in cfg.modes:
-        outcome = ablated_passes(model, features, plan, common.LIBRARY_MODE[mode], cfg.batch_size,
-                                 model.n_moe_layers)
-        results[mode] = common.comparison(cfg, mode, metric, base_values, METRIC_VALUES[kind](outcome, targets),
-                                          plan, groups)
+        outcome = ablated_passes(model, features, plan, common.LIBRARY_MODE[mode], cfg.batch_size, model.n_moe_layers)
+        results[mode] = common.comparison(
+            cfg, mode, metric, base_values, METRIC_VALUES[kind](outcome, targets), plan, groups
+        )
         tables.update(results[mode])
         change, changed = routing_change(f"ablation/{mode}", outcome, baseline, plan, groups)
         tables.update(change)
@@ -70,21 +88,33 @@ def run(cfg: Any, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> Non
             tables.update(found)
             if mode == cfg.modes[0]:
                 extra = {**harm, "assignment_changed": changed}
-    seed_tables, seed_summary = _seed_control(cfg, train_cfg, data, train_reader, checkpoint, features, rows, groups,
-                                              base_values, metric)
+    seed_tables, seed_summary = _seed_control(
+        cfg, train_cfg, data, train_reader, checkpoint, features, rows, groups, base_values, metric
+    )
     tables.update(seed_tables)
     common.write_tables(out, tables)
     out.attrs["source"], out.attrs["model_kind"] = "trained", kind
-    common.summarise(cfg, out, plan, routing, results, metric, groups, float(tables[f"baseline/{metric}"]),
-                     {"source": "trained", "model": kind, "n_eval": len(rows), **seed_summary}, extra)
+    common.summarise(
+        cfg,
+        out,
+        plan,
+        routing,
+        results,
+        metric,
+        groups,
+        float(tables[f"baseline/{metric}"]),
+        {"source": "trained", "model": kind, "n_eval": len(rows), **seed_summary},
+        extra,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # groups
 
 
-def _groups(cfg: Any, data: Any, data_reader: ArtifactReader, rows: np.ndarray, strata: Optional[ArtifactReader],
-            model_cfg: Any) -> Groups:
+def _groups(
+    cfg: Any, data: Any, data_reader: ArtifactReader, rows: np.ndarray, strata: Optional[ArtifactReader], model_cfg: Any
+) -> Groups:
     """Group codes of the evaluated rows: domain always, then the other keys of ``cfg.by``."""
     codes, names = {}, {}
     for key in ["domain", *(k for k in cfg.by if k != "domain")]:
@@ -95,8 +125,10 @@ def _groups(cfg: Any, data: Any, data_reader: ArtifactReader, rows: np.ndarray, 
         elif key == "class":
             unlabelled = int((data.label[rows] < 0).sum())
             if unlabelled:
-                raise DataError(f"ablate.by: 'class' needs a label on every evaluated row, but {unlabelled} of "
-                                f"{len(rows)} are unlabelled; remove 'class' from ablate.by or label the data")
+                raise DataError(
+                    f"ablate.by: 'class' needs a label on every evaluated row, but {unlabelled} of "
+                    f"{len(rows)} are unlabelled; remove 'class' from ablate.by or label the data"
+                )
             codes[key], names[key] = data.label[rows], _names(data_reader, "label_names")
         elif key == "stratum":
             codes[key], names[key] = _strata(strata, len(data.features), rows)
@@ -113,8 +145,10 @@ def _strata(strata: Optional[ArtifactReader], n_rows: int, rows: np.ndarray) -> 
         raise DataError("ablate.by: 'stratum' needs strata/labels from the fiber stage, which its artifact lacks")
     labels = strata.read("strata/labels").astype(np.int64)
     if len(labels) != n_rows:
-        raise DataError(f"ablate.by: 'stratum': the fiber artifact labels {len(labels)} rows but the data has "
-                        f"{n_rows}; run fiber on the same data as train")
+        raise DataError(
+            f"ablate.by: 'stratum': the fiber artifact labels {len(labels)} rows but the data has "
+            f"{n_rows}; run fiber on the same data as train"
+        )
     return labels[rows], [f"stratum {s}" for s in range(int(labels.max()) + 1)]
 
 
@@ -144,7 +178,7 @@ def trained_pass(model: Any, features: Any, ablation: Any, batch_size: int) -> d
     parts: list[dict[str, np.ndarray]] = []
     with torch.no_grad():
         for start in range(0, len(features), batch_size):
-            batch = features[start:start + batch_size]
+            batch = features[start : start + batch_size]
             output, aux = model(batch, ablation)
             probs, index, result = outputs_of(model, batch, output, aux)
             parts.append({**_selection(probs, index), **result})
@@ -171,9 +205,16 @@ def _dictionary_outputs(model: Any, inputs: Any, output: Any, aux: dict[str, Any
     atoms = torch.einsum("bem,edm->bed", aux["codes"], model.experts.dictionary)  # (B, E, d)
     mixture_error = (inputs - torch.einsum("...be,bed->...bd", weights, atoms)).pow(2).sum(-1)  # (A, B)
     probs, index = probs.unsqueeze(2), index.unsqueeze(2)  # one routing decision: L = 1
-    return probs, index, {"reconstruction": reconstruction.cpu().numpy().astype(np.float64),
-                          "mixture_reconstruction": mixture_error.cpu().numpy().astype(np.float64),
-                          "embedding": output.cpu().numpy(), "assignment": index[..., 0, 0].cpu().numpy()}
+    return (
+        probs,
+        index,
+        {
+            "reconstruction": reconstruction.cpu().numpy().astype(np.float64),
+            "mixture_reconstruction": mixture_error.cpu().numpy().astype(np.float64),
+            "embedding": output.cpu().numpy(),
+            "assignment": index[..., 0, 0].cpu().numpy(),
+        },
+    )
 
 
 #: Per-batch outputs of each model (keyed by ``model.accuracy_kind``, which names the model family).
@@ -196,8 +237,9 @@ def _selection(probs: Any, index: Any) -> dict[str, np.ndarray]:
     return {"probs": probs_np, "expert_index": index_np, "selected": selected}
 
 
-def ablated_passes(model: Any, features: Any, plan: AblationPlan, mode: str, batch_size: int,
-                   n_layers: int) -> dict[str, np.ndarray]:
+def ablated_passes(
+    model: Any, features: Any, plan: AblationPlan, mode: str, batch_size: int, n_layers: int
+) -> dict[str, np.ndarray]:
     """Every planned ablation of a trained model: one batched pass per MoE layer.
 
     All ablations of a layer (its single experts and control sets) are rows of one ``Ablation``
@@ -220,17 +262,18 @@ def ablated_passes(model: Any, features: Any, plan: AblationPlan, mode: str, bat
     return results
 
 
-def routing_change(prefix: str, outcome: dict, baseline: dict, plan: AblationPlan,
-                   groups: Groups) -> tuple[dict[str, Any], Optional[np.ndarray]]:
+def routing_change(
+    prefix: str, outcome: dict, baseline: dict, plan: AblationPlan, groups: Groups
+) -> tuple[dict[str, Any], Optional[np.ndarray]]:
     """Slot shares after each single ablation; with one routing decision, the share of inputs that changed expert.
 
     Returns the tables and that share (A,) (None for a top-k classifier).
     """
-    counts = outcome["selected"][:plan.n_single].sum(axis=1).astype(np.float64)  # (A, L, E)
+    counts = outcome["selected"][: plan.n_single].sum(axis=1).astype(np.float64)  # (A, L, E)
     tables: dict[str, Any] = {f"{prefix}/load": counts / np.maximum(counts.sum(axis=-1, keepdims=True), 1)}
     if "assignment" not in outcome:
         return tables, None
-    assignment = outcome["assignment"][:plan.n_single]
+    assignment = outcome["assignment"][: plan.n_single]
     changed = (assignment != baseline["assignment"][0]).astype(np.float64)
     tables[f"{prefix}/assignment"] = assignment.astype(np.int64)
     tables[f"{prefix}/assignment_changed"] = changed.mean(axis=1)
@@ -239,8 +282,16 @@ def routing_change(prefix: str, outcome: dict, baseline: dict, plan: AblationPla
     return tables, changed.mean(axis=1)
 
 
-def dictionary_extras(cfg: Any, mode: str, model: Any, outcome: dict, baseline: dict, targets: np.ndarray,
-                      plan: AblationPlan, groups: Groups) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def dictionary_extras(
+    cfg: Any,
+    mode: str,
+    model: Any,
+    outcome: dict,
+    baseline: dict,
+    targets: np.ndarray,
+    plan: AblationPlan,
+    groups: Groups,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Dictionary MoE: contrastive loss over all pairs of evaluated rows, and the mixture's reconstruction error.
 
     Returns the tables and the harm columns of the summary table.
@@ -255,31 +306,52 @@ def dictionary_extras(cfg: Any, mode: str, model: Any, outcome: dict, baseline: 
         return float(contrastive_margin_loss(torch.as_tensor(embedding), positive, model.margin))
 
     base = loss(baseline["embedding"][0])
-    ablated = np.array([loss(embedding) for embedding in outcome["embedding"][:plan.n_single]])
+    ablated = np.array([loss(embedding) for embedding in outcome["embedding"][: plan.n_single]])
     tables: dict[str, Any] = {"baseline/contrastive": np.float64(base)} if mode == cfg.modes[0] else {}
     tables[f"ablation/{mode}/contrastive"] = ablated
     tables[f"ablation/{mode}/delta_contrastive"] = ablated - base
     prefix = f"ablation/{mode}"
-    tables.update(tables_.comparison_tables(prefix, "mixture_reconstruction", baseline["mixture_reconstruction"][0],
-                                            outcome["mixture_reconstruction"][:plan.n_single], groups,
-                                            rng=common.comparison_rng(cfg.seed, prefix, "mixture"),
-                                            n_resamples=cfg.bootstrap, confidence=cfg.confidence))
-    return tables, {"mixture_reconstruction_increase": tables[f"{prefix}/delta_mixture_reconstruction"],
-                    "contrastive_increase": ablated - base}
+    tables.update(
+        tables_.comparison_tables(
+            prefix,
+            "mixture_reconstruction",
+            baseline["mixture_reconstruction"][0],
+            outcome["mixture_reconstruction"][: plan.n_single],
+            groups,
+            rng=common.comparison_rng(cfg.seed, prefix, "mixture"),
+            n_resamples=cfg.bootstrap,
+            confidence=cfg.confidence,
+        )
+    )
+    return tables, {
+        "mixture_reconstruction_increase": tables[f"{prefix}/delta_mixture_reconstruction"],
+        "contrastive_increase": ablated - base,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
 # the seed control
 
 
-def _seed_control(cfg: Any, train_cfg: Any, data: Any, train_reader: ArtifactReader, checkpoint: dict,
-                  features: Any, rows: np.ndarray, groups: Groups, base_values: np.ndarray,
-                  metric: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _seed_control(
+    cfg: Any,
+    train_cfg: Any,
+    data: Any,
+    train_reader: ArtifactReader,
+    checkpoint: dict,
+    features: Any,
+    rows: np.ndarray,
+    groups: Groups,
+    base_values: np.ndarray,
+    metric: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """No ablation, another seed: the same model config retrained with other seeds on the same split."""
     seeds = cfg.controls.retrain_seeds if cfg.controls.retrain_seeds is not None else [train_cfg.seed + 1]
     if train_cfg.seed in seeds:
-        raise ConfigError(f"ablate.controls.retrain_seeds: {train_cfg.seed} is the seed the compared model was "
-                          f"trained with; list other seeds")
+        raise ConfigError(
+            f"ablate.controls.retrain_seeds: {train_cfg.seed} is the seed the compared model was "
+            f"trained with; list other seeds"
+        )
     if not seeds:
         return {}, {"seed_control": "off (controls.retrain_seeds: [])"}
     epochs = int(checkpoint.get("epoch") or train_cfg.epochs)
@@ -303,13 +375,19 @@ def retrain(train_cfg: Any, data: Any, train_index: np.ndarray, seed: int, epoch
     from moespec.models.training import autocast_dtype, fit
 
     model = row_models.build_model(train_cfg.model, data, seed).to(device)
-    optimizer = row_models.make_optimizer(model, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
-                                          kind=train_cfg.optimizer)
+    optimizer = row_models.make_optimizer(
+        model, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, kind=train_cfg.optimizer
+    )
     scheduler = train_cfg.scheduler(optimizer, len(train_index))
     objective = row_models.RowObjective(
         torch.as_tensor(data.features[train_index], device=device),
-        torch.as_tensor(data.targets[train_index], device=device), torch.arange(len(train_index), device=device),
-        None, batch_size=train_cfg.batch_size, seed=seed, dtype=autocast_dtype(train_cfg.precision, device))
+        torch.as_tensor(data.targets[train_index], device=device),
+        torch.arange(len(train_index), device=device),
+        None,
+        batch_size=train_cfg.batch_size,
+        seed=seed,
+        dtype=autocast_dtype(train_cfg.precision, device),
+    )
     loop = dataclasses.replace(train_cfg.loop(), epochs=epochs, eval_every=None, patience=None)
     fit(model, optimizer, scheduler, objective, loop)
     return model.eval()
