@@ -17,28 +17,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {
-    "BUILTIN_MODELS": "builtin",
-    "builtin_model_dir": "builtin",
-    "cache_root": "builtin",
-    "is_builtin": "builtin",
-    "LoadedModel": "loading",
-    "load_model": "loading",
-    "resolve_device": "loading",
-    "resolve_dtype": "loading",
-    "POOLINGS": "pooling",
-    "pool": "pooling",
-    "masked_mean": "pooling",
-    "first_token": "pooling",
-    "last_token": "pooling",
-    "TextEncoder": "encoder",
-    "BatchPlan": "encoder",
-    "EncodedWindow": "encoder",
-    "plan_batches": "encoder",
-    "embedding_matrix": "tokens",
-    "iter_token_blocks": "tokens",
-    "token_strings": "tokens",
+#: Submodule -> the public names it defines (imported on first use).
+_MODULE_EXPORTS = {
+    "builtin": ("BUILTIN_MODELS", "builtin_model_dir", "cache_root", "is_builtin"),
+    "loading": ("LoadedModel", "load_model", "resolve_device", "resolve_dtype"),
+    "pooling": ("POOLINGS", "pool", "masked_mean", "first_token", "last_token"),
+    "encoder": ("TextEncoder", "BatchPlan", "EncodedWindow", "plan_batches"),
+    "tokens": ("embedding_matrix", "iter_token_blocks", "token_strings"),
 }
+_EXPORTS = {name: module for module, names in _MODULE_EXPORTS.items() for name in names}
 
 __all__ = sorted(_EXPORTS)
 
