@@ -31,6 +31,9 @@ _HEADLINES: dict[str, list[tuple[str, Any]]] = {
         ("val accuracy", "val_accuracy"),
         ("expert load", "expert_load"),
         ("collapse", "collapse_warning"),
+        ("params active", "params_active"),
+        ("dense val accuracy", "dense_val_accuracy"),
+        ("dense params active", "dense_params_active"),
     ],
     "lm": [
         ("model", "model"),
