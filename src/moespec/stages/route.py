@@ -63,7 +63,8 @@ best model for it).
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal, Optional, Union
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -82,9 +83,20 @@ class _Router(BaseModel):
     #: Name of the router in tables and figures (default: its kind).
     name: Optional[str] = None
 
+    #: Whether the model needs the uniform merge of the adapters as an extra column.
+    uses_merge: ClassVar[bool] = False
+
     @property
     def label(self) -> str:
         return self.name or self.kind  # type: ignore[attr-defined]
+
+    def named_domains(self) -> list[tuple[str, list[str]]]:
+        """``(key, domain names)`` this router's config names, checked against ``lora.data``."""
+        return []
+
+    def decide(self, ctx: "RoutingContext") -> "_Decision":
+        """This router's choice for every test text."""
+        raise NotImplementedError
 
 
 class KeywordRouterConfig(_Router):
@@ -104,6 +116,18 @@ class KeywordRouterConfig(_Router):
             )
         return self
 
+    def named_domains(self) -> list[tuple[str, list[str]]]:
+        return [("rules", list(self.rules)), ("default", [self.default])]
+
+    def decide(self, ctx: "RoutingContext") -> "_Decision":
+        from moespec.models.text_routers import KeywordRouter
+
+        keyword = KeywordRouter(self.rules, self.default, ctx.lora_cfg.domains, self.case_sensitive).fit()
+        started = time.perf_counter()
+        chosen = keyword.predict([ctx.texts.texts[i] for i in ctx.test])
+        seconds = (time.perf_counter() - started) / max(len(ctx.test), 1)
+        return _Decision(chosen, chosen, np.ones(len(ctx.test)), seconds)
+
 
 class LearnedRouterConfig(_Router):
     """A classifier on the base model's mean-pooled hidden state after block ``layer`` (1-based).
@@ -118,11 +142,18 @@ class LearnedRouterConfig(_Router):
     max_iter: int = Field(1000, ge=1)
     max_train_texts: Optional[int] = Field(None, ge=1)
 
+    def decide(self, ctx: "RoutingContext") -> "_Decision":
+        return _learned(self, ctx)
+
 
 class OracleRouterConfig(_Router):
     """Always the true domain's adapter."""
 
     kind: Literal["oracle"] = "oracle"
+
+    def decide(self, ctx: "RoutingContext") -> "_Decision":
+        true = ctx.texts.domain[ctx.test]
+        return _Decision(true.copy(), true.copy(), np.ones(len(true)), 0.0)
 
 
 class BaseRouterConfig(_Router):
@@ -130,11 +161,18 @@ class BaseRouterConfig(_Router):
 
     kind: Literal["base"] = "base"
 
+    def decide(self, ctx: "RoutingContext") -> "_Decision":
+        return _fixed(len(ctx.lora_cfg.domains), len(ctx.test))  # column D: the base
+
 
 class MergeRouterConfig(_Router):
     """The uniform merge of every adapter."""
 
     kind: Literal["merge"] = "merge"
+    uses_merge: ClassVar[bool] = True
+
+    def decide(self, ctx: "RoutingContext") -> "_Decision":
+        return _fixed(len(ctx.lora_cfg.domains) + 1, len(ctx.test))  # column D + 1: the merge
 
 
 Router = Annotated[
@@ -201,9 +239,7 @@ def experiment_problems(experiment: Any) -> list[str]:
     domains = lora_cfg.domains
     problems = []
     for index, router in enumerate(experiment.route.routers):
-        if router.kind != "keyword":
-            continue
-        for key, names in (("rules", list(router.rules)), ("default", [router.default])):
+        for key, names in router.named_domains():
             unknown = [name for name in names if name not in domains]
             if unknown:
                 problems.append(
@@ -271,12 +307,13 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
         out.log,
         str(reader.attrs.get("experts_implementation", "")),
     )
-    model, model_names = _load_adapters(reader, base, any(r.kind == "merge" for r in cfg.routers))
+    model, model_names = _load_adapters(reader, base, any(r.uses_merge for r in cfg.routers))
     test_texts = [texts.texts[i] for i in test]
     tokens = _tokenize(tokenizer, test_texts, lora_cfg.max_length)
     with lora.threads_for(lora_cfg, sum(p.numel() for p in base.parameters()), out.device, out.log):
         nll, n_tokens, base_seconds = _score_models(model, model_names, tokens, cfg.batch_size, out)
-        decisions = [_route(router, model, tokenizer, texts, train, test, lora_cfg, cfg, out) for router in cfg.routers]
+        ctx = RoutingContext(model, tokenizer, texts, train, test, lora_cfg, cfg, out)
+        decisions = [router.decide(ctx) for router in cfg.routers]
     domain = texts.domain[test]
     n_domains = len(lora_cfg.domains)
     _write(
@@ -351,49 +388,32 @@ class _Decision:
         self.choice, self.domain, self.confidence, self.seconds = choice, domain, confidence, seconds
 
 
-def _route(
-    router: Any,
-    model: Any,
-    tokenizer: Any,
-    texts: Any,
-    train: np.ndarray,
-    test: np.ndarray,
-    lora_cfg: Any,
-    cfg: Config,
-    out: ArtifactWriter,
-) -> _Decision:
-    """Route the test texts with one router (adapter ``i`` is model column ``i``, base is column D)."""
-    n_domains, n_test = len(lora_cfg.domains), len(test)
-    true = texts.domain[test]
-    if router.kind in ("base", "merge"):
-        column = n_domains if router.kind == "base" else n_domains + 1
-        return _Decision(np.full(n_test, column), np.full(n_test, -1), np.full(n_test, np.nan), 0.0)
-    if router.kind == "oracle":
-        return _Decision(true.copy(), true.copy(), np.ones(n_test), 0.0)
-    if router.kind == "keyword":
-        from moespec.models.text_routers import KeywordRouter
+@dataclass(frozen=True)
+class RoutingContext:
+    """What a router may use: the model with its adapters, the texts and their splits, the configs."""
 
-        keyword = KeywordRouter(router.rules, router.default, lora_cfg.domains, router.case_sensitive).fit()
-        started = time.perf_counter()
-        chosen = keyword.predict([texts.texts[i] for i in test])
-        seconds = (time.perf_counter() - started) / max(n_test, 1)
-        return _Decision(chosen, chosen, np.ones(n_test), seconds)
-    return _learned(router, model, tokenizer, texts, train, test, lora_cfg, cfg, out)
+    model: Any
+    tokenizer: Any
+    texts: Any
+    train: np.ndarray
+    test: np.ndarray
+    lora_cfg: Any
+    cfg: Config
+    out: ArtifactWriter
 
 
-def _learned(
-    router: LearnedRouterConfig,
-    model: Any,
-    tokenizer: Any,
-    texts: Any,
-    train: np.ndarray,
-    test: np.ndarray,
-    lora_cfg: Any,
-    cfg: Config,
-    out: ArtifactWriter,
-) -> _Decision:
+def _fixed(column: int, n_test: int) -> _Decision:
+    """The same model column for every text, no domain chosen (the base, the merge)."""
+    return _Decision(np.full(n_test, column), np.full(n_test, -1), np.full(n_test, np.nan), 0.0)
+
+
+def _learned(router: LearnedRouterConfig, ctx: RoutingContext) -> _Decision:
+    """Fit the classifier on the training texts' pooled states (adapters off), route the test texts."""
     from moespec.models.adapters import decoder_blocks, pooled_hidden
     from moespec.models.text_routers import LearnedRouter
+
+    model, tokenizer, texts, train, test = ctx.model, ctx.tokenizer, ctx.texts, ctx.train, ctx.test
+    lora_cfg, cfg, out = ctx.lora_cfg, ctx.cfg, ctx.out
 
     n_blocks = len(decoder_blocks(model.get_base_model()))
     if router.layer > n_blocks:
