@@ -95,6 +95,15 @@ class HFBase(_Section):
             raise ConfigError(f"lora.base.name: {self.name!r} is not a HF model folder (no config.json)")
         return str(folder) if folder is not None else self.name
 
+    def inputs(self) -> dict[str, str]:
+        return {}
+
+    def describe(self, inputs: dict[str, ArtifactReader]) -> str:
+        return self.name
+
+    def experts_implementation(self, inputs: dict[str, ArtifactReader]) -> str:
+        return ""  # transformers' default for a model we did not train
+
 
 class LMBase(_Section):
     """The model an ``lm`` stage of the same experiment trained (its HF folder ``model/``).
@@ -119,6 +128,16 @@ class LMBase(_Section):
     def path(self, inputs: dict[str, ArtifactReader]) -> str:
         reader = inputs["lm"]
         return str(reader.path.parent / str(reader.attrs.get("model_folder", "model")))
+
+    def inputs(self) -> dict[str, str]:
+        return {"lm": "lm"}
+
+    def describe(self, inputs: dict[str, ArtifactReader]) -> str:
+        return f"lm {inputs['lm'].uid}"
+
+    def experts_implementation(self, inputs: dict[str, ArtifactReader]) -> str:
+        """The experts implementation the lm stage chose for this model (reused, not measured again)."""
+        return str(inputs["lm"].attrs.get("experts_implementation", ""))
 
 
 def _base_kind(value: Any) -> str:
@@ -326,7 +345,7 @@ def experiment_problems(experiment: Any) -> list[str]:
     from moespec.models.adapters import adapter_target_problems
 
     cfg, lm_cfg = experiment.lora, getattr(experiment, "lm", None)
-    if cfg.base.kind != "lm" or lm_cfg is None:
+    if not cfg.base.inputs() or lm_cfg is None:  # only a base trained by this experiment's lm stage
         return []
     # The vocabulary sets only the embedding and output widths; the tokenizer's is the best guess here.
     vocab = lm_cfg.model.vocab_size or getattr(lm_cfg.tokenizer, "vocab_size", None) or 256
@@ -353,7 +372,7 @@ def _lm_widths(model_json: str, vocab: int, positions: int) -> dict[str, tuple[i
 
 def inputs(cfg: Config) -> dict[str, str]:
     """The lm artifact when the base is the lm stage's model; nothing for a HF model or folder."""
-    return {"lm": "lm"} if cfg.base.kind == "lm" else {}
+    return cfg.base.inputs()
 
 
 def schema(cfg: Config) -> dict[str, DatasetSpec]:
@@ -470,7 +489,7 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
     texts = domain_texts(cfg, out.log)
     train, val, test = (split[texts.domain[split] == index] for split in text_splits(texts.domain, cfg))
     base_path = cfg.base.path(inputs)
-    experts = str(inputs["lm"].attrs.get("experts_implementation", "")) if cfg.base.kind == "lm" else ""
+    experts = cfg.base.experts_implementation(inputs)
     base, tokenizer = load_base(cfg, base_path, out.device, out.log, experts)
     torch.manual_seed(cfg.seed * 1_000_003 + index)  # A's initialisation; B starts at zero
     model = get_peft_model(
@@ -518,7 +537,7 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
         seconds,
         texts.domain_names,
     )
-    out.attrs["base"] = cfg.base.name if cfg.base.kind == "hf" else f"lm {inputs['lm'].uid}"
+    out.attrs["base"] = cfg.base.describe(inputs)
     out.attrs["base_path"] = base_path
     out.attrs["experts_implementation"] = experts
     out.attrs["split_digest"] = split_digest(texts.text_id, text_splits(texts.domain, cfg)[2])
