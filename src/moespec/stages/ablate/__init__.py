@@ -48,6 +48,9 @@ GroupKey = Literal["class", "domain", "stratum", "token"]
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    #: A source whose inputs carry class labels (``by: class`` is possible).
+    has_labels: ClassVar[bool] = True
+
 
 class TrainedSource(_Section):
     """Ablate the model of the ``train`` stage (:mod:`moespec.stages.ablate.trained`).
@@ -182,6 +185,8 @@ class LMSource(_Section):
     extra_group_keys: ClassVar[tuple[str, ...]] = ("token",)
     routes_tokens: ClassVar[bool] = True
     default_random_sets: ClassVar[int] = 1
+    #: Its texts carry domains only (no class labels).
+    has_labels: ClassVar[bool] = False
     #: Next-token loss per text; no probe.
     task: ClassVar[str] = "lm"
     metric: ClassVar[str] = "nll"
@@ -274,7 +279,7 @@ class Config(StageConfig):
         }
         for key in set(self.by) & set(needs) - set(self.source.extra_group_keys):
             raise ValueError(f"by: {key!r} needs {needs[key]}")
-        if self.source.kind == "lm" and "class" in self.by:
+        if not self.source.has_labels and "class" in self.by:
             raise ValueError(
                 "by: 'class' needs labels; an lm artifact's validation texts have domains only "
                 "(e.g. by: [domain, token])"
