@@ -15,7 +15,3 @@ def _private_cache(tmp_path_factory):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     yield
-
-
-# Re-exported for test modules that still import them from here; new code imports tests.builders.
-from tests.builders import one_torch_thread, tiny_experiment  # noqa: E402,F401

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from moespec.cli import main
-from tests.conftest import tiny_experiment
+from tests.builders import tiny_experiment
 
 
 def _config(tmp_path, data=None):

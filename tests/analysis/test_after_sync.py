@@ -18,7 +18,7 @@ from moespec.analysis.report import write_report
 from moespec.analysis.results import discover
 from moespec.sync.filters import Filters
 from moespec.sync.remotes import load_remotes
-from tests.analysis.test_report import parse, sweep_experiment
+from tests.builders import parse, built_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,7 +58,7 @@ def _summary_metrics(index: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory) -> Path:
-    return sweep_experiment(tmp_path_factory)
+    return built_sweep(tmp_path_factory)
 
 
 @pytest.mark.parametrize("remote", ["mycluster", "other"])

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from moespec.analysis.report import write_report
-from tests.analysis.test_report import sweep_experiment
+from tests.builders import built_sweep
 
 try:
     pytestmark = pytest.mark.browser
@@ -206,7 +206,7 @@ def _screenshots(browser: DevTools, session: str, height: int, folder: Path) -> 
 @pytest.fixture(scope="module")
 def report_index(tmp_path_factory) -> Path:
     _browser()
-    return write_report(sweep_experiment(tmp_path_factory)).index
+    return write_report(built_sweep(tmp_path_factory)).index
 
 
 def test_report_loads_with_every_image_and_no_console_error(report_index, tmp_path):

@@ -22,12 +22,12 @@ from moespec.analysis.compare import (
 from moespec.analysis.results import discover
 from moespec.cli import main
 from moespec.errors import MoespecError
-from tests.analysis.test_report import sweep_experiment
+from tests.builders import built_sweep
 
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
-    return sweep_experiment(tmp_path_factory)
+    return built_sweep(tmp_path_factory)
 
 
 def _accuracies(experiment) -> dict[str, float]:

@@ -9,7 +9,7 @@ import pytest
 from moespec.analysis.compare import compare, lower_is_better, write_comparison
 from moespec.analysis.report import write_report
 from moespec.launch.runner import run_inline
-from tests.conftest import one_torch_thread
+from tests.builders import one_torch_thread
 
 
 @pytest.fixture(scope="module")

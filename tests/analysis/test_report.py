@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -15,119 +14,17 @@ from moespec.analysis.report import write_report
 from moespec.analysis.results import discover
 from moespec.artifacts import open_artifact
 from moespec.cli import main
-from tests.conftest import one_torch_thread, tiny_experiment
-
-TOPK = {"kind": "topk", "n_experts": 4, "hidden_dim": 8, "ffn_dim": 8}
-DICTIONARY = {
-    "kind": "dictionary",
-    "n_experts": 3,
-    "query_dim": 8,
-    "code_dim": 6,
-    "n_layers": 1,
-    "projection_hidden": 8,
-    "projection_dim": 4,
-    "routing": "straight_through",
-}
-
-_BUILT: dict[str, Path] = {}
-
-
-def sweep_experiment(tmp_path_factory) -> Path:
-    """embed -> reduce -> fiber, and train -> ablate for a 2 x 2 sweep (model kind x epochs): 4 runs.
-
-    Built once per test session (shared by the report, compare and browser tests); the experiment
-    summary.json is written as `moespec submit` writes it, from the plan.
-    """
-    if "sweep" in _BUILT:
-        return _BUILT["sweep"]
-    from moespec.config import load_experiment
-    from moespec.launch.plan import make_plan
-    from moespec.launch.runner import run_inline
-
-    root = tmp_path_factory.mktemp("analysis-results")
-    config = tiny_experiment(
-        "sweep",
-        n_per_domain=10,
-        reduce={"n_components": 6, "mle_k": 5},
-        fiber={
-            "vol_min": 5,
-            "vol_max": 40,
-            "window": 5,
-            "strata": {"k_range": [2, 3], "n_init": 1},
-            "calibration": {"n_repeats": 1},
-        },
-        train={"model": TOPK, "epochs": 2, "batch_size": 16},
-        ablate={"by": ["class", "domain", "stratum"], "bootstrap": 50, "controls": {"random_sets": 2}},
-        sweep={"grid": {"train.model": [TOPK, DICTIONARY], "train.epochs": [2, 3]}},
-    )
-    with one_torch_thread():
-        run_inline(config, root=root)
-    plan = make_plan(load_experiment(config, root=root))
-    tasks = [
-        {
-            "stage": t.stage,
-            "uid": t.uid,
-            "shard": t.shard_index,
-            "status": "ran",
-            "points": list(t.points),
-            "summary": {},
-            "error": None,
-            "artifact": str(t.dir),
-        }
-        for t in plan.tasks
-    ]
-    (root / "sweep" / "summary.json").write_text(json.dumps({"tasks": tasks}))
-    _BUILT["sweep"] = root / "sweep"
-    return _BUILT["sweep"]
+from tests.builders import parse, built_sweep
 
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory) -> Path:
-    return sweep_experiment(tmp_path_factory)
+    return built_sweep(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def report(experiment):
     return write_report(experiment)
-
-
-class _Page(HTMLParser):
-    """Number cells (with their artifact source), image sources and the text of `.missing` notes."""
-
-    def __init__(self):
-        super().__init__()
-        self.cells: list[tuple[dict, str]] = []
-        self.images: list[str] = []
-        self.missing: list[str] = []
-        self._open: dict | None = None
-        self._missing = False
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "td" and "data-dataset" in attrs:
-            self._open, self._text = attrs, ""
-        if tag == "img":
-            self.images.append(attrs["src"])
-        if tag == "p" and attrs.get("class") == "missing":
-            self._missing, self._text = True, ""
-
-    def handle_data(self, data):
-        if self._open is not None or self._missing:
-            self._text += data
-
-    def handle_endtag(self, tag):
-        if tag == "td" and self._open is not None:
-            self.cells.append((self._open, self._text))
-            self._open = None
-        if tag == "p" and self._missing:
-            self.missing.append(self._text)
-            self._missing = False
-
-
-def parse(path: Path) -> _Page:
-    page = _Page()
-    page.feed(path.read_text(encoding="utf-8"))
-    return page
 
 
 def test_runs_are_the_sweep_points_linked_through_input_uids(experiment):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import one_torch_thread
+from tests.builders import one_torch_thread
 
 
 @pytest.fixture(autouse=True)

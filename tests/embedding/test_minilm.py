@@ -15,7 +15,7 @@ import pytest
 
 from moespec.embedding.builtin import MINILM, BUILTIN_MODELS, PackagedModel, builtin_model_dir
 from moespec.errors import ConfigError
-from tests.conftest import one_torch_thread
+from tests.builders import one_torch_thread
 
 #: Varied texts: empty-ish, punctuation, accents, code, numbers, a long paragraph that is truncated.
 TEXTS = [

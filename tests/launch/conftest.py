@@ -12,7 +12,7 @@ import yaml
 
 from moespec.launch import scheduler
 from moespec.launch.records import latest_entries, load_records
-from tests.launch.helpers import localhost_profile
+from tests.builders import localhost_profile
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from moespec.config import load_experiment
 from moespec.launch import codeversion, donecheck, plan as plan_module
 from moespec.launch.plan import make_plan
 from moespec.launch.runner import execute_task
-from tests.launch.helpers import sweep_experiment, write_config
+from tests.builders import sweep_config, write_config
 
 PACKAGE = Path(codeversion.__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_code_version_follows_the_code_a_stage_imports_not_its_comments(tmp_path
 @pytest.fixture
 def ran(tmp_path):
     """embed -> reduce (one sweep point each) run in this process; returns the experiment file."""
-    config = sweep_experiment(tmp_path / "results")
+    config = sweep_config(tmp_path / "results")
     config["sweep"] = {"grid": {"embed.pooling": ["mean"], "reduce.n_components": [2]}}
     path = write_config(tmp_path, config)
     for task in make_plan(load_experiment(path)).tasks:

@@ -11,7 +11,7 @@ from moespec import artifacts
 from moespec.config import load_experiment
 from moespec.launch import runner
 from moespec.launch.plan import make_plan
-from tests.conftest import tiny_experiment
+from tests.builders import tiny_experiment
 
 
 def _task(tmp_path):

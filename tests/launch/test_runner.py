@@ -12,7 +12,7 @@ from moespec.config import load_experiment
 from moespec.errors import ArtifactError, StageError
 from moespec.launch.plan import make_plan
 from moespec.launch.runner import execute_task, run_inline, run_plan_local
-from tests.conftest import tiny_experiment
+from tests.builders import tiny_experiment
 
 
 def test_run_writes_artifact_config_summary_and_log(tmp_path):

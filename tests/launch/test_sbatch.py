@@ -16,7 +16,7 @@ from moespec.errors import ConfigError
 from moespec.launch.plan import make_plan
 from moespec.launch.records import latest_entries, load_records
 from moespec.launch.sbatch import render, render_array, render_submit
-from tests.launch.helpers import assert_golden, golden_context, golden_submission, sweep_experiment
+from tests.builders import assert_golden, golden_context, golden_submission, sweep_config
 
 
 def test_render_fills_placeholders_and_refuses_unknown_ones():
@@ -46,7 +46,7 @@ def test_rendered_scripts_are_valid_bash(tmp_path):
 
 def test_emit_writes_scripts_config_and_record(tmp_path, capsys, monkeypatch):
     config = tmp_path / "exp.yaml"
-    config.write_text(yaml.safe_dump(sweep_experiment("results")))
+    config.write_text(yaml.safe_dump(sweep_config("results")))
     out = tmp_path / "jobs" / "sw"
     monkeypatch.chdir(tmp_path)
     assert main(["submit", str(config), "--emit-sbatch", str(out), "--cluster", "localhost"]) == 0
@@ -85,7 +85,7 @@ def test_emit_writes_scripts_config_and_record(tmp_path, capsys, monkeypatch):
 
 def test_emit_needs_the_clusters_python(tmp_path, capsys):
     config = tmp_path / "exp.yaml"
-    config.write_text(yaml.safe_dump(sweep_experiment(tmp_path / "results")))
+    config.write_text(yaml.safe_dump(sweep_config(tmp_path / "results")))
     profile = tmp_path / "nopython.yaml"
     profile.write_text("partition: debug\n")
     assert main(["submit", str(config), "--emit-sbatch", str(tmp_path / "jobs"), "--cluster", str(profile)]) == 1
@@ -96,7 +96,7 @@ def test_emit_needs_the_clusters_python(tmp_path, capsys):
 def test_array_task_runs_the_task_its_index_names(tmp_path, monkeypatch):
     """An emitted array script, run by bash as Slurm would: array task i runs the task at position i of its list."""
     config = tmp_path / "exp.yaml"
-    config.write_text(yaml.safe_dump(sweep_experiment("results")))
+    config.write_text(yaml.safe_dump(sweep_config("results")))
     profile = tmp_path / "small.yaml"
     profile.write_text(f"max_array_size: 1\npython: {sys.executable}\n")
     monkeypatch.chdir(tmp_path)

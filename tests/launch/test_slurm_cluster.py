@@ -29,8 +29,8 @@ from moespec.launch.records import load_records
 from moespec.launch.runner import execute_task
 from moespec.launch.slurm import load_plan, prepare, submit, submit_command
 from moespec.launch.status import collect_status
-from tests.conftest import one_torch_thread, tiny_experiment
-from tests.launch.helpers import demo_sweep, sacct_times, wait_final, wait_for, write_config
+from tests.builders import one_torch_thread, tiny_experiment
+from tests.builders import demo_sweep, sacct_times, wait_final, wait_for, write_config
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("slurm")]
 SRC = str(Path(__file__).resolve().parents[2] / "src")

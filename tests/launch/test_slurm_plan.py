@@ -20,8 +20,8 @@ from moespec.launch.profiles import (
     stage_resources,
 )
 from moespec.launch.slurm import load_plan, planned_arrays, prepare
-from tests.conftest import tiny_experiment
-from tests.launch.helpers import sweep_experiment
+from tests.builders import tiny_experiment
+from tests.builders import sweep_config
 
 REPO_PROFILES = Path(__file__).resolve().parents[2] / "hpc" / "clusters"
 
@@ -62,7 +62,7 @@ def test_profile_found_through_env(profile_file, monkeypatch):
 
 
 def test_resources_are_layered(tmp_path, profile_file):
-    experiment = load_experiment(sweep_experiment(tmp_path, resources={"reduce": {"mem_gb": 3}}))
+    experiment = load_experiment(sweep_config(tmp_path, resources={"reduce": {"mem_gb": 3}}))
     cluster = load_profile(str(profile_file))
     embed = stage_resources(cluster, experiment, "embed")
     reduce = stage_resources(cluster, experiment, "reduce")
@@ -76,9 +76,7 @@ def test_resources_are_layered(tmp_path, profile_file):
 
 def test_resources_above_limits_are_refused_before_submission(tmp_path, profile_file):
     experiment = load_experiment(
-        sweep_experiment(
-            tmp_path, resources={"embed": {"gpus_per_node": 2, "timeout_min": 500}, "reduce": {"mem_gb": 64}}
-        )
+        sweep_config(tmp_path, resources={"embed": {"gpus_per_node": 2, "timeout_min": 500}, "reduce": {"mem_gb": 64}})
     )
     with pytest.raises(ConfigError) as error:
         check_resources(load_profile(str(profile_file)), experiment, ["embed", "reduce"])
@@ -92,19 +90,19 @@ def test_resources_above_limits_are_refused_before_submission(tmp_path, profile_
 
 def test_unknown_resource_key_fails_at_load(tmp_path):
     with pytest.raises(ConfigError, match="infra.resources.embed.slurm_partiton: unknown key"):
-        load_experiment(sweep_experiment(tmp_path, resources={"embed": {"slurm_partiton": "x"}}))
+        load_experiment(sweep_config(tmp_path, resources={"embed": {"slurm_partiton": "x"}}))
 
 
 def test_scratch_root(tmp_path, monkeypatch):
     monkeypatch.setenv("MYSCRATCH", str(tmp_path / "scratch"))
     cluster_path = tmp_path / "c.yaml"
     cluster_path.write_text("scratch_root: $MYSCRATCH/moespec\n")
-    config = sweep_experiment("results")
+    config = sweep_config("results")
     cluster = load_profile(str(cluster_path))
     experiment = load_experiment(config)
     assert apply_scratch_root(experiment, cluster, None) == ""
     assert experiment.root == tmp_path / "scratch" / "moespec" / "results"
-    absolute = load_experiment(sweep_experiment(tmp_path / "abs"))
+    absolute = load_experiment(sweep_config(tmp_path / "abs"))
     apply_scratch_root(absolute, cluster, None)
     assert absolute.root == tmp_path / "abs"
     monkeypatch.delenv("MYSCRATCH")
@@ -117,12 +115,12 @@ def test_scratch_root(tmp_path, monkeypatch):
 
 def test_load_plan_selects_cluster_only_for_slurm(tmp_path, profile_file):
     path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(sweep_experiment(tmp_path / "r", cluster=str(profile_file))))
+    path.write_text(yaml.safe_dump(sweep_config(tmp_path / "r", cluster=str(profile_file))))
     _, cluster = load_plan(str(path))
     assert cluster is None  # executor local: the profile is not in use
     _, cluster = load_plan(str(path), executor="slurm")
     assert cluster.name == "tiny"
-    path.write_text(yaml.safe_dump(sweep_experiment(tmp_path / "r", cluster="no-such-cluster")))
+    path.write_text(yaml.safe_dump(sweep_config(tmp_path / "r", cluster="no-such-cluster")))
     with pytest.raises(ConfigError, match=f"{path}: infra.cluster: unknown cluster profile 'no-such-cluster'"):
         load_plan(str(path), executor="slurm")
     with pytest.raises(ConfigError, match="--cluster: unknown cluster profile 'other'"):
@@ -139,7 +137,7 @@ def test_compress_indices():
 
 
 def test_one_array_per_stage_with_dependencies(tmp_path):
-    plan = make_plan(load_experiment(sweep_experiment(tmp_path)))
+    plan = make_plan(load_experiment(sweep_config(tmp_path)))
     resources = {s: Resources(slurm_array_parallelism=2) for s in plan.stages()}
     arrays = plan_arrays(plan, plan.tasks, resources=resources, max_array_size=1001)
     assert [(a.name, len(a.tasks)) for a in arrays] == [("embed.0", 2), ("reduce.0", 6)]
@@ -149,7 +147,7 @@ def test_one_array_per_stage_with_dependencies(tmp_path):
 
 
 def test_chunks_respect_max_array_size_and_index_mapping(tmp_path):
-    plan = make_plan(load_experiment(sweep_experiment(tmp_path)))
+    plan = make_plan(load_experiment(sweep_config(tmp_path)))
     resources = {s: Resources() for s in plan.stages()}
     reduce_tasks = plan.tasks_for("reduce")
     missing = [reduce_tasks[i] for i in (0, 2, 3, 5)]
@@ -167,7 +165,7 @@ def test_chunks_respect_max_array_size_and_index_mapping(tmp_path):
 
 
 def test_chunk_depends_only_on_chunks_it_reads(tmp_path):
-    plan = make_plan(load_experiment(sweep_experiment(tmp_path)))
+    plan = make_plan(load_experiment(sweep_config(tmp_path)))
     resources = {s: Resources() for s in plan.stages()}
     arrays = plan_arrays(plan, plan.tasks, resources=resources, max_array_size=1)
     embeds = [a for a in arrays if a.stage == "embed"]
@@ -179,7 +177,7 @@ def test_chunk_depends_only_on_chunks_it_reads(tmp_path):
 
 
 def test_active_upstream_jobs_become_dependencies_and_missing_upstream_is_an_error(tmp_path):
-    plan = make_plan(load_experiment(sweep_experiment(tmp_path)))
+    plan = make_plan(load_experiment(sweep_config(tmp_path)))
     resources = {s: Resources() for s in plan.stages()}
     embed0, embed1 = plan.tasks_for("embed")
     reduce_tasks = plan.tasks_for("reduce")
@@ -197,7 +195,7 @@ def test_active_upstream_jobs_become_dependencies_and_missing_upstream_is_an_err
 
 
 def test_prepare_without_scheduler(tmp_path, profile_file):
-    plan = make_plan(load_experiment(sweep_experiment(tmp_path)))
+    plan = make_plan(load_experiment(sweep_config(tmp_path)))
     cluster = load_profile(str(profile_file))
     submission = prepare(plan, cluster, ask_scheduler=False)
     assert submission.max_array_size == 4
@@ -214,7 +212,7 @@ def test_prepare_without_scheduler(tmp_path, profile_file):
 def test_planned_arrays_skip_done_tasks(tmp_path):
     from moespec.launch.runner import execute_task
 
-    plan = make_plan(load_experiment(sweep_experiment(tmp_path)))
+    plan = make_plan(load_experiment(sweep_config(tmp_path)))
     execute_task(plan.tasks_for("embed")[1])
     why, arrays = planned_arrays(plan, None)
     assert {key for key, reason in why.items() if reason == "done"} == {task_key(plan.tasks_for("embed")[1])}
@@ -236,7 +234,7 @@ def test_planning_a_large_sweep_is_cheap(tmp_path):
 def test_one_to_one_stages_wait_per_task_with_aftercorr(tmp_path):
     from moespec.launch.sbatch import ScriptContext, render_submit
 
-    config = sweep_experiment(tmp_path)
+    config = sweep_config(tmp_path)
     config["sweep"] = {"zip": {"embed.pooling": ["mean", "cls", "last"], "reduce.n_components": [2, 3, 4]}}
     plan = make_plan(load_experiment(config))
     resources = {s: Resources() for s in plan.stages()}
@@ -269,7 +267,7 @@ def test_one_to_one_stages_wait_per_task_with_aftercorr(tmp_path):
 
 
 def test_a_time_limit_within_the_signal_delay_is_refused(tmp_path, profile_file):
-    config = sweep_experiment(
+    config = sweep_config(
         tmp_path, resources={"embed": {"timeout_min": 1}, "reduce": {"timeout_min": 2, "slurm_signal_delay_s": 90}}
     )
     experiment = load_experiment(config)

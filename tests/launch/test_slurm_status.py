@@ -12,7 +12,7 @@ from moespec.launch.records import RecordedTask, latest_entries, load_records, w
 from moespec.launch.runner import execute_task
 from moespec.launch.scheduler import JobState, expand_job_ids, merge_states, parse_sacct, parse_squeue
 from moespec.launch.status import classify, collect_status, failure_report
-from tests.launch.helpers import sweep_experiment
+from tests.builders import sweep_config
 
 SACCT = """\
 41_0|COMPLETED|0:0|None
@@ -110,7 +110,7 @@ def _record(plan, job_id, stage="embed"):
 
 
 def test_collect_status_asks_sacct_once_and_newest_record_wins(tmp_path, monkeypatch):
-    plan = make_plan(load_experiment(sweep_experiment(tmp_path)))
+    plan = make_plan(load_experiment(sweep_config(tmp_path)))
     exp_dir = tmp_path / "sw" / ".submissions"
     write_record(exp_dir / "20200101-000000-aaaaaa.json", _record(plan, "41"))
     write_record(exp_dir / "20200101-000001-bbbbbb.json", _record(plan, "42"))
@@ -135,7 +135,7 @@ def test_collect_status_asks_sacct_once_and_newest_record_wins(tmp_path, monkeyp
 
 
 def test_scheduler_unreachable_gives_unknown_not_an_error(tmp_path, monkeypatch):
-    plan = make_plan(load_experiment(sweep_experiment(tmp_path)))
+    plan = make_plan(load_experiment(sweep_config(tmp_path)))
     write_record(tmp_path / "sw" / ".submissions" / "r.json", _record(plan, "42"))
 
     def down(args, **kwargs):
@@ -147,7 +147,7 @@ def test_scheduler_unreachable_gives_unknown_not_an_error(tmp_path, monkeypatch)
 
 
 def test_failure_report_shows_logs_and_last_error_lines(tmp_path):
-    plan = make_plan(load_experiment(sweep_experiment(tmp_path)))
+    plan = make_plan(load_experiment(sweep_config(tmp_path)))
     task = plan.tasks_for("embed")[0]
     task.dir.mkdir(parents=True)
     err = tmp_path / "job.err"

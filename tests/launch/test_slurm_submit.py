@@ -12,7 +12,7 @@ from moespec.errors import ClusterError
 from moespec.launch import slurm
 from moespec.launch.records import load_records
 from moespec.launch.slurm import TaskJob, print_dry_run, snapshot_package, submit
-from tests.launch.helpers import assert_golden, golden_submission, sweep_experiment
+from tests.builders import assert_golden, golden_submission, sweep_config
 
 
 def test_dry_run_prints_submitit_scripts(tmp_path, monkeypatch):
@@ -80,10 +80,10 @@ def test_cli_plan_dry_run_and_usage_errors(tmp_path, capsys):
     import yaml
 
     from moespec.cli import main
-    from tests.launch.helpers import sweep_experiment
+    from tests.builders import sweep_config
 
     path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(sweep_experiment(tmp_path / "results")))
+    path.write_text(yaml.safe_dump(sweep_config(tmp_path / "results")))
     assert main(["plan", str(path), "--cluster", "localhost"]) == 0
     out = capsys.readouterr().out
     assert "reduce: 6 tasks [indices 0-5] after embed" in out
@@ -105,7 +105,7 @@ def test_dry_run_without_a_controller_says_so_in_one_line(tmp_path, capsys, monk
     from moespec.launch import scheduler
 
     path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(sweep_experiment(tmp_path / "results")))
+    path.write_text(yaml.safe_dump(sweep_config(tmp_path / "results")))
     dns_error = (
         "scontrol: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host\n"
         "scontrol: error: fetch_config: DNS SRV lookup failed\n"
@@ -141,7 +141,7 @@ def test_plan_for_a_cluster_whose_scratch_is_not_here(tmp_path, capsys, monkeypa
 
     monkeypatch.delenv("SCRATCH", raising=False)
     path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(sweep_experiment("results")))
+    path.write_text(yaml.safe_dump(sweep_config("results")))
     assert main(["plan", str(path), "--cluster", "example"]) == 0
     out = capsys.readouterr().out
     assert (

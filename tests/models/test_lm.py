@@ -18,7 +18,7 @@ from moespec.models.lm import (
     moe_hf_config,
     parameter_counts,
 )
-from tests.conftest import one_torch_thread
+from tests.builders import one_torch_thread
 
 VOCAB, POSITIONS, EOT = 64, 32, 0
 

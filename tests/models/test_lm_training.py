@@ -12,7 +12,7 @@ from moespec.data.packing import pack
 from moespec.models.lm import LMModelConfig, build_model, hf_config
 from moespec.models.lm_training import LMObjective
 from moespec.models.training import LoopConfig, fit, lr_schedule
-from tests.conftest import one_torch_thread
+from tests.builders import one_torch_thread
 
 N_SYMBOLS, STAY = 8, 0.8  # symbols 1..8; token 0 is the end-of-text
 EOT = 0

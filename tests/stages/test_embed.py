@@ -13,7 +13,7 @@ from moespec.artifacts import open_artifact
 from moespec.config import load_experiment
 from moespec.errors import ConfigError, StageError
 from moespec.launch.runner import run_inline
-from tests.conftest import one_torch_thread
+from tests.builders import one_torch_thread
 
 
 @pytest.fixture(autouse=True)

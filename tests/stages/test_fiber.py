@@ -13,7 +13,7 @@ from moespec.errors import ConfigError, DataError, StageError
 from moespec.launch.runner import run_inline
 from moespec.stages import fiber
 from tests.builders import run_stage, write_embed_artifact
-from tests.conftest import tiny_experiment
+from tests.builders import tiny_experiment
 
 SMALL_TEST = {"vol_min": 5, "vol_max": 40, "window": 5, "strata": {"k_range": [2, 4], "n_init": 2}}
 

@@ -13,7 +13,7 @@ from moespec.config import load_experiment
 from moespec.errors import ConfigError, DataError
 from moespec.models import lm_training
 from moespec.stages import lm
-from tests.conftest import one_torch_thread
+from tests.builders import one_torch_thread
 
 TINY_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_experts": 4, "top_k": 2}
 

@@ -9,7 +9,7 @@ import pytest
 from moespec.errors import SyncError
 from moespec.sync.listing import LISTING_MARKER, find_command, list_local, parse_find_output, walk_names
 from moespec.sync.paths import LocalRoot, UnsafePath, check_relpath, link_escapes, part_name
-from tests.sync.trees import make_tree
+from tests.builders import make_tree
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import pytest
 from moespec.cli import main as moespec_main
 from moespec.sync.hostkeys import HostKeyError
 from moespec.sync.session import run_sync
-from tests.sync.trees import make_tree, pull_request as pull, snapshot
+from tests.builders import make_tree, pull_request as pull, snapshot
 
 pytestmark = pytest.mark.ssh
 

@@ -10,7 +10,7 @@ import pytest
 from moespec.sync.engine import EngineSettings
 from moespec.sync.filters import Filters
 from moespec.sync.session import SyncRequest, run_sync
-from tests.sync.trees import OLD, RESULTS, make_tree, parts, snapshot
+from tests.builders import OLD, RESULTS, make_tree, parts, snapshot
 
 pytestmark = pytest.mark.ssh
 

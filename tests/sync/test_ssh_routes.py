@@ -12,7 +12,7 @@ from moespec.cli import main as moespec_main
 from moespec.errors import SyncError
 from moespec.sync.session import run_sync
 from tests.sync.loopback import free_port, keygen
-from tests.sync.trees import make_tree, pull_request as pull, snapshot
+from tests.builders import make_tree, pull_request as pull, snapshot
 
 pytestmark = pytest.mark.ssh
 

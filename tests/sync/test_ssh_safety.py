@@ -13,7 +13,7 @@ from moespec.sync.engine import EngineSettings
 from moespec.sync.hostkeys import HostKeyError
 from moespec.sync.session import run_sync
 from tests.sync.loopback import TcpProxy, free_port, keygen
-from tests.sync.trees import make_tree, parts, pull_request as pull, snapshot
+from tests.builders import make_tree, parts, pull_request as pull, snapshot
 
 pytestmark = pytest.mark.ssh
 
