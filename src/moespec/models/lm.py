@@ -143,47 +143,12 @@ class LMModelConfig(BaseModel):
         return self.expert_size or self.hidden_size
 
 
-def moe_hf_config(
-    cfg: LMModelConfig, vocab_size: int, max_positions: int, eot_id: int, aux_loss_coef: float = 0.01
-) -> Any:
-    """The ``Qwen2MoeConfig`` of the MoE model described by ``cfg`` (``aux_loss_coef``: its load-balancing weight)."""
-    from transformers import Qwen2MoeConfig
-
-    return Qwen2MoeConfig(
+def _shared_hf_kwargs(cfg: LMModelConfig, vocab_size: int, max_positions: int, eot_id: int, ffn_width: int) -> dict:
+    """What the MoE and its dense twin share: sizes, attention, positions, initialisation, special tokens."""
+    return dict(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.dense_width(),
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
-        max_position_embeddings=max_positions,
-        initializer_range=cfg.init_std,
-        tie_word_embeddings=cfg.tie_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        attention_dropout=cfg.dropout,
-        decoder_sparse_step=cfg.decoder_sparse_step,
-        moe_intermediate_size=cfg.expert_width(),
-        shared_expert_intermediate_size=cfg.shared_expert_size,
-        num_experts_per_tok=cfg.top_k,
-        num_experts=cfg.num_experts,
-        norm_topk_prob=cfg.norm_topk_prob,
-        mlp_only_layers=list(cfg.mlp_only_layers),
-        qkv_bias=True,
-        router_aux_loss_coef=aux_loss_coef,
-        bos_token_id=eot_id,
-        eos_token_id=eot_id,
-        pad_token_id=eot_id,
-    )
-
-
-def dense_hf_config(cfg: LMModelConfig, vocab_size: int, max_positions: int, eot_id: int, width: int) -> Any:
-    """The config of a dense twin with FFN width ``width`` (Qwen2, or Llama with biased q/k/v)."""
-    from transformers import LlamaConfig, Qwen2Config
-
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=width,
+        intermediate_size=ffn_width,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
@@ -197,6 +162,33 @@ def dense_hf_config(cfg: LMModelConfig, vocab_size: int, max_positions: int, eot
         eos_token_id=eot_id,
         pad_token_id=eot_id,
     )
+
+
+def moe_hf_config(
+    cfg: LMModelConfig, vocab_size: int, max_positions: int, eot_id: int, aux_loss_coef: float = 0.01
+) -> Any:
+    """The ``Qwen2MoeConfig`` of the MoE model described by ``cfg`` (``aux_loss_coef``: its load-balancing weight)."""
+    from transformers import Qwen2MoeConfig
+
+    return Qwen2MoeConfig(
+        **_shared_hf_kwargs(cfg, vocab_size, max_positions, eot_id, cfg.dense_width()),
+        decoder_sparse_step=cfg.decoder_sparse_step,
+        moe_intermediate_size=cfg.expert_width(),
+        shared_expert_intermediate_size=cfg.shared_expert_size,
+        num_experts_per_tok=cfg.top_k,
+        num_experts=cfg.num_experts,
+        norm_topk_prob=cfg.norm_topk_prob,
+        mlp_only_layers=list(cfg.mlp_only_layers),
+        qkv_bias=True,
+        router_aux_loss_coef=aux_loss_coef,
+    )
+
+
+def dense_hf_config(cfg: LMModelConfig, vocab_size: int, max_positions: int, eot_id: int, width: int) -> Any:
+    """The config of a dense twin with FFN width ``width`` (Qwen2, or Llama with biased q/k/v)."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = _shared_hf_kwargs(cfg, vocab_size, max_positions, eot_id, width)
     if cfg.dense_architecture == "llama":
         return LlamaConfig(**common, attention_bias=False)
     return Qwen2Config(**common)
