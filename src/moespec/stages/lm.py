@@ -48,7 +48,6 @@ Side folder ``model/``. Summary: ``val_loss``, ``val_perplexity``, ``val_bits_pe
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -69,8 +68,6 @@ from moespec.stages.base import StageConfig
 NAME = "lm"
 SCHEMA_VERSION = 1
 
-#: Training steps below this many FLOP run on one CPU thread (see ``_threads_for``).
-SMALL_STEP_FLOPS = 2e9
 #: Per-layer token-level measures written under ``specialisation/`` (fields of LayerSpecialisation).
 SPECIALISATION_MEASURES = (
     "mi_token",
@@ -508,33 +505,17 @@ def _experts_implementation(cfg: Config, model: Any, objective: Any, out: Any) -
     return name
 
 
-@contextlib.contextmanager
 def _threads_for(cfg: Config, params_active: int, device: Any, log: Any):
-    """One CPU thread for training steps too small to share (restored afterwards).
-
-    A step of a few hundred MFLOP per thread spends its time in OpenMP barriers: on the shared
-    2-core development machine a d=64, 2-block model's step (0.8 GFLOP) took 100 ms on one
-    thread and 940-2,200 ms on two (docs/lm.md). Larger steps keep the threads they were given.
-    """
-    import torch
-
+    """One CPU thread for training steps too small to share (:func:`moespec.models.training.threads_for_step`)."""
     from moespec.models.lm import flops_per_token
+    from moespec.models.training import threads_for_step
 
     step_flops = (
         flops_per_token(params_active, cfg.model.num_layers, cfg.seq_len, cfg.model.hidden_size)
         * cfg.batch_size
         * cfg.seq_len
     )
-    threads = torch.get_num_threads()
-    small = device.type == "cpu" and threads > 1 and step_flops < SMALL_STEP_FLOPS
-    if small:
-        log.info("training step of %.2g FLOP on the CPU: 1 thread instead of %d (barrier-bound)", step_flops, threads)
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if small:
-            torch.set_num_threads(threads)
+    return threads_for_step(step_flops, device, log)
 
 
 def _add_dropout(cfg: Config, model: Any) -> None:

@@ -39,7 +39,6 @@ base and best validation loss, steps run.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import math
@@ -545,28 +544,12 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
     checkpoint.remove()
 
 
-@contextlib.contextmanager
 def threads_for(cfg: Config, n_params: int, device: str, log: Any):
-    """One CPU thread for training steps too small to share, as the lm stage does (restored afterwards).
+    """One CPU thread for training steps too small to share (:func:`moespec.models.training.threads_for_step`),
+    with ``6 N`` FLOPs per token (Kaplan et al. 2020)."""
+    from moespec.models.training import threads_for_step
 
-    A step of a few hundred MFLOP spends its time in OpenMP barriers when split over threads
-    (docs/lm.md); the bound is the lm stage's, the FLOPs ``6 N`` per token (Kaplan et al. 2020).
-    """
-    import torch
-
-    from moespec.stages.lm import SMALL_STEP_FLOPS
-
-    step_flops = 6.0 * n_params * cfg.training.batch_size * cfg.max_length
-    threads = torch.get_num_threads()
-    small = device == "cpu" and threads > 1 and step_flops < SMALL_STEP_FLOPS
-    if small:
-        log.info("training step of %.2g FLOP on the CPU: 1 thread instead of %d", step_flops, threads)
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if small:
-            torch.set_num_threads(threads)
+    return threads_for_step(6.0 * n_params * cfg.training.batch_size * cfg.max_length, device, log)
 
 
 def _optimiser(training: TrainingSettings, view: Any) -> tuple[Any, Any]:
