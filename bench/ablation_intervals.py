@@ -4,7 +4,7 @@ Synthetic ablations: each of ``n`` inputs is correct with probability ``accuracy
 toggles each outcome with probability ``flip`` (either direction), so the true change of the expected
 accuracy is ``flip (1 - 2 accuracy)``. For each case the script prints the share of ``--repeats``
 simulated studies whose 95 % interval holds the truth, for Tango's paired score interval
-(``moespec.analysis.ablation.paired_score_interval``, what the ablate stage now uses for 0/1 metrics)
+(``moespec.specialisation.ablation.paired_score_interval``, what the ablate stage now uses for 0/1 metrics)
 and for the paired percentile bootstrap it replaced (1000 resamples), and the mean interval widths.
 
 Run::
@@ -19,7 +19,7 @@ import argparse
 
 import numpy as np
 
-from moespec.analysis.ablation import paired_score_interval
+from moespec.specialisation.ablation import paired_score_interval
 
 CASES = [
     (200, 0.8, 0.01),

@@ -2,7 +2,7 @@
 
 Two comparisons, each a full training step (forward, loss, backward, Adam) on the same sizes and
 batch, timed in alternating rounds so that load from other processes hits both sides alike. Our
-side is what the train stage does with a batch (``moespec.stages.train.train_batch``: for the
+side is what the train stage does with a batch (``moespec.models.rows.train_batch``: for the
 dictionary MoE on CPU, ``accumulate_gradients`` with its compiled kernels, and the loss terms read
 back), the baselines a forward pass, ``loss.backward()``, and the same optimiser:
 
@@ -38,7 +38,7 @@ from torch import nn
 from moespec.models import DictionaryMoEConfig, TopKMoEConfig
 from moespec.models.optim import flat_adam
 from moespec.models.topk import TopKMoELayer
-from moespec.stages.train import train_batch
+from moespec.models.rows import train_batch
 
 INPUT_DIM = 64
 N_LABELS = 6
@@ -174,7 +174,7 @@ def _train_step(model, backward: Callable, x, targets, optimizer) -> None:
 
 
 def _train_stage_backward(model, x, targets):
-    """What the train stage does with a batch (``moespec.stages.train.train_batch``, float32 on CPU)."""
+    """What the train stage does with a batch (``moespec.models.rows.train_batch``, float32 on CPU)."""
     train_batch(model, x, targets, 1.0)
 
 
