@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Mapping, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Mapping, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
-from moespec.artifacts import ArtifactReader, ArtifactWriter, Schema
+if TYPE_CHECKING:  # annotations only: importing h5py here would slow every command's start-up
+    from moespec.artifacts import ArtifactReader, ArtifactWriter, Schema
 
 #: Stage names in pipeline order. A stage's upstream stages always come earlier in this list.
 STAGE_ORDER: tuple[str, ...] = ("embed", "reduce", "fiber", "train", "lm", "lora", "route", "ablate")
