@@ -59,6 +59,26 @@ def tiny_experiment(name: str = "t", n_per_domain: int = 4, **sections) -> dict:
     return config
 
 
+#: A dictionary MoE small enough for a test to train in seconds.
+TINY_DICTIONARY = {
+    "kind": "dictionary",
+    "n_experts": 3,
+    "query_dim": 8,
+    "code_dim": 6,
+    "n_layers": 2,
+    "projection_hidden": 8,
+    "projection_dim": 4,
+}
+#: A fiber section for a few dozen points: short radius window, two strata at most, one null repeat.
+TINY_FIBER = {
+    "vol_min": 5,
+    "vol_max": 40,
+    "window": 5,
+    "strata": {"k_range": [2, 3], "n_init": 1},
+    "calibration": {"n_repeats": 1},
+}
+
+
 # --------------------------------------------------------------------------------------------------
 # synthetic artifacts
 
@@ -289,13 +309,7 @@ def built_sweep(tmp_path_factory) -> Path:
         "sweep",
         n_per_domain=10,
         reduce={"n_components": 6, "mle_k": 5},
-        fiber={
-            "vol_min": 5,
-            "vol_max": 40,
-            "window": 5,
-            "strata": {"k_range": [2, 3], "n_init": 1},
-            "calibration": {"n_repeats": 1},
-        },
+        fiber=TINY_FIBER,
         train={"model": TOPK, "epochs": 2, "batch_size": 16},
         ablate={"by": ["class", "domain", "stratum"], "bootstrap": 50, "controls": {"random_sets": 2}},
         sweep={"grid": {"train.model": [TOPK, DICTIONARY], "train.epochs": [2, 3]}},

@@ -29,8 +29,16 @@ from moespec.launch.records import load_records
 from moespec.launch.runner import execute_task
 from moespec.launch.slurm import load_plan, prepare, submit, submit_command
 from moespec.launch.status import collect_status
-from tests.builders import one_torch_thread, tiny_experiment
-from tests.builders import demo_sweep, sacct_times, wait_final, wait_for, write_config
+from tests.builders import (
+    TINY_DICTIONARY,
+    demo_sweep,
+    one_torch_thread,
+    sacct_times,
+    tiny_experiment,
+    wait_final,
+    wait_for,
+    write_config,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("slurm")]
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -257,15 +265,7 @@ def test_preempted_training_is_requeued_and_resumes_to_the_uninterrupted_result(
         "checkpoint_every": 2,
         "patience": None,
         "lr": 1e-2,
-        "model": {
-            "kind": "dictionary",
-            "n_experts": 3,
-            "query_dim": 8,
-            "code_dim": 6,
-            "n_layers": 2,
-            "projection_hidden": 8,
-            "projection_dim": 4,
-        },
+        "model": TINY_DICTIONARY,
     }
     config["root"] = str(tmp_path / "results")
     plan, cluster = load_plan(str(write_config(tmp_path, config)), cluster=cluster_profile, executor="slurm")

@@ -15,19 +15,18 @@ from moespec.launch.runner import run_inline
 from moespec.stages import ablate, train
 from moespec.models import rows
 from moespec.stages.ablate import trained as ablate_trained
-from tests.builders import N_EXPERTS, one_torch_thread, save_tiny_moe, tiny_experiment, write_reduce_artifact
+from tests.builders import (
+    TINY_DICTIONARY,
+    TINY_FIBER,
+    N_EXPERTS,
+    one_torch_thread,
+    save_tiny_moe,
+    tiny_experiment,
+    write_reduce_artifact,
+)
 
 TOPK = {"kind": "topk", "n_experts": 4, "top_k": 2, "hidden_dim": 16, "ffn_dim": 16, "n_layers": 2}
-DICTIONARY = {
-    "kind": "dictionary",
-    "n_experts": 3,
-    "query_dim": 8,
-    "code_dim": 6,
-    "n_layers": 2,
-    "projection_hidden": 8,
-    "projection_dim": 4,
-    "routing": "straight_through",
-}
+DICTIONARY = {**TINY_DICTIONARY, "routing": "straight_through"}
 REDUCE = {"n_components": 4}
 
 
@@ -266,13 +265,7 @@ def test_pipeline_embed_reduce_fiber_train_ablate_runs_inline(tmp_path):
         "ab",
         n_per_domain=10,
         reduce={"n_components": 6, "mle_k": 5},
-        fiber={
-            "vol_min": 5,
-            "vol_max": 40,
-            "window": 5,
-            "strata": {"k_range": [2, 3], "n_init": 1},
-            "calibration": {"n_repeats": 1},
-        },
+        fiber=TINY_FIBER,
         train={"model": {"kind": "topk", "n_experts": 4, "hidden_dim": 8, "ffn_dim": 8}, "epochs": 3, "batch_size": 16},
         ablate={"by": ["class", "domain", "stratum"], "bootstrap": 50},
     )

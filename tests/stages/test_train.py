@@ -14,20 +14,12 @@ from moespec.launch.runner import run_inline
 from moespec.data.splits import stratified_split
 from moespec.models import rows, training
 from moespec.stages import train
-from tests.builders import tiny_experiment, write_reduce_artifact
+from tests.builders import TINY_DICTIONARY, tiny_experiment, write_reduce_artifact
 
 
 def train_config(**overrides):
     settings = {
-        "model": {
-            "kind": "dictionary",
-            "n_experts": 3,
-            "query_dim": 8,
-            "code_dim": 6,
-            "n_layers": 2,
-            "projection_hidden": 8,
-            "projection_dim": 4,
-        },
+        "model": TINY_DICTIONARY,
         "epochs": 3,
         "batch_size": 16,
         "checkpoint_every": 2,
@@ -282,15 +274,7 @@ def test_pipeline_embed_reduce_train_runs_inline(tmp_path):
 @pytest.mark.parametrize(
     "model",
     [
-        {
-            "kind": "dictionary",
-            "n_experts": 3,
-            "query_dim": 8,
-            "code_dim": 6,
-            "n_layers": 2,
-            "projection_hidden": 8,
-            "projection_dim": 4,
-        },
+        TINY_DICTIONARY,
         {"kind": "topk", "n_experts": 3, "top_k": 2, "hidden_dim": 8},
     ],
 )

@@ -178,14 +178,7 @@ class Config(StageConfig):
     def _testable(self) -> "Config":
         from moespec.geometry.params import check_parameters
 
-        problems = check_parameters(
-            vol_min=self.vol_min,
-            vol_max=self.vol_max,
-            window=self.window,
-            alpha=self.alpha,
-            max_strata=self.max_strata,
-            correction=self.correction,
-        )
+        problems = check_parameters(**self.test_parameters())
         if problems:
             raise ValueError("\n".join(problems))  # one "key: problem" line each; config.py splits them
         return self
