@@ -63,7 +63,7 @@ import numpy as np
 from pydantic import Field
 
 from moespec.artifacts import ArtifactReader, ArtifactWriter, DatasetSpec
-from moespec.config import config_dict
+from moespec.config import config_dict, config_yaml
 from moespec.errors import DataError
 from moespec.models import DictionaryMoEConfig, ModelConfig
 from moespec.models.training import LoopConfig, lr_schedule
@@ -260,8 +260,8 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
         collapse=partial(collapse_report, max_share=cfg.collapse_threshold),
     )
     identity = {"config": config_dict(cfg), "input_uid": reader.uid}
-    model, optimizer, scheduler, state = _fit(cfg, cfg.model, data, objective, out, identity, "checkpoint.pt")
-    stage_config = config_dict(cfg)
+    model, optimizer, scheduler, state = _fit(cfg, cfg.model, data, objective, out, identity, "checkpoint.pt", "train")
+    stage_config = identity["config"]
     rows.save_model(out.side_file("best.pt"), cfg.model, stage_config, data, state.best_state, epoch=state.best_epoch)
     rows.save_model(
         out.side_file("final.pt"),
@@ -280,15 +280,22 @@ def run(cfg: Config, inputs: dict[str, ArtifactReader], out: ArtifactWriter) -> 
     if cfg.dense_baseline:
         twin_cfg = cfg.model.dense_twin(data.features.shape[1])
         out.log.info("dense baseline: the %s model with 1 expert and the MoE's active parameters", cfg.model.kind)
-        dense, _, _, dense_state = _fit(cfg, twin_cfg, data, objective, out, identity, "dense_checkpoint.pt")
+        dense, _, _, dense_state = _fit(
+            cfg, twin_cfg, data, objective, out, identity, "dense_checkpoint.pt", "dense twin"
+        )
         dense.load_state_dict(dense_state.best_state)
         _write_dense(dense_state, objective.evaluate_all(dense), dense, twin_cfg, out)
     for name in ("checkpoint.pt", "dense_checkpoint.pt"):
         (out.work_dir / name).unlink(missing_ok=True)  # the artifact now holds everything; nothing to resume
 
 
-def _fit(cfg: Config, model_cfg, data, objective, out: ArtifactWriter, identity: dict, checkpoint_name: str):
-    """Build ``model_cfg``'s model and train it on ``objective`` with this config's optimiser, schedule and loop."""
+def _fit(
+    cfg: Config, model_cfg, data, objective, out: ArtifactWriter, identity: dict, checkpoint_name: str, label: str
+):
+    """Build ``model_cfg``'s model and train it on ``objective`` with this config's optimiser, schedule and loop.
+
+    ``checkpoint_name`` is its resumable checkpoint in the work folder; ``label`` names its progress bar.
+    """
     import torch
 
     from moespec.models import rows
@@ -299,7 +306,7 @@ def _fit(cfg: Config, model_cfg, data, objective, out: ArtifactWriter, identity:
     n_train = len(objective.train_rows)
     scheduler = cfg.scheduler(optimizer, n_train)
     checkpoint = Checkpointer(out.work_dir / checkpoint_name, {**identity, "model": config_dict(model_cfg)}, NAME)
-    bar = iter(out.progress(range(cfg.steps_per_epoch(n_train) * cfg.epochs), desc=f"{checkpoint_name[:-3]} steps"))
+    bar = iter(out.progress(range(cfg.steps_per_epoch(n_train) * cfg.epochs), desc=f"{label} steps"))
     state = fit(
         model,
         optimizer,
@@ -325,17 +332,13 @@ def _write_dense(state, heldout: dict, model, twin_cfg, out: ArtifactWriter) -> 
     out.write("dense/best_val_loss", np.float64(state.best_val_loss))
     out.write("dense/val_accuracy", np.float64(heldout["accuracy"]))
     params = sum(p.numel() for p in model.parameters())
-    out.attrs["dense_model"] = yaml_line(config_dict(twin_cfg))
+    out.attrs["dense_model"] = config_yaml(twin_cfg)
     out.summary.update(
         dense_val_accuracy=round(heldout["accuracy"], 4),
         dense_best_val_loss=round(state.best_val_loss, 6),
         dense_params_total=params,
         dense_params_active=active_parameters(model),
     )
-
-
-def yaml_line(config: dict) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in config.items())
 
 
 def _check_split(train_index: np.ndarray, val_index: np.ndarray) -> None:
