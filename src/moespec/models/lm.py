@@ -336,12 +336,14 @@ def loss_terms(
 
 
 def choose_experts_implementation(
-    model: Any, input_ids: Any, labels: Any, candidates: tuple[str, ...], repeats: int = 2
+    model: Any, input_ids: Any, labels: Any, candidates: tuple[str, ...], repeats: int = 3
 ) -> tuple[str, dict[str, float]]:
     """Time a training step (forward + backward) of ``model`` under each experts implementation; pick the fastest.
 
     Runs on a deep copy under a forked RNG: the model, its gradients and the caller's random
-    stream are unchanged. Each candidate gets one warm-up step, then the best of ``repeats``.
+    stream are unchanged. Each candidate gets one warm-up step; then ``repeats`` rounds time every
+    candidate once in turn, so that a burst of load from another process hits one round of all
+    candidates rather than every step of one, and each keeps its best step.
 
     Returns
     -------
@@ -352,20 +354,20 @@ def choose_experts_implementation(
     import torch
 
     probe = copy.deepcopy(model).train()
-    seconds: dict[str, float] = {}
+    times: dict[str, list[float]] = {name: [] for name in candidates}
     with torch.random.fork_rng(devices=[input_ids.device] if input_ids.device.type == "cuda" else []):
-        for name in candidates:
-            probe.set_experts_implementation(name)
-            times = []
-            for _ in range(repeats + 1):
+        for round_ in range(repeats + 1):
+            for name in candidates:
+                probe.set_experts_implementation(name)
                 _synchronise(input_ids.device)
                 start = time.perf_counter()
                 loss_terms(probe, input_ids, labels, 0.0, 0.0)[0]["total"].backward()
                 _synchronise(input_ids.device)
-                times.append(time.perf_counter() - start)
+                if round_:  # the first round warms every candidate up
+                    times[name].append(time.perf_counter() - start)
                 probe.zero_grad(set_to_none=True)
-            seconds[name] = min(times[1:])
     del probe
+    seconds = {name: min(values) for name, values in times.items()}
     return min(seconds, key=seconds.get), seconds
 
 

@@ -333,16 +333,10 @@ def _loop(cfg: Config) -> Any:
 
 
 def make_optimizer(cfg: Config, model: Any) -> Any:
-    """AdamW with weight decay on weight matrices only (GPT-2/nanoGPT practice: not on norms and biases)."""
-    import torch
+    """The section's AdamW (:func:`moespec.models.lm_training.make_optimizer`)."""
+    from moespec.models.lm_training import make_optimizer as adamw
 
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=cfg.betas,
-    )
+    return adamw(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 def make_scheduler(cfg: Config, optimizer: Any) -> Any:
