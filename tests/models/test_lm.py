@@ -17,6 +17,7 @@ from moespec.models.lm import (
     loss_terms,
     moe_hf_config,
     parameter_counts,
+    skip_empty_shared_experts,
 )
 from tests.builders import one_torch_thread
 
@@ -91,6 +92,36 @@ def test_the_loss_is_transformers_own_labels_loss():
         ]
     ).mean()
     torch.testing.assert_close(terms["z"], z)
+
+
+def test_skipping_the_empty_shared_expert_changes_no_output_or_gradient(tmp_path):
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        reference = AutoModelForCausalLM.from_config(hf_config(tiny(), VOCAB, POSITIONS, EOT))
+    ours = copy.deepcopy(reference)
+    assert skip_empty_shared_experts(ours) == 2  # both blocks of the tiny model are MoE blocks
+    assert "forward" in vars(ours.model.layers[0].mlp) and "forward" not in vars(reference.model.layers[0].mlp)
+    ids, labels = batch()
+    with one_torch_thread():
+        results = []
+        for model in (ours, reference):
+            terms, output = loss_terms(model, ids, labels, 0.01, 0.001)
+            terms["total"].backward()
+            results.append((output.logits, terms["total"], grads(model)))
+        torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+        torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+        routed = {name: g for name, g in results[1][2].items() if "shared_expert" not in name}
+        assert set(results[0][2]) == set(routed)
+        assert all(not g.any() for name, g in results[1][2].items() if "shared_expert" in name)  # it adds 0
+        for name, gradient in routed.items():
+            torch.testing.assert_close(results[0][2][name], gradient, rtol=0, atol=0)
+        ours.save_pretrained(tmp_path)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("n_experts,top_k,n_tokens", [(4, 2, 40), (16, 2, 6), (8, 3, 64)])
