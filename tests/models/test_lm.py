@@ -75,8 +75,14 @@ def test_a_one_expert_top1_moe_with_the_dense_ffn_weights_is_the_dense_model(imp
         )
 
 
-def test_the_loss_is_transformers_own_labels_loss():
-    model = build_model(hf_config(tiny(), VOCAB, POSITIONS, EOT, aux_loss_coef=0.05), seed=0)
+ARCHITECTURES = {"qwen2_moe": {}, "mixtral": {"norm_topk_prob": True}, "olmoe": {}}
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_the_loss_is_transformers_own_labels_loss(architecture):
+    cfg = tiny(architecture=architecture, **ARCHITECTURES[architecture])
+    model = build_model(hf_config(cfg, VOCAB, POSITIONS, EOT, aux_loss_coef=0.05), seed=0)
+    assert model.config.model_type == architecture
     ids, labels = batch()
     with torch.no_grad():
         terms, _ = loss_terms(model, ids, labels, balance_weight=0.05, z_weight=0.0)
@@ -148,6 +154,35 @@ def test_sorted_mm_matches_the_eager_loop_forward_and_backward(n_experts, top_k,
         torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("architecture", ["mixtral", "olmoe"])
+def test_sorted_mm_matches_the_eager_loop_in_the_other_architectures(architecture):
+    cfg = tiny(architecture=architecture, **ARCHITECTURES[architecture])
+    ids, labels = batch(size=(2, 16))
+    results = []
+    for implementation in ("eager", experts.SORTED_MM):
+        model = build_model(hf_config(cfg, VOCAB, POSITIONS, EOT), seed=0)
+        model.set_experts_implementation(implementation)
+        with one_torch_thread():
+            terms, output = loss_terms(model, ids, labels, 0.01, 0.001)
+            terms["total"].backward()
+        results.append((output.logits, grads(model)))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    assert set(results[1][1]) == set(results[0][1])
+    for name, gradient in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], gradient, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["mixtral", "olmoe"])
+def test_every_block_of_the_other_architectures_is_an_moe_block_and_counts_match(architecture):
+    cfg = tiny(architecture=architecture, num_layers=3, num_experts=8, expert_size=40, **ARCHITECTURES[architecture])
+    moe = build_model(hf_config(cfg, VOCAB, POSITIONS, EOT), seed=0)
+    total, active = parameter_counts(moe)
+    assert cfg.moe_layers() == [0, 1, 2] and total == sum(p.numel() for p in moe.parameters())
+    assert total - active == 3 * (8 - 2) * 3 * 32 * 40
+    dense = build_model(hf_config(cfg.model_copy(update={"dense_twin": "active"}), VOCAB, POSITIONS, EOT), seed=0)
+    assert abs(parameter_counts(dense)[0] - active) <= 3 * 32 * 3 / 2
+
+
 def test_masking_an_expert_equals_removing_it():
     from moespec.embedding.hf_moe import RouterAblation, RouterHooks, find_routers
 
@@ -206,6 +241,12 @@ def test_dropout_hooks_act_in_training_mode_only():
         ({"mlp_only_layers": [5]}, r"mlp_only_layers \[5\] are not blocks"),
         ({"num_layers": 2, "mlp_only_layers": [0, 1]}, "no MoE block"),
         ({"hidden_size": 30, "num_heads": 4}, "not a multiple of num_heads"),
+        ({"architecture": "mixtral"}, "mixtral always renormalises the top-k routing weights"),
+        ({"architecture": "olmoe", "decoder_sparse_step": 2}, "decoder_sparse_step needs architecture qwen2_moe"),
+        ({"architecture": "olmoe", "shared_expert_size": 8}, "shared_expert_size needs architecture qwen2_moe"),
+        ({"architecture": "olmoe", "mlp_only_layers": [0]}, "mlp_only_layers needs architecture qwen2_moe"),
+        ({"architecture": "olmoe", "intermediate_size": 64}, "intermediate_size needs architecture qwen2_moe"),
+        ({"architecture": "gpt"}, "architecture"),
     ],
 )
 def test_inconsistent_model_settings_are_rejected(overrides, message):

@@ -202,6 +202,34 @@ def test_ablate_runs_on_an_lm_artifact_through_the_pretrained_path(tmp_path):
         assert [str(n) for n in reader.read("names/domain")] == ["movies", "news"]
 
 
+@pytest.mark.parametrize("architecture,extra", [("mixtral", {"norm_topk_prob": True}), ("olmoe", {})])
+def test_the_other_architectures_train_save_and_ablate(tmp_path, architecture, extra):
+    from moespec.launch.runner import run_inline
+
+    model = {**TINY_MODEL, "architecture": architecture, **extra}
+    settings = lm_config(max_steps=4, eval_every=4, model=model).model_dump(mode="json")
+    experiment = {
+        "experiment": f"lm-{architecture}",
+        "lm": settings,
+        "ablate": {
+            "source": {"kind": "lm", "max_length": 64, "batch_size": 4},
+            "by": ["domain"],
+            "bootstrap": 20,
+            "modes": ["mask"],
+        },
+    }
+    with one_torch_thread():
+        folders = run_inline(experiment, root=tmp_path)
+    lm_folder = next(folder for (stage, _), folder in folders.items() if stage == "lm")
+    assert json.loads((lm_folder / "model" / "config.json").read_text())["model_type"] == architecture
+    with open_artifact(lm_folder / "lm.h5") as reader:
+        assert reader["curves/expert_load"].shape == (1, 2, 4)  # every block is an MoE block
+        assert reader["specialisation/coactivation"].shape == (2, 4, 4)
+    ablate_folder = next(folder for (stage, _), folder in folders.items() if stage == "ablate")
+    with open_artifact(ablate_folder / "ablate.h5") as reader:
+        assert reader["ablations/expert"].shape == (2 * 4,)
+
+
 def test_ablate_of_an_lm_artifact_rejects_class_groups():
     with pytest.raises(ConfigError, match="by: 'class' needs labels"):
         load_experiment({"experiment": "x", "lm": {}, "ablate": {"source": {"kind": "lm"}, "by": ["class"]}})

@@ -39,10 +39,15 @@ AUTO_CANDIDATES = {"cpu": ("eager", "sorted_mm"), "cuda": ("eager", "grouped_mm"
 
 
 class LMModelConfig(BaseModel):
-    """A Qwen2-MoE decoder LM, or the dense model matched to it.
+    """A decoder MoE LM over one of transformers' MoE architectures, or the dense model matched to it.
 
     Attributes
     ----------
+    architecture : {"qwen2_moe", "mixtral", "olmoe"}
+        transformers' MoE causal LM: Qwen2-MoE (MoE every ``decoder_sparse_step``-th block,
+        ``mlp_only_layers``, a shared expert, biased q/k/v), Mixtral (every block MoE, top-k weights
+        always renormalised) or OLMoE (every block MoE, q/k RMS norms). The last two have no shared
+        expert and no dense blocks.
     hidden_size, num_layers, num_heads : int
         Width, blocks, attention heads.
     num_kv_heads : int, optional
@@ -79,6 +84,7 @@ class LMModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    architecture: Literal["qwen2_moe", "mixtral", "olmoe"] = "qwen2_moe"
     hidden_size: int = Field(256, ge=8)
     num_layers: int = Field(4, ge=1)
     num_heads: int = Field(4, ge=1)
@@ -120,6 +126,17 @@ class LMModelConfig(BaseModel):
             problems.append(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if not self.moe_layers():
             problems.append("no MoE block: every block is in mlp_only_layers or between sparse steps")
+        if self.architecture != "qwen2_moe":
+            only_qwen = {
+                "decoder_sparse_step": self.decoder_sparse_step != 1,
+                "mlp_only_layers": bool(self.mlp_only_layers),
+                "shared_expert_size": self.shared_expert_size != 0,
+                "intermediate_size": self.intermediate_size is not None,
+            }
+            for key in (key for key, used in only_qwen.items() if used):
+                problems.append(f"{key} needs architecture qwen2_moe ({self.architecture} has every block MoE)")
+        if self.architecture == "mixtral" and not self.norm_topk_prob:
+            problems.append("mixtral always renormalises the top-k routing weights: set norm_topk_prob: true")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -167,20 +184,33 @@ def _shared_hf_kwargs(cfg: LMModelConfig, vocab_size: int, max_positions: int, e
 def moe_hf_config(
     cfg: LMModelConfig, vocab_size: int, max_positions: int, eot_id: int, aux_loss_coef: float = 0.01
 ) -> Any:
-    """The ``Qwen2MoeConfig`` of the MoE model described by ``cfg`` (``aux_loss_coef``: its load-balancing weight)."""
+    """The transformers config of the MoE model described by ``cfg`` (``aux_loss_coef``: its load-balancing weight)."""
+    common = dict(
+        **_shared_hf_kwargs(cfg, vocab_size, max_positions, eot_id, cfg.dense_width()),
+        num_experts_per_tok=cfg.top_k,
+        router_aux_loss_coef=aux_loss_coef,
+    )
+    if cfg.architecture == "mixtral":
+        from transformers import MixtralConfig
+
+        common["intermediate_size"] = cfg.expert_width()  # Mixtral's FFN width is the expert's
+        return MixtralConfig(**common, num_local_experts=cfg.num_experts, router_jitter_noise=0.0)
+    if cfg.architecture == "olmoe":
+        from transformers import OlmoeConfig
+
+        common["intermediate_size"] = cfg.expert_width()
+        return OlmoeConfig(**common, num_experts=cfg.num_experts, norm_topk_prob=cfg.norm_topk_prob)
     from transformers import Qwen2MoeConfig
 
     return Qwen2MoeConfig(
-        **_shared_hf_kwargs(cfg, vocab_size, max_positions, eot_id, cfg.dense_width()),
+        **common,
         decoder_sparse_step=cfg.decoder_sparse_step,
         moe_intermediate_size=cfg.expert_width(),
         shared_expert_intermediate_size=cfg.shared_expert_size,
-        num_experts_per_tok=cfg.top_k,
         num_experts=cfg.num_experts,
         norm_topk_prob=cfg.norm_topk_prob,
         mlp_only_layers=list(cfg.mlp_only_layers),
         qkv_bias=True,
-        router_aux_loss_coef=aux_loss_coef,
     )
 
 

@@ -4,7 +4,7 @@ Texts come from the same sources as ``embed`` (``data``: built-in corpus, HF dat
 files). They are split by text into training and validation sets, stratified by domain and
 seeded; the tokenizer (a byte-level BPE trained on the training split, or a HF tokenizer) encodes
 them, and each split is packed into windows of ``seq_len`` tokens with an end-of-text token
-between texts (:mod:`moespec.data.packing`). The model is transformers' Qwen2-MoE, or the Qwen2 /
+between texts (:mod:`moespec.data.packing`). The model is transformers' Qwen2-MoE, Mixtral or OLMoE, or the Qwen2 /
 Llama model matched to it on active or total parameters (:mod:`moespec.models.lm`); it trains
 through the shared loop (:func:`moespec.models.training.fit`: AdamW, warm-up then cosine decay,
 gradient accumulation, clipping, evaluation every ``eval_every`` steps, checkpoints that resume to
