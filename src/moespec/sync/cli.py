@@ -133,21 +133,20 @@ def register(subparsers) -> None:
 
 def _remote_settings(args):
     """(where the settings come from, the remote's settings): the remotes file, or the flags alone."""
-    from pydantic import ValidationError
-
     from moespec.errors import ConfigError
-    from moespec.sync.remotes import DEFAULT_REMOTES_FILE, Remote, load_remotes
+    from moespec.sync.remotes import DEFAULT_REMOTES_FILE, default_remote, host_alias, load_remotes
 
     path = args.remotes or DEFAULT_REMOTES_FILE
-    host = args.host
-    if host is not None and (not host.strip() or host.startswith("-") or any(c.isspace() for c in host)):
-        raise ConfigError(f"--host: '{args.host}' is not a host alias")
+    if args.host is not None:
+        try:
+            host_alias(args.host)
+        except ValueError as e:
+            raise ConfigError(f"--host: {e}") from None
     if args.host and args.remote_root and args.remotes is None and not Path(path).exists():
         try:
-            return "--host/--remote-root", Remote(host=args.host, root=args.remote_root)
-        except ValidationError as e:
-            problems = [f"--remote-root: {err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
-            raise ConfigError(problems) from e
+            return "--host/--remote-root", default_remote(args.host, args.remote_root)
+        except ValueError as e:
+            raise ConfigError(f"--remote-root: {e}") from e
     remotes = load_remotes(path)
     remote = remotes.get(args.remote, str(path))
     name = args.remote or remotes.default or next(iter(remotes.remotes))

@@ -236,6 +236,28 @@ class WarmChannel:
             pending.close()
 
 
+class ReadyChannel:
+    """An SFTP channel that is already open (the listing's own session, ``session.list_then_serve``),
+    handed out like a ``WarmChannel``."""
+
+    def __init__(self, pending):
+        self._pending = pending
+        self._lock = threading.Lock()
+
+    def take(self):
+        """The channel (once), or None."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        return None if pending is None else pending.finish()
+
+    def close(self) -> None:
+        """Drop the channel if nobody took it."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.close()
+
+
 def run_channels(
     transport,
     actions: list[Action],
@@ -243,7 +265,7 @@ def run_channels(
     make_channel,
     progress: Progress,
     on_tick=None,
-    warm: WarmChannel | None = None,
+    warm: WarmChannel | ReadyChannel | None = None,
 ) -> Outcome:
     """Run ``actions`` on up to ``settings.channels`` channels, with a stall watchdog.
 
@@ -256,7 +278,7 @@ def run_channels(
         ``shared.take()`` until it returns None.
     on_tick : callable or None
         Called about ten times a second from this thread (the progress bar).
-    warm : WarmChannel or None
+    warm : WarmChannel, ReadyChannel or None
         An already open channel for the first worker.
     """
     shared = PassState(actions, progress, settings)

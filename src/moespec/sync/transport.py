@@ -86,6 +86,17 @@ class Transport(ABC):
         """
         return PendingSftp(self.open_sftp())
 
+    def start_stream(self, command: str):
+        """Run ``command`` on a session of its own and return the session's byte stream (``recv``,
+        ``settimeout``, ``close``), for output that an SFTP server follows on the same session
+        (``listing.list_then_serve_command``); None where the transport cannot.
+        """
+        return None
+
+    def sftp_over(self, stream) -> "PendingSftp":
+        """An SFTP client over a ``start_stream`` whose SFTP server is now running."""
+        raise NotImplementedError
+
     @abstractmethod
     def abort(self) -> None:
         """Tear the connection down now, from any thread: blocked reads fail at once."""

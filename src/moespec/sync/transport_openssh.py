@@ -47,6 +47,7 @@ class PipeSocket:
         self._buffer = b""
         self._offset = 0
         self.established = False  # set once the SFTP version exchange went through
+        self._timeout: float | None = None
         _widen_pipe(self._read_fd)
 
     def send(self, data) -> int:
@@ -57,6 +58,8 @@ class PipeSocket:
 
     def recv(self, n: int) -> bytes:
         if self._offset >= len(self._buffer):
+            if self._timeout is not None and not select.select([self._read_fd], [], [], self._timeout)[0]:
+                raise TimeoutError(f"no output from ssh for {self._timeout:.0f} s")
             # nothing buffered: read straight into the answer (b"" at EOF, paramiko raises EOFError);
             # paramiko asks for whole SFTP packets, so most reads need no copy at all
             chunk = os.read(self._read_fd, max(n, 1 << 16))
@@ -71,10 +74,10 @@ class PipeSocket:
         return self._offset < len(self._buffer) or bool(select.select([self._read_fd], [], [], 0)[0])
 
     def settimeout(self, timeout) -> None:
-        pass
+        self._timeout = timeout
 
     def gettimeout(self):
-        return None
+        return self._timeout
 
     def setblocking(self, flag) -> None:
         pass
@@ -263,6 +266,13 @@ class OpenSSHTransport(Transport):
             raise _master_error(self.host, 255, result.stderr.decode(errors="replace").strip())
         return CommandResult(result.returncode, result.stdout, result.stderr)
 
+    def start_stream(self, command: str) -> PipeSocket:
+        return self._register(PipeSocket([*self._base, *self._mux, "-T", self.host, command]))
+
+    def sftp_over(self, stream: PipeSocket) -> PendingSftp:
+        stream.settimeout(None)  # the engine's stall watchdog takes over
+        return _PendingPipe(self, stream)  # a run with nothing to copy never imports paramiko
+
     def open_sftp(self) -> "paramiko.SFTPClient":
         return self._handshake(self._spawn_sftp())
 
@@ -272,7 +282,10 @@ class OpenSSHTransport(Transport):
         return _PendingPipe(self, self._spawn_sftp())
 
     def _spawn_sftp(self) -> PipeSocket:
-        pipe = PipeSocket([*self._base, *self._mux, "-T", "-s", self.host, "sftp"])
+        return self._register(PipeSocket([*self._base, *self._mux, "-T", "-s", self.host, "sftp"]))
+
+    def _register(self, pipe: PipeSocket) -> PipeSocket:
+        """Keep ``pipe`` for ``close``/``abort``; refuse it when the transport was closed meanwhile."""
         with self._lock:
             self._pipes.append(pipe)
             closed = self._closed
