@@ -12,6 +12,8 @@ import pytest
 
 from moespec.cli import main as moespec_main
 from moespec.sync.hostkeys import HostKeyError
+from moespec.sync import session
+from moespec.sync.listing import SFTP_SERVERS
 from moespec.sync.session import run_sync
 from tests.builders import make_tree, pull_request as pull, snapshot
 
@@ -179,6 +181,39 @@ def test_odd_names_over_the_sftp_walk_and_on_push(new_lab, tmp_path):
     pushed = tmp_path / "pushed"
     report = run_sync(pull("hpc", pushed, local, config, direction="push", scopes=("demo",)))
     assert report.ok and _odd_snapshot(pushed) == _odd_snapshot(remote)
+
+
+def _sftp_server() -> str:
+    """The sftp-server binary (``ForceCommand internal-sftp`` would refuse commands at once, with a
+    message: an external server waits for a packet instead, as some sites' forced commands do)."""
+    found = next((path for path in SFTP_SERVERS if os.access(path, os.X_OK)), None)
+    if found is None:
+        pytest.skip("no sftp-server binary")
+    return found
+
+
+@pytest.mark.parametrize("transport", ["paramiko", "openssh"])
+def test_sftp_only_server_is_walked_without_waiting(new_lab, tmp_path, transport, monkeypatch):
+    """A data-transfer node that forces SFTP on every session never answers the listing script:
+    the probe ends that session (no timeout) and the pull walks the tree over SFTP."""
+    server = new_lab.add_server("sftponly", extra_config=("ForceCommand " + _sftp_server(),))
+    config = new_lab.write_config([new_lab.host_block("hpc", server.port)], tmp_path / "ssh_config")
+    remote = _odd_tree(tmp_path / "remote")
+    local = tmp_path / "local"
+    reads = []
+
+    def read_through(stream, endings, _original=session._read_through):
+        try:
+            reads.append(_original(stream, endings))
+        except Exception as e:
+            reads.append(e)
+            raise
+
+    monkeypatch.setattr(session, "_read_through", read_through)
+    report = run_sync(pull("hpc", remote, local, config, transport=transport))
+    assert report.ok and report.listing_method == "sftp-walk"
+    assert _odd_snapshot(local) == _odd_snapshot(remote)
+    assert len(reads) == 1 and isinstance(reads[0], bytes)  # the session ended; nothing timed out
 
 
 # --------------------------------------------------------------------------------------------------

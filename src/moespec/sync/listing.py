@@ -183,6 +183,13 @@ SFTP_SERVERS = (
 )
 
 
+#: What the client sends on the listing's session at once. The script reads it just before it starts
+#: the SFTP server; a server that forces SFTP on every session (``ForceCommand internal-sftp``, common
+#: on data-transfer nodes) reads it as a packet longer than any it accepts and ends the session, so
+#: that the client falls back to the SFTP walk at once instead of waiting for a listing.
+LISTING_PROBE = b"\xff" * 5  # OpenSSH's sftp-server looks at a packet once it has 5 bytes
+
+
 def list_then_serve_command(root: str, scopes: Iterable[str], token: str) -> str:
     """Shell command: ``find_command``'s listing, a trailer with find's exit status, then an SFTP
     server on the same session (or a line saying there is none).
@@ -191,12 +198,14 @@ def list_then_serve_command(root: str, scopes: Iterable[str], token: str) -> str
     remote login shell, the largest fixed cost of a small pull on a cluster with heavy dotfiles
     (docs/sync.md, "Start-up"); ``rsync`` also needs only one. ``token`` (random per run) makes the
     trailers impossible to forge with a file name. The script runs under ``sh -c`` so that a
-    csh or fish login shell does not matter; the session ends when the client closes its input.
+    csh or fish login shell does not matter; it reads ``LISTING_PROBE`` before the SFTP server
+    starts, and the session ends when the client closes its input.
     """
     servers = " ".join(shlex.quote(server) for server in SFTP_SERVERS)
     script = (
         f"{find_command(root, scopes)}; printf 'MOESPEC-END-{token} %d\\n' $?; "
-        f'for s in {servers}; do if [ -x "$s" ]; then echo MOESPEC-SFTP-{token}; exec "$s"; fi; done; '
+        f'for s in {servers}; do if [ -x "$s" ] && head -c {len(LISTING_PROBE)} >/dev/null; then '
+        f'echo MOESPEC-SFTP-{token}; exec "$s"; fi; done; '
         f"echo MOESPEC-NO-SFTP-{token}"
     )
     return "sh -c " + shlex.quote(script)

@@ -24,6 +24,7 @@ from moespec.sync import engine
 from moespec.sync.engine import EngineSettings, Failure, Outcome, Progress
 from moespec.sync.filters import Filters
 from moespec.sync.listing import (
+    LISTING_PROBE,
     Listing,
     find_command,
     list_local,
@@ -191,6 +192,7 @@ def list_then_serve(
         return None
     try:
         stream.settimeout(timeout)
+        _send_all(stream, LISTING_PROBE)
         data = _read_through(stream, list_then_serve_endings(token))
         listing, status, serving = parse_list_then_serve(data, root, scopes, token)
         if status == 0 and serving:
@@ -200,6 +202,11 @@ def list_then_serve(
         status = -1
     stream.close()
     return (listing, None) if status == 0 else None
+
+
+def _send_all(stream, data: bytes) -> None:
+    while data:
+        data = data[stream.send(data) :]
 
 
 def _read_through(stream, endings: tuple[bytes, ...]) -> bytes:
