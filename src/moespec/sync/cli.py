@@ -193,20 +193,47 @@ def _filters(args, remote):
 
 def build_request(args):
     """Turn parsed arguments into a ``SyncRequest`` (raises ConfigError on bad input)."""
+    return _request(args, *_settings(args))
+
+
+def _settings(args):
+    """Check the arguments and read the remotes file: (remote, remote root, local root, scopes).
+
+    Cheap on purpose: ``cmd_sync`` starts connecting right after it, before the import of the
+    session and the engine.
+    """
     from moespec.errors import ConfigError
-    from moespec.sync.engine import EngineSettings
-    from moespec.sync.session import SyncRequest
 
     if args.channels is not None and not 1 <= args.channels <= 32:
         raise ConfigError(f"--channels: must be between 1 and 32, got {args.channels}")
     if args.max_delete is not None and not 0 <= args.max_delete <= 1:
         raise ConfigError(f"--max-delete: must be a share between 0 and 1, got {args.max_delete}")
     source, remote = _remote_settings(args)
-    remote_root, local_root, scopes = _roots_and_scopes(args, source, remote)
+    return (remote, *_roots_and_scopes(args, source, remote))
+
+
+def _connect_options(args, remote):
+    """How to reach the host (``transport.ConnectOptions``), from the flags and the remote."""
+    from moespec.sync.transport import ConnectOptions
+
     known_hosts = args.known_hosts or remote.known_hosts
+    return ConnectOptions(
+        host=args.host or remote.sync_host,
+        ssh_config=args.ssh_config or (Path(remote.ssh_config).expanduser() if remote.ssh_config else None),
+        known_hosts=tuple(Path(p).expanduser() for p in known_hosts) if known_hosts else None,
+        connect_timeout=remote.connect_timeout,
+        interactive=not args.batch and sys.stdin.isatty(),
+    )
+
+
+def _request(args, remote, remote_root, local_root, scopes):
+    from moespec.sync.engine import EngineSettings
+    from moespec.sync.session import SyncRequest
+
+    options = _connect_options(args, remote)
     return SyncRequest(
         direction=args.direction,
-        host=args.host or remote.sync_host,
+        host=options.host,
         remote_root=remote_root,
         local_root=local_root,
         scopes=scopes,
@@ -217,14 +244,14 @@ def build_request(args):
         delete=args.delete,
         force=args.force,
         max_delete=remote.max_delete if args.max_delete is None else args.max_delete,
-        ssh_config=args.ssh_config or (Path(remote.ssh_config).expanduser() if remote.ssh_config else None),
-        known_hosts=tuple(Path(p).expanduser() for p in known_hosts) if known_hosts else None,
+        ssh_config=options.ssh_config,
+        known_hosts=options.known_hosts,
         engine=EngineSettings(
             channels=args.channels or remote.channels, stall_timeout=args.stall_timeout or remote.stall_timeout
         ),
         retries=remote.retries if args.retries is None else args.retries,
-        connect_timeout=remote.connect_timeout,
-        interactive=not args.batch and sys.stdin.isatty(),
+        connect_timeout=options.connect_timeout,
+        interactive=options.interactive,
     )
 
 
@@ -289,11 +316,13 @@ def _keep_invoke_out() -> None:
 def cmd_sync(args: argparse.Namespace) -> int:
     """Run ``moespec sync``."""
     _keep_invoke_out()
-    request = build_request(args)
+    settings = _settings(args)
     from moespec.sync.transport import start_early
 
-    early = start_early(request.transport, request.connect_options())  # ssh logs in while we import
+    remote = settings[0]
+    early = start_early(args.transport or remote.transport, _connect_options(args, remote))  # logs in while we import
     try:
+        request = _request(args, *settings)
         from moespec.sync.session import run_sync
     except BaseException:
         if early is not None:
