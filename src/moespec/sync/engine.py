@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moespec.sync.paths import part_prefix
 from moespec.sync.plan import Action
 
 log = logging.getLogger("moespec.sync")
@@ -157,21 +156,6 @@ def is_plain_file(path: Path) -> bool:
         return stat.S_ISREG(path.lstat().st_mode)
     except FileNotFoundError:
         return False
-
-
-def remove_stale_parts(final: Path, keep: Path) -> None:
-    """Partial files of other remote versions of the same file can never be resumed."""
-    prefix = part_prefix(final.name)
-    try:
-        names = os.listdir(final.parent)
-    except FileNotFoundError:
-        return
-    for name in names:
-        if name.startswith(prefix) and name.endswith(".part") and name != keep.name:
-            try:
-                os.unlink(final.parent / name)
-            except OSError:
-                pass
 
 
 def sha256_file(path: Path) -> str:

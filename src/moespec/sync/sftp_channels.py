@@ -51,7 +51,7 @@ from paramiko.sftp import (
 from paramiko.sftp_attr import SFTPAttributes
 
 from moespec.errors import SyncError
-from moespec.sync.engine import PassState, is_plain_file, local_error, log, remove_stale_parts, sha256_file
+from moespec.sync.engine import PassState, is_plain_file, local_error, log, sha256_file
 from moespec.sync.listing import remote_bytes, remote_join
 from moespec.sync.paths import LocalRoot, part_name, printable
 from moespec.sync.plan import Action
@@ -190,7 +190,8 @@ class _Download:
         local: LocalRoot = self.channel.local
         final = local.check_parent(self.action.path)
         self.part = final.with_name(part_name(final.name, self.size, self.entry.mtime))
-        remove_stale_parts(final, self.part)
+        # partial files of other versions were removed before the pass (plan.stale_parts), from the
+        # listing: no listdir per file here
         kept = self.part.lstat().st_size if is_plain_file(self.part) else -1
         if 0 < kept <= self.size:
             self.fd = os.open(self.part, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
