@@ -144,6 +144,14 @@ def _master_error(host: str, status: int, stderr: str) -> SyncError:
     return SyncError(f"ssh to {host} failed (status {status}): {stderr or 'no message'}")
 
 
+def _import_paramiko() -> None:
+    """Import paramiko (the SFTP client, 50-70 ms) while ``ssh`` logs in, instead of when the first file moves."""
+    try:
+        import paramiko  # noqa: F401
+    except ImportError:  # reported where an SFTP client is made
+        pass
+
+
 class OpenSSHTransport(Transport):
     """Commands and SFTP channels over ``ssh`` processes sharing one ControlMaster."""
 
@@ -202,6 +210,7 @@ class OpenSSHTransport(Transport):
         except BaseException:
             transport.close()
             raise
+        threading.Thread(target=_import_paramiko, daemon=True, name="sync-import").start()
         return transport
 
     def _launch_master(self) -> None:
@@ -271,14 +280,14 @@ class OpenSSHTransport(Transport):
 
     def sftp_over(self, stream: PipeSocket) -> PendingSftp:
         stream.settimeout(None)  # the engine's stall watchdog takes over
-        return _PendingPipe(self, stream)  # a run with nothing to copy never imports paramiko
+        return _PendingPipe(self, stream)  # the SFTP version exchange only when a file is copied
 
     def open_sftp(self) -> "paramiko.SFTPClient":
         return self._handshake(self._spawn_sftp())
 
     def start_sftp(self) -> PendingSftp:
         """Start the ``ssh -s sftp`` session (the remote shell runs now); the SFTP client is made by
-        ``finish()``, so that a run with nothing to copy never imports paramiko."""
+        ``finish()``, so that a run with nothing to copy makes none."""
         return _PendingPipe(self, self._spawn_sftp())
 
     def _spawn_sftp(self) -> PipeSocket:
