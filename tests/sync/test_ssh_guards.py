@@ -216,6 +216,22 @@ def test_sftp_only_server_is_walked_without_waiting(new_lab, tmp_path, transport
     assert len(reads) == 1 and isinstance(reads[0], bytes)  # the session ended; nothing timed out
 
 
+def test_sftp_only_server_with_the_openssh_master_running_the_listing(new_lab, tmp_path):
+    """The master's own session ends at once (forced command): a new master serves the SFTP walk."""
+    from moespec.sync.listing import list_then_serve_command
+    from moespec.sync.transport import start_early
+
+    server = new_lab.add_server("sftponly", extra_config=("ForceCommand " + _sftp_server(),))
+    config = new_lab.write_config([new_lab.host_block("hpc", server.port)], tmp_path / "ssh_config")
+    remote = _odd_tree(tmp_path / "remote")
+    local = tmp_path / "local"
+    request = pull("hpc", remote, local, config, transport="openssh")
+    first = list_then_serve_command(request.remote_root, request.scopes, request.listing_token)
+    report = run_sync(request, transport=start_early("openssh", request.connect_options(), first))
+    assert report.ok and report.listing_method == "sftp-walk"
+    assert _odd_snapshot(local) == _odd_snapshot(remote)
+
+
 # --------------------------------------------------------------------------------------------------
 # errors: one clear line and a non-zero exit each
 

@@ -236,3 +236,37 @@ def test_pull_with_a_missing_scope_falls_back_to_the_plain_listing(setup, monkey
     report = run_sync(pull(remote, local, config, scopes=("other", "nope")))
     assert sorted(snapshot(local)) == ["other/summary.json"] and opened
     assert not report.ok and report.problems == [f"nope: not found under {remote} on hpc"]
+
+
+def _started_with_listing(request: SyncRequest):
+    """The openssh transport as ``moespec sync`` starts it: the master runs the listing itself."""
+    from moespec.sync.listing import list_then_serve_command
+    from moespec.sync.transport import start_early
+
+    first = list_then_serve_command(request.remote_root, request.scopes, request.listing_token)
+    return start_early("openssh", request.connect_options(), first)
+
+
+def test_openssh_master_lists_and_serves_on_its_own_session(setup, monkeypatch):
+    """Like ``rsync -e ssh``: one ssh process, no multiplexed session for a small pull."""
+    from moespec.sync.transport_openssh import OpenSSHTransport
+
+    remote, local, config = setup
+    spawned = []
+    original = OpenSSHTransport._register
+    monkeypatch.setattr(OpenSSHTransport, "_register", lambda self, pipe: spawned.append(pipe) or original(self, pipe))
+    request = pull(remote, local, config, transport="openssh", engine=EngineSettings(channels=1))
+    report = run_sync(request, transport=_started_with_listing(request))
+    assert report.ok and report.files == len(RESULTS) and snapshot(local) == snapshot(remote)
+    assert spawned == []
+    again = pull(remote, local, config, transport="openssh")
+    assert run_sync(again, transport=_started_with_listing(again)).plan.unchanged == len(RESULTS)
+
+
+def test_openssh_master_keeps_serving_when_its_listing_is_not_used(setup):
+    """find fails on a missing scope: the precise listing and the copies go through the master."""
+    remote, local, config = setup
+    request = pull(remote, local, config, transport="openssh", scopes=("other", "nope"))
+    report = run_sync(request, transport=_started_with_listing(request))
+    assert sorted(snapshot(local)) == ["other/summary.json"]
+    assert report.problems == [f"nope: not found under {remote} on hpc"]

@@ -7,6 +7,7 @@ the command runs, so ``moespec --help`` works without paramiko.
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 from pathlib import Path
 
@@ -226,7 +227,7 @@ def _connect_options(args, remote):
     )
 
 
-def _request(args, remote, remote_root, local_root, scopes):
+def _request(args, remote, remote_root, local_root, scopes, listing_token: str | None = None):
     from moespec.sync.engine import EngineSettings
     from moespec.sync.session import SyncRequest
 
@@ -252,6 +253,7 @@ def _request(args, remote, remote_root, local_root, scopes):
         retries=remote.retries if args.retries is None else args.retries,
         connect_timeout=options.connect_timeout,
         interactive=options.interactive,
+        **({"listing_token": listing_token} if listing_token else {}),
     )
 
 
@@ -319,10 +321,16 @@ def cmd_sync(args: argparse.Namespace) -> int:
     settings = _settings(args)
     from moespec.sync.transport import start_early
 
-    remote = settings[0]
-    early = start_early(args.transport or remote.transport, _connect_options(args, remote))  # logs in while we import
+    remote, remote_root, _, scopes = settings
+    token = secrets.token_hex(8)
+    first = None
+    if args.direction == "pull" and not args.dry_run:  # the session lists, then serves SFTP (session.list_then_serve)
+        from moespec.sync.listing import list_then_serve_command
+
+        first = list_then_serve_command(remote_root, scopes, token)
+    early = start_early(args.transport or remote.transport, _connect_options(args, remote), first)  # logs in now
     try:
-        request = _request(args, *settings)
+        request = _request(args, *settings, listing_token=token)
         from moespec.sync.session import run_sync
     except BaseException:
         if early is not None:

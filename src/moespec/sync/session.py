@@ -61,6 +61,9 @@ class SyncRequest:
     max_delete : float
         With ``delete``: the largest share of an experiment's destination files that may be
         deleted without ``force`` (see ``plan.plan_sync``).
+    listing_token : str
+        Random marker of the listing's trailers (``listing.list_then_serve_command``); the command
+        passes its own when the transport already started that listing.
     """
 
     direction: Direction
@@ -81,6 +84,7 @@ class SyncRequest:
     retries: int = 2
     connect_timeout: float = 20.0
     interactive: bool = False
+    listing_token: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def connect_options(self) -> ConnectOptions:
         return ConnectOptions(self.host, self.ssh_config, self.known_hosts, self.connect_timeout, self.interactive)
@@ -177,16 +181,16 @@ def remote_listing(transport: Transport, root: str, scopes: tuple[str, ...], tim
 
 
 def list_then_serve(
-    transport: Transport, root: str, scopes: tuple[str, ...], timeout: float = 120.0
+    transport: Transport, root: str, scopes: tuple[str, ...], timeout: float = 120.0, token: str | None = None
 ) -> tuple[Listing, engine.ReadyChannel | None] | None:
     """List the remote scopes and keep the session as an SFTP channel (``list_then_serve_command``).
 
     Returns the listing and the channel (None when the server has no ``sftp-server`` where
     OpenSSH installs it), or None when this did not work out cleanly (no such command, a find
     error, a missing scope...): the caller then lists with ``remote_listing``, which reports
-    every such case precisely.
+    every such case precisely. ``token`` (default: a new random one) marks the trailers.
     """
-    token = secrets.token_hex(8)
+    token = token or secrets.token_hex(8)
     stream = transport.start_stream(list_then_serve_command(root, scopes, token))
     if stream is None:
         return None
@@ -421,7 +425,7 @@ def _remote_side(request: SyncRequest, transport: Transport, channel: bool):
     """
     root, scopes, timeout = request.remote_root, request.scopes, request.engine.stall_timeout
     if channel and request.direction == "pull":
-        served = list_then_serve(transport, root, scopes, timeout)
+        served = list_then_serve(transport, root, scopes, timeout, request.listing_token)
         if served is not None:
             return served
     warm = engine.WarmChannel(transport) if channel else None

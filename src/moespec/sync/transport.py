@@ -126,17 +126,17 @@ class PendingSftp:
         self._sftp.close()
 
 
-def start_early(kind: TransportKind, options: ConnectOptions) -> Transport | None:
+def start_early(kind: TransportKind, options: ConnectOptions, first_command: str | None = None) -> Transport:
     """Begin connecting in the background, so that the caller's imports overlap the login.
 
-    ``openssh``: the master is another process; ``paramiko``: a thread, whose handshake mostly
-    waits on the server. Call ``ready()`` on the result before using it (it raises what
-    connecting raised).
+    ``openssh``: the master is another process, which also starts ``first_command`` (see
+    ``OpenSSHTransport.start``); ``paramiko``: a thread, whose handshake mostly waits on the
+    server. Call ``ready()`` on the result before using it (it raises what connecting raised).
     """
     if kind == "openssh":
         from moespec.sync.transport_openssh import OpenSSHTransport
 
-        return OpenSSHTransport.start(options)
+        return OpenSSHTransport.start(options, first_command)
     return _Connecting(lambda: connect(kind, options))
 
 
