@@ -7,7 +7,6 @@ the command runs, so ``moespec --help`` works without paramiko.
 from __future__ import annotations
 
 import argparse
-import secrets
 import sys
 from pathlib import Path
 
@@ -322,11 +321,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from moespec.sync.transport import start_early
 
     remote, remote_root, _, scopes = settings
-    token = secrets.token_hex(8)
-    first = None
-    if args.direction == "pull" and not args.dry_run:  # the session lists, then serves SFTP (session.list_then_serve)
-        from moespec.sync.listing import list_then_serve_command
+    from moespec.sync.listing import list_then_serve_command, new_token
 
+    token, first = new_token(), None
+    if args.direction == "pull" and not args.dry_run:  # the session lists, then serves SFTP (session.list_then_serve)
         first = list_then_serve_command(remote_root, scopes, token)
     early = start_early(args.transport or remote.transport, _connect_options(args, remote), first)  # logs in now
     try:

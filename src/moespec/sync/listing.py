@@ -190,6 +190,11 @@ SFTP_SERVERS = (
 LISTING_PROBE = b"\xff" * 5  # OpenSSH's sftp-server looks at a packet once it has 5 bytes
 
 
+def new_token() -> str:
+    """A random marker for ``list_then_serve_command`` (``os.urandom``: ``secrets`` costs 5 ms to import)."""
+    return os.urandom(8).hex()
+
+
 def list_then_serve_command(root: str, scopes: Iterable[str], token: str) -> str:
     """Shell command: ``find_command``'s listing, a trailer with find's exit status, then an SFTP
     server on the same session (or a line saying there is none).

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import sys
 import threading
 import time
@@ -30,6 +29,7 @@ from moespec.sync.listing import (
     list_local,
     list_then_serve_command,
     list_then_serve_endings,
+    new_token,
     parse_find_output,
     parse_list_then_serve,
     remote_bytes,
@@ -84,7 +84,7 @@ class SyncRequest:
     retries: int = 2
     connect_timeout: float = 20.0
     interactive: bool = False
-    listing_token: str = field(default_factory=lambda: secrets.token_hex(8))
+    listing_token: str = field(default_factory=new_token)
 
     def connect_options(self) -> ConnectOptions:
         return ConnectOptions(self.host, self.ssh_config, self.known_hosts, self.connect_timeout, self.interactive)
@@ -190,7 +190,7 @@ def list_then_serve(
     error, a missing scope...): the caller then lists with ``remote_listing``, which reports
     every such case precisely. ``token`` (default: a new random one) marks the trailers.
     """
-    token = token or secrets.token_hex(8)
+    token = token or new_token()
     stream = transport.start_stream(list_then_serve_command(root, scopes, token))
     if stream is None:
         return None
