@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -230,6 +231,46 @@ def test_sftp_only_server_with_the_openssh_master_running_the_listing(new_lab, t
     report = run_sync(request, transport=start_early("openssh", request.connect_options(), first))
     assert report.ok and report.listing_method == "sftp-walk"
     assert _odd_snapshot(local) == _odd_snapshot(remote)
+
+
+@pytest.mark.parametrize("transport", ["paramiko", "openssh"])
+def test_a_reader_that_went_away_leaves_no_ssh_behind(ssh_lab, tmp_path, transport):
+    """``moespec sync | head -c 10``: printing fails before the pull starts; the connection
+    begun at start-up (the openssh master) must still be closed."""
+    remote = make_tree(tmp_path / "remote", {"demo/a.json": b"{}"})
+    private = tmp_path / "tmp"  # the openssh transport's control folder goes here (TMPDIR)
+    private.mkdir()
+    source = str(Path(moespec_main.__code__.co_filename).resolve().parents[1])
+    env = {
+        **os.environ,
+        "TMPDIR": str(private),
+        "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")]),
+    }
+    argv = cli(ssh_lab.config(tmp_path), remote, tmp_path / "local", "--transport", transport)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is printed
+    try:
+        subprocess.run(
+            [sys.executable, "-u", "-m", "moespec.cli", *argv], stdout=write_end, env=env, cwd=tmp_path, timeout=60
+        )
+    finally:
+        os.close(write_end)
+        left = [pid for pid in _processes_mentioning(str(private))]
+        for pid in left:
+            os.kill(pid, 9)
+    assert left == [] and list(private.glob("moespec-ssh-*")) == []
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """PIDs of this user's processes whose command line contains ``text`` (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
 
 
 # --------------------------------------------------------------------------------------------------

@@ -330,16 +330,16 @@ def cmd_sync(args: argparse.Namespace) -> int:
     try:
         request = _request(args, *settings, listing_token=token)
         from moespec.sync.session import run_sync
-    except BaseException:
-        if early is not None:
-            early.close()
+
+        arrow = "->" if request.direction == "pull" else "<-"
+        what = ", ".join(s for s in request.scopes if s) or "everything"
+        print(
+            f"{request.direction} {request.host}:{request.remote_root} {arrow} {request.local_root} ({what}, "
+            f"{request.transport}{', dry run' if request.dry_run else ''})"
+        )
+    except BaseException:  # run_sync closes the connection from here on; before, nothing else would
+        early.close()  # (a reader that went away makes print raise BrokenPipeError)
         raise
-    arrow = "->" if request.direction == "pull" else "<-"
-    what = ", ".join(s for s in request.scopes if s) or "everything"
-    print(
-        f"{request.direction} {request.host}:{request.remote_root} {arrow} {request.local_root} ({what}, "
-        f"{request.transport}{', dry run' if request.dry_run else ''})"
-    )
     report = run_sync(
         request,
         show_progress=not args.no_progress and sys.stderr.isatty(),
