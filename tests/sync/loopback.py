@@ -154,6 +154,8 @@ class LoopbackSshd:
         Environment for sessions (``SetEnv``), e.g. a ``PATH`` that puts a fake tool first.
     certificate_authority : Path or None
         Private key of a CA that signs the host key (the server then presents a host certificate).
+    extra_config : tuple of str
+        More ``sshd_config`` lines (e.g. ``ForceCommand internal-sftp``).
     """
 
     workdir: Path
@@ -162,6 +164,7 @@ class LoopbackSshd:
     set_env: dict[str, str] = field(default_factory=dict)
     certificate_authority: Path | None = None
     log_level: str = "ERROR"
+    extra_config: tuple[str, ...] = ()
     port: int = 0
     host_key: str = ""
     process: subprocess.Popen | None = None
@@ -261,6 +264,7 @@ class LoopbackSshd:
             lines.append(f"HostCertificate {self.workdir / 'ssh_host_ed25519_key-cert.pub'}")
         if self.set_env:
             lines.append("SetEnv " + " ".join(f'{k}="{v}"' for k, v in self.set_env.items()))
+        lines += self.extra_config
         return "\n".join(lines) + "\n"
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import moespec
 from moespec.cli import build_parser, main
 from moespec.errors import ConfigError
 from moespec.sync.cli import build_request
@@ -89,6 +92,38 @@ def test_sync_never_imports_torch_and_paramiko_only_for_sftp_or_its_transport():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "False"]
+
+
+@pytest.mark.parametrize("transport", ["paramiko", "openssh"])
+def test_sync_start_up_imports_no_pydantic_numpy_torch_h5py(project, transport):
+    """The whole command as a user runs it, up to a connection that is refused: what it imported.
+
+    Start-up is part of every pull (docs/sync.md, "Start-up"); pydantic alone (through the stage
+    registry or a pydantic remotes schema) cost 0.12 s of a 0.4 s no-change pull.
+    """
+    from tests.sync.loopback import free_port
+
+    config = project / "ssh_config"
+    config.write_text(f"Host nowhere\n  HostName 127.0.0.1\n  Port {free_port()}\n")
+    argv = ["--host", "nowhere", "--transport", transport, "--ssh-config", str(config), "--batch", "--no-progress"]
+    if transport == "openssh" and shutil.which("ssh") is None:
+        pytest.skip("the openssh transport needs the ssh client")
+    source = str(Path(moespec.__file__).resolve().parents[1])  # this checkout, also from another folder
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "moespec.cli", "sync", "--from-hpc", *argv],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = result.stderr.splitlines()
+    imported = {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
+    assert result.returncode == 1 and "nowhere" in lines[-1]  # it got as far as connecting
+    assert {"moespec.sync.session", "moespec.sync.remotes", "yaml"} <= imported
+    heavy = sorted(name for name in imported if name.split(".")[0] in ("pydantic", "numpy", "torch", "h5py"))
+    assert heavy == []
 
 
 def test_names_that_leave_the_root_are_rejected(tmp_path, monkeypatch, capsys):

@@ -42,6 +42,30 @@ def test_remotes_errors_name_the_file_and_dotted_key(tmp_path):
     assert f"{path}: remotes.hpc.pull.include: unclosed '['" in problems
 
 
+def test_remotes_types_are_not_coerced_and_every_problem_is_reported(tmp_path):
+    path = tmp_path / "remotes.yaml"
+    path.write_text(
+        "default: [a]\nextra: 1\nremotes:\n  a:\n    host: '-oProxyCommand=x'\n    root: 5\n    transport: ftp\n"
+        "    retries: true\n    max_delete: 2\n    connect_timeout: 0\n    push: {paths: ['../up']}\n"
+        "  b: [not, a, mapping]\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_remotes(path)
+    problems = sorted(p.removeprefix(f"{path}: ") for p in info.value.problems)
+    assert problems == [
+        "default: expected a string, got ['a']",
+        "extra: unknown key",
+        "remotes.a.connect_timeout: must be > 0, got 0",
+        "remotes.a.host: '-oProxyCommand=x' is not a host alias",
+        "remotes.a.max_delete: must be <= 1, got 2",
+        "remotes.a.push.paths: '..' component in name",
+        "remotes.a.retries: expected an integer, got True",
+        "remotes.a.root: expected a string, got 5",
+        "remotes.a.transport: expected one of paramiko, openssh, got 'ftp'",
+        "remotes.b: expected a mapping, got ['not', 'a', 'mapping']",
+    ]
+
+
 def test_missing_remotes_file_says_what_to_do(tmp_path):
     (tmp_path / "remotes.example.yaml").write_text("remotes: {}\n")
     with pytest.raises(ConfigError, match="copy .*remotes.example.yaml"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 
 from moespec.cli import main as moespec_main
 from moespec.sync.hostkeys import HostKeyError
+from moespec.sync import session
+from moespec.sync.listing import SFTP_SERVERS
 from moespec.sync.session import run_sync
 from tests.builders import make_tree, pull_request as pull, snapshot
 
@@ -179,6 +182,95 @@ def test_odd_names_over_the_sftp_walk_and_on_push(new_lab, tmp_path):
     pushed = tmp_path / "pushed"
     report = run_sync(pull("hpc", pushed, local, config, direction="push", scopes=("demo",)))
     assert report.ok and _odd_snapshot(pushed) == _odd_snapshot(remote)
+
+
+def _sftp_server() -> str:
+    """The sftp-server binary (``ForceCommand internal-sftp`` would refuse commands at once, with a
+    message: an external server waits for a packet instead, as some sites' forced commands do)."""
+    found = next((path for path in SFTP_SERVERS if os.access(path, os.X_OK)), None)
+    if found is None:
+        pytest.skip("no sftp-server binary")
+    return found
+
+
+@pytest.mark.parametrize("transport", ["paramiko", "openssh"])
+def test_sftp_only_server_is_walked_without_waiting(new_lab, tmp_path, transport, monkeypatch):
+    """A data-transfer node that forces SFTP on every session never answers the listing script:
+    the probe ends that session (no timeout) and the pull walks the tree over SFTP."""
+    server = new_lab.add_server("sftponly", extra_config=("ForceCommand " + _sftp_server(),))
+    config = new_lab.write_config([new_lab.host_block("hpc", server.port)], tmp_path / "ssh_config")
+    remote = _odd_tree(tmp_path / "remote")
+    local = tmp_path / "local"
+    reads = []
+
+    def read_through(stream, endings, _original=session._read_through):
+        try:
+            reads.append(_original(stream, endings))
+        except Exception as e:
+            reads.append(e)
+            raise
+
+    monkeypatch.setattr(session, "_read_through", read_through)
+    report = run_sync(pull("hpc", remote, local, config, transport=transport))
+    assert report.ok and report.listing_method == "sftp-walk"
+    assert _odd_snapshot(local) == _odd_snapshot(remote)
+    assert len(reads) == 1 and isinstance(reads[0], bytes)  # the session ended; nothing timed out
+
+
+def test_sftp_only_server_with_the_openssh_master_running_the_listing(new_lab, tmp_path):
+    """The master's own session ends at once (forced command): a new master serves the SFTP walk."""
+    from moespec.sync.listing import list_then_serve_command
+    from moespec.sync.transport import start_early
+
+    server = new_lab.add_server("sftponly", extra_config=("ForceCommand " + _sftp_server(),))
+    config = new_lab.write_config([new_lab.host_block("hpc", server.port)], tmp_path / "ssh_config")
+    remote = _odd_tree(tmp_path / "remote")
+    local = tmp_path / "local"
+    request = pull("hpc", remote, local, config, transport="openssh")
+    first = list_then_serve_command(request.remote_root, request.scopes, request.listing_token)
+    report = run_sync(request, transport=start_early("openssh", request.connect_options(), first))
+    assert report.ok and report.listing_method == "sftp-walk"
+    assert _odd_snapshot(local) == _odd_snapshot(remote)
+
+
+@pytest.mark.parametrize("transport", ["paramiko", "openssh"])
+def test_a_reader_that_went_away_leaves_no_ssh_behind(ssh_lab, tmp_path, transport):
+    """``moespec sync | head -c 10``: printing fails before the pull starts; the connection
+    begun at start-up (the openssh master) must still be closed."""
+    remote = make_tree(tmp_path / "remote", {"demo/a.json": b"{}"})
+    private = tmp_path / "tmp"  # the openssh transport's control folder goes here (TMPDIR)
+    private.mkdir()
+    source = str(Path(moespec_main.__code__.co_filename).resolve().parents[1])
+    env = {
+        **os.environ,
+        "TMPDIR": str(private),
+        "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")]),
+    }
+    argv = cli(ssh_lab.config(tmp_path), remote, tmp_path / "local", "--transport", transport)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is printed
+    try:
+        subprocess.run(
+            [sys.executable, "-u", "-m", "moespec.cli", *argv], stdout=write_end, env=env, cwd=tmp_path, timeout=60
+        )
+    finally:
+        os.close(write_end)
+        left = [pid for pid in _processes_mentioning(str(private))]
+        for pid in left:
+            os.kill(pid, 9)
+    assert left == [] and list(private.glob("moespec-ssh-*")) == []
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """PIDs of this user's processes whose command line contains ``text`` (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
 
 
 # --------------------------------------------------------------------------------------------------

@@ -188,3 +188,85 @@ def test_several_channels_share_the_work(setup, transport, monkeypatch):
     report = run_sync(pull(remote, local, config, transport=transport, engine=settings))
     assert report.ok and len(channels) == 3
     assert snapshot(local) == snapshot(remote) and not parts(local)
+
+
+def _count_sftp_channels(monkeypatch) -> list[str]:
+    """Record every SFTP channel opened apart from the listing's own session."""
+    from moespec.sync.transport_openssh import OpenSSHTransport
+    from moespec.sync.transport_paramiko import ParamikoTransport
+
+    opened: list[str] = []
+    for cls in (ParamikoTransport, OpenSSHTransport):
+        for name in ("open_sftp", "start_sftp"):
+            if name in vars(cls):
+                original = vars(cls)[name]
+
+                def counted(self, _original=original, _name=name):
+                    opened.append(_name)
+                    return _original(self)
+
+                monkeypatch.setattr(cls, name, counted)
+    return opened
+
+
+@pytest.mark.parametrize("transport", ["paramiko", "openssh"])
+def test_pull_lists_and_copies_on_one_session(setup, transport, monkeypatch):
+    """Each session runs the remote login shell: a small pull needs one, as rsync does."""
+    remote, local, config = setup
+    opened = _count_sftp_channels(monkeypatch)
+    report = run_sync(pull(remote, local, config, transport=transport, engine=EngineSettings(channels=1)))
+    assert report.ok and report.files == len(RESULTS) and snapshot(local) == snapshot(remote)
+    assert opened == []
+
+
+@pytest.mark.parametrize("transport", ["paramiko", "openssh"])
+def test_pull_without_a_known_sftp_server_opens_the_subsystem(setup, transport, monkeypatch):
+    remote, local, config = setup
+    monkeypatch.setattr("moespec.sync.listing.SFTP_SERVERS", ("/nonexistent/sftp-server",))
+    opened = _count_sftp_channels(monkeypatch)
+    report = run_sync(pull(remote, local, config, transport=transport, engine=EngineSettings(channels=1)))
+    assert report.ok and report.listing_method == "find" and snapshot(local) == snapshot(remote)
+    assert opened  # the SFTP subsystem, as before
+
+
+def test_pull_with_a_missing_scope_falls_back_to_the_plain_listing(setup, monkeypatch):
+    """find fails on the missing scope: the precise listing reports it, the other scope is pulled."""
+    remote, local, config = setup
+    opened = _count_sftp_channels(monkeypatch)
+    report = run_sync(pull(remote, local, config, scopes=("other", "nope")))
+    assert sorted(snapshot(local)) == ["other/summary.json"] and opened
+    assert not report.ok and report.problems == [f"nope: not found under {remote} on hpc"]
+
+
+def _started_with_listing(request: SyncRequest):
+    """The openssh transport as ``moespec sync`` starts it: the master runs the listing itself."""
+    from moespec.sync.listing import list_then_serve_command
+    from moespec.sync.transport import start_early
+
+    first = list_then_serve_command(request.remote_root, request.scopes, request.listing_token)
+    return start_early("openssh", request.connect_options(), first)
+
+
+def test_openssh_master_lists_and_serves_on_its_own_session(setup, monkeypatch):
+    """Like ``rsync -e ssh``: one ssh process, no multiplexed session for a small pull."""
+    from moespec.sync.transport_openssh import OpenSSHTransport
+
+    remote, local, config = setup
+    spawned = []
+    original = OpenSSHTransport._register
+    monkeypatch.setattr(OpenSSHTransport, "_register", lambda self, pipe: spawned.append(pipe) or original(self, pipe))
+    request = pull(remote, local, config, transport="openssh", engine=EngineSettings(channels=1))
+    report = run_sync(request, transport=_started_with_listing(request))
+    assert report.ok and report.files == len(RESULTS) and snapshot(local) == snapshot(remote)
+    assert spawned == []
+    again = pull(remote, local, config, transport="openssh")
+    assert run_sync(again, transport=_started_with_listing(again)).plan.unchanged == len(RESULTS)
+
+
+def test_openssh_master_keeps_serving_when_its_listing_is_not_used(setup):
+    """find fails on a missing scope: the precise listing and the copies go through the master."""
+    remote, local, config = setup
+    request = pull(remote, local, config, transport="openssh", scopes=("other", "nope"))
+    report = run_sync(request, transport=_started_with_listing(request))
+    assert sorted(snapshot(local)) == ["other/summary.json"]
+    assert report.problems == [f"nope: not found under {remote} on hpc"]

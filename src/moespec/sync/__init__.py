@@ -2,7 +2,7 @@
 
 How the pieces fit (each module's docstring says more):
 
-- ``remotes``: ``sync/remotes.yaml`` (hosts, roots, default filters), validated with pydantic;
+- ``remotes``: ``sync/remotes.yaml`` (hosts, roots, default filters), checked by a small schema;
 - ``filters``, ``paths``, ``listing``, ``plan``: pure parts. Two listings plus the filters go in,
   a list of actions comes out; remote names are checked before they are used;
 - ``transport`` (interface), ``transport_paramiko``, ``transport_openssh``: one connection that

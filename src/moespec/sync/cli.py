@@ -133,21 +133,20 @@ def register(subparsers) -> None:
 
 def _remote_settings(args):
     """(where the settings come from, the remote's settings): the remotes file, or the flags alone."""
-    from pydantic import ValidationError
-
     from moespec.errors import ConfigError
-    from moespec.sync.remotes import DEFAULT_REMOTES_FILE, Remote, load_remotes
+    from moespec.sync.remotes import DEFAULT_REMOTES_FILE, default_remote, host_alias, load_remotes
 
     path = args.remotes or DEFAULT_REMOTES_FILE
-    host = args.host
-    if host is not None and (not host.strip() or host.startswith("-") or any(c.isspace() for c in host)):
-        raise ConfigError(f"--host: '{args.host}' is not a host alias")
+    if args.host is not None:
+        try:
+            host_alias(args.host)
+        except ValueError as e:
+            raise ConfigError(f"--host: {e}") from None
     if args.host and args.remote_root and args.remotes is None and not Path(path).exists():
         try:
-            return "--host/--remote-root", Remote(host=args.host, root=args.remote_root)
-        except ValidationError as e:
-            problems = [f"--remote-root: {err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
-            raise ConfigError(problems) from e
+            return "--host/--remote-root", default_remote(args.host, args.remote_root)
+        except ValueError as e:
+            raise ConfigError(f"--remote-root: {e}") from e
     remotes = load_remotes(path)
     remote = remotes.get(args.remote, str(path))
     name = args.remote or remotes.default or next(iter(remotes.remotes))
@@ -194,20 +193,47 @@ def _filters(args, remote):
 
 def build_request(args):
     """Turn parsed arguments into a ``SyncRequest`` (raises ConfigError on bad input)."""
+    return _request(args, *_settings(args))
+
+
+def _settings(args):
+    """Check the arguments and read the remotes file: (remote, remote root, local root, scopes).
+
+    Cheap on purpose: ``cmd_sync`` starts connecting right after it, before the import of the
+    session and the engine.
+    """
     from moespec.errors import ConfigError
-    from moespec.sync.engine import EngineSettings
-    from moespec.sync.session import SyncRequest
 
     if args.channels is not None and not 1 <= args.channels <= 32:
         raise ConfigError(f"--channels: must be between 1 and 32, got {args.channels}")
     if args.max_delete is not None and not 0 <= args.max_delete <= 1:
         raise ConfigError(f"--max-delete: must be a share between 0 and 1, got {args.max_delete}")
     source, remote = _remote_settings(args)
-    remote_root, local_root, scopes = _roots_and_scopes(args, source, remote)
+    return (remote, *_roots_and_scopes(args, source, remote))
+
+
+def _connect_options(args, remote):
+    """How to reach the host (``transport.ConnectOptions``), from the flags and the remote."""
+    from moespec.sync.transport import ConnectOptions
+
     known_hosts = args.known_hosts or remote.known_hosts
+    return ConnectOptions(
+        host=args.host or remote.sync_host,
+        ssh_config=args.ssh_config or (Path(remote.ssh_config).expanduser() if remote.ssh_config else None),
+        known_hosts=tuple(Path(p).expanduser() for p in known_hosts) if known_hosts else None,
+        connect_timeout=remote.connect_timeout,
+        interactive=not args.batch and sys.stdin.isatty(),
+    )
+
+
+def _request(args, remote, remote_root, local_root, scopes, listing_token: str | None = None):
+    from moespec.sync.engine import EngineSettings
+    from moespec.sync.session import SyncRequest
+
+    options = _connect_options(args, remote)
     return SyncRequest(
         direction=args.direction,
-        host=args.host or remote.sync_host,
+        host=options.host,
         remote_root=remote_root,
         local_root=local_root,
         scopes=scopes,
@@ -218,14 +244,15 @@ def build_request(args):
         delete=args.delete,
         force=args.force,
         max_delete=remote.max_delete if args.max_delete is None else args.max_delete,
-        ssh_config=args.ssh_config or (Path(remote.ssh_config).expanduser() if remote.ssh_config else None),
-        known_hosts=tuple(Path(p).expanduser() for p in known_hosts) if known_hosts else None,
+        ssh_config=options.ssh_config,
+        known_hosts=options.known_hosts,
         engine=EngineSettings(
             channels=args.channels or remote.channels, stall_timeout=args.stall_timeout or remote.stall_timeout
         ),
         retries=remote.retries if args.retries is None else args.retries,
-        connect_timeout=remote.connect_timeout,
-        interactive=not args.batch and sys.stdin.isatty(),
+        connect_timeout=options.connect_timeout,
+        interactive=options.interactive,
+        **({"listing_token": listing_token} if listing_token else {}),
     )
 
 
@@ -290,22 +317,29 @@ def _keep_invoke_out() -> None:
 def cmd_sync(args: argparse.Namespace) -> int:
     """Run ``moespec sync``."""
     _keep_invoke_out()
-    request = build_request(args)
+    settings = _settings(args)
     from moespec.sync.transport import start_early
 
-    early = start_early(request.transport, request.connect_options())  # ssh logs in while we import
+    remote, remote_root, _, scopes = settings
+    from moespec.sync.listing import list_then_serve_command, new_token
+
+    token, first = new_token(), None
+    if args.direction == "pull" and not args.dry_run:  # the session lists, then serves SFTP (session.list_then_serve)
+        first = list_then_serve_command(remote_root, scopes, token)
+    early = start_early(args.transport or remote.transport, _connect_options(args, remote), first)  # logs in now
     try:
+        request = _request(args, *settings, listing_token=token)
         from moespec.sync.session import run_sync
-    except BaseException:
-        if early is not None:
-            early.close()
+
+        arrow = "->" if request.direction == "pull" else "<-"
+        what = ", ".join(s for s in request.scopes if s) or "everything"
+        print(
+            f"{request.direction} {request.host}:{request.remote_root} {arrow} {request.local_root} ({what}, "
+            f"{request.transport}{', dry run' if request.dry_run else ''})"
+        )
+    except BaseException:  # run_sync closes the connection from here on; before, nothing else would
+        early.close()  # (a reader that went away makes print raise BrokenPipeError)
         raise
-    arrow = "->" if request.direction == "pull" else "<-"
-    what = ", ".join(s for s in request.scopes if s) or "everything"
-    print(
-        f"{request.direction} {request.host}:{request.remote_root} {arrow} {request.local_root} ({what}, "
-        f"{request.transport}{', dry run' if request.dry_run else ''})"
-    )
     report = run_sync(
         request,
         show_progress=not args.no_progress and sys.stderr.isatty(),

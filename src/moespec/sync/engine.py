@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moespec.sync.paths import part_prefix
 from moespec.sync.plan import Action
 
 log = logging.getLogger("moespec.sync")
@@ -159,21 +158,6 @@ def is_plain_file(path: Path) -> bool:
         return False
 
 
-def remove_stale_parts(final: Path, keep: Path) -> None:
-    """Partial files of other remote versions of the same file can never be resumed."""
-    prefix = part_prefix(final.name)
-    try:
-        names = os.listdir(final.parent)
-    except FileNotFoundError:
-        return
-    for name in names:
-        if name.startswith(prefix) and name.endswith(".part") and name != keep.name:
-            try:
-                os.unlink(final.parent / name)
-            except OSError:
-                pass
-
-
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a local file (what ``sha256sum`` prints)."""
     digest = hashlib.sha256()
@@ -236,6 +220,28 @@ class WarmChannel:
             pending.close()
 
 
+class ReadyChannel:
+    """An SFTP channel that is already open (the listing's own session, ``session.list_then_serve``),
+    handed out like a ``WarmChannel``."""
+
+    def __init__(self, pending):
+        self._pending = pending
+        self._lock = threading.Lock()
+
+    def take(self):
+        """The channel (once), or None."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        return None if pending is None else pending.finish()
+
+    def close(self) -> None:
+        """Drop the channel if nobody took it."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.close()
+
+
 def run_channels(
     transport,
     actions: list[Action],
@@ -243,7 +249,7 @@ def run_channels(
     make_channel,
     progress: Progress,
     on_tick=None,
-    warm: WarmChannel | None = None,
+    warm: WarmChannel | ReadyChannel | None = None,
 ) -> Outcome:
     """Run ``actions`` on up to ``settings.channels`` channels, with a stall watchdog.
 
@@ -256,7 +262,7 @@ def run_channels(
         ``shared.take()`` until it returns None.
     on_tick : callable or None
         Called about ten times a second from this thread (the progress bar).
-    warm : WarmChannel or None
+    warm : WarmChannel, ReadyChannel or None
         An already open channel for the first worker.
     """
     shared = PassState(actions, progress, settings)

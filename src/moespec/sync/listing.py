@@ -174,6 +174,70 @@ def find_command(root: str, scopes: Iterable[str]) -> str:
     return f"echo {LISTING_MARKER.decode().strip()}; find -H {starts} -printf '{_FIND_FORMAT}'"
 
 
+#: Where OpenSSH's ``sftp-server`` is installed on Debian/Ubuntu, RHEL/Fedora, Arch and BSD-likes.
+SFTP_SERVERS = (
+    "/usr/lib/openssh/sftp-server",
+    "/usr/libexec/openssh/sftp-server",
+    "/usr/lib/ssh/sftp-server",
+    "/usr/libexec/sftp-server",
+)
+
+
+#: What the client sends on the listing's session at once. The script reads it just before it starts
+#: the SFTP server; a server that forces SFTP on every session (``ForceCommand internal-sftp``, common
+#: on data-transfer nodes) reads it as a packet longer than any it accepts and ends the session, so
+#: that the client falls back to the SFTP walk at once instead of waiting for a listing.
+LISTING_PROBE = b"\xff" * 5  # OpenSSH's sftp-server looks at a packet once it has 5 bytes
+
+
+def new_token() -> str:
+    """A random marker for ``list_then_serve_command`` (``os.urandom``: ``secrets`` costs 5 ms to import)."""
+    return os.urandom(8).hex()
+
+
+def list_then_serve_command(root: str, scopes: Iterable[str], token: str) -> str:
+    """Shell command: ``find_command``'s listing, a trailer with find's exit status, then an SFTP
+    server on the same session (or a line saying there is none).
+
+    One session instead of two (a listing command, then an SFTP subsystem): each session runs the
+    remote login shell, the largest fixed cost of a small pull on a cluster with heavy dotfiles
+    (docs/sync.md, "Start-up"); ``rsync`` also needs only one. ``token`` (random per run) makes the
+    trailers impossible to forge with a file name. The script runs under ``sh -c`` so that a
+    csh or fish login shell does not matter; it reads ``LISTING_PROBE`` before the SFTP server
+    starts, and the session ends when the client closes its input.
+    """
+    servers = " ".join(shlex.quote(server) for server in SFTP_SERVERS)
+    script = (
+        f"{find_command(root, scopes)}; printf 'MOESPEC-END-{token} %d\\n' $?; "
+        f'for s in {servers}; do if [ -x "$s" ] && head -c {len(LISTING_PROBE)} >/dev/null; then '
+        f'echo MOESPEC-SFTP-{token}; exec "$s"; fi; done; '
+        f"echo MOESPEC-NO-SFTP-{token}"
+    )
+    return "sh -c " + shlex.quote(script)
+
+
+def list_then_serve_endings(token: str) -> tuple[bytes, bytes]:
+    """The last line of ``list_then_serve_command``'s output before the SFTP stream, or when there is none."""
+    return f"\nMOESPEC-SFTP-{token}\n".encode(), f"\nMOESPEC-NO-SFTP-{token}\n".encode()
+
+
+def parse_list_then_serve(data: bytes, root: str, scopes: Iterable[str], token: str) -> tuple[Listing, int, bool]:
+    """(listing, find's exit status, whether an SFTP server follows) from ``list_then_serve_command``'s output.
+
+    Raises
+    ------
+    ValueError
+        The trailer or the listing marker is missing, or the listing is truncated.
+    """
+    serving, not_serving = list_then_serve_endings(token)
+    trailer = f"MOESPEC-END-{token} ".encode()
+    end = data.rfind(trailer)
+    if end < 0 or not (data.endswith(serving) or data.endswith(not_serving)):
+        raise ValueError("listing trailer not found in the remote output")
+    status = int(data[end + len(trailer) :].split(b"\n", 1)[0])
+    return parse_find_output(data[:end], root, scopes), status, data.endswith(serving)
+
+
 def parse_find_output(data: bytes, root: str, scopes: Iterable[str]) -> Listing:
     """Turn the output of ``find_command`` into a listing, refusing unsafe names.
 

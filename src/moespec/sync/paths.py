@@ -124,11 +124,6 @@ def printable(name: str) -> str:
     return "".join(out)
 
 
-def part_prefix(name: str) -> str:
-    """Common prefix of every partial file of ``name`` (any remote version)."""
-    return f".{name}."
-
-
 class LocalRoot:
     """Writes under one local folder, refusing anything that would land outside it.
 
@@ -177,10 +172,14 @@ class LocalRoot:
                 try:
                     os.mkdir(current)
                 except FileExistsError:
+                    # what was there may be a link: it must be a folder, and resolve inside the root
                     if not current.is_dir():
                         raise SyncError(f"{current}: exists and is not a folder") from None
-                if not self._inside(str(current)):
-                    raise SyncError(f"{current}: resolves outside {self.root}; refusing to write through it")
+                    if not self._inside(str(current)):
+                        raise SyncError(
+                            f"{current}: resolves outside {self.root}; refusing to write through it"
+                        ) from None
+                # a folder just made in a checked folder is inside: no realpath (a stat per component)
                 self._checked.add(key)
             return current
 

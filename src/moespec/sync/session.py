@@ -23,10 +23,15 @@ from moespec.sync import engine
 from moespec.sync.engine import EngineSettings, Failure, Outcome, Progress
 from moespec.sync.filters import Filters
 from moespec.sync.listing import (
+    LISTING_PROBE,
     Listing,
     find_command,
     list_local,
+    list_then_serve_command,
+    list_then_serve_endings,
+    new_token,
     parse_find_output,
+    parse_list_then_serve,
     remote_bytes,
     remote_join,
     walk_sftp,
@@ -56,6 +61,9 @@ class SyncRequest:
     max_delete : float
         With ``delete``: the largest share of an experiment's destination files that may be
         deleted without ``force`` (see ``plan.plan_sync``).
+    listing_token : str
+        Random marker of the listing's trailers (``listing.list_then_serve_command``); the command
+        passes its own when the transport already started that listing.
     """
 
     direction: Direction
@@ -76,6 +84,7 @@ class SyncRequest:
     retries: int = 2
     connect_timeout: float = 20.0
     interactive: bool = False
+    listing_token: str = field(default_factory=new_token)
 
     def connect_options(self) -> ConnectOptions:
         return ConnectOptions(self.host, self.ssh_config, self.known_hosts, self.connect_timeout, self.interactive)
@@ -169,6 +178,50 @@ def remote_listing(transport: Transport, root: str, scopes: tuple[str, ...], tim
         return walk_sftp(sftp, root, scopes)
     finally:
         sftp.close()
+
+
+def list_then_serve(
+    transport: Transport, root: str, scopes: tuple[str, ...], timeout: float = 120.0, token: str | None = None
+) -> tuple[Listing, engine.ReadyChannel | None] | None:
+    """List the remote scopes and keep the session as an SFTP channel (``list_then_serve_command``).
+
+    Returns the listing and the channel (None when the server has no ``sftp-server`` where
+    OpenSSH installs it), or None when this did not work out cleanly (no such command, a find
+    error, a missing scope...): the caller then lists with ``remote_listing``, which reports
+    every such case precisely. ``token`` (default: a new random one) marks the trailers.
+    """
+    token = token or new_token()
+    stream = transport.start_stream(list_then_serve_command(root, scopes, token))
+    if stream is None:
+        return None
+    try:
+        stream.settimeout(timeout)
+        _send_all(stream, LISTING_PROBE)
+        data = _read_through(stream, list_then_serve_endings(token))
+        listing, status, serving = parse_list_then_serve(data, root, scopes, token)
+        if status == 0 and serving:
+            return listing, engine.ReadyChannel(transport.sftp_over(stream))
+    except Exception as e:  # anything odd: close this session and list the proven way
+        log.debug("listing with an SFTP server on the same session failed: %r", e)
+        status = -1
+    stream.close()
+    return (listing, None) if status == 0 else None
+
+
+def _send_all(stream, data: bytes) -> None:
+    while data:
+        data = data[stream.send(data) :]
+
+
+def _read_through(stream, endings: tuple[bytes, ...]) -> bytes:
+    """Read ``stream`` until its output ends with one of ``endings`` (or EOF)."""
+    data = bytearray()
+    while not data.endswith(endings):
+        chunk = stream.recv(1 << 20)
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
 
 
 def parse_sha256sum(output: bytes, root: str) -> dict[str, str]:
@@ -338,7 +391,7 @@ def _transfer(
     progress: Progress,
     show_progress: bool,
     expected_sums: dict[str, str],
-    warm: engine.WarmChannel | None,
+    warm: engine.WarmChannel | engine.ReadyChannel | None,
 ) -> Outcome:
     from moespec.sync import sftp_channels  # paramiko: only once there is something to copy
 
@@ -364,16 +417,46 @@ def _transfer(
         bar.close()
 
 
-def _plan(request: SyncRequest, transport: Transport) -> tuple[Plan, dict[str, str], str, list[str]]:
+def _remote_side(request: SyncRequest, transport: Transport, channel: bool):
+    """The remote listing and, with ``channel``, an SFTP channel for the transfers (or None).
+
+    A pull lists and then serves SFTP on one session (``list_then_serve``); otherwise, or when
+    that fails, the channel is opened in the background while ``find`` runs (``WarmChannel``).
+    """
+    root, scopes, timeout = request.remote_root, request.scopes, request.engine.stall_timeout
+    if channel and request.direction == "pull":
+        served = list_then_serve(transport, root, scopes, timeout, request.listing_token)
+        if served is not None:
+            return served
+    warm = engine.WarmChannel(transport) if channel else None
+    try:
+        return remote_listing(transport, root, scopes, timeout), warm
+    except BaseException:
+        if warm is not None:
+            warm.close()
+        raise
+
+
+def _plan(request: SyncRequest, transport: Transport, channel: bool):
     """List both sides and plan.
 
-    Returns the plan, the source checksums, the listing method, and one line per folder that
-    could not be read (on either side).
+    Returns the plan, the source checksums, the listing method, one line per folder that could
+    not be read (on either side), and, with ``channel``, an SFTP channel for the copies (a
+    ``WarmChannel`` or ``ReadyChannel``, or None; the caller closes it).
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync-list-local") as pool:
         local_listed = pool.submit(list_local, request.local_root, request.scopes)  # while the remote answers
-        remote = remote_listing(transport, request.remote_root, request.scopes, request.engine.stall_timeout)
-        local = local_listed.result()
+        remote, warm = _remote_side(request, transport, channel)
+    try:
+        return (*_plan_from_listings(request, transport, remote, local_listed.result()), warm)
+    except BaseException:
+        if warm is not None:
+            warm.close()
+        raise
+
+
+def _plan_from_listings(request: SyncRequest, transport: Transport, remote: Listing, local: Listing):
+    """``_plan``'s plan, source checksums, listing method and unreadable folders from the two listings."""
     unreadable = [f"on {request.host}: {line}" for line in remote.warnings]
     unreadable += [f"here: {line}" for line in local.warnings]
     source, dest = (remote, local) if request.direction == "pull" else (local, remote)
@@ -484,13 +567,9 @@ def run_sync(
     try:
         for attempt in range(request.retries + 1):
             report.attempts = attempt + 1
-            warm = None if request.dry_run else engine.WarmChannel(transport)
-            try:
-                plan, source_sums, report.listing_method, unreadable = _plan(request, transport)
-            except BaseException:
-                if warm is not None:
-                    warm.close()
-                raise
+            plan, source_sums, report.listing_method, unreadable, warm = _plan(
+                request, transport, channel=not request.dry_run
+            )
             log.debug("listed and planned at %.2f s: %d copies", time.monotonic() - started, len(plan.copies))
             if report.plan is None:
                 report.plan = plan
@@ -530,7 +609,7 @@ def _run_pass(
     show_progress: bool,
     source_sums: dict[str, str],
     report: SyncReport,
-    warm: engine.WarmChannel,
+    warm: engine.WarmChannel | engine.ReadyChannel | None,
 ) -> Outcome:
     """Apply one plan: links and mtimes, the copies, then deletions."""
     local = LocalRoot(request.local_root)
@@ -542,7 +621,8 @@ def _run_pass(
             _transfer(plan, request, transport, progress, show_progress, expected, warm) if plan.copies else Outcome()
         )
     finally:
-        warm.close()  # unused when nothing had to be copied (or when the first worker did not need it)
+        if warm is not None:  # unused when nothing had to be copied (or when the first worker did not need it)
+            warm.close()
     outcome.failed += link_failures
     log.debug("transfer pass done: %d files, %d bytes", len(outcome.done), outcome.bytes)
     report.files += len(outcome.done)

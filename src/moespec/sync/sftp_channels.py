@@ -51,7 +51,7 @@ from paramiko.sftp import (
 from paramiko.sftp_attr import SFTPAttributes
 
 from moespec.errors import SyncError
-from moespec.sync.engine import PassState, is_plain_file, local_error, log, remove_stale_parts, sha256_file
+from moespec.sync.engine import PassState, is_plain_file, local_error, log, sha256_file
 from moespec.sync.listing import remote_bytes, remote_join
 from moespec.sync.paths import LocalRoot, part_name, printable
 from moespec.sync.plan import Action
@@ -65,6 +65,9 @@ SAFE_READ_SIZE = 32 * 1024
 #: 32 KiB reads paramiko spends twice rsync's CPU per byte, with 255 KiB about the same.
 MAX_READ_SIZE = 255 * 1024
 _FLUSH_BYTES = 1 << 20
+#: Most answers handled before the requests they lead to are sent (a bound, so that a steady
+#: stream of data never holds the next reads back for long).
+_BURST = 32
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,10 +112,13 @@ class _Download:
         path = remote_bytes(remote_join(self.channel.remote_root, self.action.path))
         self._send("open", CMD_OPEN, path, int(SFTP_FLAG_READ), SFTPAttributes())
 
-    def issue(self) -> None:
-        """Queue reads within the channel's budget, and FSTAT right behind the last one."""
+    def issue(self) -> bool:
+        """Queue reads within the channel's budget, and FSTAT right behind the last one.
+
+        Returns whether requests remain to be sent (reads past the budget, or the FSTAT).
+        """
         if self.handle is None or self.finished:
-            return
+            return False
         channel = self.channel
         while self.next_offset < self.size and channel.inflight < channel.settings.inflight_bytes:
             length = min(channel.read_size, self.size - self.next_offset)
@@ -130,6 +136,7 @@ class _Download:
             # queued right behind the last READ: answered after it, so it sees the file as read
             self.stat_sent = True
             self._send("stat", CMD_FSTAT, self.handle)
+        return not self.stat_sent
 
     def _close_remote(self) -> None:
         """Release the remote handle; nobody waits for the answer (``type(None)``: paramiko drops it)."""
@@ -184,13 +191,15 @@ class _Download:
         except BaseException:
             self._close_remote()
             raise
+        self.channel.issuing.append(self)
 
     def _open_part(self) -> None:
         """Create the .part file, or reopen a kept one of the same remote version to resume it."""
         local: LocalRoot = self.channel.local
         final = local.check_parent(self.action.path)
         self.part = final.with_name(part_name(final.name, self.size, self.entry.mtime))
-        remove_stale_parts(final, self.part)
+        # partial files of other versions were removed before the pass (plan.stale_parts), from the
+        # listing: no listdir per file here
         kept = self.part.lstat().st_size if is_plain_file(self.part) else -1
         if 0 < kept <= self.size:
             self.fd = os.open(self.part, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
@@ -266,6 +275,7 @@ class _Download:
         ``fsync`` (milliseconds per file) never stalls the channel's request pipeline.
         """
         self.finished = True
+        self.channel.finished += 1
         self._close_remote()
         self.channel.shared.finisher.submit(self._finalize)
 
@@ -299,6 +309,7 @@ class _Download:
         if self.finished:
             return
         self.finished = True
+        self.channel.finished += 1
         self._close_remote()
         if self.fd is not None:
             try:
@@ -335,6 +346,38 @@ def server_limits(sftp) -> dict[str, int]:
     return {name: msg.get_int64() for name in names}
 
 
+class _Coalesced:
+    """An SFTP client's socket whose writes are collected until ``flush``: one write per burst.
+
+    paramiko sends each request as soon as it is made, so a small file's OPEN, READ, FSTAT and
+    CLOSE would each be an SSH packet (encrypted and sent on its own, and answered on its own by
+    ``sftp-server``, which writes out what one read of its input produced). The channel collects
+    the requests it makes between two waits for an answer and sends them together just before it
+    waits: no request is held back while the channel waits.
+    """
+
+    def __init__(self, sock):
+        self.sock = sock
+        self._pending: list[bytes] = []
+
+    def send(self, data) -> int:
+        self._pending.append(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        data, self._pending = b"".join(self._pending), []
+        while data:
+            sent = self.sock.send(data)
+            if sent <= 0:
+                raise EOFError("the SFTP channel closed")
+            data = data[sent:]
+
+    def __getattr__(self, name):  # recv, close, closed, get_name...: the socket's own
+        return getattr(self.sock, name)
+
+
 class PullChannel:
     """One SFTP channel and its thread: keeps many files in flight, reads up to a byte budget."""
 
@@ -349,9 +392,11 @@ class PullChannel:
         self.inflight = 0
         self.read_size = SAFE_READ_SIZE
         self.max_files = self.settings.files_per_channel
+        self.issuing: list[_Download] = []  # open files with reads (or the FSTAT) still to send
+        self.finished = 0  # files that ended since ``run`` last dropped them from its list
 
     def _admit(self, active: list[_Download]) -> None:
-        while len(active) < self.max_files:
+        while len(active) < self.max_files and not self.shared.exhausted():
             remaining = sum(d.size - d.write_offset for d in active)
             if active and remaining >= self.settings.admit_bytes:
                 return
@@ -369,12 +414,16 @@ class PullChannel:
             if limits["max-open-handles"]:
                 self.max_files = max(1, min(self.max_files, limits["max-open-handles"] - 2))
         active: list[_Download] = []
+        self.sftp.sock = coalesced = _Coalesced(self.sftp.sock)
         try:
             while True:
                 self._admit(active)
-                for download in active:
-                    download.issue()
-                active = [d for d in active if not d.finished]
+                # only files with requests left to send (most send all of theirs when they open)
+                self.issuing = [download for download in self.issuing if download.issue()]
+                if self.finished:
+                    active = [d for d in active if not d.finished]
+                    self.finished = 0
+                coalesced.flush()
                 if not active and self.outstanding == 0:
                     if self.shared.exhausted():
                         return
@@ -382,11 +431,18 @@ class PullChannel:
                 if self.outstanding == 0:
                     raise AssertionError("files in flight but no request outstanding")
                 self.sftp._read_response()
+                # answers that are already here first, so that the requests they lead to go out together
+                for _ in range(_BURST - 1):
+                    if not (self.outstanding and coalesced.recv_ready()):
+                        break
+                    self.sftp._read_response()
         except (paramiko.SSHException, EOFError, OSError) as e:
             reason = self.shared.abort_reason or f"connection lost: {e}"
             for download in active:
                 download.abandon(reason)
             raise
+        finally:
+            self.sftp.sock = coalesced.sock
 
 
 # --------------------------------------------------------------------------------------------------

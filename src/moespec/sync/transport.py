@@ -14,6 +14,7 @@ thread-safe, paramiko#718), so the transfer engine is the same for both.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,17 @@ class Transport(ABC):
         """
         return PendingSftp(self.open_sftp())
 
+    def start_stream(self, command: str):
+        """Run ``command`` on a session of its own and return the session's byte stream (``recv``,
+        ``settimeout``, ``close``), for output that an SFTP server follows on the same session
+        (``listing.list_then_serve_command``); None where the transport cannot.
+        """
+        return None
+
+    def sftp_over(self, stream) -> "PendingSftp":
+        """An SFTP client over a ``start_stream`` whose SFTP server is now running."""
+        raise NotImplementedError
+
     @abstractmethod
     def abort(self) -> None:
         """Tear the connection down now, from any thread: blocked reads fail at once."""
@@ -114,16 +126,65 @@ class PendingSftp:
         self._sftp.close()
 
 
-def start_early(kind: TransportKind, options: ConnectOptions) -> Transport | None:
-    """Begin connecting in the background where the transport can (``openssh``: the master is
-    another process), so that the caller's imports overlap the login; None where it cannot.
-    Call ``ready()`` on the result before using it.
-    """
-    if kind != "openssh":
-        return None
-    from moespec.sync.transport_openssh import OpenSSHTransport
+def start_early(kind: TransportKind, options: ConnectOptions, first_command: str | None = None) -> Transport:
+    """Begin connecting in the background, so that the caller's imports overlap the login.
 
-    return OpenSSHTransport.start(options)
+    ``openssh``: the master is another process, which also starts ``first_command`` (see
+    ``OpenSSHTransport.start``); ``paramiko``: a thread, whose handshake mostly waits on the
+    server. Call ``ready()`` on the result before using it (it raises what connecting raised).
+    """
+    if kind == "openssh":
+        from moespec.sync.transport_openssh import OpenSSHTransport
+
+        return OpenSSHTransport.start(options, first_command)
+    return _Connecting(lambda: connect(kind, options))
+
+
+class _Connecting(Transport):
+    """A transport being opened by ``connect`` in a background thread; usable after ``ready()``."""
+
+    def __init__(self, open_transport):
+        self._transport: Transport | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._open, args=(open_transport,), daemon=True, name="sync-connect")
+        self._thread.start()
+
+    def _open(self, open_transport) -> None:
+        try:
+            self._transport = open_transport()
+        except BaseException as e:  # raised again by ready(), in the caller's thread
+            self._error = e
+
+    def ready(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        self._transport.ready()
+        self.description = self._transport.description
+
+    def run(self, command: str, stdin: bytes = b"", timeout: float | None = None) -> CommandResult:
+        return self._transport.run(command, stdin, timeout)
+
+    def open_sftp(self):
+        return self._transport.open_sftp()
+
+    def start_sftp(self) -> "PendingSftp":
+        return self._transport.start_sftp()
+
+    def start_stream(self, command: str):
+        return self._transport.start_stream(command)
+
+    def sftp_over(self, stream) -> "PendingSftp":
+        return self._transport.sftp_over(stream)
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def close(self) -> None:
+        self._thread.join()  # at most the connect timeout; a connection must not be left behind
+        if self._transport is not None:
+            self._transport.close()
 
 
 def connect(kind: TransportKind, options: ConnectOptions) -> Transport:

@@ -21,6 +21,7 @@ import select
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -47,6 +48,8 @@ class PipeSocket:
         self._buffer = b""
         self._offset = 0
         self.established = False  # set once the SFTP version exchange went through
+        self._timeout: float | None = None
+        self.is_master = False
         _widen_pipe(self._read_fd)
 
     def send(self, data) -> int:
@@ -57,6 +60,8 @@ class PipeSocket:
 
     def recv(self, n: int) -> bytes:
         if self._offset >= len(self._buffer):
+            if self._timeout is not None and not select.select([self._read_fd], [], [], self._timeout)[0]:
+                raise TimeoutError(f"no output from ssh for {self._timeout:.0f} s")
             # nothing buffered: read straight into the answer (b"" at EOF, paramiko raises EOFError);
             # paramiko asks for whole SFTP packets, so most reads need no copy at all
             chunk = os.read(self._read_fd, max(n, 1 << 16))
@@ -71,10 +76,10 @@ class PipeSocket:
         return self._offset < len(self._buffer) or bool(select.select([self._read_fd], [], [], 0)[0])
 
     def settimeout(self, timeout) -> None:
-        pass
+        self._timeout = timeout
 
     def gettimeout(self):
-        return None
+        return self._timeout
 
     def setblocking(self, flag) -> None:
         pass
@@ -93,9 +98,17 @@ class PipeSocket:
     def close(self) -> None:
         """Send EOF (ssh then ends the session); kill ssh if it lingers; then release the pipes.
 
+        The master's own session (``OpenSSHTransport`` with a first command) is only closed with
+        the transport (``end``): closing it would end the master.
+
         stdout is closed only once ssh is gone: closing a descriptor that another thread is
         blocked reading would not wake it, and the number could be reused under it.
         """
+        if self.is_master:
+            return
+        self.end()
+
+    def end(self) -> None:
         try:
             self.process.stdin.close()
         except OSError:
@@ -141,6 +154,14 @@ def _master_error(host: str, status: int, stderr: str) -> SyncError:
     return SyncError(f"ssh to {host} failed (status {status}): {stderr or 'no message'}")
 
 
+def _import_paramiko() -> None:
+    """Import paramiko (the SFTP client, 50-70 ms of CPU) in the background, not when the first file moves."""
+    try:
+        import paramiko  # noqa: F401
+    except ImportError:  # reported where an SFTP client is made
+        pass
+
+
 class OpenSSHTransport(Transport):
     """Commands and SFTP channels over ``ssh`` processes sharing one ControlMaster."""
 
@@ -156,6 +177,10 @@ class OpenSSHTransport(Transport):
         self._ready = False
         self._socket = ""
         self._lock = threading.Lock()
+        self._first: tuple[str, PipeSocket] | None = None  # the master's own session, not yet handed out
+        self._ran_command = False  # whether the master runs a first command (and ends with it)
+        self._relaunch_lock = threading.Lock()
+        self._master_log = None
         self.description = f"{options.host} (system ssh)"
 
     @classmethod
@@ -166,11 +191,14 @@ class OpenSSHTransport(Transport):
         return transport
 
     @classmethod
-    def start(cls, options: ConnectOptions) -> "OpenSSHTransport":
+    def start(cls, options: ConnectOptions, first_command: str | None = None) -> "OpenSSHTransport":
         """Launch the master connection and return at once; ``ready`` waits for it.
 
         The command calls this before it imports the rest of the tool, so that ``ssh``
-        connects (another process) while Python imports.
+        connects (another process) while Python imports. With ``first_command`` the master runs
+        it on its own session, as ``rsync -e ssh`` runs its server: ``start_stream`` of the same
+        command returns that session, which needs no multiplexing client and starts right after
+        the login.
         """
         if options.host.startswith("-") or any(c.isspace() for c in options.host):
             raise SyncError(f"'{options.host}' is not a host alias")  # ssh would read it as an option
@@ -195,38 +223,54 @@ class OpenSSHTransport(Transport):
             base += ["-o", "BatchMode=yes"]
         transport = cls(options, base)
         try:
-            transport._launch_master()
+            transport._launch_master(first_command)
         except BaseException:
             transport.close()
             raise
         return transport
 
-    def _launch_master(self) -> None:
-        """Start moespec's own master on a private socket (never one from the user's config)."""
-        self._private_dir = tempfile.mkdtemp(prefix="moespec-ssh-")
+    def _launch_master(self, first_command: str | None = None) -> None:
+        """Start moespec's own master on a private socket (never one from the user's config).
+
+        The master waits for the multiplexed sessions before it exits, also when its own
+        session (``first_command``) ends.
+        """
+        if self._private_dir is None:
+            self._private_dir = tempfile.mkdtemp(prefix="moespec-ssh-")
         self._socket = os.path.join(self._private_dir, "cm")  # short: unix socket paths max out near 104 bytes
         # command-line options win over the config's ControlPath / ControlMaster (ssh(1))
         self._mux = ["-o", f"ControlPath={self._socket}", "-o", "ControlMaster=no"]
-        self._master = subprocess.Popen(
-            [
-                *self._base,
-                "-M",
-                "-N",
-                "-n",
-                "-o",
-                f"ControlPath={self._socket}",
-                "-o",
-                "ControlMaster=yes",
-                "-o",
-                "ControlPersist=no",
-                "-o",
-                "ServerAliveInterval=15",
-                self.host,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        master = [
+            *self._base,
+            "-M",
+            "-o",
+            f"ControlPath={self._socket}",
+            "-o",
+            "ControlMaster=yes",
+            "-o",
+            "ControlPersist=no",
+            "-o",
+            "ServerAliveInterval=15",
+        ]
+        self._ran_command = first_command is not None
+        if first_command is None:
+            self._master_log = tempfile.TemporaryFile()
+            self._master = subprocess.Popen(
+                [*master, "-N", "-n", self.host],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=self._master_log,
+            )
+            return
+        session = PipeSocket([*master, "-T", self.host, first_command])
+        session.is_master = True
+        self._master, self._master_log = session.process, session._stderr
+        self._first = (first_command, session)
+        self._pipes.append(session)
+
+    def _master_stderr(self) -> str:
+        self._master_log.seek(0)
+        return self._master_log.read().decode(errors="replace").strip()
 
     def ready(self) -> None:
         """Wait until the master is up; raise ``HostKeyError`` / ``SyncError`` (and close) if it is not."""
@@ -244,14 +288,36 @@ class OpenSSHTransport(Transport):
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self._master.poll() is not None:
-                stderr = self._master.stderr.read().decode(errors="replace").strip()
-                raise _master_error(self.host, self._master.returncode, stderr)
+                if self._ran_command and self._master.returncode not in (255,) and self._master.returncode >= 0:
+                    # logged in, but the first command ended at once (no shell, a forced command):
+                    # a master of its own, and the first session is not handed out
+                    with self._lock:
+                        self._first = None
+                    self._launch_master(None)
+                    continue
+                raise _master_error(self.host, self._master.returncode, self._master_stderr())
             if os.path.exists(self._socket):  # ssh binds the socket under a temporary name, then renames it
                 return
             time.sleep(0.01)
         raise SyncError(f"ssh to {self.host}: no connection after {wait:.0f} s")
 
+    def _mux_ready(self) -> None:
+        """Make sure a master serves the multiplexed sessions. One that ran a first command ends
+        with that session if no other was open (a forced command, no shell): it is started again,
+        without a command; any other end of the master is an error."""
+        with self._relaunch_lock:
+            master = self._master
+            if master is None or not self._ready or master.poll() is None:
+                return
+            if self._closed:
+                raise SyncError(f"the connection to {self.host} is closed")
+            if not self._ran_command or master.returncode in (255,) or master.returncode < 0:
+                raise _master_error(self.host, master.returncode, self._master_stderr())
+            self._launch_master(None)
+            self._wait_for_master()
+
     def run(self, command: str, stdin: bytes = b"", timeout: float | None = None) -> CommandResult:
+        self._mux_ready()
         total = None if timeout is None else 10 * timeout
         try:
             result = subprocess.run(
@@ -263,16 +329,36 @@ class OpenSSHTransport(Transport):
             raise _master_error(self.host, 255, result.stderr.decode(errors="replace").strip())
         return CommandResult(result.returncode, result.stdout, result.stderr)
 
+    def start_stream(self, command: str) -> PipeSocket:
+        with self._lock:
+            first, self._first = self._first, None
+        if first is not None and first[0] == command:
+            stream = first[1]
+        else:
+            self._mux_ready()
+            stream = self._register(PipeSocket([*self._base, *self._mux, "-T", self.host, command]))
+        if "paramiko" not in sys.modules:  # while the remote login shell starts: this machine waits anyway
+            threading.Thread(target=_import_paramiko, daemon=True, name="sync-import").start()
+        return stream
+
+    def sftp_over(self, stream: PipeSocket) -> PendingSftp:
+        stream.settimeout(None)  # the engine's stall watchdog takes over
+        return _PendingPipe(self, stream)  # the SFTP version exchange only when a file is copied
+
     def open_sftp(self) -> "paramiko.SFTPClient":
         return self._handshake(self._spawn_sftp())
 
     def start_sftp(self) -> PendingSftp:
         """Start the ``ssh -s sftp`` session (the remote shell runs now); the SFTP client is made by
-        ``finish()``, so that a run with nothing to copy never imports paramiko."""
+        ``finish()``, so that a run with nothing to copy makes none."""
         return _PendingPipe(self, self._spawn_sftp())
 
     def _spawn_sftp(self) -> PipeSocket:
-        pipe = PipeSocket([*self._base, *self._mux, "-T", "-s", self.host, "sftp"])
+        self._mux_ready()
+        return self._register(PipeSocket([*self._base, *self._mux, "-T", "-s", self.host, "sftp"]))
+
+    def _register(self, pipe: PipeSocket) -> PipeSocket:
+        """Keep ``pipe`` for ``close``/``abort``; refuse it when the transport was closed meanwhile."""
         with self._lock:
             self._pipes.append(pipe)
             closed = self._closed
@@ -303,8 +389,8 @@ class OpenSSHTransport(Transport):
         with self._lock:
             self._closed = True
             pipes, self._pipes = self._pipes, []
-        for pipe in pipes:
-            pipe.close()
+        for pipe in sorted(pipes, key=lambda pipe: pipe.is_master):  # the master's own session last
+            pipe.end()
         if self._master is not None:
             if self._master.poll() is None:
                 self._master.terminate()
@@ -313,7 +399,7 @@ class OpenSSHTransport(Transport):
                 except subprocess.TimeoutExpired:
                     self._master.kill()
                     self._master.wait()
-            self._master.stderr.close()
+            self._master_log.close()
             self._master = None
         if self._private_dir is not None:
             shutil.rmtree(self._private_dir, ignore_errors=True)

@@ -26,7 +26,7 @@ import paramiko
 from moespec.errors import SyncError
 from moespec.sync.hostkeys import KnownHosts, preferred_key_types, verify_host_key
 from moespec.sync.sshconfig import HostSpec, default_identity_files, resolve_host
-from moespec.sync.transport import CommandResult, ConnectOptions, Transport
+from moespec.sync.transport import CommandResult, ConnectOptions, PendingSftp, Transport
 
 log = logging.getLogger("moespec.sync")
 
@@ -250,6 +250,18 @@ class ParamikoTransport(Transport):
             raise SyncError(f"remote command on {self.spec.alias} failed: {e}") from e
         return CommandResult(status, b"".join(output), b"".join(errors))
 
+    def start_stream(self, command: str) -> paramiko.Channel:
+        try:
+            channel = self._transport.open_session(window_size=SFTP_WINDOW, max_packet_size=SFTP_MAX_PACKET)
+            channel.exec_command(command)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise SyncError(f"remote command on {self.spec.alias} failed: {e}") from e
+        return channel
+
+    def sftp_over(self, stream: paramiko.Channel) -> PendingSftp:
+        stream.settimeout(None)  # the engine's stall watchdog takes over
+        return _PendingChannel(stream)
+
     def open_sftp(self) -> paramiko.SFTPClient:
         return paramiko.SFTPClient.from_transport(
             self._transport, window_size=SFTP_WINDOW, max_packet_size=SFTP_MAX_PACKET
@@ -260,6 +272,21 @@ class ParamikoTransport(Transport):
 
     def close(self) -> None:
         _close_all([self._transport, *reversed(self._chain)])
+
+
+class _PendingChannel(PendingSftp):
+    """A session whose SFTP server is running; the version exchange waits for ``finish()``
+    (a run with nothing to copy skips it)."""
+
+    def __init__(self, channel: paramiko.Channel):
+        super().__init__(None)
+        self._channel = channel
+
+    def finish(self) -> paramiko.SFTPClient:
+        return paramiko.SFTPClient(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
 
 
 def _drain(recv, sink: list[bytes]) -> None:
