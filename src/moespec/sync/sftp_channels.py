@@ -70,7 +70,8 @@ _FLUSH_BYTES = 1 << 20
 #: Data answers at least this long go straight from the received packet to the file, not through
 #: the file's write buffer.
 _DIRECT_BYTES = 64 * 1024
-#: Most bytes taken from the channel at once: everything that has arrived, in one call.
+#: Most bytes taken from a paramiko channel at once: everything that has arrived, in one call
+#: (its ``recv`` copies what is buffered, up to this).
 _RECV_BYTES = 4 << 20
 #: Most answers handled before the requests they lead to are sent (a bound, so that a steady
 #: stream of data never holds the next reads back for long).
@@ -353,6 +354,9 @@ class _Receiver:
     reads its ``sftp-server`` in 32 KiB pieces), so the body was copied again for every piece, and
     each small ``recv`` moved the rest of paramiko's channel buffer down. Here each ``recv`` takes
     all that is buffered (up to 4 MiB) and appends it once; a packet is copied out once.
+
+    Only for paramiko channels: the openssh transport's pipe already answers ``recv(n)`` with one
+    ``os.read`` and no copy, and there this reader measured slower (docs/sync.md, "Measurements").
     """
 
     def __init__(self, sock):
@@ -389,10 +393,11 @@ class _Receiver:
             return view[start], view[start + 1 : self._pos].tobytes()
 
 
-def receiver(sftp) -> _Receiver:
-    """The ``_Receiver`` reading ``sftp``'s channel, installed as its ``_read_packet`` on first use."""
+def receiver(sftp) -> _Receiver | None:
+    """The ``_Receiver`` reading ``sftp``'s paramiko channel, installed as its ``_read_packet`` on
+    first use; None for other streams."""
     found = sftp.__dict__.get("_moespec_receiver")
-    if found is None:
+    if found is None and isinstance(sftp.sock, paramiko.Channel):
         found = sftp._moespec_receiver = _Receiver(sftp.sock)
         sftp._read_packet = found.read_packet
     return found
@@ -501,7 +506,7 @@ class PullChannel:
                 self.sftp._read_response()
                 # answers that are already here first, so that the requests they lead to go out together
                 for _ in range(_BURST - 1):
-                    if not (self.outstanding and (received.packet_ready() or coalesced.recv_ready())):
+                    if not (self.outstanding and ((received and received.packet_ready()) or coalesced.recv_ready())):
                         break
                     self.sftp._read_response()
         except (paramiko.SSHException, EOFError, OSError) as e:
