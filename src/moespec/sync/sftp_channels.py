@@ -356,7 +356,7 @@ class _Receiver:
     all that is buffered (up to 4 MiB) and appends it once; a packet is copied out once.
 
     Only for paramiko channels: the openssh transport's pipe already answers ``recv(n)`` with one
-    ``os.read`` and no copy, and there this reader measured slower (docs/sync.md, "Measurements").
+    ``os.read`` and no copy, and there this reader measured slower (docs/sync.md, "Transfers").
     """
 
     def __init__(self, sock):
