@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
+import struct
 import threading
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from paramiko.sftp import (
     CMD_READ,
     CMD_STATUS,
     SFTP_FLAG_READ,
+    SFTPError,
     int64,
 )
 from paramiko.sftp_attr import SFTPAttributes
@@ -65,6 +67,12 @@ SAFE_READ_SIZE = 32 * 1024
 #: 32 KiB reads paramiko spends twice rsync's CPU per byte, with 255 KiB about the same.
 MAX_READ_SIZE = 255 * 1024
 _FLUSH_BYTES = 1 << 20
+#: Data answers at least this long go straight from the received packet to the file, not through
+#: the file's write buffer.
+_DIRECT_BYTES = 64 * 1024
+#: Most bytes taken from a paramiko channel at once: everything that has arrived, in one call
+#: (its ``recv`` copies what is buffered, up to this).
+_RECV_BYTES = 4 << 20
 #: Most answers handled before the requests they lead to are sent (a bound, so that a steady
 #: stream of data never holds the next reads back for long).
 _BURST = 32
@@ -247,17 +255,17 @@ class _Download:
             self.write_offset += overlap
             chunk = chunk[overlap:]
         if chunk:
-            self.buffer += chunk
             self.write_offset += len(chunk)
             self.channel.shared.progress.add(len(chunk))
+            if not self.buffer and len(chunk) >= _DIRECT_BYTES:  # a large read: no copy into the buffer
+                _write_all(self.fd, chunk)
+                return
+            self.buffer += chunk
             if len(self.buffer) >= _FLUSH_BYTES:
                 self._flush()
 
     def _flush(self) -> None:
-        view = memoryview(self.buffer)
-        while view:
-            written = os.write(self.fd, view)
-            view = view[written:]
+        _write_all(self.fd, self.buffer)
         self.buffer = bytearray()
 
     def _on_stat(self, attrs: SFTPAttributes) -> None:
@@ -329,6 +337,70 @@ class _Download:
     def abandon(self, reason: str) -> None:
         """The connection died: keep what was received for the next run."""
         self.fail(reason, retryable=True)
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class _Receiver:
+    """Cuts SFTP packets out of what the channel delivers, taking everything that arrived at once.
+
+    paramiko's ``BaseSFTP._read_packet`` asks the channel for the 4-byte length, then for the body
+    with ``out += x`` per piece: a 255 KiB DATA answer arrives as ~8 SSH packets of 32 KiB (sshd
+    reads its ``sftp-server`` in 32 KiB pieces), so the body was copied again for every piece, and
+    each small ``recv`` moved the rest of paramiko's channel buffer down. Here each ``recv`` takes
+    all that is buffered (up to 4 MiB) and appends it once; a packet is copied out once.
+
+    Only for paramiko channels: the openssh transport's pipe already answers ``recv(n)`` with one
+    ``os.read`` and no copy, and there this reader measured slower (docs/sync.md, "Transfers").
+    """
+
+    def __init__(self, sock):
+        self.sock = sock
+        self._buffer = bytearray()
+        self._pos = 0
+
+    def packet_ready(self) -> bool:
+        """Whether a whole packet is already here (answered without touching the channel)."""
+        have = len(self._buffer) - self._pos
+        return have >= 4 and have >= 4 + int.from_bytes(self._buffer[self._pos : self._pos + 4], "big")
+
+    def _fill(self, need: int) -> None:
+        while len(self._buffer) - self._pos < need:
+            if self._pos:
+                del self._buffer[: self._pos]  # from the front: CPython moves a pointer, not the bytes
+                self._pos = 0
+            data = self.sock.recv(_RECV_BYTES)
+            if not data:
+                raise EOFError("the SFTP channel closed")
+            self._buffer += data
+
+    def read_packet(self) -> tuple[int, bytes]:
+        """``BaseSFTP._read_packet``'s contract: the packet type and the rest of its body."""
+        self._fill(4)
+        (size,) = struct.unpack_from(">I", self._buffer, self._pos)
+        if size >> 24:  # as paramiko: nothing this large is a real SFTP packet
+            raise SFTPError("Garbage packet received")
+        self._fill(4 + size)
+        start, self._pos = self._pos + 4, self._pos + 4 + size
+        if size == 0:
+            return 0, b""
+        with memoryview(self._buffer) as view:
+            return view[start], view[start + 1 : self._pos].tobytes()
+
+
+def receiver(sftp) -> _Receiver | None:
+    """The ``_Receiver`` reading ``sftp``'s paramiko channel, installed as its ``_read_packet`` on
+    first use; None for other streams."""
+    found = sftp.__dict__.get("_moespec_receiver")
+    if found is None and isinstance(sftp.sock, paramiko.Channel):
+        found = sftp._moespec_receiver = _Receiver(sftp.sock)
+        sftp._read_packet = found.read_packet
+    return found
 
 
 def server_limits(sftp) -> dict[str, int]:
@@ -408,6 +480,7 @@ class PullChannel:
             active.append(download)
 
     def run(self) -> None:
+        received = receiver(self.sftp)
         limits = server_limits(self.sftp)
         if limits:
             self.read_size = max(SAFE_READ_SIZE, min(MAX_READ_SIZE, limits["max-read-length"] or SAFE_READ_SIZE))
@@ -433,7 +506,7 @@ class PullChannel:
                 self.sftp._read_response()
                 # answers that are already here first, so that the requests they lead to go out together
                 for _ in range(_BURST - 1):
-                    if not (self.outstanding and coalesced.recv_ready()):
+                    if not (self.outstanding and ((received and received.packet_ready()) or coalesced.recv_ready())):
                         break
                     self.sftp._read_response()
         except (paramiko.SSHException, EOFError, OSError) as e:

@@ -14,6 +14,7 @@ What it does that ``SSHClient.connect`` does not:
 
 from __future__ import annotations
 
+import collections
 import getpass
 import logging
 import socket
@@ -22,6 +23,7 @@ import threading
 from pathlib import Path
 
 import paramiko
+from paramiko.buffered_pipe import BufferedPipe
 
 from moespec.errors import SyncError
 from moespec.sync.hostkeys import KnownHosts, preferred_key_types, verify_host_key
@@ -252,7 +254,7 @@ class ParamikoTransport(Transport):
 
     def start_stream(self, command: str) -> paramiko.Channel:
         try:
-            channel = self._transport.open_session(window_size=SFTP_WINDOW, max_packet_size=SFTP_MAX_PACKET)
+            channel = _bulk_channel(self._transport)
             channel.exec_command(command)
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise SyncError(f"remote command on {self.spec.alias} failed: {e}") from e
@@ -263,15 +265,84 @@ class ParamikoTransport(Transport):
         return _PendingChannel(stream)
 
     def open_sftp(self) -> paramiko.SFTPClient:
-        return paramiko.SFTPClient.from_transport(
-            self._transport, window_size=SFTP_WINDOW, max_packet_size=SFTP_MAX_PACKET
-        )
+        channel = _bulk_channel(self._transport)  # what SFTPClient.from_transport does, with our buffer
+        channel.invoke_subsystem("sftp")
+        return paramiko.SFTPClient(channel)
 
     def abort(self) -> None:
         _close_all([self._transport, *self._chain])
 
     def close(self) -> None:
         _close_all([self._transport, *reversed(self._chain)])
+
+
+def _bulk_channel(transport: paramiko.Transport) -> paramiko.Channel:
+    """A session channel for SFTP: large window and packets, received data kept as ``_Pieces``."""
+    channel = transport.open_session(window_size=SFTP_WINDOW, max_packet_size=SFTP_MAX_PACKET)
+    if type(channel.in_buffer) is BufferedPipe:  # nothing can have arrived yet: no request was made
+        channel.in_buffer = _PiecePipe()
+    return channel
+
+
+class _Pieces:
+    """A channel's received bytes as the pieces they arrived in (what ``BufferedPipe`` asks of its
+    ``array.array``: ``len``, ``frombytes``, a leading slice, ``del`` of a leading slice).
+
+    paramiko's ``BufferedPipe`` appends every SSH packet to an ``array('B')`` (a copy, and a
+    reallocation as it grows) and hands it out as ``buffer[:n].tobytes()`` (two more copies).
+    Keeping the packets' own ``bytes`` makes a read that takes all that arrived one join, or no
+    copy at all when one packet is waiting.
+    """
+
+    def __init__(self):
+        self._pieces: collections.deque[bytes] = collections.deque()
+        self._length = 0
+
+    def __len__(self) -> int:
+        return self._length
+
+    def frombytes(self, data: bytes) -> None:
+        if data:
+            self._pieces.append(bytes(data))  # no copy for bytes, which is what paramiko feeds
+            self._length += len(data)
+
+    def head(self, limit: int | None) -> bytes:
+        """The first ``limit`` bytes (all with None), left in place."""
+        if limit is None or limit >= self._length:
+            return self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
+        out, need = [], limit
+        for piece in self._pieces:
+            out.append(piece[:need])
+            need -= len(out[-1])
+            if not need:
+                break
+        return b"".join(out)
+
+    def __delitem__(self, index: slice) -> None:
+        if index.start is not None or index.step is not None:
+            raise IndexError("only a leading slice can be removed")
+        count = self._length if index.stop is None else min(index.stop, self._length)
+        self._length -= count
+        while count:
+            piece = self._pieces.popleft()
+            if len(piece) > count:
+                self._pieces.appendleft(piece[count:])
+                break
+            count -= len(piece)
+
+
+class _PiecePipe(BufferedPipe):
+    """paramiko's ``BufferedPipe`` (its locking, waiting and closing) over ``_Pieces``."""
+
+    def __init__(self):
+        super().__init__()
+        self._buffer = _Pieces()
+
+    def _buffer_frombytes(self, data) -> None:
+        self._buffer.frombytes(data)
+
+    def _buffer_tobytes(self, limit=None) -> bytes:
+        return self._buffer.head(limit)
 
 
 class _PendingChannel(PendingSftp):
