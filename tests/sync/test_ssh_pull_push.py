@@ -10,7 +10,7 @@ import pytest
 from moespec.sync.engine import EngineSettings
 from moespec.sync.filters import Filters
 from moespec.sync.session import SyncRequest, run_sync
-from tests.builders import OLD, RESULTS, make_tree, parts, snapshot
+from tests.builders import OLD, RESULTS, make_tree, parts, pull_request, snapshot
 
 pytestmark = pytest.mark.ssh
 
@@ -25,17 +25,7 @@ def setup(ssh_lab, tmp_path):
 
 
 def pull(remote, local, config, **options) -> SyncRequest:
-    defaults = dict(
-        direction="pull",
-        host="hpc",
-        remote_root=str(remote),
-        local_root=local,
-        ssh_config=config,
-        retries=0,
-        connect_timeout=10,
-        engine=EngineSettings(stall_timeout=30),
-    )
-    return SyncRequest(**{**defaults, **options})
+    return pull_request("hpc", remote, local, config, **options)
 
 
 @pytest.mark.parametrize("transport", ["paramiko", "openssh"])

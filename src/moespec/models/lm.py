@@ -185,20 +185,20 @@ def moe_hf_config(
     cfg: LMModelConfig, vocab_size: int, max_positions: int, eot_id: int, aux_loss_coef: float = 0.01
 ) -> Any:
     """The transformers config of the MoE model described by ``cfg`` (``aux_loss_coef``: its load-balancing weight)."""
+    # Mixtral's and OLMoE's FFN width is the expert's (they have no dense blocks); Qwen2-MoE's is its dense blocks'.
+    ffn_width = cfg.dense_width() if cfg.architecture == "qwen2_moe" else cfg.expert_width()
     common = dict(
-        **_shared_hf_kwargs(cfg, vocab_size, max_positions, eot_id, cfg.dense_width()),
+        **_shared_hf_kwargs(cfg, vocab_size, max_positions, eot_id, ffn_width),
         num_experts_per_tok=cfg.top_k,
         router_aux_loss_coef=aux_loss_coef,
     )
     if cfg.architecture == "mixtral":
         from transformers import MixtralConfig
 
-        common["intermediate_size"] = cfg.expert_width()  # Mixtral's FFN width is the expert's
         return MixtralConfig(**common, num_local_experts=cfg.num_experts, router_jitter_noise=0.0)
     if cfg.architecture == "olmoe":
         from transformers import OlmoeConfig
 
-        common["intermediate_size"] = cfg.expert_width()
         return OlmoeConfig(**common, num_experts=cfg.num_experts, norm_topk_prob=cfg.norm_topk_prob)
     from transformers import Qwen2MoeConfig
 

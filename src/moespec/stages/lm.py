@@ -255,7 +255,7 @@ def run(cfg: Config, inputs: dict[str, Any], out: Any) -> None:
     """Split, tokenise, pack, train through the shared loop; write curves, specialisation and the HF folder."""
     import torch
 
-    from moespec.models.lm_training import LMObjective
+    from moespec.models.lm_training import LMObjective, make_optimizer
     from moespec.models.training import Checkpointer, autocast_dtype, fit
 
     data = prepare_data(cfg, out.log)
@@ -293,7 +293,7 @@ def run(cfg: Config, inputs: dict[str, Any], out: Any) -> None:
     with _threads_for(cfg, active, device, out.log):
         implementation = _experts_implementation(cfg, model, objective, out)
         _add_dropout(cfg, model)
-        optimizer = make_optimizer(cfg, model)
+        optimizer = make_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         scheduler = make_scheduler(cfg, optimizer)
         checkpoint = Checkpointer(out.work_dir / "checkpoint.pt", {"config": config_dict(cfg)}, NAME)
         clock = _Clock(objective)
@@ -330,13 +330,6 @@ def _loop(cfg: Config) -> Any:
         eval_every=cfg.eval_every,
         checkpoint_every=cfg.checkpoint_every,
     )
-
-
-def make_optimizer(cfg: Config, model: Any) -> Any:
-    """The section's AdamW (:func:`moespec.models.lm_training.make_optimizer`)."""
-    from moespec.models.lm_training import make_optimizer as adamw
-
-    return adamw(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 def make_scheduler(cfg: Config, optimizer: Any) -> Any:
